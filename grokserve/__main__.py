@@ -1,0 +1,3 @@
+from grokserve.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""One module per `grokserve` subcommand; see `grokserve.cli`."""

@@ -1,0 +1,1 @@
+"""kopf operator reconciling GrokDeployment resources into KubeRay RayServices. Never imports torch."""
