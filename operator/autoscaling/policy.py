@@ -57,8 +57,8 @@ class PolicyConfig:
             raise ValueError(
                 f"target_queue_per_replica must be > 0, got {self.target_queue_per_replica}"
             )
-        if not 0 <= self.tolerance < 1:
-            raise ValueError(f"tolerance must be in [0, 1), got {self.tolerance}")
+        if not 0 <= self.tolerance <= 1:
+            raise ValueError(f"tolerance must be in [0, 1], got {self.tolerance}")
         if self.scale_up_stabilization_s < 0 or self.scale_down_stabilization_s < 0:
             raise ValueError("stabilization windows must be >= 0 seconds")
         for name in ("scale_up_max_step", "scale_down_max_step"):
