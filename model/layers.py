@@ -110,17 +110,18 @@ def moe(
     """Σ_j gate_j · expert_{e_j}(x) over the selected experts, token-grouped per expert.
 
     x: [N, D]; gates, experts: [N, k]; w_*: [E_local, ...] for the experts `expert_ids` (all by default;
-    a shard passes its own range and gets the partial sum of its experts). The gate product and the sum
-    run in float32 and are rounded once.
+    a shard passes its own range and gets the partial sum of its experts). As in the reference, the
+    float32 gate is rounded to x's dtype and the product and the sum run in x's dtype (with Grok's two
+    experts per token the sum is one rounding, whatever order the experts are added in).
     """
     expert_ids = expert_ids if expert_ids is not None else range(w_gate.shape[0])
-    out = torch.zeros(x.shape[0], w_down.shape[-1], dtype=torch.float32, device=x.device)
+    out = torch.zeros(x.shape[0], w_down.shape[-1], dtype=x.dtype, device=x.device)
     for local, expert in enumerate(expert_ids):
         token, slot = torch.nonzero(experts == expert, as_tuple=True)
         if token.numel() == 0:
             continue
         y = expert_ffn(x[token], w_gate[local], w_up[local], w_down[local])
-        out.index_add_(0, token, y.float() * gates[token, slot, None])
+        out.index_add_(0, token, y * gates[token, slot, None].to(x.dtype))
     return out
 
 

@@ -161,7 +161,7 @@ class MoE(nn.Module):
             dense(self.w_down, dtype),
             self.expert_ids,
         )
-        return out.to(dtype).view_as(x)
+        return out.view_as(x)
 
 
 class DecoderLayer(nn.Module):

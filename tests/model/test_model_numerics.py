@@ -193,3 +193,23 @@ def test_bad_tokens_and_a_full_cache_are_refused_with_a_message(tiny: GrokModel)
     assert cache.lengths.tolist() == [3]
     with pytest.raises(ValueError, match="context length"):
         tiny.new_cache(batch_size=1, max_len=10**6)
+
+
+def test_bfloat16_moe_rounds_the_gate_and_sums_in_bfloat16_as_the_reference() -> None:
+    torch.manual_seed(1)
+    x = torch.randn(4, 8).bfloat16()
+    w_gate, w_up, w_down = (
+        torch.randn(3, 8, 16).bfloat16(),
+        torch.randn(3, 8, 16).bfloat16(),
+        torch.randn(3, 16, 8).bfloat16(),
+    )
+    gates = torch.rand(4, 2) / 2
+    experts = torch.tensor([[0, 2], [1, 0], [2, 1], [0, 1]])
+    out = layers.moe(x, gates, experts, w_gate, w_up, w_down)
+    assert out.dtype == torch.bfloat16
+    for t in range(4):
+        products = [
+            layers.expert_ffn(x[t], w_gate[e], w_up[e], w_down[e]) * gates[t, j].bfloat16()
+            for j, e in enumerate(experts[t])
+        ]
+        assert torch.equal(out[t], products[0] + products[1])
