@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import contextlib
 
-from grokserve.operator.autoscaling.policy import Decision
 from prometheus_client import Counter, Gauge
+
+from grokserve.operator.autoscaling.policy import Decision
 
 LABELS = ("namespace", "deployment")
 

@@ -14,6 +14,7 @@ from enum import StrEnum
 from typing import Any
 
 import aiohttp
+
 from grokserve.operator.autoscaling.policy import MetricFailure, QueueSample
 
 WAITING_QUERY = 'sum(grokserve_requests_waiting{namespace="$namespace",deployment="$name"})'
