@@ -140,7 +140,7 @@ async def apply(
         "reason"
     ):
         post = kopf.info if decision.scaling_active else kopf.warn
-        post(body, reason=decision.reason, message=decision.message)
+        post(body, reason=condition["reason"], message=decision.message)
     last_scale = now if decision.changes else (status.get("autoscaling") or {}).get("lastScaleTime")
     record = {
         "observedWaiting": decision.observed_waiting,

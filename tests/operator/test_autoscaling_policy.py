@@ -4,6 +4,7 @@ that docs/autoscaling.md says it must produce."""
 from __future__ import annotations
 
 import pytest
+
 from grokserve.operator.autoscaling.policy import (
     MetricFailure,
     PolicyConfig,

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Iterator
 import aiohttp
 import pytest
 from aiohttp import web
+
 from grokserve.operator.autoscaling.policy import MetricFailure, QueueSample
 from grokserve.operator.autoscaling.prometheus import (
     PrometheusClient,
