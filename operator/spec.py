@@ -2,7 +2,7 @@
 
 This is the source of truth for the custom resource: the CRD's openAPIV3Schema is generated from these
 models (`grokserve.operator.crd`), and the operator parses every object with `parse_spec`, so that what
-the CRD cannot express (a preset's head count, a context longer than the model's) still ends in a
+the CRD cannot express (a context longer than the model's, say) still ends in a
 specific error instead of a crash loop.
 """
 
@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from grokserve.operator.presets import PRESET_SHAPES, CamelModel, ModelShape
 from pydantic import Field, ValidationError, model_validator
+
+from grokserve.operator.presets import PRESET_SHAPES, CamelModel, ModelShape
 
 API_GROUP = "grokserve.io"
 API_VERSION = "v1alpha1"
@@ -34,21 +35,14 @@ class SpecError(ValueError):
 class ModelSpec(CamelModel):
     """Which model to serve and how its weights are held on the GPUs."""
 
-    preset: PresetName | None = Field(  # type: ignore[valid-type]
-        None,
-        description="Architecture preset (grok-1 is the released model). Exactly one of preset or config.",
-    )
-    config: ModelShape | None = Field(
-        None, description="Model dimensions for a non-preset Grok-architecture model."
+    preset: PresetName = Field(  # type: ignore[valid-type]
+        description="Architecture preset; grok-1 is the released model."
     )
     source: str | None = Field(
         None,
         pattern=SOURCE_PATTERN,
         description="Checkpoint location: pvc://CLAIM/PATH, file://PATH, s3://, gs:// or hf://. "
         "Unset serves random weights (tests and demos only).",
-    )
-    format: Literal["auto", "xai-8bit", "safetensors"] = Field(
-        "auto", description="Checkpoint format; auto detects it from the files."
     )
     tokenizer: str | None = Field(
         None,
@@ -63,15 +57,9 @@ class ModelSpec(CamelModel):
         description="int8 keeps the released 8-bit weights on the GPU (half the memory of bf16).",
     )
 
-    @model_validator(mode="after")
-    def _one_of_preset_or_config(self) -> ModelSpec:
-        if (self.preset is None) == (self.config is None):
-            raise ValueError("set exactly one of preset or config")
-        return self
-
     @property
     def shape(self) -> ModelShape:
-        return self.config if self.config is not None else PRESET_SHAPES[self.preset]
+        return PRESET_SHAPES[self.preset]
 
 
 class ParallelismSpec(CamelModel):
