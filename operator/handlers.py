@@ -15,6 +15,7 @@ import kopf
 from kubernetes import client, config
 
 from grokserve.operator import metrics
+from grokserve.operator.autoscaling.timer import register as register_autoscaler
 from grokserve.operator.kube import Kube
 from grokserve.operator.reconcile import reconcile
 from grokserve.operator.spec import API_GROUP, API_VERSION, PLURAL
@@ -81,3 +82,7 @@ def resync(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: Any, **_
 def on_delete(meta: kopf.Meta, **_: Any) -> None:
     # Children carry ownerReferences: the garbage collector deletes them with their owner.
     metrics.forget(meta["namespace"], meta["name"])
+
+
+# The built-in autoscaler: a daemon per GrokDeployment with spec.autoscaling.enabled (issue 7).
+register_autoscaler(kopf.get_default_registry())

@@ -8,7 +8,7 @@ from prometheus_client import Counter, Gauge
 
 from grokserve.operator.autoscaling.policy import Decision
 
-LABELS = ("namespace", "deployment")
+LABELS = ("namespace", "name")
 
 OBSERVED_WAITING = Gauge(
     "grokserve_autoscaler_observed_waiting_requests",
@@ -38,7 +38,7 @@ DECISIONS = Counter(
 
 
 def record(namespace: str, name: str, decision: Decision) -> None:
-    labels = {"namespace": namespace, "deployment": name}
+    labels = {"namespace": namespace, "name": name}
     DESIRED_REPLICAS.labels(**labels).set(decision.replicas)
     SCALING_ACTIVE.labels(**labels).set(1 if decision.scaling_active else 0)
     DECISIONS.labels(**labels, reason=decision.reason).inc()

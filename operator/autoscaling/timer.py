@@ -2,10 +2,10 @@
 
 A daemon rather than a `@kopf.timer`: the evaluation interval is per deployment (a spec field) and may
 change at runtime, and the policy's stabilization history must live as long as the loop does. Each
-evaluation: read the spec (live body), query Prometheus, decide, write `spec.replicas` through the
-`/scale` subresource when the size changes, then record the decision in `status.autoscaling`, the
-`ScalingActive` condition, an Event (on size changes and condition changes only, not every tick) and
-metrics.
+evaluation: read the spec (the daemon's body is kept fresh by kopf), query Prometheus, decide, write
+`spec.replicas` through the `/scale` subresource when the size changes, then record the decision in
+`status.autoscaling`, the `ScalingActive` condition, an Event (on size changes and condition changes,
+not every tick) and metrics. API calls go through the operator's `memo.kube` client.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any
 import aiohttp
 import kopf
 from kubernetes import client as k8s
+from kubernetes.client.rest import ApiException
 from pydantic import ValidationError
 
 from grokserve.operator.autoscaling import metrics
@@ -28,12 +29,13 @@ from grokserve.operator.autoscaling.policy import (
     ScalingPolicy,
 )
 from grokserve.operator.autoscaling.prometheus import PrometheusClient, QueryTemplateError
-from grokserve.operator.spec import AutoscalingSpec
+from grokserve.operator.spec import API_GROUP, API_VERSION, PLURAL, AutoscalingSpec
 
-GROUP, VERSION, PLURAL = "grokserve.io", "v1alpha1", "grokdeployments"
 CONDITION = "ScalingActive"
 # Prometheus gets this share of the evaluation interval (at most 10 s) to answer both queries.
 QUERY_TIMEOUT_SHARE, QUERY_TIMEOUT_MAX_S = 0.5, 10.0
+# How long to wait before looking again at a spec.autoscaling that does not validate.
+INVALID_SPEC_RETRY_S = 30.0
 
 
 def policy_config(spec: AutoscalingSpec) -> PolicyConfig:
@@ -58,8 +60,8 @@ def autoscaling_enabled(spec: Mapping[str, Any], **_: Any) -> bool:
 def register(registry: kopf.OperatorRegistry) -> None:
     """Add the autoscaler daemon to an operator's registry (the operator calls this once)."""
     kopf.daemon(
-        GROUP,
-        VERSION,
+        API_GROUP,
+        API_VERSION,
         PLURAL,
         id="autoscaler",
         when=autoscaling_enabled,
@@ -72,110 +74,139 @@ async def autoscale(
     name: str,
     namespace: str,
     body: kopf.Body,
+    memo: kopf.Memo,
     stopped: kopf.DaemonStopped,
     logger: kopf.Logger,
     **_: Any,
 ) -> None:
-    policy: ScalingPolicy | None = None
-    loop = asyncio.get_running_loop()
+    autoscaler = Autoscaler(namespace, name, body, k8s.CustomObjectsApi(memo.kube.api), logger)
     try:
         async with aiohttp.ClientSession() as session:
             while not stopped:
-                try:
-                    autoscaling = AutoscalingSpec.model_validate(body["spec"].get("autoscaling"))
-                except ValidationError as error:
-                    # The operator's reconcile handler reports invalid specs; just wait for a fix.
-                    logger.warning(f"autoscaler idle: invalid spec.autoscaling: {error}")
-                    await stopped.wait(30)
-                    continue
-                config = policy_config(autoscaling)
-                if policy is None:
-                    policy = ScalingPolicy(config)
-                policy.config = config
-                interval = float(autoscaling.evaluation_interval_seconds)
-                decision = await evaluate(
-                    policy, session, autoscaling, body, namespace, name, loop.time(), interval
-                )
-                await apply(decision, body, namespace, name, logger)
+                interval = await autoscaler.tick(session)
                 await stopped.wait(interval)
     finally:
         metrics.forget(namespace, name)
 
 
-async def evaluate(
-    policy: ScalingPolicy,
-    session: aiohttp.ClientSession,
-    autoscaling: AutoscalingSpec,
-    body: kopf.Body,
-    namespace: str,
-    name: str,
-    now: float,
-    interval_s: float,
-) -> Decision:
-    assert autoscaling.prometheus_url is not None  # the spec requires it when enabled
-    timeout = min(interval_s * QUERY_TIMEOUT_SHARE, QUERY_TIMEOUT_MAX_S)
-    prometheus = PrometheusClient(autoscaling.prometheus_url, session, timeout_s=timeout)
-    try:
-        sample = await prometheus.queue_sample(namespace, name, autoscaling.query)
-    except QueryTemplateError as error:
-        sample = MetricFailure("InvalidQuery", str(error))
-    current = int(body["spec"].get("replicas", 1))
-    # Without a status yet there is no evidence of loading replicas: count them all as ready.
-    ready = int((body.get("status") or {}).get("readyReplicas", current))
-    return policy.decide(now, current, ready, sample)
+class Autoscaler:
+    """The state of one deployment's autoscaler between ticks: the policy and its last condition."""
+
+    def __init__(
+        self,
+        namespace: str,
+        name: str,
+        body: kopf.Body,
+        api: k8s.CustomObjectsApi,
+        logger: kopf.Logger,
+    ) -> None:
+        self.namespace, self.name, self.body, self.api, self.logger = (
+            namespace,
+            name,
+            body,
+            api,
+            logger,
+        )
+        self.policy: ScalingPolicy | None = None
+        # Kept here, not re-read from status: another writer replacing status.conditions must not
+        # make every tick look like a transition (and post an Event).
+        self.condition: Mapping[str, Any] = _find_condition(body.get("status") or {})
+        self.last_scale_time: str | None = (
+            (body.get("status") or {}).get("autoscaling") or {}
+        ).get("lastScaleTime")
+
+    async def tick(self, session: aiohttp.ClientSession) -> float:
+        """One evaluation; returns the seconds to wait before the next one."""
+        try:
+            spec = AutoscalingSpec.model_validate(self.body["spec"].get("autoscaling"))
+        except ValidationError as error:
+            # The reconcile handler reports an invalid spec in the Ready condition; wait for a fix.
+            self.logger.warning(f"autoscaler idle: invalid spec.autoscaling: {error}")
+            return INVALID_SPEC_RETRY_S
+        config = policy_config(spec)
+        if self.policy is None:
+            self.policy = ScalingPolicy(config)
+        self.policy.config = config
+        interval = float(spec.evaluation_interval_seconds)
+        sample = await self._sample(
+            session, spec, min(interval * QUERY_TIMEOUT_SHARE, QUERY_TIMEOUT_MAX_S)
+        )
+        current = int(self.body["spec"].get("replicas", 1))
+        # Without a status yet there is no evidence of loading replicas: count them all as ready.
+        ready = int((self.body.get("status") or {}).get("readyReplicas", current))
+        decision = self.policy.decide(asyncio.get_running_loop().time(), current, ready, sample)
+        try:
+            await self._apply(decision)
+        except ApiException as error:
+            # The next tick decides afresh from the then-current size; nothing is lost by waiting.
+            self.logger.error(
+                f"autoscaler: writing {decision.reason} failed: {error.status} {error.reason}"
+            )
+        return interval
+
+    async def _sample(
+        self, session: aiohttp.ClientSession, spec: AutoscalingSpec, timeout_s: float
+    ) -> Any:
+        assert spec.prometheus_url is not None  # the spec requires it when enabled
+        prometheus = PrometheusClient(spec.prometheus_url, session, timeout_s=timeout_s)
+        try:
+            return await prometheus.queue_sample(self.namespace, self.name, spec.query)
+        except QueryTemplateError as error:
+            return MetricFailure("InvalidQuery", str(error))
+
+    async def _apply(self, decision: Decision) -> None:
+        now = _timestamp()
+        if decision.changes:
+            await asyncio.to_thread(self._write_scale, decision.replicas)
+            self.last_scale_time = now
+            self.logger.info(f"autoscaler: {decision.reason}: {decision.message}")
+            kopf.info(self.body, reason=decision.reason, message=decision.message)
+        condition = _next_condition(self.condition, decision, now)
+        if (condition["status"], condition["reason"]) != (
+            self.condition.get("status"),
+            self.condition.get("reason"),
+        ):
+            post = kopf.info if decision.scaling_active else kopf.warn
+            post(self.body, reason=condition["reason"], message=decision.message)
+        self.condition = condition
+        record = {
+            "observedWaiting": decision.observed_waiting,
+            "observedPerReplica": decision.observed_per_replica,
+            "recommendation": decision.recommendation,
+            "desiredReplicas": decision.replicas,
+            "lastEvaluationTime": now,
+            "lastScaleTime": self.last_scale_time,
+            "reason": decision.reason,
+            "message": decision.message,
+        }
+        others = [
+            c
+            for c in (self.body.get("status") or {}).get("conditions") or []
+            if c.get("type") != CONDITION
+        ]
+        await asyncio.to_thread(
+            self._write_status, {"autoscaling": record, "conditions": [*others, condition]}
+        )
+        metrics.record(self.namespace, self.name, decision)
+
+    def _write_scale(self, replicas: int) -> None:
+        """PATCH the /scale subresource: the same door `kubectl scale`, the HPA and KEDA use."""
+        self.api.patch_namespaced_custom_object_scale(
+            API_GROUP,
+            API_VERSION,
+            self.namespace,
+            PLURAL,
+            self.name,
+            {"spec": {"replicas": replicas}},
+        )
+
+    def _write_status(self, status: dict[str, Any]) -> None:
+        self.api.patch_namespaced_custom_object_status(
+            API_GROUP, API_VERSION, self.namespace, PLURAL, self.name, {"status": status}
+        )
 
 
-async def apply(
-    decision: Decision, body: kopf.Body, namespace: str, name: str, logger: kopf.Logger
-) -> None:
-    now = _timestamp()
-    status = body.get("status") or {}
-    if decision.changes:
-        await asyncio.to_thread(write_scale, namespace, name, decision.replicas)
-        logger.info(f"autoscaler: {decision.reason}: {decision.message}")
-        kopf.info(body, reason=decision.reason, message=decision.message)
-    previous = _condition(status)
-    condition = _next_condition(previous, decision, now)
-    if condition["status"] != previous.get("status") or condition["reason"] != previous.get(
-        "reason"
-    ):
-        post = kopf.info if decision.scaling_active else kopf.warn
-        post(body, reason=condition["reason"], message=decision.message)
-    last_scale = now if decision.changes else (status.get("autoscaling") or {}).get("lastScaleTime")
-    record = {
-        "observedWaiting": decision.observed_waiting,
-        "observedPerReplica": decision.observed_per_replica,
-        "recommendation": decision.recommendation,
-        "desiredReplicas": decision.replicas,
-        "lastEvaluationTime": now,
-        "lastScaleTime": last_scale,
-        "reason": decision.reason,
-        "message": decision.message,
-    }
-    conditions = [c for c in status.get("conditions") or [] if c.get("type") != CONDITION]
-    await asyncio.to_thread(
-        write_status,
-        namespace,
-        name,
-        {"autoscaling": record, "conditions": [*conditions, condition]},
-    )
-    metrics.record(namespace, name, decision)
-
-
-def write_scale(namespace: str, name: str, replicas: int) -> None:
-    """PATCH the /scale subresource: the same door `kubectl scale`, the HPA and KEDA use."""
-    k8s.CustomObjectsApi().patch_namespaced_custom_object_scale(
-        GROUP, VERSION, namespace, PLURAL, name, {"spec": {"replicas": replicas}}
-    )
-
-
-def write_status(namespace: str, name: str, status: dict[str, Any]) -> None:
-    k8s.CustomObjectsApi().patch_namespaced_custom_object_status(
-        GROUP, VERSION, namespace, PLURAL, name, {"status": status}
-    )
-
-
-def _condition(status: Mapping[str, Any]) -> Mapping[str, Any]:
+def _find_condition(status: Mapping[str, Any]) -> Mapping[str, Any]:
     for condition in status.get("conditions") or []:
         if condition.get("type") == CONDITION:
             return condition
@@ -187,7 +218,7 @@ def _next_condition(previous: Mapping[str, Any], decision: Decision, now: str) -
     return {
         "type": CONDITION,
         "status": status,
-        "reason": decision.reason if not decision.scaling_active else "ValidMetric",
+        "reason": "ValidMetric" if decision.scaling_active else decision.reason,
         "message": decision.message,
         "lastTransitionTime": (
             previous["lastTransitionTime"]

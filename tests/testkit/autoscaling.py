@@ -16,9 +16,11 @@ from kubernetes import client as k8s
 from prometheus_client import Gauge
 
 from grokserve.operator.autoscaling import timer
+from grokserve.operator.kube import Kube
+from grokserve.operator.spec import API_GROUP, API_VERSION, PLURAL
 from testkit.prometheus import PrometheusServer, ScrapeTarget, TestExporter
 
-RESOURCE = kmock.resource(timer.GROUP, timer.VERSION, timer.PLURAL)
+RESOURCE = kmock.resource(API_GROUP, API_VERSION, PLURAL)
 
 
 class Emulator(kmock.KubernetesEmulator):
@@ -63,7 +65,7 @@ def grok_deployment(
 ) -> dict[str, Any]:
     """Only what the autoscaler reads: spec.replicas and spec.autoscaling."""
     return {
-        "apiVersion": f"{timer.GROUP}/{timer.VERSION}",
+        "apiVersion": f"{API_GROUP}/{API_VERSION}",
         "kind": "GrokDeployment",
         "metadata": {
             "name": name,
@@ -87,25 +89,26 @@ async def running_operator(api: kmock.KubernetesEmulator) -> AsyncIterator[None]
         return kopf.ConnectionInfo(server=url, insecure=True)
 
     timer.register(registry)
-    # The autoscaler writes /scale and /status with the kubernetes client's default configuration.
-    previous = k8s.Configuration.get_default_copy()
-    k8s.Configuration.set_default(k8s.Configuration(host=url))
+    # The autoscaler writes /scale and /status through the operator's client, as in production.
+    memo = kopf.Memo(kube=Kube(k8s.ApiClient(k8s.Configuration(host=url))))
     settings = kopf.OperatorSettings()
     settings.posting.level = 0  # post every Event, Normal ones included
     stop = asyncio.Event()
     task = asyncio.create_task(
         kopf.operator(
-            registry=registry, settings=settings, standalone=True, clusterwide=True, stop_flag=stop
+            registry=registry,
+            settings=settings,
+            memo=memo,
+            standalone=True,
+            clusterwide=True,
+            stop_flag=stop,
         )
     )
     try:
         yield
     finally:
         stop.set()
-        try:
-            await asyncio.wait_for(task, timeout=15)
-        finally:
-            k8s.Configuration.set_default(previous)
+        await asyncio.wait_for(task, timeout=15)
 
 
 class QueueExporter:
