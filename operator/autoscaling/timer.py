@@ -17,6 +17,7 @@ from typing import Any
 
 import aiohttp
 import kopf
+import urllib3
 from kubernetes import client as k8s
 from kubernetes.client.rest import ApiException
 from pydantic import ValidationError
@@ -26,6 +27,7 @@ from grokserve.operator.autoscaling.policy import (
     Decision,
     MetricFailure,
     PolicyConfig,
+    QueueSample,
     ScalingPolicy,
 )
 from grokserve.operator.autoscaling.prometheus import PrometheusClient, QueryTemplateError
@@ -100,13 +102,11 @@ class Autoscaler:
         api: k8s.CustomObjectsApi,
         logger: kopf.Logger,
     ) -> None:
-        self.namespace, self.name, self.body, self.api, self.logger = (
-            namespace,
-            name,
-            body,
-            api,
-            logger,
-        )
+        self.namespace = namespace
+        self.name = name
+        self.body = body
+        self.api = api
+        self.logger = logger
         self.policy: ScalingPolicy | None = None
         # Kept here, not re-read from status: another writer replacing status.conditions must not
         # make every tick look like a transition (and post an Event).
@@ -137,16 +137,14 @@ class Autoscaler:
         decision = self.policy.decide(asyncio.get_running_loop().time(), current, ready, sample)
         try:
             await self._apply(decision)
-        except ApiException as error:
+        except (ApiException, urllib3.exceptions.HTTPError) as error:
             # The next tick decides afresh from the then-current size; nothing is lost by waiting.
-            self.logger.error(
-                f"autoscaler: writing {decision.reason} failed: {error.status} {error.reason}"
-            )
+            self.logger.error(f"autoscaler: writing {decision.reason} failed: {error}")
         return interval
 
     async def _sample(
         self, session: aiohttp.ClientSession, spec: AutoscalingSpec, timeout_s: float
-    ) -> Any:
+    ) -> QueueSample | MetricFailure:
         assert spec.prometheus_url is not None  # the spec requires it when enabled
         prometheus = PrometheusClient(spec.prometheus_url, session, timeout_s=timeout_s)
         try:
