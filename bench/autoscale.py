@@ -60,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 async def measure(steps: int, evaluation_s: int, seed: int) -> tuple[float, list[float]]:
     phases = random.Random(seed)
     with TestExporter() as exporter, scraping(exporter, NAMESPACE) as prometheus:
-        queue = QueueExporter(exporter, NAME)
+        queue = QueueExporter(exporter, (NAME,))
         prometheus.wait_for_targets_up(timeout_s=20)
         async with grokserve_api() as api:
             api.objects[RESOURCE, NAMESPACE, NAME] = grok_deployment(
@@ -93,13 +93,15 @@ async def measure(steps: int, evaluation_s: int, seed: int) -> tuple[float, list
                     writes = len(api.scale_writes)
                     up = step % 2 == 0
                     started = time.monotonic()
-                    queue.set(waiting=BURST if up else 0, running=TARGET_PER_REPLICA if up else 0)
+                    queue.set(
+                        NAME, waiting=BURST if up else 0, running=TARGET_PER_REPLICA if up else 0
+                    )
                     await wait_until(
                         f"step {step}: /scale write",
                         lambda writes=writes: len(api.scale_writes) > writes,
                         timeout_s=3 * (prometheus.interval_s + evaluation_s),
                     )
-                    written_at, replicas = api.scale_writes[writes]
+                    written_at, _, replicas = api.scale_writes[writes]
                     latencies.append(written_at - started)
                     print(
                         f"step {step:2d} {'up  ' if up else 'down'} -> {replicas} replicas: "

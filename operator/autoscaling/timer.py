@@ -153,6 +153,8 @@ class Autoscaler:
             return MetricFailure("InvalidQuery", str(error))
 
     async def _apply(self, decision: Decision) -> None:
+        # Metrics describe the decision, so they are recorded even if a write below fails.
+        metrics.record(self.namespace, self.name, decision)
         now = _timestamp()
         if decision.changes:
             await asyncio.to_thread(self._write_scale, decision.replicas)
@@ -185,7 +187,6 @@ class Autoscaler:
         await asyncio.to_thread(
             self._write_status, {"autoscaling": record, "conditions": [*others, condition]}
         )
-        metrics.record(self.namespace, self.name, decision)
 
     def _write_scale(self, replicas: int) -> None:
         """PATCH the /scale subresource: the same door `kubectl scale`, the HPA and KEDA use."""

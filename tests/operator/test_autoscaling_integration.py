@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 
 from testkit.autoscaling import (
     RESOURCE,
@@ -21,8 +22,9 @@ from testkit.prometheus import PrometheusServer, TestExporter
 
 pytestmark = pytest.mark.slow
 
-NAMESPACE, NAME = "llm", "grok-1"
+NAMESPACE, NAME, IDLE = "llm", "grok-1", "grok-idle"
 SCRAPE_S, EVALUATION_S, DOWN_WINDOW_S = 1.0, 5, 12
+REACTION_BOUND_S = SCRAPE_S + EVALUATION_S + 1.5
 
 
 @pytest.fixture
@@ -37,61 +39,95 @@ def prometheus(exporter: TestExporter) -> Iterator[PrometheusServer]:
         yield server
 
 
+def autoscaling(prometheus_url: str, **overrides: Any) -> dict[str, Any]:
+    return {
+        "minReplicas": 1,
+        "maxReplicas": 4,
+        "prometheusUrl": prometheus_url,
+        "targetQueuePerReplica": 8,
+        "scaleDownStabilizationSeconds": DOWN_WINDOW_S,
+        "scaleDownLimit": 4,
+        "evaluationIntervalSeconds": EVALUATION_S,
+        **overrides,
+    }
+
+
 async def test_queue_drives_replicas_through_scale_and_prometheus_loss_holds_them(
     exporter: TestExporter, prometheus: PrometheusServer
 ) -> None:
-    queue = QueueExporter(exporter, NAME)
+    queue = QueueExporter(exporter, (NAME, IDLE))
     # Prometheus hands out its first targets only ~5 s after start (discovery update period).
     prometheus.wait_for_targets_up(timeout_s=20)
     async with grokserve_api() as api:
         api.objects[RESOURCE, NAMESPACE, NAME] = grok_deployment(
+            NAMESPACE, NAME, replicas=1, autoscaling=autoscaling(prometheus.url)
+        )
+        # A second deployment, scaled to zero, that may go back to zero after an idle minute.
+        api.objects[RESOURCE, NAMESPACE, IDLE] = grok_deployment(
             NAMESPACE,
-            NAME,
-            replicas=1,
-            autoscaling={
-                "minReplicas": 1,
-                "maxReplicas": 4,
-                "prometheusUrl": prometheus.url,
-                "targetQueuePerReplica": 8,
-                "scaleDownStabilizationSeconds": DOWN_WINDOW_S,
-                "scaleDownLimit": 4,
-                "evaluationIntervalSeconds": EVALUATION_S,
-            },
+            IDLE,
+            replicas=0,
+            autoscaling=autoscaling(prometheus.url, minReplicas=0, scaleToZeroIdleSeconds=60),
         )
 
-        def status() -> dict[str, Any]:
-            return api.objects[RESOURCE, NAMESPACE, NAME].raw.get("status", {})
+        def status(name: str = NAME) -> dict[str, Any]:
+            return api.objects[RESOURCE, NAMESPACE, name].raw.get("status", {})
 
-        def replicas() -> int:
-            return api.objects[RESOURCE, NAMESPACE, NAME].raw["spec"]["replicas"]
+        def replicas(name: str = NAME) -> int:
+            return api.objects[RESOURCE, NAMESPACE, name].raw["spec"]["replicas"]
+
+        def scale_writes(name: str = NAME) -> list[int]:
+            return [replicas for _, written, replicas in api.scale_writes if written == name]
 
         def scaling_active() -> dict[str, Any]:
             conditions = status().get("conditions", [])
             return next((c for c in conditions if c["type"] == "ScalingActive"), {})
 
+        def exported(metric: str) -> float | None:
+            return REGISTRY.get_sample_value(metric, {"namespace": NAMESPACE, "name": NAME})
+
         async with running_operator(api):
             await wait_until("a first evaluation", lambda: "autoscaling" in status(), 10)
             assert replicas() == 1 and scaling_active()["status"] == "True"
+            await wait_until("idle evaluated", lambda: "autoscaling" in status(IDLE), 10)
+            assert replicas(IDLE) == 0 and status(IDLE)["autoscaling"]["reason"] == "IdleAtZero"
 
             # Another writer (the reconcile handler) replaces status.conditions without ours.
             ready = {"type": "Ready", "status": "False", "reason": "Waiting", "message": ""}
-            path = f"/apis/{RESOURCE.group}/{RESOURCE.version}/namespaces/{NAMESPACE}/{RESOURCE.plural}/{NAME}/status"
+            path = (
+                f"/apis/{RESOURCE.group}/{RESOURCE.version}/namespaces/{NAMESPACE}"
+                f"/{RESOURCE.plural}/{NAME}/status"
+            )
             async with api.patch(path, json={"status": {"conditions": [ready]}}) as response:
                 assert response.status == 200
 
-            # 30 waiting at a target of 8 per replica → ceil(30 / 8) = 4 replicas.
-            queue.set(waiting=30, running=8)
+            # 30 waiting at a target of 8 per replica → ceil(30 / 8) = 4 replicas; the idle
+            # deployment's first queued request wakes it.
+            queue.set(NAME, waiting=30, running=8)
+            queue.set(IDLE, waiting=1)
             took = await wait_until("scale up to 4", lambda: replicas() == 4, 15)
-            assert took <= SCRAPE_S + EVALUATION_S + 1.5
-            assert [replicas for _, replicas in api.scale_writes] == [4]
-            assert status()["autoscaling"]["reason"] == "ScaleUp"
+            assert took <= REACTION_BOUND_S
+            assert scale_writes() == [4]
+            # The status write follows the /scale write.
+            await wait_until(
+                "status records the scale-up",
+                lambda: status()["autoscaling"]["reason"] == "ScaleUp",
+                3,
+            )
             assert status()["autoscaling"]["lastScaleTime"]
+            assert exported("grokserve_autoscaler_desired_replicas") == 4
+            assert exported("grokserve_autoscaler_observed_waiting_requests") == 30
+            await wait_until(
+                "scale from zero",
+                lambda: status(IDLE)["autoscaling"]["reason"] == "ScaleFromZero",
+                REACTION_BOUND_S,
+            )
+            assert replicas(IDLE) == 1
             # ScalingActive is back, next to the other writer's condition.
-            await wait_until("status after the scale-up", lambda: bool(scaling_active()), 3)
             assert [c["type"] for c in status()["conditions"]] == ["Ready", "ScalingActive"]
 
             # The queue drains: no scale-down before the window has passed.
-            queue.set(waiting=0, running=0)
+            queue.set(NAME, waiting=0, running=0)
             await wait_until(
                 "low load seen",
                 lambda: status()["autoscaling"]["observedWaiting"] == 0,
@@ -118,6 +154,7 @@ async def test_queue_drives_replicas_through_scale_and_prometheus_loss_holds_the
             )
             assert scaling_active()["reason"] == "PrometheusUnreachable"
             assert replicas() == 1
+            assert exported("grokserve_autoscaler_scaling_active") == 0
 
             # ... and comes back at the same address: scaling resumes by itself.
             prometheus.start()
@@ -126,10 +163,11 @@ async def test_queue_drives_replicas_through_scale_and_prometheus_loss_holds_the
                 lambda: scaling_active()["status"] == "True",
                 EVALUATION_S + 10,
             )
-            assert [replicas for _, replicas in api.scale_writes] == [4, 1]
+            assert scale_writes() == [4, 1]
+            assert scale_writes(IDLE) == [1]
 
         events = [obj.raw for (res, _, _), obj in api.objects.items() if res.plural == "events"]
-        reasons = [event["reason"] for event in events]
+        reasons = [e["reason"] for e in events if e["involvedObject"]["name"] == NAME]
         assert {"ScaleUp", "ScaleDown", "PrometheusUnreachable"} <= set(reasons)
         # One Event per transition: at the start and on recovery, not after every foreign write.
         assert reasons.count("ValidMetric") == 2

@@ -25,16 +25,17 @@ RESOURCE = kmock.resource(API_GROUP, API_VERSION, PLURAL)
 
 class Emulator(kmock.KubernetesEmulator):
     """KMock's emulator, plus `metadata.generateName` (kopf names its Events that way), plus the
-    monotonic arrival time of every `/scale` write (what the benchmark measures)."""
+    monotonic arrival time, object name and replicas of every `/scale` write."""
 
-    scale_writes: list[tuple[float, int]]
+    scale_writes: list[tuple[float, str, int]]
 
     async def _handle(self, request: kmock.Request) -> Any:
         metadata = request.data.get("metadata") if isinstance(request.data, dict) else None
         if request.method == "POST" and metadata and "generateName" in metadata:
             metadata.setdefault("name", f"{metadata['generateName']}{request.id}")
         if request.subresource == "scale" and request.method == "PATCH":
-            self.scale_writes.append((time.monotonic(), request.data["spec"]["replicas"]))
+            write = (time.monotonic(), request.name, request.data["spec"]["replicas"])
+            self.scale_writes.append(write)
         return await super()._handle(request)
 
 
@@ -112,18 +113,18 @@ async def running_operator(api: kmock.KubernetesEmulator) -> AsyncIterator[None]
 
 
 class QueueExporter:
-    """The serving metrics the autoscaler reads, for one deployment, set by hand."""
+    """The serving metrics the autoscaler reads, per deployment, set by hand."""
 
-    def __init__(self, exporter: TestExporter, deployment: str) -> None:
+    def __init__(self, exporter: TestExporter, deployments: tuple[str, ...]) -> None:
         labels = ("deployment", "replica")
         self._waiting: Gauge = exporter.gauge("grokserve_requests_waiting", "queued", labels)
         self._running: Gauge = exporter.gauge("grokserve_requests_running", "running", labels)
-        self.deployment = deployment
-        self.set(waiting=0, running=0)
+        for deployment in deployments:
+            self.set(deployment, waiting=0, running=0)
 
-    def set(self, waiting: float, running: float = 0) -> None:
-        self._waiting.labels(self.deployment, "0").set(waiting)
-        self._running.labels(self.deployment, "0").set(running)
+    def set(self, deployment: str, waiting: float, running: float = 0) -> None:
+        self._waiting.labels(deployment, "0").set(waiting)
+        self._running.labels(deployment, "0").set(running)
 
 
 def scraping(exporter: TestExporter, namespace: str) -> PrometheusServer:
