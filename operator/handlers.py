@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import kopf
@@ -16,8 +17,9 @@ from kubernetes import client, config
 
 from grokserve.operator import metrics
 from grokserve.operator.autoscaling.timer import register as register_autoscaler
-from grokserve.operator.kube import Kube
-from grokserve.operator.reconcile import reconcile
+from grokserve.operator.builders import DEPLOYMENT_LABEL
+from grokserve.operator.kube import GROKDEPLOYMENT, Kube
+from grokserve.operator.reconcile import Outcome, observe, reconcile
 from grokserve.operator.spec import API_GROUP, API_VERSION, PLURAL
 
 RESOURCE = (API_GROUP, API_VERSION, PLURAL)
@@ -49,39 +51,74 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     memo.kube = Kube(_api_client())
 
 
-def _reconcile(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: Any) -> None:
+def _timed(step: Callable[[], Outcome], body: dict[str, Any]) -> Outcome:
     started = time.perf_counter()
-    namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
     try:
-        outcome = reconcile(memo.kube, dict(body))
+        outcome = step()
     except Exception:
         metrics.RECONCILE_SECONDS.labels("error").observe(time.perf_counter() - started)
         raise
     metrics.RECONCILE_SECONDS.labels("ok").observe(time.perf_counter() - started)
-    metrics.record(namespace, name, outcome.desired_replicas, outcome.ready_replicas, outcome.ready)
-    patch.status.update(outcome.status)
+    meta = body["metadata"]
+    metrics.record(
+        meta["namespace"],
+        meta["name"],
+        outcome.desired_replicas,
+        outcome.ready_replicas,
+        outcome.ready,
+    )
     if outcome.warning is not None:
         reason, message = outcome.warning
-        kopf.warn(dict(body), reason=reason, message=message)
-        logger.warning(f"{reason}: {message}")
+        kopf.warn(body, reason=reason, message=message)
+    return outcome
+
+
+def _reconcile(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo) -> None:
+    plain = dict(body)
+    patch.status.update(_timed(lambda: reconcile(memo.kube, plain), plain).status)
 
 
 @kopf.on.resume(*RESOURCE)
 @kopf.on.create(*RESOURCE)
 @kopf.on.update(*RESOURCE)
-def on_change(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: Any, **_: Any) -> None:
-    _reconcile(body, patch, memo, logger)
+def on_change(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
+    _reconcile(body, patch, memo)
 
 
 @kopf.timer(*RESOURCE, interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS)
-def resync(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: Any, **_: Any) -> None:
-    _reconcile(body, patch, memo, logger)
+def resync(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
+    _reconcile(body, patch, memo)
+
+
+@kopf.on.event(
+    "ray.io", "v1", "rayservices", labels={"app.kubernetes.io/managed-by": "grokserve-operator"}
+)
+def on_rayservice_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    # KubeRay writes the RayService's status; mirror it into the owner's status right away
+    # rather than at the next resync (observe only: re-applying here would feed back events).
+    if event.get("type") not in ("ADDED", "MODIFIED") or not hasattr(memo, "kube"):
+        return
+    namespace = body["metadata"]["namespace"]
+    owner = memo.kube.get(GROKDEPLOYMENT, namespace, body["metadata"]["labels"][DEPLOYMENT_LABEL])
+    if owner is None:
+        return
+    rayservice = dict(body)
+    outcome = _timed(lambda: observe(owner, rayservice), owner)
+    name = owner["metadata"]["name"]
+    memo.kube.patch_status(GROKDEPLOYMENT, namespace, name, outcome.status)
 
 
 @kopf.on.delete(*RESOURCE, optional=True)
 def on_delete(meta: kopf.Meta, **_: Any) -> None:
     # Children carry ownerReferences: the garbage collector deletes them with their owner.
     metrics.forget(meta["namespace"], meta["name"])
+
+
+@kopf.on.login()
+def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    # In a pod: the service account. Elsewhere: $KUBECONFIG as it is now (kopf's default login
+    # goes through the kubernetes client, which read $KUBECONFIG when it was imported).
+    return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
 
 
 # The built-in autoscaler: a daemon per GrokDeployment with spec.autoscaling.enabled (issue 7).

@@ -12,6 +12,8 @@ from typing import Any
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
+from grokserve.operator.spec import API_GROUP, API_VERSION, PLURAL
+
 
 @dataclass(frozen=True)
 class Resource:
@@ -40,6 +42,7 @@ RESOURCES: dict[str, Resource] = {
     "RayService": Resource("ray.io", "v1", "rayservices"),
     "ServiceMonitor": Resource("monitoring.coreos.com", "v1", "servicemonitors"),
 }
+GROKDEPLOYMENT = Resource(API_GROUP, API_VERSION, PLURAL)
 RAYSERVICE = RESOURCES["RayService"]
 SERVICEMONITOR = RESOURCES["ServiceMonitor"]
 
@@ -82,6 +85,16 @@ class Kube:
             if error.status == 404:
                 return None
             raise
+
+    def patch_status(
+        self, resource: Resource, namespace: str, name: str, status: dict[str, Any]
+    ) -> None:
+        self._call(
+            "PATCH",
+            resource.path(namespace, name, "status"),
+            {"status": status},
+            content_type="application/merge-patch+json",
+        )
 
     def apply(self, body: dict[str, Any]) -> str:
         """Create the object, or merge-patch it to the desired state; returns what it did."""

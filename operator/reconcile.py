@@ -10,7 +10,7 @@ from typing import Any
 
 from grokserve.operator.builders import Owner, build_children
 from grokserve.operator.kube import RAYSERVICE, SERVICEMONITOR, Kube
-from grokserve.operator.spec import SpecError, parse_spec
+from grokserve.operator.spec import GrokDeploymentSpec, SpecError, parse_spec
 from grokserve.operator.status import (
     KUBERAY_INSTALL_HINT,
     build_status,
@@ -35,33 +35,53 @@ def owner_of(body: dict[str, Any]) -> Owner:
 
 
 def reconcile(kube: Kube, body: dict[str, Any]) -> Outcome:
+    """Validate, apply every child (create or merge-patch), then observe the RayService."""
     owner = owner_of(body)
-    generation = body["metadata"].get("generation")
-    previous = body.get("status") or {}
     try:
         spec = parse_spec(body.get("spec"))
     except SpecError as error:
-        return _failed(owner, error.reason, error.message, generation, previous)
+        return _failed(body, error.reason, error.message)
     if not kube.serves(RAYSERVICE):
         message = f"KubeRay's RayService CRD (ray.io/v1) is not installed; {KUBERAY_INSTALL_HINT}"
-        return _failed(owner, "KubeRayMissing", message, generation, previous)
-    children = build_children(owner, spec, with_servicemonitor=kube.serves(SERVICEMONITOR))
-    for child in children:
+        return _failed(body, "KubeRayMissing", message)
+    for child in build_children(owner, spec, with_servicemonitor=kube.serves(SERVICEMONITOR)):
         kube.apply(child)
-    rayservice = kube.get(RAYSERVICE, owner.namespace, owner.name)
+    return _observed(body, spec, kube.get(RAYSERVICE, owner.namespace, owner.name))
+
+
+def observe(body: dict[str, Any], rayservice: dict[str, Any] | None) -> Outcome:
+    """The status for a RayService state that KubeRay reported, without touching the children."""
+    try:
+        spec = parse_spec(body.get("spec"))
+    except SpecError as error:
+        return _failed(body, error.reason, error.message)
+    return _observed(body, spec, rayservice)
+
+
+def _observed(
+    body: dict[str, Any], spec: GrokDeploymentSpec, rayservice: dict[str, Any] | None
+) -> Outcome:
+    owner = owner_of(body)
     conditions, ready_replicas = serving_conditions(owner, spec, rayservice)
     status = build_status(
-        owner, spec, conditions, ready_replicas, generation=generation, previous=previous
+        owner,
+        spec,
+        conditions,
+        ready_replicas,
+        generation=body["metadata"].get("generation"),
+        previous=body.get("status"),
     )
     ready = any(c.type == "Ready" and c.status for c in conditions)
     return Outcome(status, ready, ready_replicas, spec.replicas)
 
 
-def _failed(
-    owner: Owner, reason: str, message: str, generation: int | None, previous: dict[str, Any]
-) -> Outcome:
+def _failed(body: dict[str, Any], reason: str, message: str) -> Outcome:
     conditions = failure_conditions(reason, message)
-    status = build_status(owner, None, conditions, 0, generation=generation, previous=previous)
+    previous = body.get("status") or {}
+    generation = body["metadata"].get("generation")
+    status = build_status(
+        owner_of(body), None, conditions, 0, generation=generation, previous=previous
+    )
     before = next((c for c in previous.get("conditions", []) if c.get("type") == "Ready"), {})
     # Post the event once per distinct problem, not on every periodic pass.
     repeated = before.get("reason") == reason and before.get("message") == message
