@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from testkit.autoscaling import (
     RESOURCE,
     QueueExporter,
-    grok_deployment,
+    create_grok_deployment,
     grokserve_api,
     running_operator,
     scraping,
@@ -63,7 +63,8 @@ async def measure(steps: int, evaluation_s: int, seed: int) -> tuple[float, list
         queue = QueueExporter(exporter, (NAME,))
         prometheus.wait_for_targets_up(timeout_s=20)
         async with grokserve_api() as api:
-            api.objects[RESOURCE, NAMESPACE, NAME] = grok_deployment(
+            await create_grok_deployment(
+                api,
                 NAMESPACE,
                 NAME,
                 replicas=1,

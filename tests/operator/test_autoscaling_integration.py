@@ -12,8 +12,9 @@ from prometheus_client import REGISTRY
 from testkit.autoscaling import (
     RESOURCE,
     QueueExporter,
-    grok_deployment,
+    create_grok_deployment,
     grokserve_api,
+    request,
     running_operator,
     scraping,
     wait_until,
@@ -59,11 +60,12 @@ async def test_queue_drives_replicas_through_scale_and_prometheus_loss_holds_the
     # Prometheus hands out its first targets only ~5 s after start (discovery update period).
     prometheus.wait_for_targets_up(timeout_s=20)
     async with grokserve_api() as api:
-        api.objects[RESOURCE, NAMESPACE, NAME] = grok_deployment(
-            NAMESPACE, NAME, replicas=1, autoscaling=autoscaling(prometheus.url)
+        await create_grok_deployment(
+            api, NAMESPACE, NAME, replicas=1, autoscaling=autoscaling(prometheus.url)
         )
         # A second deployment, scaled to zero, that may go back to zero after an idle minute.
-        api.objects[RESOURCE, NAMESPACE, IDLE] = grok_deployment(
+        await create_grok_deployment(
+            api,
             NAMESPACE,
             IDLE,
             replicas=0,
@@ -98,8 +100,7 @@ async def test_queue_drives_replicas_through_scale_and_prometheus_loss_holds_the
                 f"/apis/{RESOURCE.group}/{RESOURCE.version}/namespaces/{NAMESPACE}"
                 f"/{RESOURCE.plural}/{NAME}/status"
             )
-            async with api.patch(path, json={"status": {"conditions": [ready]}}) as response:
-                assert response.status == 200
+            await request(api, "PATCH", path, {"status": {"conditions": [ready]}})
 
             # 30 waiting at a target of 8 per replica → ceil(30 / 8) = 4 replicas; the idle
             # deployment's first queued request wakes it.

@@ -8,31 +8,33 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import kmock
 import kopf
+import yaml
 from kubernetes import client as k8s
 from prometheus_client import Gauge
 
 from grokserve.operator.autoscaling import timer
 from grokserve.operator.kube import Kube
 from grokserve.operator.spec import API_GROUP, API_VERSION, PLURAL
+from testkit.kmock_api import KubeApi
 from testkit.prometheus import PrometheusServer, ScrapeTarget, TestExporter
 
 RESOURCE = kmock.resource(API_GROUP, API_VERSION, PLURAL)
+CRD_FILE = Path(__file__).resolve().parents[2] / "manifests" / "crd" / "grokdeployments.yaml"
+CRD_PATH = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions"
 
 
-class Emulator(kmock.KubernetesEmulator):
-    """KMock's emulator, plus `metadata.generateName` (kopf names its Events that way), plus the
-    monotonic arrival time, object name and replicas of every `/scale` write."""
+class RecordingKubeApi(KubeApi):
+    """The project's KMock API server, plus the arrival time, object name and replicas of every
+    `/scale` write (what the benchmark measures and the tests count)."""
 
     scale_writes: list[tuple[float, str, int]]
 
     async def _handle(self, request: kmock.Request) -> Any:
-        metadata = request.data.get("metadata") if isinstance(request.data, dict) else None
-        if request.method == "POST" and metadata and "generateName" in metadata:
-            metadata.setdefault("name", f"{metadata['generateName']}{request.id}")
         if request.subresource == "scale" and request.method == "PATCH":
             write = (time.monotonic(), request.name, request.data["spec"]["replicas"])
             self.scale_writes.append(write)
@@ -40,47 +42,39 @@ class Emulator(kmock.KubernetesEmulator):
 
 
 @contextlib.asynccontextmanager
-async def grokserve_api() -> AsyncIterator[Emulator]:
-    """KMock serving the GrokDeployment resource (with status and scale) plus what kopf needs."""
-    emulator = Emulator()
-    emulator.scale_writes = []
-    async with emulator, kmock.Server(emulator):
-        emulator.resources[RESOURCE] = kmock.ResourceInfo(
-            kind="GrokDeployment",
-            namespaced=True,
-            subresources={"status", "scale"},
-            verbs={"get", "list", "watch", "patch", "update"},
-        )
-        # kopf waits for the namespaces resource to exist before it watches anything.
-        emulator.resources["v1/namespaces"] = kmock.ResourceInfo(
-            kind="Namespace", namespaced=False, verbs={"list", "watch"}
-        )
-        emulator.resources["v1/events"] = kmock.ResourceInfo(
-            kind="Event", namespaced=True, verbs={"create"}
-        )
-        yield emulator
+async def grokserve_api() -> AsyncIterator[RecordingKubeApi]:
+    """The KMock API server on this event loop, with the GrokDeployment CRD installed."""
+    api = RecordingKubeApi()
+    api.scale_writes = []
+    async with api, kmock.Server(api):
+        await request(api, "POST", CRD_PATH, yaml.safe_load(CRD_FILE.read_text()))
+        yield api
 
 
-def grok_deployment(
-    namespace: str, name: str, replicas: int, autoscaling: dict[str, Any]
-) -> dict[str, Any]:
-    """Only what the autoscaler reads: spec.replicas and spec.autoscaling."""
-    return {
+async def request(api: KubeApi, method: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    async with api.request(method, path, json=body) as response:
+        answer = await response.json()
+        if response.status >= 300:
+            raise RuntimeError(f"{method} {path}: HTTP {response.status}: {answer}")
+        return answer
+
+
+async def create_grok_deployment(
+    api: KubeApi, namespace: str, name: str, replicas: int, autoscaling: dict[str, Any]
+) -> None:
+    """A GrokDeployment with what the autoscaler reads: spec.replicas and spec.autoscaling."""
+    body = {
         "apiVersion": f"{API_GROUP}/{API_VERSION}",
         "kind": "GrokDeployment",
-        "metadata": {
-            "name": name,
-            "namespace": namespace,
-            "uid": f"uid-{namespace}-{name}",
-            "generation": 1,
-            "resourceVersion": "1",
-        },
+        "metadata": {"name": name, "namespace": namespace},
         "spec": {"replicas": replicas, "autoscaling": {"enabled": True, **autoscaling}},
     }
+    path = f"/apis/{API_GROUP}/{API_VERSION}/namespaces/{namespace}/{PLURAL}"
+    await request(api, "POST", path, body)
 
 
 @contextlib.asynccontextmanager
-async def running_operator(api: kmock.KubernetesEmulator) -> AsyncIterator[None]:
+async def running_operator(api: KubeApi) -> AsyncIterator[None]:
     """kopf with only the autoscaler registered, talking to `api`; stopped on exit."""
     registry = kopf.OperatorRegistry()
     url = str(api.url).rstrip("/")
