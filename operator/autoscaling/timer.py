@@ -38,6 +38,8 @@ CONDITION = "ScalingActive"
 QUERY_TIMEOUT_SHARE, QUERY_TIMEOUT_MAX_S = 0.5, 10.0
 # How long to wait before looking again at a spec.autoscaling that does not validate.
 INVALID_SPEC_RETRY_S = 30.0
+# Optimistic-concurrency attempts for one status write before giving up until the next tick.
+STATUS_WRITE_ATTEMPTS = 3
 
 
 def policy_config(spec: AutoscalingSpec) -> PolicyConfig:
@@ -179,14 +181,7 @@ class Autoscaler:
             "reason": decision.reason,
             "message": decision.message,
         }
-        others = [
-            c
-            for c in (self.body.get("status") or {}).get("conditions") or []
-            if c.get("type") != CONDITION
-        ]
-        await asyncio.to_thread(
-            self._write_status, {"autoscaling": record, "conditions": [*others, condition]}
-        )
+        await asyncio.to_thread(self._write_status, record, condition)
 
     def _write_scale(self, replicas: int) -> None:
         """PATCH the /scale subresource: the same door `kubectl scale`, the HPA and KEDA use."""
@@ -199,9 +194,51 @@ class Autoscaler:
             {"spec": {"replicas": replicas}},
         )
 
-    def _write_status(self, status: dict[str, Any]) -> None:
-        self.api.patch_namespaced_custom_object_status(
-            API_GROUP, API_VERSION, self.namespace, PLURAL, self.name, {"status": status}
+    def _write_status(self, record: dict[str, Any], condition: dict[str, Any]) -> None:
+        """Set status.autoscaling and our condition, keeping the other writers' conditions.
+
+        status.conditions is one list shared with the reconcile handler, so a merge patch of it
+        would overwrite their latest entries with our possibly stale copy. Instead: read, then a
+        JSON patch guarded by a `test` of the resourceVersion, retried if someone wrote meanwhile.
+        """
+        for _ in range(STATUS_WRITE_ATTEMPTS):
+            current = self.api.get_namespaced_custom_object(
+                API_GROUP, API_VERSION, self.namespace, PLURAL, self.name
+            )
+            status = current.get("status") or {}
+            conditions = [c for c in status.get("conditions") or [] if c.get("type") != CONDITION]
+            wanted = {"autoscaling": record, "conditions": [*conditions, condition]}
+            guard = {
+                "op": "test",
+                "path": "/metadata/resourceVersion",
+                "value": current["metadata"]["resourceVersion"],
+            }
+            changes = (
+                [
+                    {"op": "add", "path": f"/status/{key}", "value": value}
+                    for key, value in wanted.items()
+                ]
+                if "status" in current
+                else [{"op": "add", "path": "/status", "value": wanted}]
+            )
+            try:
+                self.api.patch_namespaced_custom_object_status(
+                    API_GROUP,
+                    API_VERSION,
+                    self.namespace,
+                    PLURAL,
+                    self.name,
+                    [guard, *changes],
+                    _content_type="application/json-patch+json",
+                )
+                return
+            except ApiException as error:
+                # 422: the test failed (the object changed since we read it); 409: same, as a
+                # conflict. Anything else is not ours to retry.
+                if error.status not in (409, 422):
+                    raise
+        self.logger.warning(
+            f"autoscaler: status not written: the object kept changing ({STATUS_WRITE_ATTEMPTS} tries)"
         )
 
 
