@@ -1,5 +1,7 @@
 """Placement plans for the released Grok-1 on 1, 2 and 4 nodes of 8×80 GB, and for the tiny preset."""
 
+import itertools
+
 import pytest
 from pydantic import ValidationError
 
@@ -50,7 +52,7 @@ def test_every_expert_row_of_every_layer_is_held_exactly_once(nodes, quantizatio
         for spans in held.values():
             spans.sort()
             assert spans[0][0] == 0 and spans[-1][1] == GROK.ffn_size
-            assert all(a[1] == b[0] for a, b in zip(spans, spans[1:], strict=False))
+            assert all(a[1] == b[0] for a, b in itertools.pairwise(spans))
         for group in plan.attention_groups():
             kv = sorted(h for r in group for h in range(*plan.shard(layer, r).kv_heads))
             q = sorted(h for r in group for h in range(*plan.shard(layer, r).q_heads))
