@@ -32,9 +32,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from grokserve.model.cache import KVCache
 from grokserve.model.placement import Plan, Shard
 from grokserve.model.quantization import QuantizedWeight
-from grokserve.model.transformer import Attention, GrokModel, MoE
+from grokserve.model.transformer import Attention, GrokModel, MoE, Step
 
 Weight = torch.Tensor | QuantizedWeight
 FLOAT32_SUFFIXES = ("scale", "moe.router")
@@ -214,7 +215,7 @@ class ShardAttention(Attention):
         super().__init__(*args, **kwargs)
         self.total = total
 
-    def forward(self, x, step, layer):
+    def forward(self, x: torch.Tensor, step: Step, layer: int) -> torch.Tensor:
         return self.total(super().forward(x, step, layer))
 
 
@@ -223,7 +224,7 @@ class ShardMoE(MoE):
         super().__init__(*args, **kwargs)
         self.total = total
 
-    def forward(self, x, step):
+    def forward(self, x: torch.Tensor, step: Step) -> torch.Tensor:
         return self.total(super().forward(x, step))
 
 
@@ -304,7 +305,7 @@ class GrokShard(GrokModel):
         return nn.Parameter(value.to(device=device, dtype=dtype), requires_grad=False)
 
     def forward(
-        self, tokens: torch.Tensor, cache=None, rows: torch.Tensor | None = None
+        self, tokens: torch.Tensor, cache: KVCache | None = None, rows: torch.Tensor | None = None
     ) -> torch.Tensor:
         return super().forward(tokens.to(self.device), cache, rows)
 
