@@ -81,9 +81,16 @@ def test_every_tensor_is_read_once(model) -> None:
     assert sorted(reads) == sorted(model.state_dict())
 
 
-def test_float_weights_cannot_fill_an_int8_plan(model) -> None:
-    with pytest.raises(ShardingError, match="int8 plan needs 8-bit weights"):
-        GrokShard.from_state_dict(model.state_dict(), tiny_plan(1, 1, 1, "int8"), 0)
+@pytest.mark.parametrize(("world", "tensor", "expert"), [(4, 2, 2), (4, 1, 1)])
+def test_float_weights_for_an_int8_plan_are_quantised_like_the_whole_model(
+    model, world, tensor, expert
+) -> None:
+    plan = tiny_plan(world, tensor, expert, "int8")
+    for rank in range(world):
+        from_float = shard_state_dict(model.state_dict(), plan, rank)
+        from_int8 = shard_state_dict(model.quantized().state_dict(), plan, rank)
+        assert sorted(from_float) == sorted(from_int8)
+        assert all(torch.equal(from_float[k], from_int8[k]) for k in from_int8)
 
 
 def test_a_multi_rank_shard_needs_a_process_group(model) -> None:
