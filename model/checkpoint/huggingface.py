@@ -44,7 +44,8 @@ class HuggingFaceReader(CheckpointReader):
         if missing := sorted(wanted - present):
             raise CheckpointError(
                 f"{directory}: {len(missing)} tensor(s) of a {config.num_layers}-layer, "
-                f"{config.num_experts}-expert model are missing, e.g. {missing[:3]}"
+                f"{config.num_experts}-expert model are missing, e.g. {missing[:3]} "
+                "(an incomplete checkpoint, or the wrong config?)"
             )
         if unexpected := sorted(present - wanted):
             raise CheckpointError(

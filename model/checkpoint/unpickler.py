@@ -15,7 +15,7 @@ import pickle
 import struct
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, ClassVar
 
 import ml_dtypes
 import numpy as np
@@ -169,9 +169,10 @@ class SkippingFile:
 
     def __init__(self, file: BinaryIO, size: int) -> None:
         self.file, self.size = file, size
+        self.in_frame = False  # protocol 4 frames (at most ~64 KiB of small opcodes) are read whole
 
     def read(self, count: int = -1) -> bytes | Skipped:
-        if count < SKIP_AT_LEAST:
+        if count < SKIP_AT_LEAST or self.in_frame:
             return self.file.read(count)
         end = self.file.tell() + count
         if end > self.size:
@@ -184,9 +185,20 @@ class SkippingFile:
 
 
 class ScanningUnpickler(pickle._Unpickler):  # the Python unpickler lets reads return placeholders
+    dispatch: ClassVar[dict[int, Callable[..., Any]]] = dict(pickle._Unpickler.dispatch)
+
     def __init__(self, file: SkippingFile, path: Path) -> None:
         super().__init__(file)
-        self.path = path
+        self.file, self.path = file, path
+
+    def load_frame(self) -> None:
+        self.file.in_frame = True
+        try:
+            super().load_frame()
+        finally:
+            self.file.in_frame = False
+
+    dispatch[pickle.FRAME[0]] = load_frame
 
     def find_class(self, module: str, name: str) -> Any:
         key = admitted_key(module, name)
