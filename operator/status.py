@@ -60,6 +60,10 @@ def merge_conditions(
         ):
             entry["lastTransitionTime"] = old["lastTransitionTime"]
         merged.append(entry)
+    # Conditions other writers own (the autoscaler's ScalingActive) survive this merge-patch of
+    # the whole list.
+    ours = {condition.type for condition in current}
+    merged.extend(c for c in previous or [] if c.get("type") not in ours)
     return merged
 
 

@@ -107,3 +107,18 @@ def test_status_body_and_stable_transition_times() -> None:
         "lastTransitionTime": "T3",
     }
     assert "endpoint" not in later
+
+
+def test_conditions_of_other_writers_are_kept() -> None:
+    scaling = {"type": "ScalingActive", "status": "True", "reason": "QueueBelowTarget"}
+    conditions, ready = serving_conditions(OWNER, SPEC, rayservice())
+    status = build_status(
+        OWNER, SPEC, conditions, ready, generation=3, previous={"conditions": [scaling]}, now="T"
+    )
+    assert [c["type"] for c in status["conditions"]] == [
+        "Ready",
+        "Progressing",
+        "Degraded",
+        "ScalingActive",
+    ]
+    assert status["conditions"][-1] == scaling
