@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS: tuple[str, ...] = ("inspect", "generate", "render", "operator")
+COMMANDS: tuple[str, ...] = ("inspect", "generate", "plan", "render", "operator")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,6 +10,22 @@ from grokserve.operator.builders import Owner, build_children
 from grokserve.operator.spec import KIND, SpecError, parse_resource
 
 
+class _LiteralDumper(yaml.SafeDumper):
+    """Multi-line strings (serveConfigV2, serving.yaml) as readable `|` blocks."""
+
+
+def _string(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_LiteralDumper.add_representer(str, _string)
+
+
+def to_yaml(documents: list[dict[str, Any]]) -> str:
+    return yaml.dump_all(documents, Dumper=_LiteralDumper, sort_keys=False, allow_unicode=True)
+
+
 class RenderError(ValueError):
     """A document that cannot be rendered; the message says which one and why."""
 

@@ -2,6 +2,7 @@
 
 `Ready` means: the RayService has seen the current generation of its spec, the Serve application is
 RUNNING with every deployment HEALTHY, and as many worker nodes are ready as the spec asks for.
+`readyReplicas` counts what serves now, also while a newer spec is being applied.
 """
 
 from __future__ import annotations
@@ -60,6 +61,10 @@ def merge_conditions(
         ):
             entry["lastTransitionTime"] = old["lastTransitionTime"]
         merged.append(entry)
+    # Conditions other writers own (the autoscaler's ScalingActive) survive this merge-patch of
+    # the whole list.
+    ours = {condition.type for condition in current}
+    merged.extend(c for c in previous or [] if c.get("type") not in ours)
     return merged
 
 
@@ -78,6 +83,17 @@ def _ready_workers(rayservice_status: dict[str, Any]) -> int:
     return int(cluster.get("readyWorkerReplicas") or cluster.get("availableWorkerReplicas") or 0)
 
 
+def _serving_replicas(
+    spec: GrokDeploymentSpec, status: dict[str, Any], application: dict[str, Any] | None
+) -> int:
+    """Replicas serving now: the application runs healthy, counted by their ready worker nodes."""
+    if application is None or application.get("status") != "RUNNING":
+        return 0
+    if _unhealthy_deployments(application):
+        return 0
+    return min(_ready_workers(status) // spec.parallelism.nodes_per_replica, spec.replicas)
+
+
 def serving_conditions(
     owner: Owner,
     spec: GrokDeploymentSpec,
@@ -88,12 +104,15 @@ def serving_conditions(
         return _waiting("RayServiceMissing", "the RayService has not been created yet"), 0
     status = rayservice.get("status") or {}
     generation = (rayservice.get("metadata") or {}).get("generation")
-    if generation is not None and status.get("observedGeneration") != generation:
-        return _waiting("RayServiceUpdating", "KubeRay has not yet processed the latest spec"), 0
     active = status.get("activeServiceStatus") or {}
     application = (active.get("applicationStatuses") or {}).get(owner.name)
-    nodes_per_replica = spec.parallelism.nodes_per_replica
-    ready_replicas = min(_ready_workers(status) // nodes_per_replica, spec.replicas)
+    ready_replicas = _serving_replicas(spec, status, application)
+    if generation is not None and status.get("observedGeneration") != generation:
+        message = (
+            f"KubeRay has not applied the latest spec yet; {ready_replicas} replica(s) of the "
+            "previous spec serve meanwhile"
+        )
+        return _waiting("RayServiceUpdating", message), ready_replicas
     if application is None:
         return _waiting("ServeApplicationPending", "the Serve application is not deployed yet"), 0
     app_status = application.get("status", "UNKNOWN")
@@ -113,7 +132,7 @@ def serving_conditions(
     if ready_replicas < spec.replicas:
         message = f"{ready_replicas}/{spec.replicas} replicas have their worker nodes ready"
         return [
-            Condition("Ready", ready_replicas > 0, "ReplicasStarting", message),
+            Condition("Ready", False, "ReplicasStarting", message),
             Condition("Progressing", True, "ReplicasStarting", message),
             Condition("Degraded", False, "ReplicasStarting", message),
         ], ready_replicas

@@ -24,9 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import yaml
-
-    from grokserve.operator.render import RenderError, render_documents
+    from grokserve.operator.render import RenderError, render_documents, to_yaml
 
     try:
         text = args.file.read_text()
@@ -40,5 +38,5 @@ def run(args: argparse.Namespace) -> int:
     except RenderError as error:
         print(f"grokserve render: {args.file}: {error}", file=sys.stderr)
         return 1
-    sys.stdout.write(yaml.safe_dump_all(children, sort_keys=False, allow_unicode=True))
+    sys.stdout.write(to_yaml(children))
     return 0

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from prometheus_client import REGISTRY
 
 from testkit.operator_env import GROKDEPLOYMENTS, kube, running_operator, wait_until
 
@@ -76,6 +77,10 @@ def test_lifecycle_create_ready_update_restart_delete(kube) -> None:
             what="Ready=True",
         )
         assert body["status"]["readyReplicas"] == 1
+        labels = {"namespace": NS, "name": "grok-1"}
+        assert REGISTRY.get_sample_value("grokdeployment_condition_ready", labels) == 1
+        assert REGISTRY.get_sample_value("grokdeployment_ready_replicas", labels) == 1
+        assert REGISTRY.get_sample_value("grokdeployment_desired_replicas", labels) == 1
         assert body["status"]["endpoint"] == "http://grok-1.llm.svc:8000/v1"
 
         # spec update -> children patched, generation observed

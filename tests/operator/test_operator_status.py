@@ -48,10 +48,11 @@ def test_running_application_with_all_nodes_is_ready() -> None:
     assert c["Progressing"].status is False and c["Degraded"].status is False
 
 
-def test_stale_generation_is_not_ready_yet() -> None:
+def test_stale_generation_is_not_ready_but_counts_what_serves() -> None:
     conditions, ready = serving_conditions(OWNER, SPEC, rayservice(observed=2))
     assert by_type(conditions)["Ready"].reason == "RayServiceUpdating"
-    assert ready == 0 and by_type(conditions)["Ready"].status is False
+    assert by_type(conditions)["Ready"].status is False
+    assert ready == 2  # the previous spec's replicas still serve
 
 
 def test_half_the_nodes_give_one_ready_replica_of_two() -> None:
@@ -59,6 +60,7 @@ def test_half_the_nodes_give_one_ready_replica_of_two() -> None:
     c = by_type(conditions)
     assert ready == 1
     assert c["Progressing"].status is True and c["Ready"].reason == "ReplicasStarting"
+    assert c["Ready"].status is False  # Ready means every desired replica serves
 
 
 def test_failed_deployment_is_degraded_with_serves_message() -> None:
@@ -107,3 +109,18 @@ def test_status_body_and_stable_transition_times() -> None:
         "lastTransitionTime": "T3",
     }
     assert "endpoint" not in later
+
+
+def test_conditions_of_other_writers_are_kept() -> None:
+    scaling = {"type": "ScalingActive", "status": "True", "reason": "QueueBelowTarget"}
+    conditions, ready = serving_conditions(OWNER, SPEC, rayservice())
+    status = build_status(
+        OWNER, SPEC, conditions, ready, generation=3, previous={"conditions": [scaling]}, now="T"
+    )
+    assert [c["type"] for c in status["conditions"]] == [
+        "Ready",
+        "Progressing",
+        "Degraded",
+        "ScalingActive",
+    ]
+    assert status["conditions"][-1] == scaling

@@ -98,18 +98,16 @@ def kube(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Kube
 
 
 @contextlib.contextmanager
-def running_operator(timeout: float = 60) -> Iterator[Any]:
-    """The operator's kopf handlers in a KopfRunner thread (standalone, all namespaces)."""
+def running_operator(
+    timeout: float = 60, modules: tuple[str, ...] = ("grokserve.operator.handlers",)
+) -> Iterator[Any]:
+    """kopf handlers of `modules` in a KopfRunner thread (standalone, all namespaces); a failed
+    assertion inside the block gets the operator's log appended to its message."""
     from kopf.testing import KopfRunner
 
-    args = [
-        "run",
-        "--standalone",
-        "--all-namespaces",
-        "--verbose",
-        "-m",
-        "grokserve.operator.handlers",
-    ]
+    args = ["run", "--standalone", "--all-namespaces", "--verbose"]
+    for module in modules:
+        args += ["-m", module]
     failure: AssertionError | None = None
     with KopfRunner(args, timeout=timeout) as runner:
         try:
