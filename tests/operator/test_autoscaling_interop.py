@@ -118,6 +118,48 @@ def test_dashboard_queries_parse_and_cover_the_promised_panels(
         assert_valid_promql(prometheus, expression)
 
 
+SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
+
+
+def exposed_names(registry: Any) -> set[str]:
+    """Series names a registry exposes, whether or not any labelled child has been created yet."""
+    return {
+        family.name + suffix
+        for family in registry.collect()
+        for suffix in SUFFIXES.get(family.type, ("",))
+    }
+
+
+def dashboard_metric_names() -> set[str]:
+    text = " ".join(dashboard_expressions(json.loads(DASHBOARD.read_text())))
+    return set(re.findall(r"\b(grok(?:serve|deployment)_[a-z_]+)\b", text))
+
+
+def test_dashboard_uses_the_operator_and_autoscaler_metrics_that_exist() -> None:
+    from prometheus_client import REGISTRY
+
+    import grokserve.operator.autoscaling.metrics
+    import grokserve.operator.metrics  # noqa: F401  (registers the operator's metrics)
+
+    ours = {
+        n
+        for n in dashboard_metric_names()
+        if n.startswith(("grokdeployment_", "grokserve_autoscaler_"))
+    }
+    assert ours, "the dashboard shows no operator or autoscaler metric"
+    assert ours <= exposed_names(REGISTRY)
+
+
+def test_dashboard_uses_the_serving_metrics_that_exist() -> None:
+    serving_metrics = pytest.importorskip("grokserve.serving.metrics")
+    serving = {
+        n
+        for n in dashboard_metric_names()
+        if not n.startswith(("grokdeployment_", "grokserve_autoscaler_"))
+    }
+    assert serving <= exposed_names(serving_metrics.ReplicaMetrics("grok-1", "0").registry)
+
+
 @pytest.fixture
 def dashboard_chart(tmp_path: Path) -> Any:
     helm = pytest.importorskip("helm_python")
