@@ -19,7 +19,7 @@ from grokserve.operator.spec import API_GROUP, API_VERSION, KIND
 from testkit.prometheus import PrometheusServer
 
 ROOT = Path(__file__).resolve().parents[2]
-EXAMPLES = ROOT / "manifests" / "examples"
+EXAMPLES = ROOT / "manifests" / "examples" / "autoscaling"
 CHART = ROOT / "charts" / "grokserve"
 DASHBOARD = CHART / "dashboards" / "grokserve.json"
 CRD = ROOT / "manifests" / "crd" / "grokdeployments.yaml"
