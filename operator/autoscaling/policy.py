@@ -188,23 +188,22 @@ class ScalingPolicy:
 
     def _decide_from_zero(self, sample: QueueSample) -> Decision:
         config = self.config
-        if sample.waiting <= 0:
+        needed = math.ceil(sample.waiting / config.target_queue_per_replica)
+        if not config.scales_to_zero:
+            # Zero was set by hand (or scale-to-zero was turned off since): back to the floor.
+            needed = max(needed, config.floor)
+        if needed == 0:
             return self._decision(0, 0, Reason.IDLE_AT_ZERO, "no requests waiting", sample, None, 0)
-        wanted = min(
-            max(math.ceil(sample.waiting / config.target_queue_per_replica), 1), config.max_replicas
-        )
+        wanted = min(needed, config.max_replicas)
         desired = (
             wanted if config.scale_up_max_step is None else min(wanted, config.scale_up_max_step)
         )
-        return self._decision(
-            0,
-            desired,
-            Reason.SCALE_FROM_ZERO,
-            f"{sample.waiting:g} requests waiting with no replica",
-            sample,
-            None,
-            wanted,
+        why = (
+            f"{sample.waiting:g} requests waiting with no replica"
+            if sample.waiting > 0
+            else f"at 0 replicas without scale-to-zero (minimum {config.floor})"
         )
+        return self._decision(0, desired, Reason.SCALE_FROM_ZERO, why, sample, None, wanted)
 
     def _raw_recommendation(self, current: int, ratio: float) -> int:
         if abs(ratio - 1.0) <= self.config.tolerance:

@@ -244,6 +244,12 @@ def test_scale_from_zero_respects_max_and_the_up_step() -> None:
     assert limited.decide(0, 0, 0, waiting(100)).replicas == 2
 
 
+def test_zero_without_scale_to_zero_goes_back_to_the_minimum() -> None:
+    # Someone ran `kubectl scale --replicas 0` while minReplicas is 2 and there is no idle window.
+    decision = ScalingPolicy(config(min_replicas=2)).decide(0, 0, 0, waiting(0, running=0))
+    assert (decision.replicas, decision.reason) == (2, Reason.SCALE_FROM_ZERO)
+
+
 def test_a_restarted_policy_waits_a_full_window_before_scaling_down() -> None:
     policy = ScalingPolicy(config(scale_down_stabilization_s=30))
     trace = drive(policy, 4, [(100, waiting(0)), (129, waiting(0)), (131, waiting(0))])
