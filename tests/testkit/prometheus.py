@@ -56,6 +56,7 @@ class PrometheusServer:
         if not Path(binary).exists():
             raise FileNotFoundError(f"{binary} not found: apt-get install prometheus")
         self.binary = binary
+        self.targets = list(targets)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.interval_s = interval_s
@@ -185,14 +186,10 @@ class PrometheusServer:
 
     def wait_for_targets_up(self, timeout_s: float = 20.0) -> None:
         """Until every configured target has been scraped successfully at least once."""
-        expected = len(self.api("targets", state="active")["activeTargets"]) or None
+        expected = len(self.targets)
 
         def all_up(result: list[dict[str, Any]]) -> bool:
-            return (
-                bool(result)
-                and len(result) == (expected or len(result))
-                and all(series["value"][1] == "1" for series in result)
-            )
+            return len(result) == expected and all(s["value"][1] == "1" for s in result)
 
         self.wait_for("up", all_up, timeout_s)
 
