@@ -152,3 +152,12 @@ def test_a_sharded_port_reads_only_the_shards_it_needs(
     (copy / "model-00002-of-00003.safetensors").unlink()
     with pytest.raises(CheckpointError, match="missing checkpoint shard .*model-00002-of-00003"):
         open_checkpoint(copy)
+
+
+def test_progress_bar_reports_tensors_loaded(
+    checkpoints: Checkpoints, capsys: pytest.CaptureFixture[str]
+) -> None:
+    load_model(checkpoints.paths["xai"], progress=True)
+    assert f"{2 + 12 * 12}/{2 + 12 * 12}" in capsys.readouterr().err
+    load_model(checkpoints.paths["xai"])  # small checkpoints load quietly
+    assert capsys.readouterr().err == ""
