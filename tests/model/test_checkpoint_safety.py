@@ -62,6 +62,9 @@ def test_planted_code_is_refused_and_never_runs(release: Path, tmp_path: Path, w
     with pytest.raises(UnsafePickleError, match=r"(posix|os)\.system"):
         open_checkpoint(planted).info("layers.10.attn.wo")  # the header scan refuses it too
     assert not marker.exists()
+    with pickled_as_main():  # the planted file is live: a plain unpickler runs it
+        pickle.loads(target.read_bytes())
+    assert marker.exists()
 
 
 def test_object_arrays_are_refused(release: Path, tmp_path: Path) -> None:
