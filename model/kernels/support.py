@@ -56,6 +56,6 @@ def fast_moe_supported(
         return False
     if not all(quantized) and any(w.dtype != x.dtype for w in weights):
         return False
-    if w_gate.shape != w_up.shape or any(w.dim() != 3 for w in weights):
+    if w_gate.shape != w_up.shape or any(len(w.shape) != 3 for w in weights):
         return False
     return all(rows_per_scale(w) % TILE_QUANTUM == 0 for w in weights)
