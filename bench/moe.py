@@ -110,11 +110,22 @@ def run_token_count(args, ceilings: Ceilings, weights, quantized, tokens: int) -
         "per-expert loop": (routed(layers.moe, w_gate, w_up, w_down), False),
         "grouped_mm": (routed(grouped_mm_moe, w_gate, w_up, w_down), False),
     }
-    reference = layers.moe(x, gates, experts, w_gate, w_up, w_down)
-    checked = fused_moe(x, gates, experts, w_gate, w_up, w_down)
-    error = float((checked.float() - reference.float()).norm() / reference.float().norm())
-    if not error < 1e-2:
-        sys.exit(f"fused bf16 differs from the reference at {tokens} tokens: {error:.2e}")
+    dequantized = [w.dequantize(torch.bfloat16) for w in quantized]
+    errors = {
+        "bf16": relative_error(
+            fused_moe(x, gates, experts, w_gate, w_up, w_down),
+            layers.moe(x, gates, experts, w_gate, w_up, w_down),
+        ),
+        # The int8 kernel must equal the bf16 reference on the dequantised weights.
+        "int8": relative_error(
+            fused_moe(x, gates, experts, *quantized),
+            layers.moe(x, gates, experts, *dequantized),
+        ),
+    }
+    del dequantized
+    print(f"# {tokens} tokens: relative error vs reference {errors}", flush=True)
+    if not max(errors.values()) < 1e-2:
+        sys.exit(f"the fused MoE differs from the reference at {tokens} tokens: {errors}")
     timings = {name: time_path(fn, graph) for name, (fn, graph) in paths.items()}
     return Row(
         tokens,
@@ -122,6 +133,10 @@ def run_token_count(args, ceilings: Ceilings, weights, quantized, tokens: int) -
         ceilings.roofline_ms(int8_bytes, flops),
         timings,
     )
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.float() - ref.float()).norm() / ref.float().norm())
 
 
 def fraction(roofline: float, measured: float | str) -> str:
@@ -155,17 +170,20 @@ def sweep(args, weights, quantized) -> None:
     from grokserve.model.kernels.tuning import MoeTileConfig
 
     router, w_gate, w_up, w_down = weights
-    candidates = [
-        MoeTileConfig(bm, bn, bk, warps, stages, bn, bk, warps, stages, group_m=gm)
-        for bm in (16, 32, 64, 128)
-        for bn in (64, 128)
-        for bk in (64, 128, 256)
-        for warps in (4, 8)
-        for stages in (3, 4)
-        for gm in (1, 8)
-        if not (bm == 128 and bk == 256)
-    ]
     for tokens in args.tokens:
+        # Decode sizes fill one 16-row block per expert; larger ones want tensor-core-sized blocks.
+        row_blocks = (16,) if tokens <= 64 else (64, 128)
+        candidates = [
+            MoeTileConfig(
+                bm, bn, bk, warps, stages, bn, bk, warps, stages, group_m=1 if bm == 16 else 8
+            )
+            for bm in row_blocks
+            for bn in (32, 64, 128)
+            for bk in (64, 128, 256)
+            for warps in (4, 8)
+            for stages in (3, 4)
+            if not (bm == 128 and bk == 256)
+        ]
         x = torch.randn(tokens, w_gate.shape[1], dtype=torch.bfloat16, device=router.device)
         gates, experts = layers.route(x, router, args.top_k)
         for label, matrices in (("bf16", (w_gate, w_up, w_down)), ("int8", quantized)):
