@@ -56,7 +56,11 @@ def flex_soft_capped_attention(
         capped = cap * torch.tanh(score / cap)
         return torch.where(visible(b, q_idx, kv_idx), capped, MASKED_LOGIT)
 
-    block_mask = create_block_mask(mask_mod, batch, None, steps, span, device=q.device)
+    # Compiled on CUDA, the block mask is built block by block instead of from a materialised
+    # [B, T, S] mask (hundreds of MB for a long prefill).
+    block_mask = create_block_mask(
+        mask_mod, batch, None, steps, span, device=q.device, _compile=q.is_cuda
+    )
     attend = _compiled_flex_attention() if q.is_cuda else flex_attention
     out = attend(
         q.transpose(1, 2),
