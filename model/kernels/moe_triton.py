@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from grokserve.model.kernels.routing import BlockRouting, align_routing
-from grokserve.model.kernels.support import rows_per_scale, triton_interpreting
+from grokserve.model.kernels.support import triton_interpreting
 from grokserve.model.kernels.tuning import MoeTileConfig, pick_config
 from grokserve.model.quantization import QuantizedWeight
 
@@ -260,8 +260,6 @@ def fused_moe(
     expert_ids = expert_ids if expert_ids is not None else range(num_experts)
     quantized = isinstance(w_gate, QuantizedWeight)
     config = config or pick_config(num_tokens)
-    gate_up_k = _block_k(config.gate_up_block_k, rows_per_scale(w_gate))
-    down_k = _block_k(config.down_block_k, rows_per_scale(w_down))
 
     x = _contiguous_rows(x)
     routing = align_routing(experts, expert_ids.start, num_experts, config.block_m)
@@ -273,10 +271,28 @@ def fused_moe(
         if not matrix.is_contiguous():
             raise ValueError("fused_moe needs contiguous expert weight stacks")
     interpret = triton_interpreting()
-    _launch_gate_up(x, wg, wu, sg, su, h, routing, gate_up_k, quantized, interpret, config, top_k)
+    _launch_gate_up(x, wg, wu, sg, su, h, routing, quantized, interpret, config, top_k)
 
     # Pairs of other shards' experts stay zero: this shard's share of their sum.
     pair_out = torch.zeros(num_tokens * top_k, model_size, dtype=x.dtype, device=x.device)
+    _launch_down(h, wd, sd, gates, pair_out, routing, quantized, interpret, config)
+    return pair_out.view(num_tokens, top_k, model_size).sum(dim=1)
+
+
+def _launch_down(
+    h: torch.Tensor,
+    wd: torch.Tensor,
+    sd: torch.Tensor,
+    gates: torch.Tensor,
+    pair_out: torch.Tensor,
+    routing: BlockRouting,
+    quantized: bool,
+    interpret: bool,
+    config: MoeTileConfig,
+) -> None:
+    num_experts, ffn_size, model_size = wd.shape
+    rows_per_scale = ffn_size // (sd.shape[-2] if quantized else 1)
+    down_k = _block_k(config.down_block_k, rows_per_scale)
     gates_flat = gates.reshape(-1).float().contiguous()
     grid = (
         triton.cdiv(routing.padded_rows, config.block_m)
@@ -294,7 +310,7 @@ def fused_moe(
         routing.padded_rows,
         ffn_size,
         model_size,
-        rows_per_scale(w_down),
+        rows_per_scale,
         h.stride(0),
         wd.stride(0),
         wd.stride(1),
@@ -311,7 +327,6 @@ def fused_moe(
         num_warps=config.down_warps,
         num_stages=config.down_stages,
     )
-    return pair_out.view(num_tokens, top_k, model_size).sum(dim=1)
 
 
 def _launch_gate_up(
@@ -322,7 +337,6 @@ def _launch_gate_up(
     su: torch.Tensor,
     h: torch.Tensor,
     routing: BlockRouting,
-    block_k: int,
     quantized: bool,
     interpret: bool,
     config: MoeTileConfig,
@@ -331,7 +345,8 @@ def _launch_gate_up(
     num_experts, model_size, ffn_size = wg.shape
     if wu.stride() != wg.stride() or (quantized and su.stride() != sg.stride()):
         raise ValueError("w_gate and w_up must be laid out alike")
-    row_blocks = sg.shape[-2] if quantized else 1
+    rows_per_scale = model_size // (sg.shape[-2] if quantized else 1)
+    block_k = _block_k(config.gate_up_block_k, rows_per_scale)
     grid = (
         triton.cdiv(routing.padded_rows, config.block_m)
         * triton.cdiv(ffn_size, config.gate_up_block_n),
@@ -349,7 +364,7 @@ def _launch_gate_up(
         routing.padded_rows,
         model_size,
         ffn_size,
-        model_size // row_blocks,
+        rows_per_scale,
         x.stride(0),
         wg.stride(0),
         wg.stride(1),

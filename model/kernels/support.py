@@ -58,4 +58,7 @@ def fast_moe_supported(
         return False
     if w_gate.shape != w_up.shape or any(len(w.shape) != 3 for w in weights):
         return False
+    stacks = [w.weight if isinstance(w, QuantizedWeight) else w for w in weights]
+    if not all(stack.is_contiguous() for stack in stacks):
+        return False
     return all(rows_per_scale(w) % TILE_QUANTUM == 0 for w in weights)
