@@ -25,17 +25,13 @@ from grokserve.model import kernels, layers
 from grokserve.model.cache import KVCache
 from grokserve.model.config import GrokConfig
 from grokserve.model.presets import preset
-from grokserve.model.quantization import QuantizedWeight, quantize
+from grokserve.model.quantization import QuantizedWeight, dense, quantize
 
 Quantization = Literal["int8"] | None
 Matrix = nn.Parameter | QuantizedWeight
 
 # Row blocks of the released scales: S = 8 for the two row-parallel matrices, 1 elsewhere (spec §3).
 ROW_BLOCKS = {"wo": 8, "w_down": 8}
-
-
-def dense(weight: Matrix, dtype: torch.dtype) -> torch.Tensor:
-    return weight.dequantize(dtype) if isinstance(weight, QuantizedWeight) else weight
 
 
 def empty_quantized(shape: torch.Size, row_blocks: int, device: torch.device) -> QuantizedWeight:

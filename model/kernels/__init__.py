@@ -17,7 +17,7 @@ import torch
 
 from grokserve.model import layers
 from grokserve.model.kernels.support import fast_moe_supported
-from grokserve.model.quantization import QuantizedWeight
+from grokserve.model.quantization import QuantizedWeight, dense
 
 Weight = torch.Tensor | QuantizedWeight
 
@@ -36,11 +36,6 @@ def wants_fast_path(device: torch.device) -> bool:
     if mode == "reference":
         return False
     return mode == "fast" or device.type == "cuda"
-
-
-def dense(weight: Weight, dtype: torch.dtype) -> torch.Tensor:
-    """The matrix in `dtype` (an int8 weight is dequantised in float32, then rounded once)."""
-    return weight.dequantize(dtype) if isinstance(weight, QuantizedWeight) else weight
 
 
 def moe(
