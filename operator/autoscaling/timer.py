@@ -34,12 +34,14 @@ from grokserve.operator.autoscaling.prometheus import PrometheusClient, QueryTem
 from grokserve.operator.spec import API_GROUP, API_VERSION, PLURAL, AutoscalingSpec
 
 CONDITION = "ScalingActive"
+DISABLED = "AutoscalingDisabled"
 # Prometheus gets this share of the evaluation interval (at most 10 s) to answer both queries.
 QUERY_TIMEOUT_SHARE, QUERY_TIMEOUT_MAX_S = 0.5, 10.0
 # How long to wait before looking again at a spec.autoscaling that does not validate.
 INVALID_SPEC_RETRY_S = 30.0
 # Optimistic-concurrency attempts for one status write before giving up until the next tick.
 STATUS_WRITE_ATTEMPTS = 3
+STOP_GRACE_S = 10.0
 
 
 def policy_config(spec: AutoscalingSpec) -> PolicyConfig:
@@ -69,7 +71,10 @@ def register(registry: kopf.OperatorRegistry) -> None:
         PLURAL,
         id="autoscaler",
         when=autoscaling_enabled,
-        cancellation_timeout=5.0,
+        # Asked to stop, the loop leaves at once but may finish a tick and write the disabled
+        # condition: give it a graceful period before kopf cancels it.
+        cancellation_backoff=STOP_GRACE_S,
+        cancellation_timeout=STOP_GRACE_S,
         registry=registry,
     )(autoscale)
 
@@ -91,6 +96,10 @@ async def autoscale(
                 await stopped.wait(interval)
     finally:
         metrics.forget(namespace, name)
+    # Stopped because spec.autoscaling.enabled turned false (not for a deletion or an operator
+    # exit): say so, or ScalingActive would claim forever that a stopped autoscaler is active.
+    if stopped.reason is not None and stopped.reason & kopf.DaemonStoppingReason.FILTERS_MISMATCH:
+        await autoscaler.disabled()
 
 
 class Autoscaler:
@@ -181,7 +190,26 @@ class Autoscaler:
             "reason": decision.reason,
             "message": decision.message,
         }
-        await asyncio.to_thread(self._write_status, record, condition)
+        await asyncio.to_thread(self._write_status, condition, record)
+
+    async def disabled(self) -> None:
+        message = (
+            "spec.autoscaling.enabled is false: spec.replicas is left to kubectl scale, "
+            "an HPA or KEDA"
+        )
+        condition = {
+            "type": CONDITION,
+            "status": "False",
+            "reason": DISABLED,
+            "message": message,
+            "lastTransitionTime": _timestamp(),
+        }
+        try:
+            await asyncio.to_thread(self._write_status, condition, None)
+        except (ApiException, urllib3.exceptions.HTTPError) as error:
+            self.logger.error(f"autoscaler: recording that it is disabled failed: {error}")
+            return
+        kopf.info(self.body, reason=DISABLED, message=message)
 
     def _write_scale(self, replicas: int) -> None:
         """PATCH the /scale subresource: the same door `kubectl scale`, the HPA and KEDA use."""
@@ -194,8 +222,8 @@ class Autoscaler:
             {"spec": {"replicas": replicas}},
         )
 
-    def _write_status(self, record: dict[str, Any], condition: dict[str, Any]) -> None:
-        """Set status.autoscaling and our condition, keeping the other writers' conditions.
+    def _write_status(self, condition: dict[str, Any], record: dict[str, Any] | None) -> None:
+        """Set our condition (and status.autoscaling), keeping the other writers' conditions.
 
         status.conditions is one list shared with the reconcile handler, so a merge patch of it
         would overwrite their latest entries with our possibly stale copy. Instead: read, then a
@@ -207,7 +235,9 @@ class Autoscaler:
             )
             status = current.get("status") or {}
             conditions = [c for c in status.get("conditions") or [] if c.get("type") != CONDITION]
-            wanted = {"autoscaling": record, "conditions": [*conditions, condition]}
+            wanted: dict[str, Any] = {"conditions": [*conditions, condition]}
+            if record is not None:
+                wanted["autoscaling"] = record
             guard = {
                 "op": "test",
                 "path": "/metadata/resourceVersion",

@@ -167,8 +167,21 @@ async def test_queue_drives_replicas_through_scale_and_prometheus_loss_holds_the
             assert scale_writes() == [4, 1]
             assert scale_writes(IDLE) == [1]
 
+            # Turned off: the daemon stops and the condition says who owns the size now.
+            gd_path = f"/apis/{RESOURCE.group}/{RESOURCE.version}/namespaces/{NAMESPACE}/{RESOURCE.plural}/{NAME}"
+            await request(api, "PATCH", gd_path, {"spec": {"autoscaling": {"enabled": False}}})
+            await wait_until(
+                "ScalingActive=False AutoscalingDisabled",
+                lambda: scaling_active()["reason"] == "AutoscalingDisabled",
+                5,
+            )
+            assert scaling_active()["status"] == "False"
+            assert exported("grokserve_autoscaler_desired_replicas") is None  # series dropped
+
         events = [obj.raw for (res, _, _), obj in api.objects.items() if res.plural == "events"]
         reasons = [e["reason"] for e in events if e["involvedObject"]["name"] == NAME]
-        assert {"ScaleUp", "ScaleDown", "PrometheusUnreachable"} <= set(reasons)
+        assert {"ScaleUp", "ScaleDown", "PrometheusUnreachable", "AutoscalingDisabled"} <= set(
+            reasons
+        )
         # One Event per transition: at the start and on recovery, not after every foreign write.
         assert reasons.count("ValidMetric") == 2
