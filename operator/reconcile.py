@@ -10,7 +10,7 @@ from typing import Any
 
 from grokserve.operator.builders import Owner, build_children
 from grokserve.operator.kube import RAYSERVICE, SERVICEMONITOR, Kube
-from grokserve.operator.spec import GrokDeploymentSpec, SpecError, parse_spec
+from grokserve.operator.spec import GrokDeploymentSpec, SpecError, check_name, parse_spec
 from grokserve.operator.status import (
     KUBERAY_INSTALL_HINT,
     build_status,
@@ -38,6 +38,7 @@ def reconcile(kube: Kube, body: dict[str, Any]) -> Outcome:
     """Validate, apply every child (create or merge-patch), then observe the RayService."""
     owner = owner_of(body)
     try:
+        check_name(owner.name)
         spec = parse_spec(body.get("spec"))
     except SpecError as error:
         return _failed(body, error.reason, error.message)
