@@ -90,6 +90,8 @@ class KubeApi(kmock.KubernetesEmulator):
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
         self._revision = 0
+        # Admission webhooks, in effect: hook(method, resource, body) -> (code, message) refuses.
+        self.admission: list[Callable[[str, Any, Any], tuple[int, str] | None]] = []
         self._printer_columns: dict[Any, list[dict[str, Any]]] = {}
         # Every event with its revision, so that a watch from resourceVersion N replays what
         # happened after N (as the API server does) instead of re-sending everything as ADDED.
@@ -138,6 +140,12 @@ class KubeApi(kmock.KubernetesEmulator):
         if resource not in set(self._get_resources()):
             return _status(404, "NotFound", f"the server could not find the resource {resource}")
         method = request.method.value.upper()
+        for hook in self.admission:
+            verdict = hook(method, request.resource, request.data)
+            if verdict is not None:
+                return _status(
+                    verdict[0], "Invalid" if verdict[0] == 422 else "Forbidden", verdict[1]
+                )
         if method == "GET" and request.params.get("watch") in ("true", "1"):
             return await self._watch(request)
         if method == "GET":
