@@ -176,5 +176,5 @@ def test_a_child_refused_by_the_api_server_is_reported_not_retried(kube) -> None
         assert (got["status"], got["reason"]) == ("False", "ChildRejected")
         assert (
             got["message"]
-            == "RayService grok-1: RayService grok-1: workerGroupSpecs[0].replicas exceeds the quota"
+            == "RayService grok-1: workerGroupSpecs[0].replicas: 8 GPUs exceed the namespace quota"
         )
