@@ -47,6 +47,22 @@ def prompt_ids(prompt: str, tokenizer: object | None, vocab_size: int) -> list[i
     return ids
 
 
+def render(tokenizer: object, ids: list[int]) -> str:
+    """Decoded text; ids the tokenizer does not know (a model with a larger vocabulary) as [id]."""
+    known = tokenizer.vocab_size  # type: ignore[attr-defined]
+    text, run_of_known = [], []
+    for token in [*ids, None]:
+        if token is not None and token < known:
+            run_of_known.append(token)
+            continue
+        if run_of_known:
+            text.append(tokenizer.decode(run_of_known))  # type: ignore[attr-defined]
+            run_of_known = []
+        if token is not None:
+            text.append(f"[{token}]")
+    return "".join(text)
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -86,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"grokserve generate: {error}", file=sys.stderr)
         return 1
     if tokenizer is not None:
-        print(tokenizer.decode(produced))
+        print(render(tokenizer, produced))
     else:
         print(" ".join(str(token) for token in produced))
     seconds = time.perf_counter() - started

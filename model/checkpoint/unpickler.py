@@ -13,7 +13,8 @@ import codecs
 import math
 import pickle
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO, ClassVar
 
@@ -103,21 +104,30 @@ REAL_GLOBALS: dict[str, Any] = {
 }
 
 
-class RestrictedUnpickler(pickle.Unpickler):
-    def __init__(self, file: BinaryIO, path: Path) -> None:
-        super().__init__(file)
-        self.path = path
+class Allowlisted:
+    """`find_class` for both unpicklers: refuse what the allowlist lacks, resolve the rest."""
+
+    targets: ClassVar[dict[str, Any]]
+    path: Path
 
     def find_class(self, module: str, name: str) -> Any:
         key = admitted_key(module, name)
         if key is None:
             raise refuse(self.path, module, name)
-        return REAL_GLOBALS[key]
+        return self.targets[key]
+
+
+class RestrictedUnpickler(Allowlisted, pickle.Unpickler):
+    targets = REAL_GLOBALS
+
+    def __init__(self, file: BinaryIO, path: Path) -> None:
+        super().__init__(file)
+        self.path = path
 
 
 def load_pickle(path: Path) -> np.ndarray | QuantizedRecord:
     """One parameter file: a numeric numpy array or a QuantizedRecord of two."""
-    with guard(path), open(path, "rb") as file:
+    with reading(path), open(path, "rb") as file:
         value = RestrictedUnpickler(file, path).load()
     check_value(path, value, lambda v: isinstance(v, np.ndarray))
     return value
@@ -184,7 +194,10 @@ class SkippingFile:
         return self.file.readline()
 
 
-class ScanningUnpickler(pickle._Unpickler):  # the Python unpickler lets reads return placeholders
+class ScanningUnpickler(Allowlisted, pickle._Unpickler):
+    """The pure-Python unpickler, whose payload reads may return placeholders."""
+
+    targets = SCAN_GLOBALS
     dispatch: ClassVar[dict[int, Callable[..., Any]]] = dict(pickle._Unpickler.dispatch)
 
     def __init__(self, file: SkippingFile, path: Path) -> None:
@@ -200,16 +213,10 @@ class ScanningUnpickler(pickle._Unpickler):  # the Python unpickler lets reads r
 
     dispatch[pickle.FRAME[0]] = load_frame
 
-    def find_class(self, module: str, name: str) -> Any:
-        key = admitted_key(module, name)
-        if key is None:
-            raise refuse(self.path, module, name)
-        return SCAN_GLOBALS[key]
-
 
 def scan_pickle(path: Path) -> ArrayHeader | QuantizedRecord:
     """Shapes and dtypes of one parameter file, reading its opcodes but not its tensor data."""
-    with guard(path), open(path, "rb") as file:
+    with reading(path), open(path, "rb") as file:
         value = ScanningUnpickler(SkippingFile(file, path.stat().st_size), path).load()
     check_value(path, value, lambda v: isinstance(v, ArrayHeader))
     return value
@@ -218,36 +225,33 @@ def scan_pickle(path: Path) -> ArrayHeader | QuantizedRecord:
 # -- shared ------------------------------------------------------------------------------------------
 
 
-class guard:
+DAMAGE = (
+    pickle.UnpicklingError,
+    EOFError,
+    ValueError,
+    TypeError,
+    KeyError,
+    IndexError,
+    AttributeError,
+    struct.error,
+    MemoryError,
+    OverflowError,
+)
+
+
+@contextmanager
+def reading(path: Path) -> Iterator[None]:
     """Turns the many ways a damaged pickle fails into one CheckpointError naming the file."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def __enter__(self) -> None:
-        if not self.path.is_file():
-            raise CheckpointError(f"missing checkpoint file {self.path}")
-
-    def __exit__(self, kind: type | None, error: BaseException | None, _tb: Any) -> bool:
-        if error is None or isinstance(error, CheckpointError):
-            return False
-        if isinstance(
-            error,
-            pickle.UnpicklingError
-            | EOFError
-            | ValueError
-            | TypeError
-            | KeyError
-            | IndexError
-            | AttributeError
-            | struct.error
-            | MemoryError
-            | OverflowError,
-        ):
-            raise CheckpointError(
-                f"{self.path}: corrupt or truncated pickle ({kind.__name__}: {error})"
-            ) from error
-        return False
+    if not path.is_file():
+        raise CheckpointError(f"missing checkpoint file {path}")
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except DAMAGE as error:
+        raise CheckpointError(
+            f"{path}: corrupt or truncated pickle ({type(error).__name__}: {error})"
+        ) from error
 
 
 def check_value(path: Path, value: Any, is_array: Callable[[Any], bool]) -> None:

@@ -62,6 +62,9 @@ def test_planted_code_is_refused_and_never_runs(release: Path, tmp_path: Path, w
     with pytest.raises(UnsafePickleError, match=r"(posix|os)\.system"):
         open_checkpoint(planted).info("layers.10.attn.wo")  # the header scan refuses it too
     assert not marker.exists()
+    with pickled_as_main():  # the planted file is live: a plain unpickler runs it
+        pickle.loads(target.read_bytes())
+    assert marker.exists()
 
 
 def test_object_arrays_are_refused(release: Path, tmp_path: Path) -> None:
@@ -128,7 +131,9 @@ def test_native_checkpoint_with_missing_tensor_is_refused(tmp_path: Path) -> Non
 
     tensors = load_file(saved / "model.safetensors")
     del tensors["layers.3.attn.wq.scales"]
-    save_file(tensors, saved / "model.safetensors")
+    # A new file replaces the old one, whose pages the loaded tensors may still map.
+    save_file(tensors, saved / "rewritten.safetensors")
+    (saved / "rewritten.safetensors").replace(saved / "model.safetensors")
     with pytest.raises(CheckpointError, match=r"layers\.3\.attn\.wq"):
         load_model(saved)
 
