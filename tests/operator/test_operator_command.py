@@ -1,5 +1,5 @@
-"""`grokserve operator` as a process: reconciles against KMock, serves metrics and /healthz, stops
-on SIGTERM."""
+"""`grokserve operator` as a process, limited to one namespace: reconciles against KMock, serves
+metrics and /healthz, stops on SIGTERM."""
 
 from __future__ import annotations
 
@@ -49,6 +49,7 @@ def test_operator_command_reconciles_and_exports_metrics(kube, tmp_path: Path) -
             f"--metrics-port={metrics_port}",
             f"--health-port={health_port}",
             "--listen-host=127.0.0.1",
+            "--namespace=llm",
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -57,6 +58,8 @@ def test_operator_command_reconciles_and_exports_metrics(kube, tmp_path: Path) -
     try:
         body = yaml.safe_load((REPO / "manifests/examples/grok-1-bf16-two-node.yaml").read_text())
         api.create(f"{GROKDEPLOYMENTS}/namespaces/llm/grokdeployments", body)
+        elsewhere = {**body, "metadata": {"name": "grok-1-bf16", "namespace": "elsewhere"}}
+        api.create(f"{GROKDEPLOYMENTS}/namespaces/elsewhere/grokdeployments", elsewhere)
         wait_until(
             lambda: api.get("/apis/ray.io/v1/namespaces/llm/rayservices/grok-1-bf16"),
             what="the RayService",
@@ -71,6 +74,8 @@ def test_operator_command_reconciles_and_exports_metrics(kube, tmp_path: Path) -
         assert wait_until(
             lambda: fetch(f"http://127.0.0.1:{health_port}/healthz") is not None, what="/healthz"
         )
+        # --namespace=llm: the deployment in another namespace is not the operator's business.
+        assert api.get("/apis/ray.io/v1/namespaces/elsewhere/rayservices")["items"] == []
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0
     finally:
