@@ -1,9 +1,9 @@
 """The GrokDeployment spec (grokserve.io/v1alpha1) as pydantic models.
 
-This is the source of truth for the custom resource: the CRD's openAPIV3Schema is generated from these
-models (`grokserve.operator.crd`), and the operator parses every object with `parse_spec`, so that what
-the CRD cannot express (a context longer than the model's, say) still ends in a
-specific error instead of a crash loop.
+This is the source of truth for the custom resource: the CRD's openAPIV3Schema is generated from
+these models (`grokserve.operator.crd`), and the operator parses every object with `parse_spec`, so
+that what the CRD cannot express (a context longer than the model's, say) still ends in a specific
+error instead of a crash loop.
 """
 
 from __future__ import annotations
