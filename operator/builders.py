@@ -228,7 +228,8 @@ def _worker_group(owner: Owner, spec: GrokDeploymentSpec, claims: list[str]) -> 
         "replicas": nodes,
         "minReplicas": nodes,
         "maxReplicas": nodes,
-        "rayStartParams": {},
+        # Explicit, so that GPUs under another resource name than nvidia.com/gpu count too.
+        "rayStartParams": {"num-gpus": str(par.gpus_per_node)} if par.device == "gpu" else {},
         "template": {"metadata": {"labels": labels(owner, "ray-worker")}, "spec": pod},
     }
 

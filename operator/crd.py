@@ -14,7 +14,15 @@ from typing import Any
 import yaml
 
 from grokserve.operator.presets import PRESET_SHAPES
-from grokserve.operator.spec import API_GROUP, API_VERSION, KIND, PLURAL, GrokDeploymentSpec
+from grokserve.operator.spec import (
+    API_GROUP,
+    API_VERSION,
+    KIND,
+    MAX_NAME_LENGTH,
+    NAME_PATTERN,
+    PLURAL,
+    GrokDeploymentSpec,
+)
 
 SHORT_NAMES = ["gd", "grokdep"]
 _DROPPED_KEYS = {"title", "additionalProperties", "$defs"}
@@ -222,6 +230,15 @@ def build_crd() -> dict[str, Any]:
                             "type": "object",
                             "description": "A served Grok model (Ray Serve on KubeRay).",
                             "required": ["spec"],
+                            "x-kubernetes-validations": [
+                                {
+                                    "rule": f"size(self.metadata.name) <= {MAX_NAME_LENGTH} && "
+                                    f"self.metadata.name.matches('{NAME_PATTERN}')",
+                                    "message": f"metadata.name must be at most {MAX_NAME_LENGTH} "
+                                    "characters of lowercase letters, digits and '-', starting "
+                                    "with a letter (it names the Service and RayService)",
+                                }
+                            ],
                             "properties": {
                                 "apiVersion": {"type": "string", "description": "API version."},
                                 "kind": {"type": "string", "description": "GrokDeployment."},

@@ -7,6 +7,7 @@ adopts what it made before instead of duplicating it.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -47,7 +48,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=API_GROUP, key="last-handled-configuration"
     )
-    settings.posting.level = 30  # logging.WARNING: only problems become Events
+    settings.posting.level = logging.WARNING  # only problems become Events
     memo.kube = Kube(_api_client())
 
 
@@ -99,7 +100,8 @@ def on_rayservice_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, 
     if event.get("type") not in ("ADDED", "MODIFIED") or not hasattr(memo, "kube"):
         return
     namespace = body["metadata"]["namespace"]
-    owner = memo.kube.get(GROKDEPLOYMENT, namespace, body["metadata"]["labels"][DEPLOYMENT_LABEL])
+    owner_name = (body["metadata"].get("labels") or {}).get(DEPLOYMENT_LABEL)
+    owner = memo.kube.get(GROKDEPLOYMENT, namespace, owner_name) if owner_name else None
     if owner is None:
         return
     rayservice = dict(body)

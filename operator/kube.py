@@ -6,6 +6,7 @@ also the list the RBAC test checks the chart against.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +46,14 @@ RESOURCES: dict[str, Resource] = {
 GROKDEPLOYMENT = Resource(API_GROUP, API_VERSION, PLURAL)
 RAYSERVICE = RESOURCES["RayService"]
 SERVICEMONITOR = RESOURCES["ServiceMonitor"]
+
+
+def api_message(error: ApiException) -> str:
+    """The API server's own explanation (the Status object's message), else the HTTP reason."""
+    try:
+        return json.loads(error.body or "")["message"]
+    except (ValueError, KeyError, TypeError):
+        return f"HTTP {error.status} {error.reason}"
 
 
 class Kube:

@@ -8,9 +8,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from kubernetes.client.rest import ApiException
+
 from grokserve.operator.builders import Owner, build_children
-from grokserve.operator.kube import RAYSERVICE, SERVICEMONITOR, Kube
-from grokserve.operator.spec import GrokDeploymentSpec, SpecError, parse_spec
+from grokserve.operator.kube import RAYSERVICE, SERVICEMONITOR, Kube, api_message
+from grokserve.operator.spec import GrokDeploymentSpec, SpecError, check_name, parse_spec
 from grokserve.operator.status import (
     KUBERAY_INSTALL_HINT,
     build_status,
@@ -29,6 +31,10 @@ class Outcome:
     warning: tuple[str, str] | None = None
 
 
+# HTTP status -> Ready reason, for the API server refusing a child.
+REFUSALS = {400: "ChildRejected", 403: "Forbidden", 422: "ChildRejected"}
+
+
 def owner_of(body: dict[str, Any]) -> Owner:
     meta = body["metadata"]
     return Owner(name=meta["name"], namespace=meta["namespace"], uid=meta.get("uid"))
@@ -38,6 +44,7 @@ def reconcile(kube: Kube, body: dict[str, Any]) -> Outcome:
     """Validate, apply every child (create or merge-patch), then observe the RayService."""
     owner = owner_of(body)
     try:
+        check_name(owner.name)
         spec = parse_spec(body.get("spec"))
     except SpecError as error:
         return _failed(body, error.reason, error.message)
@@ -45,7 +52,15 @@ def reconcile(kube: Kube, body: dict[str, Any]) -> Outcome:
         message = f"KubeRay's RayService CRD (ray.io/v1) is not installed; {KUBERAY_INSTALL_HINT}"
         return _failed(body, "KubeRayMissing", message)
     for child in build_children(owner, spec, with_servicemonitor=kube.serves(SERVICEMONITOR)):
-        kube.apply(child)
+        try:
+            kube.apply(child)
+        except ApiException as error:
+            # A refusal (validation, an admission webhook, missing RBAC) will not change by
+            # retrying: report it. Anything else (5xx, 429, network) propagates and kopf retries.
+            if error.status not in REFUSALS:
+                raise
+            what = f"{child['kind']} {child['metadata']['name']}"
+            return _failed(body, REFUSALS[error.status], f"{what}: {api_message(error)}")
     return _observed(body, spec, kube.get(RAYSERVICE, owner.namespace, owner.name))
 
 

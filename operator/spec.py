@@ -1,13 +1,14 @@
 """The GrokDeployment spec (grokserve.io/v1alpha1) as pydantic models.
 
-This is the source of truth for the custom resource: the CRD's openAPIV3Schema is generated from these
-models (`grokserve.operator.crd`), and the operator parses every object with `parse_spec`, so that what
-the CRD cannot express (a context longer than the model's, say) still ends in a
-specific error instead of a crash loop.
+This is the source of truth for the custom resource: the CRD's openAPIV3Schema is generated from
+these models (`grokserve.operator.crd`), and the operator parses every object with `parse_spec`, so
+that what the CRD cannot express (a context longer than the model's, say) still ends in a specific
+error instead of a crash loop.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import Field, ValidationError, model_validator
@@ -19,6 +20,10 @@ API_VERSION = "v1alpha1"
 KIND = "GrokDeployment"
 PLURAL = "grokdeployments"
 
+# Children take the deployment's name (the Service needs a DNS-1035 label) and KubeRay derives
+# longer names from the RayService's, so names are kept short enough for both.
+NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+MAX_NAME_LENGTH = 40
 PresetName = Literal[tuple(PRESET_SHAPES)]  # type: ignore[valid-type]
 SOURCE_PATTERN = r"^(pvc|file|s3|gs|hf)://.+"
 
@@ -289,6 +294,18 @@ def _describe(error: ValidationError) -> str:
     return "; ".join(lines)
 
 
+def check_name(name: Any) -> None:
+    """A GrokDeployment's metadata.name must also work as its children's names."""
+    if not isinstance(name, str) or not name:
+        raise SpecError("metadata.name is required", reason="InvalidName")
+    if len(name) > MAX_NAME_LENGTH or not re.match(NAME_PATTERN, name):
+        raise SpecError(
+            f"metadata.name {name!r} must be at most {MAX_NAME_LENGTH} characters of lowercase "
+            "letters, digits and '-', starting with a letter (it names the Service and RayService)",
+            reason="InvalidName",
+        )
+
+
 def parse_spec(spec: Any) -> GrokDeploymentSpec:
     """Validate a GrokDeployment's `spec` (camelCase, as in the YAML); raises SpecError."""
     if not isinstance(spec, dict):
@@ -309,6 +326,5 @@ def parse_resource(body: Any) -> GrokDeploymentSpec:
             f"expected apiVersion {expected} and kind {KIND}, got "
             f"{body.get('apiVersion')!r} and {body.get('kind')!r}"
         )
-    if not (body.get("metadata") or {}).get("name"):
-        raise SpecError("metadata.name is required")
+    check_name((body.get("metadata") or {}).get("name"))
     return parse_spec(body.get("spec"))

@@ -102,6 +102,13 @@ def serving_conditions(
     """(Ready, Progressing, Degraded) and the number of replicas that serve now."""
     if rayservice is None:
         return _waiting("RayServiceMissing", "the RayService has not been created yet"), 0
+    if spec.replicas == 0:
+        message = "scaled to zero: no worker nodes, nothing serves"
+        return [
+            Condition("Ready", False, "ScaledToZero", message),
+            Condition("Progressing", False, "ScaledToZero", message),
+            Condition("Degraded", False, "ScaledToZero", message),
+        ], 0
     status = rayservice.get("status") or {}
     generation = (rayservice.get("metadata") or {}).get("generation")
     active = status.get("activeServiceStatus") or {}

@@ -28,6 +28,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="port of the liveness endpoint /healthz (0 disables; default 8081)",
     )
     parser.add_argument(
+        "--listen-host",
+        default="0.0.0.0",
+        help="address the metrics and health endpoints bind to (default 0.0.0.0, for pods)",
+    )
+    parser.add_argument(
         "--peering",
         action="store_true",
         help="coordinate with other operator replicas through kopf peering (needs its CRDs)",
@@ -46,8 +51,8 @@ def run(args: argparse.Namespace) -> int:
         if not 0 <= port <= 65535:
             raise SystemExit(f"grokserve operator: {name} must be 0..65535, got {port}")
     if args.metrics_port:
-        start_http_server(args.metrics_port)
-    liveness = f"http://0.0.0.0:{args.health_port}/healthz" if args.health_port else None
+        start_http_server(args.metrics_port, addr=args.listen_host)
+    liveness = f"http://{args.listen_host}:{args.health_port}/healthz" if args.health_port else None
     asyncio.run(
         kopf.operator(
             standalone=not args.peering,

@@ -41,6 +41,7 @@ def test_two_node_bf16_replicas_get_two_gpu_nodes_each() -> None:
     assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == 6
     container = group["template"]["spec"]["containers"][0]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "8"
+    assert group["rayStartParams"] == {"num-gpus": "8"}
     pod = group["template"]["spec"]
     assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
     assert pod["tolerations"] == [

@@ -158,3 +158,23 @@ def test_missing_kuberay_is_reported_with_how_to_install_it(kube) -> None:
         got = wait_until(lambda: condition(api.get(f"{GD}/grok-1")), what="a Ready condition")
     assert got["reason"] == "KubeRayMissing"
     assert "helm install kuberay-operator" in got["message"]
+
+
+def test_a_child_refused_by_the_api_server_is_reported_not_retried(kube) -> None:
+    server, api = kube
+    api.install_crds(kuberay=True)
+
+    def kuberay_webhook(method, resource, body):
+        if method == "POST" and resource.plural == "rayservices":
+            return 422, "workerGroupSpecs[0].replicas: 8 GPUs exceed the namespace quota"
+        return None
+
+    server.call(lambda kube_api: kube_api.admission.append(kuberay_webhook))
+    with running_operator():
+        api.create(GD, example_body())
+        got = wait_until(lambda: condition(api.get(f"{GD}/grok-1")), what="a Ready condition")
+        assert (got["status"], got["reason"]) == ("False", "ChildRejected")
+        assert (
+            got["message"]
+            == "RayService grok-1: workerGroupSpecs[0].replicas: 8 GPUs exceed the namespace quota"
+        )

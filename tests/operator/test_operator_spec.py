@@ -114,3 +114,17 @@ def test_preset_shapes_match_the_model_package() -> None:
             config.emb_size,
             config.sequence_len,
         ), name
+
+
+@pytest.mark.parametrize("name", ["Grok", "1grok", "grok_1", "g" * 41, ""])
+def test_names_that_cannot_name_the_children_are_refused(name: str) -> None:
+    body = {
+        "apiVersion": "grokserve.io/v1alpha1",
+        "kind": "GrokDeployment",
+        "metadata": {"name": name},
+        "spec": GROK1,
+    }
+    with pytest.raises(SpecError) as caught:
+        parse_resource(body)
+    assert caught.value.reason == "InvalidName"
+    assert "metadata.name" in caught.value.message

@@ -124,3 +124,13 @@ def test_conditions_of_other_writers_are_kept() -> None:
         "ScalingActive",
     ]
     assert status["conditions"][-1] == scaling
+
+
+def test_scaled_to_zero_is_not_ready_and_not_degraded() -> None:
+    conditions, ready = serving_conditions(
+        OWNER, SPEC.model_copy(update={"replicas": 0}), rayservice()
+    )
+    c = by_type(conditions)
+    assert ready == 0
+    assert (c["Ready"].status, c["Ready"].reason) == (False, "ScaledToZero")
+    assert c["Degraded"].status is False and c["Progressing"].status is False

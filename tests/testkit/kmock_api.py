@@ -90,6 +90,8 @@ class KubeApi(kmock.KubernetesEmulator):
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
         self._revision = 0
+        # Admission webhooks, in effect: hook(method, resource, body) -> (code, message) refuses.
+        self.admission: list[Callable[[str, Any, Any], tuple[int, str] | None]] = []
         self._printer_columns: dict[Any, list[dict[str, Any]]] = {}
         # Every event with its revision, so that a watch from resourceVersion N replays what
         # happened after N (as the API server does) instead of re-sending everything as ADDED.
@@ -112,14 +114,28 @@ class KubeApi(kmock.KubernetesEmulator):
 
     async def __call__(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
         # KMock's path parser crashes on the cluster-scoped /api/v1/namespaces.
-        if (
-            raw_request.path.rstrip("/") == "/api/v1/namespaces"
-            and "watch" not in raw_request.query
-        ):
+        if raw_request.path.rstrip("/") == "/api/v1/namespaces":
             if raw_request.method != "GET":
                 return _status(405, "MethodNotAllowed", "namespaces exist implicitly here")
+            if "watch" in raw_request.query:
+                return await self._watch_namespaces(raw_request)
             return aiohttp.web.json_response(self._namespace_list())
         return await super().__call__(raw_request)
+
+    async def _watch_namespaces(self, raw_request: aiohttp.web.BaseRequest) -> Any:
+        """The namespaces that exist now, then silence until the watch times out (namespaces
+        exist implicitly here, so none come or go while watching)."""
+        response = aiohttp.web.StreamResponse(headers={"Content-Type": "application/json"})
+        await response.prepare(raw_request)
+        if raw_request.query.get("resourceVersion", "0") == "0":
+            for item in self._namespace_list()["items"]:
+                event = {"type": "ADDED", "object": item}
+                await response.write(json.dumps(event).encode() + b"\n")
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(float(raw_request.query.get("timeoutSeconds") or 60))
+        with contextlib.suppress(ConnectionResetError):
+            await response.write_eof()
+        return response
 
     async def _serve_version(self, request: rendering.Request) -> Any:
         listing = await super()._serve_version(request)
@@ -138,6 +154,12 @@ class KubeApi(kmock.KubernetesEmulator):
         if resource not in set(self._get_resources()):
             return _status(404, "NotFound", f"the server could not find the resource {resource}")
         method = request.method.value.upper()
+        for hook in self.admission:
+            verdict = hook(method, request.resource, request.data)
+            if verdict is not None:
+                return _status(
+                    verdict[0], "Invalid" if verdict[0] == 422 else "Forbidden", verdict[1]
+                )
         if method == "GET" and request.params.get("watch") in ("true", "1"):
             return await self._watch(request)
         if method == "GET":
