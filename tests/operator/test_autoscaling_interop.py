@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -160,40 +159,48 @@ def test_dashboard_uses_the_serving_metrics_that_exist() -> None:
     assert serving <= exposed_names(serving_metrics.ReplicaMetrics("grok-1", "0").registry)
 
 
-@pytest.fixture
-def dashboard_chart(tmp_path: Path) -> Any:
+def render_configmaps(values: dict[str, Any]) -> list[dict[str, Any]]:
     helm = pytest.importorskip("helm_python")
-    # Only this template and its file, in a minimal chart: the test does not depend on the rest.
-    chart = tmp_path / "grokserve"
-    (chart / "templates").mkdir(parents=True)
-    (chart / "Chart.yaml").write_text("apiVersion: v2\nname: grokserve\nversion: 0.1.0\n")
-    shutil.copy(CHART / "templates" / "grafana-dashboard.yaml", chart / "templates")
-    shutil.copytree(CHART / "dashboards", chart / "dashboards")
-    return helm.Chart.load(chart)
+    rendered = helm.Chart.load(str(CHART)).render(values, name="llm-serving", namespace="llm")
+    return [
+        doc
+        for path, text in rendered.items()
+        if path.endswith(".yaml")
+        for doc in yaml.safe_load_all(text)
+        if doc and doc["kind"] == "ConfigMap"
+    ]
 
 
-def render(chart: Any, values: dict[str, Any]) -> list[dict[str, Any]]:
-    rendered = chart.render(values, name="llm-serving", namespace="llm")
-    return [yaml.safe_load(text) for text in rendered.values() if text.strip()]
-
-
-def test_chart_option_renders_the_dashboard_into_a_sidecar_configmap(dashboard_chart: Any) -> None:
-    assert render(dashboard_chart, {}) == []
-    assert render(dashboard_chart, {"grafanaDashboard": {"enabled": False}}) == []
-    (configmap,) = render(
-        dashboard_chart, {"grafanaDashboard": {"enabled": True, "namespace": "monitoring"}}
+def test_chart_option_renders_the_dashboard_into_a_sidecar_configmap() -> None:
+    assert render_configmaps({}) == []
+    (configmap,) = render_configmaps(
+        {"grafanaDashboard": {"enabled": True, "namespace": "monitoring"}}
     )
-    assert configmap["kind"] == "ConfigMap"
     assert configmap["metadata"]["namespace"] == "monitoring"
     assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert json.loads(configmap["data"]["grokserve.json"]) == json.loads(DASHBOARD.read_text())
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    kubernetes_validate.validate(configmap, "1.33", strict=True)
 
 
-def test_dashboard_labels_are_configurable(dashboard_chart: Any) -> None:
-    (configmap,) = render(
-        dashboard_chart,
-        {"grafanaDashboard": {"enabled": True, "labels": {"dashboards": "grafana"}}},
+def test_dashboard_labels_and_annotations_are_configurable() -> None:
+    (configmap,) = render_configmaps(
+        {
+            "grafanaDashboard": {
+                "enabled": True,
+                # null drops the default label (Helm merges maps with the chart's defaults).
+                "labels": {"grafana_dashboard": None, "dashboards": "grafana"},
+                "annotations": {"grafana_folder": "LLM"},
+            }
+        }
     )
     assert configmap["metadata"]["labels"]["dashboards"] == "grafana"
     assert "grafana_dashboard" not in configmap["metadata"]["labels"]
+    assert configmap["metadata"]["annotations"] == {"grafana_folder": "LLM"}
     assert configmap["metadata"]["namespace"] == "llm"
+
+
+def test_values_schema_rejects_a_misspelt_dashboard_option() -> None:
+    helm = pytest.importorskip("helm_python")
+    with pytest.raises(helm.HelmError, match="enable"):
+        render_configmaps({"grafanaDashboard": {"enable": True}})
