@@ -11,7 +11,6 @@ not every tick) and metrics. API calls go through the operator's `memo.kube` cli
 from __future__ import annotations
 
 import asyncio
-import datetime
 from collections.abc import Mapping
 from typing import Any
 
@@ -32,6 +31,7 @@ from grokserve.operator.autoscaling.policy import (
 )
 from grokserve.operator.autoscaling.prometheus import PrometheusClient, QueryTemplateError
 from grokserve.operator.spec import API_GROUP, API_VERSION, PLURAL, AutoscalingSpec
+from grokserve.operator.status import now_rfc3339
 
 CONDITION = "ScalingActive"
 DISABLED = "AutoscalingDisabled"
@@ -166,7 +166,7 @@ class Autoscaler:
     async def _apply(self, decision: Decision) -> None:
         # Metrics describe the decision, so they are recorded even if a write below fails.
         metrics.record(self.namespace, self.name, decision)
-        now = _timestamp()
+        now = now_rfc3339()
         if decision.changes:
             await asyncio.to_thread(self._write_scale, decision.replicas)
             self.last_scale_time = now
@@ -202,7 +202,7 @@ class Autoscaler:
             "status": "False",
             "reason": DISABLED,
             "message": message,
-            "lastTransitionTime": _timestamp(),
+            "lastTransitionTime": now_rfc3339(),
         }
         try:
             await asyncio.to_thread(self._write_status, condition, None)
@@ -248,7 +248,7 @@ class Autoscaler:
                     {"op": "add", "path": f"/status/{key}", "value": value}
                     for key, value in wanted.items()
                 ]
-                if "status" in current
+                if isinstance(current.get("status"), dict)
                 else [{"op": "add", "path": "/status", "value": wanted}]
             )
             try:
@@ -292,7 +292,3 @@ def _next_condition(previous: Mapping[str, Any], decision: Decision, now: str) -
             else now
         ),
     }
-
-
-def _timestamp() -> str:
-    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
