@@ -52,6 +52,8 @@ async def grokserve_api() -> AsyncIterator[RecordingKubeApi]:
 
 
 async def request(api: KubeApi, method: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    """A JSON request to the API server. Async, unlike testkit.operator_env.Client: here the server
+    runs on the test's own event loop, which a blocking client would stall."""
     async with api.request(method, path, json=body) as response:
         answer = await response.json()
         if response.status >= 300:
