@@ -1,0 +1,82 @@
+"""Model steps over a KV cache: the code every shard worker runs, and its in-process async wrapper.
+
+`ModelStepper` owns one model (full or one SPMD shard), its KV cache and one sampler generator per
+cache row. For G > 1 every rank runs the same `run` with the same input; the sharded model returns
+the full logits on every rank and the generators are seeded identically, so every rank samples the
+same tokens and the replica reads rank 0's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+from grokserve.model.sampling import sample
+from grokserve.serving.scheduler import SamplingParams, StepInput
+
+
+class ModelStepper:
+    def __init__(self, model: Any, *, max_batch_size: int, max_len: int) -> None:
+        self.model = model
+        self.cache = model.new_cache(batch_size=max_batch_size, max_len=max_len)
+        self._generators: dict[int, torch.Generator] = {}
+        self._sampling: dict[int, SamplingParams] = {}
+
+    @torch.inference_mode()
+    def run(self, step: StepInput) -> list[int]:
+        if step.start:
+            self.cache.reset(torch.tensor(list(step.start), dtype=torch.long))
+            for row, params in step.start.items():
+                generator = torch.Generator()
+                generator.manual_seed(
+                    params.seed if params.seed is not None else secrets.randbits(63)
+                )
+                self._generators[row] = generator
+                self._sampling[row] = params
+        tokens = torch.tensor(step.tokens, dtype=torch.long)
+        rows = torch.tensor(step.rows, dtype=torch.long)
+        logits = self.model(tokens, cache=self.cache, rows=rows)
+        if not step.sample:
+            return []
+        last = logits[:, -1, :]
+        return [self._sample_row(row, last[i : i + 1]) for i, row in enumerate(step.rows)]
+
+    def _sample_row(self, row: int, logits: torch.Tensor) -> int:
+        params = self._sampling[row]
+        if params.temperature == 0:
+            return int(logits.argmax(dim=-1))
+        token = sample(
+            logits,
+            temperature=params.temperature,
+            top_k=params.top_k,
+            top_p=params.top_p,
+            generator=self._generators[row],
+        )
+        return int(token.reshape(-1)[0])
+
+    def expert_token_counts(self) -> list[list[int]] | None:
+        counts = getattr(self.model, "expert_token_counts", None)
+        return None if counts is None else counts().tolist()
+
+
+class LocalExecutor:
+    """Runs a ModelStepper on one background thread (torch releases the GIL, so the event loop
+    that streams tokens keeps running during a forward)."""
+
+    def __init__(self, stepper: ModelStepper) -> None:
+        self.stepper = stepper
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-step")
+
+    async def step(self, step: StepInput) -> list[int]:
+        return await asyncio.get_running_loop().run_in_executor(
+            self._thread, self.stepper.run, step
+        )
+
+    async def expert_token_counts(self) -> list[list[int]] | None:
+        return self.stepper.expert_token_counts()
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=False, cancel_futures=True)
