@@ -1,0 +1,61 @@
+"""The released 8-bit weight format: int8 matrices with bf16 scales per (row block, output column).
+
+`W[..., r, c] = weight[..., r, c] · scales[..., r // (in / S), c]` (grok1-spec.md §3). The product of an
+int8 and a bf16 value is exact in float32, so dequantising to float32 reproduces the matrix exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class QuantizedWeight(nn.Module):
+    """A matrix (or stack of expert matrices) kept as int8 values and row-block bf16 scales."""
+
+    def __init__(self, weight: torch.Tensor, scales: torch.Tensor) -> None:
+        super().__init__()
+        check_quantized_shapes(weight.shape, scales.shape)
+        self.register_buffer("weight", weight)
+        self.register_buffer("scales", scales)
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.weight.shape
+
+    @property
+    def row_blocks(self) -> int:
+        return self.scales.shape[-2]
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize(self.weight, self.scales).to(dtype)
+
+
+def check_quantized_shapes(weight_shape: torch.Size, scales_shape: torch.Size) -> None:
+    *lead, rows, cols = weight_shape
+    *scale_lead, blocks, scale_cols = scales_shape
+    if scale_lead != lead or scale_cols != cols or blocks < 1 or rows % blocks:
+        raise ValueError(
+            f"8-bit weight of shape {tuple(weight_shape)} cannot take scales of shape "
+            f"{tuple(scales_shape)}: expected [..., S, {cols}] with S dividing {rows}"
+        )
+
+
+def dequantize(weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """float32 matrix from int8 values and row-block scales."""
+    blocks = scales.shape[-2]
+    rows = weight.shape[-2]
+    blocked = weight.float().unflatten(-2, (blocks, rows // blocks))
+    return (blocked * scales.float().unsqueeze(-2)).flatten(-3, -2)
+
+
+def quantize(matrix: torch.Tensor, blocks: int = 1) -> QuantizedWeight:
+    """Symmetric absmax int8 quantisation with bf16 scales per (row block, column), as the release."""
+    rows = matrix.shape[-2]
+    if rows % blocks:
+        raise ValueError(f"{blocks} row blocks do not divide {rows} rows")
+    blocked = matrix.float().unflatten(-2, (blocks, rows // blocks))
+    absmax = blocked.abs().amax(dim=-2).clamp_min(torch.finfo(torch.float32).tiny)
+    scales = (absmax / 127).to(torch.bfloat16)
+    values = torch.round(blocked / scales.float().unsqueeze(-2)).clamp(-128, 127)
+    return QuantizedWeight(values.to(torch.int8).flatten(-3, -2), scales)

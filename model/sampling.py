@@ -1,0 +1,85 @@
+"""Next-token selection: greedy, temperature, top-k, top-p, seeded; and when to stop."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """temperature 0 means greedy; top_k 0 and top_p 1 disable those filters."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    max_tokens: int = 16
+    stop_on_eos: bool = True
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+
+
+def sample(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """logits [B, V] -> token ids [B]. Greedy picks the lowest id among equal maxima."""
+    logits = logits.float()
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # Keep the smallest prefix whose mass reaches top_p: drop a token once the mass before it does.
+        drop = probs.cumsum(dim=-1) - probs >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.inference_mode()
+def generate(
+    model: torch.nn.Module,
+    prompt: list[int],
+    params: SamplingParams,
+    seed: int | None = None,
+) -> list[int]:
+    """One sequence: prefill the prompt, then decode until EOS or max_tokens. Returns the new ids."""
+    if not prompt:
+        raise ValueError("the prompt must hold at least one token")
+    config = model.config
+    max_len = min(config.sequence_len, len(prompt) + params.max_tokens)
+    if len(prompt) >= config.sequence_len:
+        raise ValueError(
+            f"the prompt has {len(prompt)} tokens; the context holds {config.sequence_len}"
+        )
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    cache = model.new_cache(batch_size=1, max_len=max_len)
+    device = model.embed.weight.device
+    logits = model(torch.tensor([prompt], device=device), cache=cache)[:, -1]
+    produced: list[int] = []
+    while True:
+        token = int(sample(logits.cpu(), params.temperature, params.top_k, params.top_p, generator))
+        produced.append(token)
+        if (params.stop_on_eos and token == config.eos_token) or len(produced) >= params.max_tokens:
+            return produced
+        if len(prompt) + len(produced) >= max_len:
+            return produced
+        logits = model(torch.tensor([[token]], device=device), cache=cache)[:, -1]
