@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
+
 from grokserve.model.sampling import sample
 from grokserve.serving.scheduler import SamplingParams, StepInput
 
@@ -36,26 +37,28 @@ class ModelStepper:
                 )
                 self._generators[row] = generator
                 self._sampling[row] = params
-        tokens = torch.tensor(step.tokens, dtype=torch.long)
-        rows = torch.tensor(step.rows, dtype=torch.long)
+        device = self.cache.lengths.device
+        tokens = torch.tensor(step.tokens, dtype=torch.long, device=device)
+        rows = torch.tensor(step.rows, dtype=torch.long, device=device)
         logits = self.model(tokens, cache=self.cache, rows=rows)
         if not step.sample:
             return []
-        last = logits[:, -1, :]
-        return [self._sample_row(row, last[i : i + 1]) for i, row in enumerate(step.rows)]
-
-    def _sample_row(self, row: int, logits: torch.Tensor) -> int:
-        params = self._sampling[row]
-        if params.temperature == 0:
-            return int(logits.argmax(dim=-1))
-        token = sample(
-            logits,
-            temperature=params.temperature,
-            top_k=params.top_k,
-            top_p=params.top_p,
-            generator=self._generators[row],
-        )
-        return int(token.reshape(-1)[0])
+        last = logits[:, -1, :].cpu()
+        # One argmax for all greedy rows; sampled rows each use their own seeded generator.
+        chosen = sample(last, temperature=0).tolist()
+        for i, row in enumerate(step.rows):
+            params = self._sampling[row]
+            if params.temperature > 0:
+                chosen[i] = int(
+                    sample(
+                        last[i : i + 1],
+                        temperature=params.temperature,
+                        top_k=params.top_k,
+                        top_p=params.top_p,
+                        generator=self._generators[row],
+                    )[0]
+                )
+        return chosen
 
     def expert_token_counts(self) -> list[list[int]] | None:
         counts = getattr(self.model, "expert_token_counts", None)

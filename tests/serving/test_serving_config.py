@@ -4,8 +4,9 @@ import subprocess
 import sys
 
 import pytest
-from grokserve.serving.config import ServingConfig
 from pydantic import ValidationError
+
+from grokserve.serving.config import ServingConfig
 
 
 def test_round_trip_through_camel_case_args():
