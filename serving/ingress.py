@@ -1,7 +1,5 @@
 """The HTTP ingress: OpenAI-compatible routes, SSE streaming, errors in OpenAI's shape, /metrics."""
 
-from __future__ import annotations
-
 import asyncio
 import json
 import time
@@ -83,9 +81,14 @@ async def _api_error(_: Request, error: ApiError) -> JSONResponse:
 @app.exception_handler(RequestValidationError)
 async def _validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
     first = error.errors()[0]
-    location = [str(part) for part in first.get("loc", ()) if part != "body"]
+    # loc is (where, field, ...), where is body, query or path.
+    location = [str(part) for part in first.get("loc", ())[1:]]
     if first.get("type") == "json_invalid":
-        return error_response(ApiError(400, f"invalid JSON body: {first.get('msg')}"))
+        return error_response(
+            ApiError(400, f"invalid JSON body: {first.get('ctx', {}).get('error')}")
+        )
+    if not location:
+        return error_response(ApiError(400, "the request body must be a JSON object"))
     param = ".".join(location) or None
     message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
     return error_response(ApiError(400, message, param=param))
@@ -96,9 +99,22 @@ async def _http_error(_: Request, error: StarletteHTTPException) -> JSONResponse
     return error_response(ApiError(error.status_code, str(error.detail)))
 
 
+@app.exception_handler(Exception)
+async def _internal_error(_: Request, error: Exception) -> JSONResponse:
+    return error_response(ApiError(500, f"internal error: {error!r}"))
+
+
 def _sse(payload: dict[str, Any] | str) -> str:
     data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
     return f"data: {data}\n\n"
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
 @serve.ingress(app)
@@ -260,11 +276,3 @@ class OpenAIIngress:
         finally:
             # Runs when the client disconnects mid-stream too: the replica frees the slots.
             stream.cancel()
-
-
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    }
