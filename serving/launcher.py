@@ -1,0 +1,136 @@
+"""Run the serving stack on this machine: a local Ray cluster (or RAY_ADDRESS), Serve, the app.
+
+`--nodes N --gpus-per-node K` simulates N nodes on one machine with Ray's cluster utilities: every
+simulated node advertises K units of the custom resource SIMULATED_GPU, and each shard bundle asks for
+one, so the placement group spreads a replica's G = N × K shards across the "nodes" as it would across
+GPU nodes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import ray
+from ray import serve
+
+from grokserve.serving.app import build_app
+from grokserve.serving.config import ServingConfig
+
+SIMULATED_GPU = "simulated_gpu"
+APP_NAME = "grok"
+
+
+@dataclass(frozen=True)
+class ClusterShape:
+    nodes: int = 0  # 0: one plain local Ray node, no simulated accelerators
+    gpus_per_node: int = 1
+
+    def apply(self, config: ServingConfig) -> ServingConfig:
+        """The config with its parallelism and shard resources matching the simulated cluster."""
+        if not self.nodes:
+            return config
+        parallelism = config.parallelism.model_copy(
+            update={"gpus_per_node": self.gpus_per_node, "nodes_per_replica": self.nodes}
+        )
+        resources = config.resources.model_copy(update={"accelerator_resource": SIMULATED_GPU})
+        # Round-trip through validation so that tensor/expert degrees are re-checked.
+        return ServingConfig.model_validate(
+            {
+                **config.model_dump(),
+                "parallelism": parallelism.model_dump(),
+                "resources": resources.model_dump(),
+            }
+        )
+
+
+class LocalServing:
+    """Starts Ray (unless RAY_ADDRESS names one), Serve on host:port, and the app; `close` undoes it."""
+
+    def __init__(
+        self,
+        config: ServingConfig,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 8000,
+        shape: ClusterShape = ClusterShape(),
+        ray_address: str | None = None,
+    ) -> None:
+        self.shape = shape
+        self.config = shape.apply(config)
+        self.host = host
+        self.port = port
+        self.ray_address = ray_address if ray_address is not None else os.environ.get("RAY_ADDRESS")
+        self.url = f"http://{host}:{port}"
+        self._cluster: Any = None
+
+    def start(self, ready_timeout_s: float = 300.0) -> LocalServing:
+        try:
+            self._start_ray()
+            serve.start(http_options={"host": self.host, "port": self.port})
+            self.deploy(self.config, APP_NAME, "/")
+            self._wait_ready("/", ready_timeout_s)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def deploy(self, config: ServingConfig, name: str, route_prefix: str) -> str:
+        """Deploy (or redeploy) one application; returns its base URL."""
+        serve.run(build_app(config.to_args()), name=name, route_prefix=route_prefix, blocking=False)
+        return self.url + route_prefix.rstrip("/")
+
+    def _wait_ready(self, route_prefix: str, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        url = self.url + route_prefix.rstrip("/") + "/readyz"
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(url, timeout=5).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"{url} not ready after {timeout_s:g}s; see the Ray logs")
+
+    def _start_ray(self) -> None:
+        quiet = {"logging_level": logging.WARNING, "log_to_driver": False}
+        if self.ray_address:
+            ray.init(address=self.ray_address, **quiet)
+            return
+        shards = self.config.parallelism.shards
+        cpus = self.config.resources.cpus_per_shard
+        if not self.shape.nodes:
+            # Logical CPUs: enough for every bundle, independent of the machine's core count.
+            ray.init(num_cpus=int(shards * cpus + 2), include_dashboard=False, **quiet)
+            return
+        from ray.cluster_utils import Cluster
+
+        self._cluster = Cluster(
+            initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False}
+        )
+        for _ in range(self.shape.nodes):
+            self._cluster.add_node(
+                num_cpus=int(self.shape.gpus_per_node * cpus + 1),
+                resources={SIMULATED_GPU: self.shape.gpus_per_node},
+            )
+        ray.init(address=self._cluster.address, **quiet)
+
+    def close(self) -> None:
+        if ray.is_initialized():
+            try:
+                serve.shutdown()
+            finally:
+                ray.shutdown()
+        if self._cluster is not None:
+            self._cluster.shutdown()
+            self._cluster = None
+
+    def __enter__(self) -> LocalServing:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
