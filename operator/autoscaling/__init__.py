@@ -1,0 +1,1 @@
+"""The built-in autoscaler: Prometheus queue metrics → policy → `spec.replicas` via `/scale`."""

@@ -1,0 +1,137 @@
+"""The Prometheus client against a real Prometheus, and against small servers that misbehave."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+
+import aiohttp
+import pytest
+from aiohttp import web
+from grokserve.operator.autoscaling.policy import MetricFailure, QueueSample
+from grokserve.operator.autoscaling.prometheus import (
+    PrometheusClient,
+    QueryTemplateError,
+    render_query,
+)
+from testkit.prometheus import PrometheusServer, free_port
+
+
+@pytest.fixture(scope="module")
+def prometheus() -> Iterator[PrometheusServer]:
+    # No targets: every query below is answered from PromQL alone.
+    with PrometheusServer([]) as server:
+        yield server
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as client_session:
+        yield client_session
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        ("vector(3)", 3.0),
+        ("scalar(vector(2.5))", 2.5),
+        ("sum(vector(0))", 0.0),
+        ("absent(vector(1))", "NoSeries"),  # an empty instant vector
+        ('label_replace(vector(1), "a", "x", "", "") or vector(2)', "SeveralSeries"),
+        ("vector(0) / 0", "NotANumber"),
+        ("vector(1) / 0", "NonNumericResult"),  # +Inf
+        ("vector(-1)", "NegativeValue"),
+        ('"queued"', "NonNumericResult"),  # a string result
+        ("sum(", "PrometheusQueryError"),
+    ],
+)
+async def test_query_results_are_numbers_or_classified_failures(
+    prometheus: PrometheusServer,
+    session: aiohttp.ClientSession,
+    query: str,
+    expected: float | str,
+) -> None:
+    result = await PrometheusClient(prometheus.url, session).scalar(query)
+    if isinstance(expected, str):
+        assert isinstance(result, MetricFailure), result
+        assert result.reason == expected
+        assert query in result.message or expected == "PrometheusQueryError"
+    else:
+        assert result == expected
+
+
+async def test_queue_sample_substitutes_the_deployment_into_an_override_query(
+    prometheus: PrometheusServer, session: aiohttp.ClientSession
+) -> None:
+    client = PrometheusClient(prometheus.url, session)
+    # The override reports the name's length, which proves $name was substituted; no series of
+    # grokserve_requests_running exists, so the running count is unknown (None), not a failure.
+    query = 'vector(4) + count(label_replace(vector(1), "n", "$name", "", ""))'
+    sample = await client.queue_sample("llm", "grok-1", waiting_query=query)
+    assert sample == QueueSample(waiting=5.0, running=None)
+    failure = await client.queue_sample("llm", "grok-1")
+    assert isinstance(failure, MetricFailure) and failure.reason == "NoSeries"
+    assert 'grokserve_requests_waiting{namespace="llm",deployment="grok-1"}' in failure.message
+
+
+async def test_unreachable_prometheus_is_reported_as_such(session: aiohttp.ClientSession) -> None:
+    result = await PrometheusClient(f"http://127.0.0.1:{free_port()}", session).scalar("vector(1)")
+    assert isinstance(result, MetricFailure) and result.reason == "PrometheusUnreachable"
+
+
+async def _serve(handler: web.RequestHandler) -> tuple[web.AppRunner, str]:
+    app = web.Application()
+    app.router.add_get("/api/v1/query", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner, f"http://127.0.0.1:{port}"
+
+
+async def test_slow_prometheus_times_out(session: aiohttp.ClientSession) -> None:
+    released = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.Response:
+        await released.wait()
+        return web.json_response(
+            {"status": "success", "data": {"resultType": "vector", "result": []}}
+        )
+
+    runner, url = await _serve(slow)
+    try:
+        result = await PrometheusClient(url, session, timeout_s=0.3).scalar("vector(1)")
+    finally:
+        released.set()
+        await runner.cleanup()
+    assert isinstance(result, MetricFailure) and result.reason == "PrometheusTimeout"
+    assert "0.3s" in result.message
+
+
+async def test_a_proxy_error_page_is_a_bad_response(session: aiohttp.ClientSession) -> None:
+    async def html(request: web.Request) -> web.Response:
+        return web.Response(status=502, text="<html>Bad Gateway</html>", content_type="text/html")
+
+    runner, url = await _serve(html)
+    try:
+        result = await PrometheusClient(url, session).scalar("vector(1)")
+    finally:
+        await runner.cleanup()
+    assert isinstance(result, MetricFailure) and result.reason == "PrometheusBadResponse"
+    assert "HTTP 502" in result.message
+
+
+def test_query_templates() -> None:
+    assert render_query('x{namespace="$namespace",deployment="${name}"}', "llm", "g") == (
+        'x{namespace="llm",deployment="g"}'
+    )
+    assert render_query("a $$ b", "n", "d") == "a $ b"
+    with pytest.raises(QueryTemplateError, match=r"unknown placeholder \$replica"):
+        render_query('x{replica="$replica"}', "n", "d")
+    with pytest.raises(QueryTemplateError, match=r"literal \$"):
+        render_query("x $", "n", "d")
+
+
+def test_bad_url_is_rejected() -> None:
+    with pytest.raises(ValueError, match="http:// or https://"):
+        PrometheusClient("prometheus:9090", session=None)  # type: ignore[arg-type]
