@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS: tuple[str, ...] = ("inspect", "generate")
+COMMANDS: tuple[str, ...] = ("inspect", "generate", "plan")
 
 
 def build_parser() -> argparse.ArgumentParser:

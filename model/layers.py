@@ -6,6 +6,8 @@ These are the reference paths: exact to the spec, used on the CPU and in tests. 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -105,14 +107,14 @@ def moe(
     w_gate: torch.Tensor,
     w_up: torch.Tensor,
     w_down: torch.Tensor,
-    expert_ids: range | None = None,
+    expert_ids: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Σ_j gate_j · expert_{e_j}(x) over the selected experts, token-grouped per expert.
 
     x: [N, D]; gates, experts: [N, k]; w_*: [E_local, ...] for the experts `expert_ids` (all by default;
-    a shard passes its own range and gets the partial sum of its experts). As in the reference, the
-    float32 gate is rounded to x's dtype and the product and the sum run in x's dtype (with Grok's two
-    experts per token the sum is one rounding, whatever order the experts are added in).
+    a shard passes its own ids, in any order, and gets the partial sum of its experts). As in the
+    reference, the float32 gate is rounded to x's dtype and the product and the sum run in x's dtype
+    (with Grok's two experts per token the sum is one rounding, whatever order the experts are added in).
     """
     expert_ids = expert_ids if expert_ids is not None else range(w_gate.shape[0])
     out = torch.zeros(x.shape[0], w_down.shape[-1], dtype=x.dtype, device=x.device)

@@ -15,7 +15,7 @@ With `quantization="int8"` each matrix above is a `QuantizedWeight` (`<name>.wei
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
@@ -125,7 +125,7 @@ class MoE(nn.Module):
         config: GrokConfig,
         dtype: torch.dtype,
         device: torch.device | str | None = None,
-        expert_ids: range | None = None,
+        expert_ids: Sequence[int] | None = None,
         ffn_size: int | None = None,
     ) -> None:
         super().__init__()

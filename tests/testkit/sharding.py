@@ -1,0 +1,130 @@
+"""Multi-process checks of sharded execution: each spawned rank compares its shard with the whole model.
+
+Workers live here (an importable module) because spawned processes re-import the function by name.
+One spawn per world size runs every case; each rank writes its measurements to `<out>/rank<r>.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from grokserve.model import GrokModel
+from grokserve.model.parallel import GrokShard, shard_state_dict, start_process_group
+from grokserve.model.placement import Cluster, Parallelism, make_plan
+
+PRESET = "grok-tiny"
+PREFILL, DECODE_STEPS = 6, 4
+
+# name -> (nodes, gpus per node, tensor, expert, int8); world size = nodes × GPUs per node.
+CASES: dict[int, dict[str, tuple[int, int, int, int, bool]]] = {
+    2: {
+        "tensor_only": (1, 2, 2, 1, False),
+        "expert_only": (1, 2, 1, 2, False),
+        "tensor_only_int8": (1, 2, 2, 1, True),
+    },
+    4: {
+        "tensor_x_expert": (1, 4, 2, 2, False),
+        "f_sliced_experts": (1, 4, 1, 1, False),
+        "whole_experts_tensor_4": (1, 4, 4, 4, False),
+        "two_nodes": (2, 2, 2, 2, False),
+        "two_nodes_int8": (2, 2, 2, 2, True),
+    },
+}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def run_world(world: int, out: Path, timeout: float = 90.0) -> list[dict[str, Any]]:
+    """Spawns `world` ranks on 127.0.0.1 (gloo) and returns each rank's measurements."""
+    port = free_port()
+    context = mp.start_processes(
+        worker, args=(world, port, str(out)), nprocs=world, join=False, start_method="spawn"
+    )
+    deadline = time.monotonic() + timeout
+    try:
+        while not context.join(timeout=max(0.0, deadline - time.monotonic())):
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"{world} ranks did not finish within {timeout:.0f} s")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+                process.join(5)
+    return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(world)]
+
+
+def tokens() -> torch.Tensor:
+    batch = torch.randint(
+        3, 256, (2, PREFILL + DECODE_STEPS), generator=torch.Generator().manual_seed(7)
+    )
+    batch[1, :2] = 0  # a left-padded row: pad keys must stay masked on every shard
+    return batch
+
+
+def run_model(model: GrokModel) -> dict[str, torch.Tensor]:
+    """Full forward, then prefill + decode steps on a cache, and the routed-token counts."""
+    batch = tokens()
+    full = model(batch)
+    cache = model.new_cache(batch_size=2, max_len=16)
+    steps = [model(batch[:, :PREFILL], cache=cache)]
+    steps += [
+        model(batch[:, i : i + 1], cache=cache) for i in range(PREFILL, PREFILL + DECODE_STEPS)
+    ]
+    return {
+        "full": full.cpu(),
+        "decode": torch.cat(steps, dim=1).cpu(),
+        "counts": model.expert_token_counts(),
+        "cache_heads": torch.tensor(cache.keys[0].shape[2]),
+    }
+
+
+def worker(rank: int, world: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    config = GrokModel.from_preset(PRESET).config
+    plans = {
+        name: make_plan(
+            config,
+            Parallelism(tensor=tensor, expert=expert),
+            Cluster(nodes=nodes, gpus_per_node=gpus, gpu_memory=10**9),
+            "float32",
+            "int8" if int8 else None,
+        )
+        for name, (nodes, gpus, tensor, expert, int8) in CASES[world].items()
+    }
+    start_process_group(next(iter(plans.values())), rank, "127.0.0.1", port, timeout=60)
+    try:
+        float_model = GrokModel.from_preset(PRESET, seed=0)
+        int8_model = float_model.quantized()
+        references = {None: run_model(float_model), "int8": run_model(int8_model)}
+        states = {None: float_model.state_dict(), "int8": int8_model.state_dict()}
+        results: dict[str, Any] = {}
+        for name, plan in plans.items():
+            state = states[plan.quantization]
+            shard = GrokShard.from_state_dict(state, plan, rank)
+            expected, got = references[plan.quantization], run_model(shard)
+            local, held = shard_state_dict(state, plan, rank), shard.state_dict()
+            results[name] = {
+                "full": float((got["full"] - expected["full"]).abs().max()),
+                "decode": float((got["decode"] - expected["decode"]).abs().max()),
+                "counts_equal": bool(torch.equal(got["counts"], expected["counts"])),
+                "cache_heads": int(got["cache_heads"]),
+                "state_dict_matches": sorted(local) == sorted(held)
+                and all(torch.equal(local[key], value) for key, value in held.items()),
+                "experts": [p.expert for p in plan.shard(0, rank).experts],
+            }
+            dist.barrier()
+        Path(out, f"rank{rank}.json").write_text(json.dumps(results))
+    finally:
+        dist.destroy_process_group()
