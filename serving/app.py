@@ -39,7 +39,10 @@ def parse_args(args: dict[str, Any]) -> ServingConfig:
 
 
 def build_app(args: dict[str, Any]) -> Application:
+    from grokserve.serving.loading import placement_plan
+
     config = parse_args(args)
+    placement_plan(config)  # a config that cannot be placed fails here, before any replica starts
     limits = config.serving
     wire_args = config.to_args()
     hub = serve.deployment(

@@ -53,8 +53,17 @@ class ParallelismSpec(_Spec):
 
     gpus_per_node: int = Field(1, ge=1, le=64)
     nodes_per_replica: int = Field(1, ge=1, le=64)
-    tensor: int = Field(1, ge=1, description="Attention heads are split across this many shards.")
-    expert: int = Field(1, ge=1, description="Experts are split across this many shards.")
+    tensor: int | None = Field(
+        None,
+        ge=1,
+        description="Attention kv heads are split across this many shards; None lets the "
+        "placement planner choose (as wide as the kv heads allow inside a node).",
+    )
+    expert: int | None = Field(
+        None,
+        ge=1,
+        description="Groups of whole experts; None lets the planner choose (one group per node).",
+    )
     placement: PlacementStrategy = "pack"
 
     @property
@@ -66,7 +75,7 @@ class ParallelismSpec(_Spec):
     def _degrees_divide_shards(self) -> ParallelismSpec:
         for field in ("tensor", "expert"):
             degree = getattr(self, field)
-            if self.shards % degree:
+            if degree is not None and self.shards % degree:
                 raise ValueError(
                     f"parallelism.{field}={degree} must divide the shards per replica "
                     f"(gpusPerNode × nodesPerReplica = {self.shards})"
@@ -87,6 +96,9 @@ class ResourceSpec(_Spec):
         None,
         description="Ray resource holding one accelerator per shard: 'GPU' on real clusters, a "
         "custom resource for simulated nodes, None on CPU-only machines.",
+    )
+    accelerator_memory_gb: float = Field(
+        80.0, gt=0, description="Memory per accelerator, for the placement plan's fit check."
     )
     replica_cpus: float = Field(
         0.5, gt=0, description="CPUs of the replica actor (scheduler), placed in bundle 0."

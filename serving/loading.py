@@ -9,6 +9,8 @@ from typing import Any
 import torch
 
 from grokserve.model import GrokConfig, GrokModel, preset
+from grokserve.model.parallel import GrokShard, shard_device, start_process_group
+from grokserve.model.placement import GB, Cluster, Headroom, Parallelism, Plan, make_plan
 from grokserve.model.tokenizer import Tokenizer
 from grokserve.serving.config import ModelSpec, ServingConfig
 
@@ -63,23 +65,56 @@ def load_tokenizer(spec: ModelSpec) -> Tokenizer | ByteTokenizer:
     return Tokenizer(local_path(spec.tokenizer))
 
 
-def load_shard(config: ServingConfig, rank: int, world_size: int) -> GrokModel:
-    """This rank's model: the whole model for G = 1."""
-    if world_size > 1:
-        raise NotImplementedError(
-            f"parallelism with {world_size} shards needs the sharded model (placement branch)"
-        )
-    spec = config.model
+def placement_plan(config: ServingConfig) -> Plan:
+    """Which rank holds which heads and experts in one replica (a pure function of the config)."""
+    parallelism = config.parallelism
+    degrees = None
+    if parallelism.tensor is not None or parallelism.expert is not None:
+        degrees = Parallelism(tensor=parallelism.tensor or 1, expert=parallelism.expert or 1)
+    cluster = Cluster(
+        nodes=parallelism.nodes_per_replica,
+        gpus_per_node=parallelism.gpus_per_node,
+        gpu_memory=int(config.resources.accelerator_memory_gb * GB),
+    )
+    limits = config.serving
+    headroom = Headroom(
+        cache_tokens=limits.max_batch_size * limits.max_sequence_length,
+        step_tokens=limits.max_batch_size * limits.prefill_chunk_tokens,
+    )
+    quantization = "int8" if config.model.quantization == "int8" else None
+    return make_plan(
+        model_config(config.model), degrees, cluster, config.model.dtype, quantization, headroom
+    )
+
+
+def full_state_dict(spec: ModelSpec) -> dict[str, torch.Tensor]:
+    """Every weight of the model, as GrokModel names them (int8 as `.weight` + `.scales`)."""
     if spec.source is not None:
         raise NotImplementedError("loading checkpoints is not wired yet")
     model = GrokModel.from_preset(spec.preset, seed=spec.seed, dtype=DTYPES[spec.dtype])
     if spec.quantization == "int8":
         model = model.quantized()
-    if config.resources.device == "cuda":
-        model = model.to("cuda")
-    return model
+    return model.state_dict()
 
 
-def placement_plan(config: ServingConfig) -> dict[str, Any] | None:
-    """The placement plan of one replica (which rank holds which heads and experts)."""
-    return None
+def load_shard(config: ServingConfig, rank: int, master: tuple[str, int]) -> GrokShard:
+    """This rank's shard of the replica's plan (the whole model when G = 1), its process group
+    joined first when G > 1. Every rank of the replica calls this at the same time."""
+    plan = placement_plan(config)
+    device = shard_device(plan, rank)
+    if plan.world_size > 1:
+        device = start_process_group(plan, rank, *master)
+    return GrokShard.from_state_dict(full_state_dict(config.model), plan, rank, device)
+
+
+def describe_plan(plan: Plan) -> dict[str, Any]:
+    """The plan as /v1/placement shows it: the table, and every rank's first-layer shard."""
+    return {
+        "parallelism": plan.parallelism.model_dump(),
+        "cluster": plan.cluster.model_dump(),
+        "table": plan.table(),
+        "ranks": [
+            {**memory.model_dump(), **plan.shard(0, memory.rank).model_dump(mode="json")}
+            for memory in plan.ranks
+        ],
+    }

@@ -59,16 +59,15 @@ class GrokReplica:
         return {"replica": self.replica_id, "shards": len(self.executor.workers)}
 
     async def placement(self) -> dict[str, Any]:
-        from grokserve.serving.loading import placement_plan
+        from grokserve.serving.loading import describe_plan, placement_plan
 
-        parallelism = self.config.parallelism
         return {
             "deployment": self.config.name,
             "replica": self.replica_id,
-            "strategy": parallelism.placement,
+            "strategy": self.config.parallelism.placement,
             "shards": self.executor.shards,
             "nodes": len({shard["node_id"] for shard in self.executor.shards}),
-            "plan": placement_plan(self.config),
+            "plan": describe_plan(placement_plan(self.config)),
         }
 
     async def _push_metrics(self) -> None:

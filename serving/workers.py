@@ -25,7 +25,6 @@ class ShardWorker:
     def __init__(self, args: dict[str, Any], rank: int) -> None:
         self.config = ServingConfig.from_args(args)
         self.rank = rank
-        self.world_size = self.config.parallelism.shards
         self.stepper = None
 
     def rendezvous_address(self) -> tuple[str, int]:
@@ -42,17 +41,7 @@ class ShardWorker:
         from grokserve.serving.loading import load_shard
 
         torch.set_num_threads(max(1, int(self.config.resources.cpus_per_shard)))
-        if self.world_size > 1:
-            import torch.distributed as dist
-
-            backend = "nccl" if self.config.resources.device == "cuda" else "gloo"
-            dist.init_process_group(
-                backend,
-                init_method=f"tcp://{master[0]}:{master[1]}",
-                rank=self.rank,
-                world_size=self.world_size,
-            )
-        model = load_shard(self.config, rank=self.rank, world_size=self.world_size)
+        model = load_shard(self.config, self.rank, master)
         limits = self.config.serving
         self.stepper = ModelStepper(
             model, max_batch_size=limits.max_batch_size, max_len=limits.max_sequence_length
