@@ -49,7 +49,10 @@ class ClusterShape:
 
 
 class LocalServing:
-    """Starts Ray (unless RAY_ADDRESS names one), Serve on host:port, and the app; `close` undoes it."""
+    """Starts Ray (unless RAY_ADDRESS names one), Serve on host:port, and the app; `close` undoes it.
+
+    `shape` only builds the (simulated) cluster; `ClusterShape.apply` fits a config to it.
+    """
 
     def __init__(
         self,
@@ -61,7 +64,7 @@ class LocalServing:
         ray_address: str | None = None,
     ) -> None:
         self.shape = shape
-        self.config = shape.apply(config)
+        self.config = config
         self.host = host
         self.port = port
         self.ray_address = ray_address if ray_address is not None else os.environ.get("RAY_ADDRESS")
@@ -71,23 +74,32 @@ class LocalServing:
     def start(self, ready_timeout_s: float = 300.0) -> LocalServing:
         try:
             self._start_ray()
-            serve.start(http_options={"host": self.host, "port": self.port})
-            self.deploy(self.config, APP_NAME, "/")
-            self._wait_ready("/", ready_timeout_s)
+            # One HTTP proxy: simulated nodes share this machine's ports.
+            serve.start(
+                proxy_location="HeadOnly", http_options={"host": self.host, "port": self.port}
+            )
+            self.deploy(self.config, APP_NAME, "/", ready_timeout_s)
         except BaseException:
             self.close()
             raise
         return self
 
-    def deploy(self, config: ServingConfig, name: str, route_prefix: str) -> str:
-        """Deploy (or redeploy) one application; returns its base URL."""
+    def deploy(
+        self, config: ServingConfig, name: str, route_prefix: str, ready_timeout_s: float = 300.0
+    ) -> str:
+        """Deploy (or redeploy) one application and wait until it answers; returns its base URL."""
         serve.run(build_app(config.to_args()), name=name, route_prefix=route_prefix, blocking=False)
-        return self.url + route_prefix.rstrip("/")
+        base = self.url + route_prefix.rstrip("/")
+        self._wait_ready(name, base + "/readyz", ready_timeout_s)
+        return base
 
-    def _wait_ready(self, route_prefix: str, timeout_s: float) -> None:
+    @staticmethod
+    def _wait_ready(name: str, url: str, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
-        url = self.url + route_prefix.rstrip("/") + "/readyz"
         while time.monotonic() < deadline:
+            app = serve.status().applications.get(name)
+            if app is not None and app.status == "DEPLOY_FAILED":
+                raise RuntimeError(f"the {name!r} application failed to deploy: {app.message}")
             try:
                 if httpx.get(url, timeout=5).status_code == 200:
                     return
@@ -114,7 +126,8 @@ class LocalServing:
         )
         for _ in range(self.shape.nodes):
             self._cluster.add_node(
-                num_cpus=int(self.shape.gpus_per_node * cpus + 1),
+                # Logical CPUs with room for a replica actor and other apps' bundles.
+                num_cpus=int(self.shape.gpus_per_node * cpus + 4),
                 resources={SIMULATED_GPU: self.shape.gpus_per_node},
             )
         ray.init(address=self._cluster.address, **quiet)
