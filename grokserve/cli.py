@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS: tuple[str, ...] = ("inspect", "generate", "plan")
+COMMANDS: tuple[str, ...] = ("inspect", "generate", "plan", "serve")
 
 
 def build_parser() -> argparse.ArgumentParser:
