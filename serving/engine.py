@@ -4,13 +4,14 @@
 first exactly one of
     {"error": {"status", "message", "param", "retry_after"}}      (nothing was queued), or
     {"prompt_tokens": N}                                           (admitted),
-then, when admitted, one {"index", "text", "completion_tokens", "finish_reason"} per delta.
+then, when admitted, {"deltas": [{"index", "text", "completion_tokens", "finish_reason"}, ...]}
+with every delta that was ready (several per message when the consumer is slower than the model).
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 from grokserve.serving.scheduler import AdmissionError, QueueFull, SamplingParams, Scheduler
@@ -72,13 +73,8 @@ class Engine:
             return
         yield {"prompt_tokens": generation.prompt_tokens}
         try:
-            async for delta in generation:
-                yield {
-                    "index": delta.index,
-                    "text": delta.text,
-                    "completion_tokens": delta.completion_tokens,
-                    "finish_reason": delta.finish_reason,
-                }
+            async for ready in generation.batches():
+                yield {"deltas": [asdict(delta) for delta in ready]}
         finally:
             # The consumer went away early (client disconnect, cancellation): free the slots.
             generation.cancel()

@@ -221,11 +221,12 @@ class OpenAIIngress:
             texts = [""] * request.n
             reasons: list[str | None] = [None] * request.n
             tokens = [0] * request.n
-            async for event in stream:
-                index = event["index"]
-                texts[index] += event["text"]
-                tokens[index] = event["completion_tokens"]
-                reasons[index] = event["finish_reason"]
+            async for message in stream:
+                for event in message["deltas"]:
+                    index = event["index"]
+                    texts[index] += event["text"]
+                    tokens[index] = event["completion_tokens"]
+                    reasons[index] = event["finish_reason"]
         finally:
             stream.cancel()
         if "error" in reasons:
@@ -252,24 +253,34 @@ class OpenAIIngress:
         chunk_header = {**header, "object": "chat.completion.chunk" if chat else "text_completion"}
         started: set[int] = set()
         tokens: dict[int, int] = {}
+        failed = False
         try:
-            async for event in stream:
-                index, reason = event["index"], event["finish_reason"]
-                tokens[index] = event["completion_tokens"]
-                if reason == "error":
-                    yield _sse({"error": {"message": "the model replica failed while generating"}})
+            async for message in stream:
+                chunks = []
+                for event in message["deltas"]:
+                    index, reason = event["index"], event["finish_reason"]
+                    tokens[index] = event["completion_tokens"]
+                    if reason == "error":
+                        error = {"message": "the model replica failed while generating"}
+                        chunks.append(_sse({"error": error}))
+                        failed = True
+                        break
+                    if not event["text"] and reason is None:
+                        continue
+                    if chat:
+                        choice = chat_chunk_choice(
+                            index, event["text"], reason, first=index not in started
+                        )
+                        started.add(index)
+                    else:
+                        choice = completion_choice(index, event["text"], reason)
+                    chunks.append(_sse({**chunk_header, "choices": [choice]}))
+                # One write for everything that was ready: fewer messages through Serve's proxy.
+                if chunks:
+                    yield "".join(chunks)
+                if failed:
                     break
-                if not event["text"] and reason is None:
-                    continue
-                if chat:
-                    choice = chat_chunk_choice(
-                        index, event["text"], reason, first=index not in started
-                    )
-                    started.add(index)
-                else:
-                    choice = completion_choice(index, event["text"], reason)
-                yield _sse({**chunk_header, "choices": [choice]})
-            if include_usage:
+            if include_usage and not failed:
                 usage = _usage(prompt_tokens, sum(tokens.values()))
                 yield _sse({**chunk_header, "choices": [], "usage": usage})
             yield _sse("[DONE]")

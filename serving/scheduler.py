@@ -147,12 +147,21 @@ class Generation:
                 handle.cancelled = True
         self._scheduler.wake()
 
-    async def __aiter__(self) -> AsyncIterator[Delta]:
+    async def batches(self) -> AsyncIterator[list[Delta]]:
+        """Every delta that is ready, as one list: a slow consumer (a network hop) gets several
+        tokens per message instead of falling further behind."""
         running = len(self.sequences)
         while running:
-            delta = await self.deltas.get()
-            running -= delta.finish_reason is not None
-            yield delta
+            ready = [await self.deltas.get()]
+            while not self.deltas.empty():
+                ready.append(self.deltas.get_nowait())
+            running -= sum(delta.finish_reason is not None for delta in ready)
+            yield ready
+
+    async def __aiter__(self) -> AsyncIterator[Delta]:
+        async for ready in self.batches():
+            for delta in ready:
+                yield delta
 
 
 @dataclass
