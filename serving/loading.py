@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 
 from grokserve.model import GrokConfig, GrokModel, preset
 from grokserve.model.parallel import GrokShard, shard_device, start_process_group
@@ -42,8 +43,20 @@ class ByteTokenizer:
         return data.decode("utf-8", errors="replace")
 
 
+# A checkpoint directory as grokserve writes it (scripts/train_demo.py): the GrokConfig as JSON,
+# GrokModel's state_dict as safetensors, and optionally its SentencePiece tokenizer.
+CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE = "config.json", "model.safetensors", "tokenizer.model"
+# Trained by scripts/train_demo.py; shipped as package data.
+DEMO_CHECKPOINT = Path(__file__).resolve().parent / "demo"
+
+
 def model_config(spec: ModelSpec) -> GrokConfig:
-    return preset(spec.preset)
+    if spec.source is None:
+        return preset(spec.preset)
+    path = local_path(spec.source) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{spec.source}: no {CONFIG_FILE} (a checkpoint directory needs one)")
+    return GrokConfig.from_json(path)
 
 
 def local_path(location: str) -> Path:
@@ -60,9 +73,11 @@ def local_path(location: str) -> Path:
 
 
 def load_tokenizer(spec: ModelSpec) -> Tokenizer | ByteTokenizer:
-    if spec.tokenizer is None:
-        return ByteTokenizer(model_config(spec).vocab_size)
-    return Tokenizer(local_path(spec.tokenizer))
+    if spec.tokenizer is not None:
+        return Tokenizer(local_path(spec.tokenizer))
+    if spec.source is not None and (local_path(spec.source) / TOKENIZER_FILE).is_file():
+        return Tokenizer(local_path(spec.source) / TOKENIZER_FILE)
+    return ByteTokenizer(model_config(spec).vocab_size)
 
 
 def placement_plan(config: ServingConfig) -> Plan:
@@ -89,9 +104,16 @@ def placement_plan(config: ServingConfig) -> Plan:
 
 def full_state_dict(spec: ModelSpec) -> dict[str, torch.Tensor]:
     """Every weight of the model, as GrokModel names them (int8 as `.weight` + `.scales`)."""
-    if spec.source is not None:
-        raise NotImplementedError("loading checkpoints is not wired yet")
-    model = GrokModel.from_preset(spec.preset, seed=spec.seed, dtype=DTYPES[spec.dtype])
+    dtype = DTYPES[spec.dtype]
+    if spec.source is None:
+        model = GrokModel.from_preset(spec.preset, seed=spec.seed, dtype=dtype)
+    else:
+        path = local_path(spec.source) / WEIGHTS_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{spec.source}: no {WEIGHTS_FILE}")
+        model = GrokModel(model_config(spec), dtype=dtype)
+        # Stored weights may be bf16; load_state_dict copies them into the compute dtype.
+        model.load_state_dict(load_file(str(path)))
     if spec.quantization == "int8":
         model = model.quantized()
     return model.state_dict()

@@ -14,15 +14,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="API port (8000)")
     model = parser.add_mutually_exclusive_group()
-    model.add_argument(
-        "--preset", default="grok-mini", help="serve random weights of this preset (grok-mini)"
-    )
+    model.add_argument("--preset", help="serve random weights of this preset (e.g. grok-tiny)")
     model.add_argument(
         "--checkpoint",
-        help="checkpoint directory (config.json + model.safetensors [+ tokenizer.model])",
+        help="checkpoint directory (config.json + model.safetensors [+ tokenizer.model]); "
+        "default: the demo checkpoint that ships with grokserve",
     )
     parser.add_argument("--tokenizer", help="SentencePiece model (default: the checkpoint's)")
-    parser.add_argument("--name", help="model id in the API (default: the preset or 'grok')")
+    parser.add_argument(
+        "--name", help="model id in the API (default: the preset, 'grok-demo' or 'grok')"
+    )
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--quantization", default="none", choices=("none", "int8"))
     parser.add_argument("--seed", type=int, default=0, help="seed of random preset weights")
@@ -47,13 +48,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def serving_config(args: argparse.Namespace):
     """The ServingConfig these flags describe (pydantic ValidationError names a bad flag's field)."""
     from grokserve.serving.config import ServingConfig
+    from grokserve.serving.loading import DEMO_CHECKPOINT
 
-    if args.checkpoint:
+    if args.preset:
+        model = {"preset": args.preset, "seed": args.seed}
+        name = args.name or args.preset
+    elif args.checkpoint:
         model = {"source": args.checkpoint}
         name = args.name or "grok"
     else:
-        model = {"preset": args.preset, "seed": args.seed}
-        name = args.name or args.preset
+        model = {"source": str(DEMO_CHECKPOINT)}
+        name = args.name or "grok-demo"
     model |= {"tokenizer": args.tokenizer, "dtype": args.dtype, "quantization": args.quantization}
     return ServingConfig(
         name=name,
