@@ -55,7 +55,9 @@ def model_config(spec: ModelSpec) -> GrokConfig:
         return preset(spec.preset)
     path = local_path(spec.source) / CONFIG_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{spec.source}: no {CONFIG_FILE} (a checkpoint directory needs one)")
+        raise FileNotFoundError(
+            f"{spec.source}: no {CONFIG_FILE} (a checkpoint directory needs one)"
+        )
     return GrokConfig.from_json(path)
 
 
