@@ -2,9 +2,9 @@
 
     python bench/serve.py [--preset grok-mini] [--clients 16] [--max-tokens 64]
 
-Three runs of the same `--clients` greedy requests (max_tokens each, EOS ignored by construction
-because every request is forced to its full length by a long-enough context):
-  1. HTTP: a local Ray Serve deployment, `--clients` concurrent streaming clients (SSE);
+Runs of the same `--clients` greedy requests (up to max_tokens each; tokens are counted as generated):
+  1. HTTP: a local Ray Serve deployment (G = 1 shard worker), `--clients` concurrent streaming
+     clients (SSE), once per `--stream-intervals` value (serving.streamIntervalSeconds);
   2. in-process, concurrent: the same scheduler + model in this process, all requests at once;
   3. in-process, sequential: one request at a time (no batching).
 Prints generated tokens/s of each and the ratios HTTP / in-process (target ≥ 0.9) and
@@ -120,7 +120,13 @@ def main() -> None:
     parser.add_argument("--preset", default="grok-mini")
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument(
+        "--stream-intervals",
+        default="0,0.05",
+        help="comma-separated serving.streamIntervalSeconds values for the HTTP runs",
+    )
     args = parser.parse_args()
+    intervals = [float(v) for v in args.stream_intervals.split(",")]
     config = ServingConfig(
         name=args.preset,
         model={"preset": args.preset},
@@ -136,23 +142,36 @@ def main() -> None:
     engine = in_process_engine(config)
     sequential = asyncio.run(engine_run(engine, texts, args.max_tokens, concurrent=False))
     batched = asyncio.run(engine_run(engine, texts, args.max_tokens, concurrent=True))
-    with LocalServing(config, port=free_port()) as local:
-        over_http = asyncio.run(http_run(local.url, config.name, texts, args.max_tokens))
+    over_http = {}
+    local = LocalServing(config, port=free_port()).start_ray_and_serve()
+    try:
+        for index, interval in enumerate(intervals):
+            variant = config.model_copy(
+                update={
+                    "serving": config.serving.model_copy(
+                        update={"stream_interval_seconds": interval}
+                    )
+                }
+            )
+            url = local.deploy(variant, f"bench{index}", f"/bench{index}")
+            over_http[interval] = asyncio.run(http_run(url, config.name, texts, args.max_tokens))
+            local.delete(f"bench{index}")
+    finally:
+        local.close()
 
-    rate = {
-        name: tokens / seconds
-        for name, (tokens, seconds) in {
-            "http": over_http,
-            "in_process": batched,
-            "sequential": sequential,
-        }.items()
-    }
+    def rate(run: tuple[int, float]) -> float:
+        return run[0] / run[1]
+
+    in_process = rate(batched)
     print(f"{args.clients} clients × {args.max_tokens} tokens, {args.preset}, greedy")
-    print(f"  HTTP (Ray Serve, SSE), concurrent : {rate['http']:8.1f} tokens/s")
-    print(f"  in-process engine, concurrent     : {rate['in_process']:8.1f} tokens/s")
-    print(f"  in-process engine, sequential     : {rate['sequential']:8.1f} tokens/s")
-    print(f"  HTTP / in-process                 : {rate['http'] / rate['in_process']:8.2f}")
-    print(f"  continuous batching / sequential  : {rate['in_process'] / rate['sequential']:8.2f}")
+    for interval, run in over_http.items():
+        label = f"HTTP (SSE), stream interval {interval:g} s"
+        print(
+            f"  {label:38s}: {rate(run):8.1f} tokens/s  ({rate(run) / in_process:.2f} of in-process)"
+        )
+    print(f"  {'in-process engine, concurrent':38s}: {in_process:8.1f} tokens/s")
+    print(f"  {'in-process engine, sequential':38s}: {rate(sequential):8.1f} tokens/s")
+    print(f"  {'continuous batching / sequential':38s}: {in_process / rate(sequential):8.2f}")
 
 
 if __name__ == "__main__":

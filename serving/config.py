@@ -133,6 +133,13 @@ class ServingLimits(_Spec):
     default_max_tokens: int = Field(
         64, ge=1, description="max_tokens when a request does not set it."
     )
+    stream_interval_seconds: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Minimum time between a request's streamed messages after the first token "
+        "(0: every step). Larger values send fewer, larger messages through Serve.",
+    )
 
     @property
     def kv_budget(self) -> int:

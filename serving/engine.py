@@ -34,10 +34,17 @@ class GenerateRequest:
 
 
 class Engine:
-    def __init__(self, scheduler: Scheduler, tokenizer: Tokenizer, default_max_tokens: int):
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        tokenizer: Tokenizer,
+        default_max_tokens: int,
+        stream_interval: float = 0.0,
+    ) -> None:
         self.scheduler = scheduler
         self.tokenizer = tokenizer
         self.default_max_tokens = default_max_tokens
+        self.stream_interval = stream_interval
 
     def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -73,7 +80,7 @@ class Engine:
             return
         yield {"prompt_tokens": generation.prompt_tokens}
         try:
-            async for ready in generation.batches():
+            async for ready in generation.batches(self.stream_interval):
                 yield {"deltas": [asdict(delta) for delta in ready]}
         finally:
             # The consumer went away early (client disconnect, cancellation): free the slots.

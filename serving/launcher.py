@@ -72,17 +72,31 @@ class LocalServing:
         self._cluster: Any = None
 
     def start(self, ready_timeout_s: float = 300.0) -> LocalServing:
+        """Ray, Serve and the application at `/`."""
+        self.start_ray_and_serve()
+        try:
+            self.deploy(self.config, APP_NAME, "/", ready_timeout_s)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def start_ray_and_serve(self) -> LocalServing:
+        """Ray and Serve only; `deploy` applications yourself."""
         try:
             self._start_ray()
             # One HTTP proxy: simulated nodes share this machine's ports.
             serve.start(
                 proxy_location="HeadOnly", http_options={"host": self.host, "port": self.port}
             )
-            self.deploy(self.config, APP_NAME, "/", ready_timeout_s)
         except BaseException:
             self.close()
             raise
         return self
+
+    @staticmethod
+    def delete(name: str) -> None:
+        serve.delete(name)
 
     def deploy(
         self, config: ServingConfig, name: str, route_prefix: str, ready_timeout_s: float = 300.0

@@ -47,7 +47,9 @@ class GrokReplica:
             observer=self.metrics,
         )
         self.scheduler.start()
-        self.engine = Engine(self.scheduler, tokenizer, limits.default_max_tokens)
+        self.engine = Engine(
+            self.scheduler, tokenizer, limits.default_max_tokens, limits.stream_interval_seconds
+        )
         self._metrics_hub = metrics_hub
         self._push_task = asyncio.get_running_loop().create_task(self._push_metrics())
 

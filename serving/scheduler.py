@@ -147,9 +147,10 @@ class Generation:
                 handle.cancelled = True
         self._scheduler.wake()
 
-    async def batches(self) -> AsyncIterator[list[Delta]]:
+    async def batches(self, interval: float = 0.0) -> AsyncIterator[list[Delta]]:
         """Every delta that is ready, as one list: a slow consumer (a network hop) gets several
-        tokens per message instead of falling further behind."""
+        tokens per message instead of falling further behind. With `interval` > 0, messages after
+        the first are at least that many seconds apart (fewer, larger messages)."""
         running = len(self.sequences)
         while running:
             ready = [await self.deltas.get()]
@@ -157,6 +158,8 @@ class Generation:
                 ready.append(self.deltas.get_nowait())
             running -= sum(delta.finish_reason is not None for delta in ready)
             yield ready
+            if interval > 0 and running:
+                await asyncio.sleep(interval)
 
     async def __aiter__(self) -> AsyncIterator[Delta]:
         async for ready in self.batches():

@@ -147,3 +147,14 @@ async def test_admission_errors_name_the_limit(make_scheduler):
     assert full.value.status == 429 and full.value.retry_after >= 1
     running.cancel()
     queued.cancel()
+
+
+async def test_stream_interval_sends_fewer_larger_messages(model, make_scheduler):
+    scheduler, _ = make_scheduler()
+    prompt = TOKENIZER.encode(PROMPTS[5])
+    generation = scheduler.submit(prompt, max_tokens=30, sampling=GREEDY)
+    messages = [ready async for ready in generation.batches(interval=0.05)]
+    assert messages[0][0].completion_tokens == 1, "the first token is not held back"
+    assert len(messages) < 30
+    text = "".join(delta.text for ready in messages for delta in ready)
+    assert text == reference(model, PROMPTS[5], max_tokens=30)
