@@ -39,10 +39,17 @@ def parse_args(args: dict[str, Any]) -> ServingConfig:
 
 
 def build_app(args: dict[str, Any]) -> Application:
-    from grokserve.serving.loading import placement_plan
+    from grokserve.serving.loading import model_config, placement_plan
 
     config = parse_args(args)
-    placement_plan(config)  # a config that cannot be placed fails here, before any replica starts
+    # Configs that cannot work fail here, before any replica starts.
+    context = model_config(config.model).sequence_len
+    if config.serving.max_sequence_length > context:
+        raise ServingConfigError(
+            f"serving.maxSequenceLength={config.serving.max_sequence_length} exceeds the model's "
+            f"context length ({context} tokens)"
+        )
+    placement_plan(config)
     limits = config.serving
     wire_args = config.to_args()
     hub = serve.deployment(

@@ -21,6 +21,7 @@ from grokserve.serving.workers import ShardedExecutor
 log = logging.getLogger(__name__)
 
 METRICS_PUSH_SECONDS = 1.0
+HEALTH_TIMEOUT_SECONDS = 20.0
 
 
 class GrokReplica:
@@ -71,6 +72,12 @@ class GrokReplica:
             "nodes": len({shard["node_id"] for shard in self.executor.shards}),
             "plan": describe_plan(placement_plan(self.config)),
         }
+
+    async def check_health(self) -> None:
+        """Serve replaces this replica when this raises: its engine loop or a shard worker died."""
+        if not self.scheduler.alive:
+            raise RuntimeError("the scheduler's engine loop has stopped")
+        await self.executor.check(timeout_s=HEALTH_TIMEOUT_SECONDS)
 
     async def _push_metrics(self) -> None:
         while True:

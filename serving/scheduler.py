@@ -295,6 +295,11 @@ class Scheduler:
     def wake(self) -> None:
         self._wakeup.set()
 
+    @property
+    def alive(self) -> bool:
+        """The engine loop is running (it only ends by `stop` or an unexpected error)."""
+        return self._task is not None and not self._task.done()
+
     async def _run(self) -> None:
         while True:
             if not (self._waiting or self._prefilling or self._decoding):

@@ -100,6 +100,12 @@ class ShardedExecutor:
         # The router runs on every rank with identical inputs, so rank 0 has the full counts.
         return await self.workers[0].expert_token_counts.remote()
 
+    async def check(self, timeout_s: float) -> None:
+        """Raises unless every shard worker answers within `timeout_s`."""
+        await asyncio.wait_for(
+            asyncio.gather(*(w.describe.remote() for w in self.workers)), timeout=timeout_s
+        )
+
     def close(self) -> None:
         for worker in self.workers:
             ray.kill(worker)

@@ -61,3 +61,18 @@ def test_config_module_imports_neither_ray_nor_torch():
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_build_app_rejects_configs_that_cannot_run():
+    from grokserve.model.placement import PlacementError
+    from grokserve.serving.app import ServingConfigError, build_app
+
+    with pytest.raises(
+        ServingConfigError, match=r"serving.maxSequenceLength: .*greater than or equal to 2"
+    ):
+        build_app({"serving": {"maxSequenceLength": 1}})
+    with pytest.raises(ServingConfigError, match="exceeds the model's context length"):
+        build_app({"model": {"preset": "grok-tiny"}, "serving": {"maxSequenceLength": 5000}})
+    # grok-tiny has 4 kv heads: 8-way tensor parallelism cannot split them.
+    with pytest.raises(PlacementError):
+        build_app({"parallelism": {"gpusPerNode": 8, "tensor": 8}})
