@@ -20,15 +20,24 @@ class TextStream:
     back until the next token settles it, so a client never sees text that is later retracted.
     """
 
-    def __init__(self, decoder: Decoder, stop: Sequence[str] = ()) -> None:
+    def __init__(
+        self, decoder: Decoder, stop: Sequence[str] = (), prefix: Sequence[int] = ()
+    ) -> None:
         self._decoder = decoder
         self._stop = [s for s in stop if s]
+        # The last prompt tokens, decoded in front of the new ones: SentencePiece drops the space
+        # of a leading "▁" piece, which is only right at the very start of a text.
+        self._prefix = list(prefix)
+        self._prefix_text = decoder.decode(self._prefix)
         self._ids: list[int] = []
         self._emitted = 0
         self.stopped = False
 
     @property
     def text(self) -> str:
+        text = self._decoder.decode(self._prefix + self._ids)
+        if text.startswith(self._prefix_text):
+            return text[len(self._prefix_text) :]
         return self._decoder.decode(self._ids)
 
     def push(self, token_id: int) -> str:

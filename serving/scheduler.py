@@ -27,6 +27,7 @@ from grokserve.serving.detokenize import Decoder, TextStream
 log = logging.getLogger(__name__)
 
 PAD_ID = 0
+_DETOKENIZE_PREFIX = 4  # prompt tokens decoded in front of the generated ones (see TextStream)
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 
 
@@ -259,7 +260,7 @@ class Scheduler:
         for index in range(n):
             seed = None if sampling.seed is None else sampling.seed + index
             params = SamplingParams(sampling.temperature, sampling.top_p, sampling.top_k, seed)
-            text = TextStream(self._decoder, stop)
+            text = TextStream(self._decoder, stop, prefix=prompt[-_DETOKENIZE_PREFIX:])
             generation.sequences.append(
                 SequenceHandle(generation, index, prompt, max_tokens, params, text)
             )
