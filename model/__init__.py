@@ -2,6 +2,7 @@
 
 from grokserve.model.cache import CacheFullError, KVCache
 from grokserve.model.config import ConfigError, GrokConfig
+from grokserve.model.loading import load_model
 from grokserve.model.presets import PRESETS, preset
 from grokserve.model.transformer import GrokModel
 
@@ -12,5 +13,6 @@ __all__ = [
     "GrokConfig",
     "GrokModel",
     "KVCache",
+    "load_model",
     "preset",
 ]

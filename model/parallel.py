@@ -16,7 +16,8 @@ once to the compute dtype. In float32 the result equals the single-device model 
 
 Embedding, norms and router are replicated, so every rank computes the full float32 logits.
 
-8-bit weights are sliced before dequantisation. Row slices of wo and w_down keep the released row-block
+8-bit weights are sliced before dequantisation; float weights for an int8 plan are quantised per whole
+matrix (per expert), as `GrokModel.quantized` and `load_model` do, then sliced. Row slices of wo and w_down keep the released row-block
 scales: a slice that does not start or stop on a block boundary gets finer blocks (each old block's
 scale repeated), so the dequantised values are exactly those of the full matrix.
 """
@@ -32,9 +33,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from grokserve.model.cache import KVCache
 from grokserve.model.placement import Plan, Shard
-from grokserve.model.quantization import QuantizedWeight
-from grokserve.model.transformer import Attention, GrokModel, MoE
+from grokserve.model.quantization import QuantizedWeight, quantize
+from grokserve.model.transformer import ROW_BLOCKS, Attention, GrokModel, MoE, Step
 
 Weight = torch.Tensor | QuantizedWeight
 FLOAT32_SUFFIXES = ("scale", "moe.router")
@@ -112,16 +114,29 @@ def one_expert(value: Weight, expert: int) -> Weight:
     return value[expert]
 
 
-def expert_matrices(value: Weight, matrix: str, shard: Shard) -> Weight:
+def as_stored(value: Weight, matrix: str, plan: Plan) -> Weight:
+    """A float matrix quantised for an int8 plan, whole (as `GrokModel.quantized` does), before slicing."""
+    if plan.quantization == "int8" and not isinstance(value, QuantizedWeight):
+        return quantize(value.float(), ROW_BLOCKS.get(matrix, 1))
+    return value
+
+
+def expert_matrices(value: Weight, matrix: str, shard: Shard, plan: Plan) -> Weight:
     """The rank's experts (in the shard's order) with their F slices, from a full [E, ...] stack."""
-    pieces = shard.experts
-    if matrix != "w_down":  # [E, D, F]: F is the column axis
-        return stack([columns(one_expert(value, p.expert), p.f_start, p.f_stop) for p in pieces])
-    unit = block_unit(value, [b for p in pieces for b in (p.f_start, p.f_stop)])
-    return stack([rows(one_expert(value, p.expert), p.f_start, p.f_stop, unit) for p in pieces])
+    bounds = [b for p in shard.experts for b in (p.f_start, p.f_stop)]
+    parts = []
+    for piece in shard.experts:
+        expert = as_stored(one_expert(value, piece.expert), matrix, plan)
+        if matrix == "w_down":  # [F, D]: F is the row axis
+            parts.append(rows(expert, piece.f_start, piece.f_stop, block_unit(expert, bounds)))
+        else:
+            parts.append(columns(expert, piece.f_start, piece.f_stop))
+    return stack(parts)
 
 
-def attention_matrix(value: Weight, matrix: str, shard: Shard, key_size: int) -> Weight:
+def attention_matrix(value: Weight, matrix: str, shard: Shard, plan: Plan) -> Weight:
+    value = as_stored(value, matrix, plan)
+    key_size = plan.config.key_size
     q_start, q_stop = (h * key_size for h in shard.q_heads)
     if matrix == "wq":
         return columns(value, q_start, q_stop)
@@ -153,9 +168,9 @@ def shard_tensors(source: TensorSource, plan: Plan, rank: int) -> Iterator[tuple
         if parts[0] == "layers" and parts[2] in ("attn", "moe") and parts[3] != "router":
             shard = plan.shard(int(parts[1]), rank)
             if parts[2] == "attn":
-                value = attention_matrix(value, parts[3], shard, plan.config.key_size)
+                value = attention_matrix(value, parts[3], shard, plan)
             else:
-                value = expert_matrices(value, parts[3], shard)
+                value = expert_matrices(value, parts[3], shard, plan)
         yield name, value
 
 
@@ -214,7 +229,7 @@ class ShardAttention(Attention):
         super().__init__(*args, **kwargs)
         self.total = total
 
-    def forward(self, x, step, layer):
+    def forward(self, x: torch.Tensor, step: Step, layer: int) -> torch.Tensor:
         return self.total(super().forward(x, step, layer))
 
 
@@ -223,7 +238,7 @@ class ShardMoE(MoE):
         super().__init__(*args, **kwargs)
         self.total = total
 
-    def forward(self, x, step):
+    def forward(self, x: torch.Tensor, step: Step) -> torch.Tensor:
         return self.total(super().forward(x, step))
 
 
@@ -298,13 +313,14 @@ class GrokShard(GrokModel):
             value = value.dequantize(self.dtype)
         elif self.quantization == "int8" and not name.endswith((*FLOAT32_SUFFIXES, "embed.weight")):
             raise ShardingError(
-                f"{name}: an int8 plan needs 8-bit weights (quantise the model first), got {value.dtype}"
+                f"{name}: an int8 shard needs 8-bit matrices (shard_tensors quantises them), "
+                f"got {value.dtype}"
             )
         dtype = torch.float32 if name.endswith(FLOAT32_SUFFIXES) else self.dtype
         return nn.Parameter(value.to(device=device, dtype=dtype), requires_grad=False)
 
     def forward(
-        self, tokens: torch.Tensor, cache=None, rows: torch.Tensor | None = None
+        self, tokens: torch.Tensor, cache: KVCache | None = None, rows: torch.Tensor | None = None
     ) -> torch.Tensor:
         return super().forward(tokens.to(self.device), cache, rows)
 

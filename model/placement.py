@@ -349,6 +349,16 @@ def matrix_bytes(
     return rows * cols * DTYPE_BYTES[dtype]
 
 
+def sliced_row_blocks(rows: int, start: int, stop: int, blocks: int = INT8_ROW_BLOCKS) -> int:
+    """Scale blocks left in rows [start, stop) of a matrix with `blocks` row blocks.
+
+    A slice that starts or stops inside a block gets finer blocks, each repeating its old block's
+    scale (the unit is the largest row count dividing the block size and both bounds).
+    """
+    unit = math.gcd(rows // blocks, start, stop)
+    return (stop - start) // unit
+
+
 def shard_weight_bytes(
     config: GrokConfig, shard: Shard, dtype: DType, quantization: Quantization
 ) -> tuple[int, int]:
@@ -356,8 +366,8 @@ def shard_weight_bytes(
     d, k = config.emb_size, config.key_size
     q = (shard.q_heads[1] - shard.q_heads[0]) * k
     kv = (shard.kv_heads[1] - shard.kv_heads[0]) * k
-    # A slice of a row-blocked matrix keeps at most as many blocks as it has rows (see parallel.py).
-    wo_blocks = min(INT8_ROW_BLOCKS, q)
+    q_rows = (shard.q_heads[0] * k, shard.q_heads[1] * k)
+    wo_blocks = sliced_row_blocks(config.num_q_heads * k, *q_rows)
     size = (
         matrix_bytes(d, q, dtype, quantization)
         + 2 * matrix_bytes(d, kv, dtype, quantization)
@@ -366,8 +376,9 @@ def shard_weight_bytes(
     elements = 2 * d * q + 2 * d * kv
     for piece in shard.experts:
         f = piece.size
+        down_blocks = sliced_row_blocks(config.ffn_size, piece.f_start, piece.f_stop)
         size += 2 * matrix_bytes(d, f, dtype, quantization)
-        size += matrix_bytes(f, d, dtype, quantization, min(INT8_ROW_BLOCKS, f))
+        size += matrix_bytes(f, d, dtype, quantization, down_blocks)
         elements += 3 * d * f
     norms_and_router = 4 * d * 4 + d * config.num_experts * 4
     return size + norms_and_router, elements

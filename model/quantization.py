@@ -31,6 +31,11 @@ class QuantizedWeight(nn.Module):
         return dequantize(self.weight, self.scales).to(dtype)
 
 
+def dense(weight: torch.Tensor | QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
+    """The matrix in `dtype`: an int8 weight is dequantised in float32, then rounded once."""
+    return weight.dequantize(dtype) if isinstance(weight, QuantizedWeight) else weight
+
+
 def check_quantized_shapes(weight_shape: torch.Size, scales_shape: torch.Size) -> None:
     *lead, rows, cols = weight_shape
     *scale_lead, blocks, scale_cols = scales_shape

@@ -21,21 +21,17 @@ from typing import Literal
 import torch
 from torch import nn
 
-from grokserve.model import layers
+from grokserve.model import kernels, layers
 from grokserve.model.cache import KVCache
 from grokserve.model.config import GrokConfig
 from grokserve.model.presets import preset
-from grokserve.model.quantization import QuantizedWeight, quantize
+from grokserve.model.quantization import QuantizedWeight, dense, quantize
 
 Quantization = Literal["int8"] | None
 Matrix = nn.Parameter | QuantizedWeight
 
 # Row blocks of the released scales: S = 8 for the two row-parallel matrices, 1 elsewhere (spec §3).
 ROW_BLOCKS = {"wo": 8, "w_down": 8}
-
-
-def dense(weight: Matrix, dtype: torch.dtype) -> torch.Tensor:
-    return weight.dequantize(dtype) if isinstance(weight, QuantizedWeight) else weight
 
 
 def empty_quantized(shape: torch.Size, row_blocks: int, device: torch.device) -> QuantizedWeight:
@@ -98,7 +94,7 @@ class Attention(nn.Module):
         k = layers.apply_rope(k, step.positions, self.config.rope_theta)
         if step.cache is not None:
             k, v = step.cache.write(layer, step.rows, step.positions, k, v, step.span)
-        out = layers.attention(
+        out = kernels.attention(
             q,
             k,
             v,
@@ -151,15 +147,9 @@ class MoE(nn.Module):
         gates, experts = layers.route(flat, self.router, self.config.num_selected_experts)
         counted = experts[step.token_valid.reshape(-1)]
         self.routed_tokens += torch.bincount(counted.reshape(-1), minlength=self.config.num_experts)
-        dtype = x.dtype
-        out = layers.moe(
-            flat,
-            gates,
-            experts,
-            dense(self.w_gate, dtype),
-            dense(self.w_up, dtype),
-            dense(self.w_down, dtype),
-            self.expert_ids,
+        # The weights go as they are (int8 ones included): the fused kernel dequantises on the fly.
+        out = kernels.moe(
+            flat, gates, experts, self.w_gate, self.w_up, self.w_down, self.expert_ids
         )
         return out.view_as(x)
 

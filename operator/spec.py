@@ -1,23 +1,29 @@
 """The GrokDeployment spec (grokserve.io/v1alpha1) as pydantic models.
 
-This is the source of truth for the custom resource: the CRD's openAPIV3Schema is generated from these
-models (`grokserve.operator.crd`), and the operator parses every object with `parse_spec`, so that what
-the CRD cannot express (a preset's head count, a context longer than the model's) still ends in a
-specific error instead of a crash loop.
+This is the source of truth for the custom resource: the CRD's openAPIV3Schema is generated from
+these models (`grokserve.operator.crd`), and the operator parses every object with `parse_spec`, so
+that what the CRD cannot express (a context longer than the model's, say) still ends in a specific
+error instead of a crash loop.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
-from grokserve.operator.presets import PRESET_SHAPES, CamelModel, ModelShape
 from pydantic import Field, ValidationError, model_validator
+
+from grokserve.operator.presets import PRESET_SHAPES, CamelModel, ModelShape
 
 API_GROUP = "grokserve.io"
 API_VERSION = "v1alpha1"
 KIND = "GrokDeployment"
 PLURAL = "grokdeployments"
 
+# Children take the deployment's name (the Service needs a DNS-1035 label) and KubeRay derives
+# longer names from the RayService's, so names are kept short enough for both.
+NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+MAX_NAME_LENGTH = 40
 PresetName = Literal[tuple(PRESET_SHAPES)]  # type: ignore[valid-type]
 SOURCE_PATTERN = r"^(pvc|file|s3|gs|hf)://.+"
 
@@ -34,21 +40,14 @@ class SpecError(ValueError):
 class ModelSpec(CamelModel):
     """Which model to serve and how its weights are held on the GPUs."""
 
-    preset: PresetName | None = Field(  # type: ignore[valid-type]
-        None,
-        description="Architecture preset (grok-1 is the released model). Exactly one of preset or config.",
-    )
-    config: ModelShape | None = Field(
-        None, description="Model dimensions for a non-preset Grok-architecture model."
+    preset: PresetName = Field(  # type: ignore[valid-type]
+        description="Architecture preset; grok-1 is the released model."
     )
     source: str | None = Field(
         None,
         pattern=SOURCE_PATTERN,
         description="Checkpoint location: pvc://CLAIM/PATH, file://PATH, s3://, gs:// or hf://. "
         "Unset serves random weights (tests and demos only).",
-    )
-    format: Literal["auto", "xai-8bit", "safetensors"] = Field(
-        "auto", description="Checkpoint format; auto detects it from the files."
     )
     tokenizer: str | None = Field(
         None,
@@ -63,15 +62,9 @@ class ModelSpec(CamelModel):
         description="int8 keeps the released 8-bit weights on the GPU (half the memory of bf16).",
     )
 
-    @model_validator(mode="after")
-    def _one_of_preset_or_config(self) -> ModelSpec:
-        if (self.preset is None) == (self.config is None):
-            raise ValueError("set exactly one of preset or config")
-        return self
-
     @property
     def shape(self) -> ModelShape:
-        return self.config if self.config is not None else PRESET_SHAPES[self.preset]
+        return PRESET_SHAPES[self.preset]
 
 
 class ParallelismSpec(CamelModel):
@@ -301,6 +294,18 @@ def _describe(error: ValidationError) -> str:
     return "; ".join(lines)
 
 
+def check_name(name: Any) -> None:
+    """A GrokDeployment's metadata.name must also work as its children's names."""
+    if not isinstance(name, str) or not name:
+        raise SpecError("metadata.name is required", reason="InvalidName")
+    if len(name) > MAX_NAME_LENGTH or not re.match(NAME_PATTERN, name):
+        raise SpecError(
+            f"metadata.name {name!r} must be at most {MAX_NAME_LENGTH} characters of lowercase "
+            "letters, digits and '-', starting with a letter (it names the Service and RayService)",
+            reason="InvalidName",
+        )
+
+
 def parse_spec(spec: Any) -> GrokDeploymentSpec:
     """Validate a GrokDeployment's `spec` (camelCase, as in the YAML); raises SpecError."""
     if not isinstance(spec, dict):
@@ -321,6 +326,5 @@ def parse_resource(body: Any) -> GrokDeploymentSpec:
             f"expected apiVersion {expected} and kind {KIND}, got "
             f"{body.get('apiVersion')!r} and {body.get('kind')!r}"
         )
-    if not (body.get("metadata") or {}).get("name"):
-        raise SpecError("metadata.name is required")
+    check_name((body.get("metadata") or {}).get("name"))
     return parse_spec(body.get("spec"))

@@ -15,7 +15,7 @@ if ! command -v prometheus >/dev/null 2>&1; then
 fi
 
 python3 -m pip install -q torch==2.13.0
-python3 -m pip install -q -e '.[all,dev]'
+python3 -m pip install -q -e '.[all,dev,kernels]'
 
 ruff check .
 ruff format --check .

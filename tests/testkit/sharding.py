@@ -23,19 +23,21 @@ from grokserve.model.placement import Cluster, Parallelism, make_plan
 PRESET = "grok-tiny"
 PREFILL, DECODE_STEPS = 6, 4
 
-# name -> (nodes, gpus per node, tensor, expert, int8); world size = nodes × GPUs per node.
-CASES: dict[int, dict[str, tuple[int, int, int, int, bool]]] = {
+# name -> (nodes, gpus per node, tensor, expert, weights); world size = nodes × GPUs per node.
+# Weights: "float32", "int8" (float32 activations) or "bfloat16".
+CASES: dict[int, dict[str, tuple[int, int, int, int, str]]] = {
     2: {
-        "tensor_only": (1, 2, 2, 1, False),
-        "expert_only": (1, 2, 1, 2, False),
-        "tensor_only_int8": (1, 2, 2, 1, True),
+        "tensor_only": (1, 2, 2, 1, "float32"),
+        "expert_only": (1, 2, 1, 2, "float32"),
+        "tensor_only_int8": (1, 2, 2, 1, "int8"),
     },
     4: {
-        "tensor_x_expert": (1, 4, 2, 2, False),
-        "f_sliced_experts": (1, 4, 1, 1, False),
-        "whole_experts_tensor_4": (1, 4, 4, 4, False),
-        "two_nodes": (2, 2, 2, 2, False),
-        "two_nodes_int8": (2, 2, 2, 2, True),
+        "tensor_x_expert": (1, 4, 2, 2, "float32"),
+        "f_sliced_experts": (1, 4, 1, 1, "float32"),
+        "whole_experts_tensor_4": (1, 4, 4, 4, "float32"),
+        "two_nodes": (2, 2, 2, 2, "float32"),
+        "two_nodes_int8": (2, 2, 2, 2, "int8"),
+        "tensor_x_expert_bf16": (1, 4, 2, 2, "bfloat16"),
     },
 }
 
@@ -98,25 +100,34 @@ def worker(rank: int, world: int, port: int, out: str) -> None:
             config,
             Parallelism(tensor=tensor, expert=expert),
             Cluster(nodes=nodes, gpus_per_node=gpus, gpu_memory=10**9),
-            "float32",
-            "int8" if int8 else None,
+            "bfloat16" if weights == "bfloat16" else "float32",
+            "int8" if weights == "int8" else None,
         )
-        for name, (nodes, gpus, tensor, expert, int8) in CASES[world].items()
+        for name, (nodes, gpus, tensor, expert, weights) in CASES[world].items()
     }
     start_process_group(next(iter(plans.values())), rank, "127.0.0.1", port, timeout=60)
     try:
         float_model = GrokModel.from_preset(PRESET, seed=0)
-        int8_model = float_model.quantized()
-        references = {None: run_model(float_model), "int8": run_model(int8_model)}
-        states = {None: float_model.state_dict(), "int8": int8_model.state_dict()}
+        models = {
+            "float32": float_model,
+            "int8": float_model.quantized(),
+            "bfloat16": float_model.astype(torch.bfloat16),
+        }
+        weights_of = {name: case[4] for name, case in CASES[world].items()}
+        references = {kind: run_model(models[kind]) for kind in {"float32", *weights_of.values()}}
         results: dict[str, Any] = {}
         for name, plan in plans.items():
-            state = states[plan.quantization]
+            state = models[weights_of[name]].state_dict()
             shard = GrokShard.from_state_dict(state, plan, rank)
-            expected, got = references[plan.quantization], run_model(shard)
+            expected, got = references[weights_of[name]], run_model(shard)
             local, held = shard_state_dict(state, plan, rank), shard.state_dict()
             results[name] = {
                 "full": float((got["full"] - expected["full"]).abs().max()),
+                # bf16 is judged by its distance from float32, next to the single-process model's.
+                "full_error": float((got["full"] - references["float32"]["full"]).abs().max()),
+                "single_full_error": float(
+                    (expected["full"] - references["float32"]["full"]).abs().max()
+                ),
                 "decode": float((got["decode"] - expected["decode"]).abs().max()),
                 "counts_equal": bool(torch.equal(got["counts"], expected["counts"])),
                 "cache_heads": int(got["cache_heads"]),

@@ -1,0 +1,113 @@
+"""`grokserve generate`: load a checkpoint (or a randomly initialised preset) and continue a prompt."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+HELP = "print the continuation of a prompt by a checkpoint or a random preset model"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", metavar="PATH", help="checkpoint directory (any format)")
+    source.add_argument(
+        "--preset", metavar="NAME", help="random weights of a preset, e.g. grok-tiny"
+    )
+    parser.add_argument("--prompt", required=True, help="text, or token ids like '5 17 9'")
+    parser.add_argument("--tokenizer", metavar="PATH", help="SentencePiece tokenizer.model")
+    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument(
+        "--seed", type=int, default=0, help="sampling seed (and a preset's weights)"
+    )
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--int8", action="store_true", help="keep 8-bit weights as stored")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--config", help="preset name or config JSON (overrides the checkpoint's)")
+
+
+def prompt_ids(prompt: str, tokenizer: object | None, vocab_size: int) -> list[int]:
+    """Without a tokenizer the prompt is token ids ('5 17 9') or else its UTF-8 bytes as ids."""
+    if tokenizer is not None:
+        return tokenizer.encode(prompt)  # type: ignore[attr-defined]
+    parts = prompt.split()
+    if parts and all(part.isdigit() for part in parts):
+        ids = [int(part) for part in parts]
+    else:
+        ids = list(prompt.encode())
+    if any(i >= vocab_size for i in ids):
+        raise ValueError(
+            f"prompt token ids must be below the vocabulary size {vocab_size}; "
+            "pass --tokenizer to encode text"
+        )
+    return ids
+
+
+def render(tokenizer: object, ids: list[int]) -> str:
+    """Decoded text; ids the tokenizer does not know (a model with a larger vocabulary) as [id]."""
+    known = tokenizer.vocab_size  # type: ignore[attr-defined]
+    text, run_of_known = [], []
+    for token in [*ids, None]:
+        if token is not None and token < known:
+            run_of_known.append(token)
+            continue
+        if run_of_known:
+            text.append(tokenizer.decode(run_of_known))  # type: ignore[attr-defined]
+            run_of_known = []
+        if token is not None:
+            text.append(f"[{token}]")
+    return "".join(text)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from grokserve.model import GrokModel, load_model
+    from grokserve.model.checkpoint import CheckpointError
+    from grokserve.model.config import ConfigError
+    from grokserve.model.presets import preset
+    from grokserve.model.sampling import SamplingParams, generate
+    from grokserve.model.tokenizer import Tokenizer, TokenizerError
+
+    started = time.perf_counter()
+    try:
+        params = SamplingParams(
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            max_tokens=args.max_tokens,
+        )
+        tokenizer = Tokenizer(args.tokenizer) if args.tokenizer else None
+        quantization = "int8" if args.int8 else None
+        if args.checkpoint:
+            model = load_model(
+                args.checkpoint, args.dtype, args.device, args.config, quantization=quantization
+            )
+        else:
+            dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+            model = GrokModel(preset(args.preset)).init_random_(args.seed).astype(dtype)
+            model = (model.quantized() if quantization else model).to(args.device)
+        if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
+            raise ValueError(
+                f"the tokenizer has {tokenizer.vocab_size} pieces but the model only "
+                f"{model.config.vocab_size} token ids"
+            )
+        prompt = prompt_ids(args.prompt, tokenizer, model.config.vocab_size)
+        produced = generate(model, prompt, params, seed=args.seed)
+    except (CheckpointError, ConfigError, TokenizerError, ValueError) as error:
+        print(f"grokserve generate: {error}", file=sys.stderr)
+        return 1
+    if tokenizer is not None:
+        print(render(tokenizer, produced))
+    else:
+        print(" ".join(str(token) for token in produced))
+    seconds = time.perf_counter() - started
+    print(
+        f"[{len(prompt)} prompt tokens, {len(produced)} generated, {seconds:.2f} s]",
+        file=sys.stderr,
+    )
+    return 0

@@ -1,0 +1,64 @@
+"""`grokserve operator`: run the GrokDeployment operator (kopf) with its metrics endpoint."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "run the GrokDeployment operator (reconciles GrokDeployments into KubeRay RayServices)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--namespace",
+        "-n",
+        action="append",
+        default=[],
+        help="watch only this namespace (repeatable); default: all namespaces",
+    )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=8080,
+        help="port of the operator's Prometheus metrics (0 disables; default 8080)",
+    )
+    parser.add_argument(
+        "--health-port",
+        type=int,
+        default=8081,
+        help="port of the liveness endpoint /healthz (0 disables; default 8081)",
+    )
+    parser.add_argument(
+        "--listen-host",
+        default="0.0.0.0",
+        help="address the metrics and health endpoints bind to (default 0.0.0.0, for pods)",
+    )
+    parser.add_argument(
+        "--peering",
+        action="store_true",
+        help="coordinate with other operator replicas through kopf peering (needs its CRDs)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    import asyncio
+
+    import kopf
+    from prometheus_client import start_http_server
+
+    import grokserve.operator.handlers  # noqa: F401  (registers the handlers)
+
+    for port, name in ((args.metrics_port, "--metrics-port"), (args.health_port, "--health-port")):
+        if not 0 <= port <= 65535:
+            raise SystemExit(f"grokserve operator: {name} must be 0..65535, got {port}")
+    if args.metrics_port:
+        start_http_server(args.metrics_port, addr=args.listen_host)
+    liveness = f"http://{args.listen_host}:{args.health_port}/healthz" if args.health_port else None
+    asyncio.run(
+        kopf.operator(
+            standalone=not args.peering,
+            clusterwide=not args.namespace,
+            namespaces=args.namespace,
+            liveness_endpoint=liveness,
+        )
+    )
+    return 0

@@ -1,0 +1,83 @@
+"""Fast GPU paths for the two heavy parts of a layer, behind dispatchers with the reference signatures.
+
+`moe` and `attention` compute exactly what `grokserve.model.layers.moe` / `.attention` compute. On a
+CUDA device the fast path runs (Triton fused MoE, FlexAttention); elsewhere, or with the environment
+variable `GROKSERVE_KERNELS=reference`, the reference path runs. `GROKSERVE_KERNELS=fast` forces the
+fast path on any device (the CPU tests use it with `TRITON_INTERPRET=1`).
+
+The MoE weights may be dense tensors or `QuantizedWeight`s (int8 with row-block scales): the fast path
+dequantises inside the kernel, the reference path dequantises to the activations' dtype first.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from grokserve.model import layers
+from grokserve.model.kernels.support import fast_moe_supported
+from grokserve.model.quantization import QuantizedWeight, dense
+
+Weight = torch.Tensor | QuantizedWeight
+
+MODES = ("auto", "reference", "fast")
+
+
+def kernel_mode() -> str:
+    mode = os.environ.get("GROKSERVE_KERNELS", "auto")
+    if mode not in MODES:
+        raise ValueError(f"GROKSERVE_KERNELS must be one of {MODES}, got {mode!r}")
+    return mode
+
+
+def wants_fast_path(device: torch.device) -> bool:
+    mode = kernel_mode()
+    if mode == "reference":
+        return False
+    return mode == "fast" or device.type == "cuda"
+
+
+def moe(
+    x: torch.Tensor,
+    gates: torch.Tensor,
+    experts: torch.Tensor,
+    w_gate: Weight,
+    w_up: Weight,
+    w_down: Weight,
+    expert_ids: range | None = None,
+) -> torch.Tensor:
+    """`layers.moe` with the fused Triton kernel where it applies (see the module docstring)."""
+    if wants_fast_path(x.device) and fast_moe_supported(x, w_gate, w_up, w_down):
+        from grokserve.model.kernels.moe_triton import fused_moe
+
+        return fused_moe(x, gates, experts, w_gate, w_up, w_down, expert_ids)
+    dtype = x.dtype
+    return layers.moe(
+        x,
+        gates,
+        experts,
+        dense(w_gate, dtype),
+        dense(w_up, dtype),
+        dense(w_down, dtype),
+        expert_ids,
+    )
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    query_positions: torch.Tensor,
+    key_valid: torch.Tensor,
+    logit_multiplier: float,
+    cap: float,
+) -> torch.Tensor:
+    """`layers.attention` through FlexAttention on the fast path (soft-cap in its score_mod)."""
+    if wants_fast_path(q.device):
+        from grokserve.model.kernels.attention_flex import flex_soft_capped_attention
+
+        return flex_soft_capped_attention(
+            q, k, v, query_positions, key_valid, logit_multiplier, cap
+        )
+    return layers.attention(q, k, v, query_positions, key_valid, logit_multiplier, cap)

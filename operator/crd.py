@@ -1,0 +1,265 @@
+"""The GrokDeployment CustomResourceDefinition, generated from the pydantic spec.
+
+`python -m grokserve.operator.crd` prints it; `manifests/crd/grokdeployments.yaml` and
+`charts/grokserve/crds/grokdeployments.yaml` hold that output, and a test keeps them identical.
+Cross-field rules the schema cannot state are CEL rules here; rules that need more than CEL can
+see stay in the pydantic model (and surface as a Ready=False condition).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import yaml
+
+from grokserve.operator.presets import PRESET_SHAPES
+from grokserve.operator.spec import (
+    API_GROUP,
+    API_VERSION,
+    KIND,
+    MAX_NAME_LENGTH,
+    NAME_PATTERN,
+    PLURAL,
+    GrokDeploymentSpec,
+)
+
+SHORT_NAMES = ["gd", "grokdep"]
+_DROPPED_KEYS = {"title", "additionalProperties", "$defs"}
+
+
+def _preset_map(field: str) -> str:
+    entries = ", ".join(
+        f"'{name}': {getattr(shape, field)}" for name, shape in PRESET_SHAPES.items()
+    )
+    return "{" + entries + "}"
+
+
+def _structural(node: Any, defs: dict[str, Any]) -> Any:
+    """pydantic's JSON Schema -> a Kubernetes structural schema (no refs, no null unions)."""
+    if isinstance(node, list):
+        return [_structural(item, defs) for item in node]
+    if not isinstance(node, dict):
+        return node
+    if "$ref" in node:
+        target = defs[node["$ref"].rsplit("/", 1)[-1]]
+        merged = {**target, **{k: v for k, v in node.items() if k != "$ref"}}
+        return _structural(merged, defs)
+    if "anyOf" in node:
+        options = [option for option in node["anyOf"] if option.get("type") != "null"]
+        if len(options) != 1:
+            raise ValueError(f"cannot express a union of {len(options)} types in a CRD: {node}")
+        rest = {k: v for k, v in node.items() if k != "anyOf"}
+        if rest.get("default", 0) is None:
+            del rest["default"]
+        return _structural({**options[0], **rest}, defs)
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if key in _DROPPED_KEYS and not (key == "additionalProperties" and isinstance(value, dict)):
+            continue
+        if key == "exclusiveMinimum":
+            out["minimum"] = value
+            out["exclusiveMinimum"] = True
+        elif key == "properties":
+            out[key] = {name: _structural(child, defs) for name, child in value.items()}
+        else:
+            out[key] = _structural(value, defs)
+    if out.get("type") == "object" and "properties" in out:
+        # default_factory objects: an empty default lets the API server fill in nested defaults.
+        required = out.get("required", [])
+        for name, child in out["properties"].items():
+            if "properties" in child and "default" not in child and name not in required:
+                child["default"] = {}
+    return out
+
+
+def spec_schema() -> dict[str, Any]:
+    raw = GrokDeploymentSpec.model_json_schema(by_alias=True)
+    schema = _structural(raw, raw.get("$defs", {}))
+    props = schema["properties"]
+    props["autoscaling"]["x-kubernetes-validations"] = [
+        {
+            "rule": "self.minReplicas <= self.maxReplicas",
+            "message": "autoscaling.minReplicas must be ≤ autoscaling.maxReplicas",
+        },
+        {
+            "rule": "!self.enabled || has(self.prometheusUrl)",
+            "message": "autoscaling.prometheusUrl is required when autoscaling is enabled",
+        },
+        {
+            "rule": "self.minReplicas > 0 || has(self.scaleToZeroIdleSeconds)",
+            "message": "autoscaling.minReplicas 0 needs autoscaling.scaleToZeroIdleSeconds",
+        },
+    ]
+    shards = "(self.gpusPerNode * self.nodesPerReplica)"
+    props["parallelism"]["x-kubernetes-validations"] = [
+        {
+            "rule": f"{shards} % self.tensor == 0",
+            "message": "parallelism.tensor must divide gpusPerNode × nodesPerReplica",
+        },
+        {
+            "rule": f"{shards} % self.expert == 0",
+            "message": "parallelism.expert must divide gpusPerNode × nodesPerReplica",
+        },
+    ]
+    schema["x-kubernetes-validations"] = [
+        {
+            "rule": f"{_preset_map('num_kv_heads')}[self.model.preset] % self.parallelism.tensor == 0",
+            "message": "parallelism.tensor must divide the model's kv heads (8 for grok-1)",
+        },
+        {
+            "rule": f"{_preset_map('num_experts')}[self.model.preset] % self.parallelism.expert == 0",
+            "message": "parallelism.expert must divide the model's experts (8 for grok-1)",
+        },
+        {
+            "rule": "!self.autoscaling.enabled || (self.replicas >= self.autoscaling.minReplicas"
+            " && self.replicas <= self.autoscaling.maxReplicas)",
+            "message": "replicas must lie within autoscaling.minReplicas..maxReplicas while "
+            "autoscaling is enabled",
+        },
+    ]
+    return schema
+
+
+def _condition_schema() -> dict[str, Any]:
+    return {
+        "type": "object",
+        "description": "A standard Kubernetes condition.",
+        "required": ["type", "status"],
+        "properties": {
+            "type": {
+                "type": "string",
+                "description": "Ready, Progressing, Degraded or ScalingActive.",
+            },
+            "status": {
+                "type": "string",
+                "enum": ["True", "False", "Unknown"],
+                "description": "Status.",
+            },
+            "reason": {"type": "string", "description": "CamelCase reason."},
+            "message": {"type": "string", "description": "Human-readable detail."},
+            "observedGeneration": {"type": "integer", "description": "Generation this describes."},
+            "lastTransitionTime": {
+                "type": "string",
+                "format": "date-time",
+                "description": "When the status last changed.",
+            },
+        },
+    }
+
+
+def status_schema() -> dict[str, Any]:
+    def field(kind: str, description: str) -> dict[str, Any]:
+        return {"type": kind, "description": description}
+
+    return {
+        "type": "object",
+        "description": "Observed state, written by the operator.",
+        # The autoscaler records its decisions under status.autoscaling.
+        "x-kubernetes-preserve-unknown-fields": True,
+        "properties": {
+            "observedGeneration": field("integer", "The spec generation this status describes."),
+            "replicas": field("integer", "Replicas the children are sized for (/scale)."),
+            "desiredReplicas": field("integer", "Replicas the spec asks for."),
+            "readyReplicas": field("integer", "Replicas serving now."),
+            "replicaSummary": field("string", "ready/desired, for kubectl get."),
+            "gpus": field("integer", "GPUs the deployment asks for in total."),
+            "selector": field("string", "Label selector of the deployment's pods (/scale)."),
+            "endpoint": field("string", "OpenAI-compatible base URL inside the cluster."),
+            "placement": field("string", "How replicas are laid out over nodes and GPUs."),
+            "conditions": {
+                "type": "array",
+                "description": "Ready, Progressing, Degraded (and ScalingActive from the autoscaler).",
+                "items": _condition_schema(),
+                "x-kubernetes-list-type": "map",
+                "x-kubernetes-list-map-keys": ["type"],
+            },
+        },
+    }
+
+
+def build_crd() -> dict[str, Any]:
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {
+            "name": f"{PLURAL}.{API_GROUP}",
+            "labels": {"app.kubernetes.io/name": "grokserve"},
+        },
+        "spec": {
+            "group": API_GROUP,
+            "scope": "Namespaced",
+            "names": {
+                "kind": KIND,
+                "listKind": f"{KIND}List",
+                "plural": PLURAL,
+                "singular": KIND.lower(),
+                "shortNames": SHORT_NAMES,
+                "categories": ["all", "grokserve"],
+            },
+            "versions": [
+                {
+                    "name": API_VERSION,
+                    "served": True,
+                    "storage": True,
+                    "subresources": {
+                        "status": {},
+                        "scale": {
+                            "specReplicasPath": ".spec.replicas",
+                            "statusReplicasPath": ".status.replicas",
+                            "labelSelectorPath": ".status.selector",
+                        },
+                    },
+                    "additionalPrinterColumns": [
+                        {
+                            "name": "Ready",
+                            "type": "string",
+                            "jsonPath": '.status.conditions[?(@.type=="Ready")].status',
+                        },
+                        {
+                            "name": "Replicas",
+                            "type": "string",
+                            "jsonPath": ".status.replicaSummary",
+                        },
+                        {"name": "GPUs", "type": "integer", "jsonPath": ".status.gpus"},
+                        {"name": "Endpoint", "type": "string", "jsonPath": ".status.endpoint"},
+                        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+                    ],
+                    "schema": {
+                        "openAPIV3Schema": {
+                            "type": "object",
+                            "description": "A served Grok model (Ray Serve on KubeRay).",
+                            "required": ["spec"],
+                            "x-kubernetes-validations": [
+                                {
+                                    "rule": f"size(self.metadata.name) <= {MAX_NAME_LENGTH} && "
+                                    f"self.metadata.name.matches('{NAME_PATTERN}')",
+                                    "message": f"metadata.name must be at most {MAX_NAME_LENGTH} "
+                                    "characters of lowercase letters, digits and '-', starting "
+                                    "with a letter (it names the Service and RayService)",
+                                }
+                            ],
+                            "properties": {
+                                "apiVersion": {"type": "string", "description": "API version."},
+                                "kind": {"type": "string", "description": "GrokDeployment."},
+                                "metadata": {"type": "object"},
+                                "spec": spec_schema(),
+                                "status": status_schema(),
+                            },
+                        }
+                    },
+                }
+            ],
+        },
+    }
+
+
+def render_crd() -> str:
+    header = (
+        "# Generated by `python -m grokserve.operator.crd` from operator/spec.py; do not edit.\n"
+    )
+    return header + yaml.safe_dump(build_crd(), sort_keys=False, allow_unicode=True, width=100)
+
+
+if __name__ == "__main__":
+    sys.stdout.write(render_crd())

@@ -1,0 +1,124 @@
+"""A small, synchronous Kubernetes client for the operator's children (kubernetes' ApiClient).
+
+It speaks raw paths so that one code path covers core, policy and custom resources; `RESOURCES` is
+also the list the RBAC test checks the chart against.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from kubernetes import client
+from kubernetes.client.rest import ApiException
+
+from grokserve.operator.spec import API_GROUP, API_VERSION, PLURAL
+
+
+@dataclass(frozen=True)
+class Resource:
+    group: str
+    version: str
+    plural: str
+
+    @property
+    def api_version(self) -> str:
+        return f"{self.group}/{self.version}" if self.group else self.version
+
+    def path(self, namespace: str, name: str | None = None, subresource: str | None = None) -> str:
+        base = f"/apis/{self.group}/{self.version}" if self.group else f"/api/{self.version}"
+        path = f"{base}/namespaces/{namespace}/{self.plural}"
+        if name:
+            path += f"/{name}"
+        if subresource:
+            path += f"/{subresource}"
+        return path
+
+
+RESOURCES: dict[str, Resource] = {
+    "ConfigMap": Resource("", "v1", "configmaps"),
+    "Service": Resource("", "v1", "services"),
+    "PodDisruptionBudget": Resource("policy", "v1", "poddisruptionbudgets"),
+    "RayService": Resource("ray.io", "v1", "rayservices"),
+    "ServiceMonitor": Resource("monitoring.coreos.com", "v1", "servicemonitors"),
+}
+GROKDEPLOYMENT = Resource(API_GROUP, API_VERSION, PLURAL)
+RAYSERVICE = RESOURCES["RayService"]
+SERVICEMONITOR = RESOURCES["ServiceMonitor"]
+
+
+def api_message(error: ApiException) -> str:
+    """The API server's own explanation (the Status object's message), else the HTTP reason."""
+    try:
+        return json.loads(error.body or "")["message"]
+    except (ValueError, KeyError, TypeError):
+        return f"HTTP {error.status} {error.reason}"
+
+
+class Kube:
+    """create-or-patch, get and discovery over one ApiClient."""
+
+    def __init__(self, api: client.ApiClient) -> None:
+        self.api = api
+
+    def _call(
+        self, method: str, path: str, body: Any = None, content_type: str | None = None
+    ) -> Any:
+        headers = {"Accept": "application/json"}
+        if content_type:
+            headers["Content-Type"] = content_type
+        request = self.api.param_serialize(
+            method, path, header_params=headers, body=body, auth_settings=["BearerToken"]
+        )
+        response = self.api.call_api(*request, _request_timeout=30)
+        response.read()
+        # Any 2xx is success: some API servers answer a create with 200 rather than 201.
+        return self.api.response_deserialize(response, {"2XX": "object"}).data
+
+    def serves(self, resource: Resource) -> bool:
+        """Whether the API server serves this resource (e.g. KubeRay's CRD is installed)."""
+        base = f"/apis/{resource.group}/{resource.version}" if resource.group else "/api/v1"
+        try:
+            listing = self._call("GET", base)
+        except ApiException as error:
+            if error.status == 404:
+                return False
+            raise
+        return any(r.get("name") == resource.plural for r in (listing or {}).get("resources", []))
+
+    def get(self, resource: Resource, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return self._call("GET", resource.path(namespace, name))
+        except ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+
+    def patch_status(
+        self, resource: Resource, namespace: str, name: str, status: dict[str, Any]
+    ) -> None:
+        self._call(
+            "PATCH",
+            resource.path(namespace, name, "status"),
+            {"status": status},
+            content_type="application/merge-patch+json",
+        )
+
+    def apply(self, body: dict[str, Any]) -> str:
+        """Create the object, or merge-patch it to the desired state; returns what it did."""
+        resource = RESOURCES[body["kind"]]
+        metadata = body["metadata"]
+        try:
+            self._call("POST", resource.path(metadata["namespace"]), body)
+            return "created"
+        except ApiException as error:
+            if error.status != 409:
+                raise
+        self._call(
+            "PATCH",
+            resource.path(metadata["namespace"], metadata["name"]),
+            body,
+            content_type="application/merge-patch+json",
+        )
+        return "patched"

@@ -1,0 +1,103 @@
+"""One reconcile pass: validate the spec, apply the children, compute the status.
+
+Free of kopf so that it can be read and tested on its own; `handlers.py` wires it to kopf.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from kubernetes.client.rest import ApiException
+
+from grokserve.operator.builders import Owner, build_children
+from grokserve.operator.kube import RAYSERVICE, SERVICEMONITOR, Kube, api_message
+from grokserve.operator.spec import GrokDeploymentSpec, SpecError, check_name, parse_spec
+from grokserve.operator.status import (
+    KUBERAY_INSTALL_HINT,
+    build_status,
+    failure_conditions,
+    serving_conditions,
+)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: dict[str, Any]
+    ready: bool
+    ready_replicas: int
+    desired_replicas: int | None
+    # A Warning event worth posting (reason, message), when the deployment cannot proceed.
+    warning: tuple[str, str] | None = None
+
+
+# HTTP status -> Ready reason, for the API server refusing a child.
+REFUSALS = {400: "ChildRejected", 403: "Forbidden", 422: "ChildRejected"}
+
+
+def owner_of(body: dict[str, Any]) -> Owner:
+    meta = body["metadata"]
+    return Owner(name=meta["name"], namespace=meta["namespace"], uid=meta.get("uid"))
+
+
+def reconcile(kube: Kube, body: dict[str, Any]) -> Outcome:
+    """Validate, apply every child (create or merge-patch), then observe the RayService."""
+    owner = owner_of(body)
+    try:
+        check_name(owner.name)
+        spec = parse_spec(body.get("spec"))
+    except SpecError as error:
+        return _failed(body, error.reason, error.message)
+    if not kube.serves(RAYSERVICE):
+        message = f"KubeRay's RayService CRD (ray.io/v1) is not installed; {KUBERAY_INSTALL_HINT}"
+        return _failed(body, "KubeRayMissing", message)
+    for child in build_children(owner, spec, with_servicemonitor=kube.serves(SERVICEMONITOR)):
+        try:
+            kube.apply(child)
+        except ApiException as error:
+            # A refusal (validation, an admission webhook, missing RBAC) will not change by
+            # retrying: report it. Anything else (5xx, 429, network) propagates and kopf retries.
+            if error.status not in REFUSALS:
+                raise
+            what = f"{child['kind']} {child['metadata']['name']}"
+            return _failed(body, REFUSALS[error.status], f"{what}: {api_message(error)}")
+    return _observed(body, spec, kube.get(RAYSERVICE, owner.namespace, owner.name))
+
+
+def observe(body: dict[str, Any], rayservice: dict[str, Any] | None) -> Outcome:
+    """The status for a RayService state that KubeRay reported, without touching the children."""
+    try:
+        spec = parse_spec(body.get("spec"))
+    except SpecError as error:
+        return _failed(body, error.reason, error.message)
+    return _observed(body, spec, rayservice)
+
+
+def _observed(
+    body: dict[str, Any], spec: GrokDeploymentSpec, rayservice: dict[str, Any] | None
+) -> Outcome:
+    owner = owner_of(body)
+    conditions, ready_replicas = serving_conditions(owner, spec, rayservice)
+    status = build_status(
+        owner,
+        spec,
+        conditions,
+        ready_replicas,
+        generation=body["metadata"].get("generation"),
+        previous=body.get("status"),
+    )
+    ready = any(c.type == "Ready" and c.status for c in conditions)
+    return Outcome(status, ready, ready_replicas, spec.replicas)
+
+
+def _failed(body: dict[str, Any], reason: str, message: str) -> Outcome:
+    conditions = failure_conditions(reason, message)
+    previous = body.get("status") or {}
+    generation = body["metadata"].get("generation")
+    status = build_status(
+        owner_of(body), None, conditions, 0, generation=generation, previous=previous
+    )
+    before = next((c for c in previous.get("conditions", []) if c.get("type") == "Ready"), {})
+    # Post the event once per distinct problem, not on every periodic pass.
+    repeated = before.get("reason") == reason and before.get("message") == message
+    return Outcome(status, False, 0, None, None if repeated else (reason, message))

@@ -1,0 +1,204 @@
+"""A GrokDeployment's status, computed from its RayService's status (pure functions).
+
+`Ready` means: the RayService has seen the current generation of its spec, the Serve application is
+RUNNING with every deployment HEALTHY, and as many worker nodes are ready as the spec asks for.
+`readyReplicas` counts what serves now, also while a newer spec is being applied.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from grokserve.operator.builders import Owner, endpoint, placement_summary, selector
+from grokserve.operator.spec import GrokDeploymentSpec
+
+KUBERAY_INSTALL_HINT = (
+    "install KubeRay's operator first: helm repo add kuberay https://ray-project.github.io/kuberay-helm/ "
+    "&& helm install kuberay-operator kuberay/kuberay-operator"
+)
+
+
+@dataclass(frozen=True)
+class Condition:
+    type: str
+    status: bool
+    reason: str
+    message: str
+
+    def as_dict(self, generation: int | None, now: str) -> dict[str, Any]:
+        return {
+            "type": self.type,
+            "status": "True" if self.status else "False",
+            "reason": self.reason,
+            "message": self.message,
+            "observedGeneration": generation,
+            "lastTransitionTime": now,
+        }
+
+
+def now_rfc3339() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def merge_conditions(
+    previous: list[dict[str, Any]] | None,
+    current: list[Condition],
+    generation: int | None,
+    now: str,
+) -> list[dict[str, Any]]:
+    """Conditions as Kubernetes expects them: lastTransitionTime moves only when status changes."""
+    before = {c.get("type"): c for c in previous or []}
+    merged = []
+    for condition in current:
+        entry = condition.as_dict(generation, now)
+        old = before.get(condition.type)
+        if (
+            old is not None
+            and old.get("status") == entry["status"]
+            and old.get("lastTransitionTime")
+        ):
+            entry["lastTransitionTime"] = old["lastTransitionTime"]
+        merged.append(entry)
+    # Conditions other writers own (the autoscaler's ScalingActive) survive this merge-patch of
+    # the whole list.
+    ours = {condition.type for condition in current}
+    merged.extend(c for c in previous or [] if c.get("type") not in ours)
+    return merged
+
+
+def _unhealthy_deployments(application: dict[str, Any]) -> list[str]:
+    deployments = application.get("serveDeploymentStatuses") or {}
+    return sorted(
+        f"{name} {info.get('status', 'UNKNOWN')}"
+        + (f" ({info['message']})" if info.get("message") else "")
+        for name, info in deployments.items()
+        if info.get("status") != "HEALTHY"
+    )
+
+
+def _ready_workers(rayservice_status: dict[str, Any]) -> int:
+    cluster = (rayservice_status.get("activeServiceStatus") or {}).get("rayClusterStatus") or {}
+    return int(cluster.get("readyWorkerReplicas") or cluster.get("availableWorkerReplicas") or 0)
+
+
+def _serving_replicas(
+    spec: GrokDeploymentSpec, status: dict[str, Any], application: dict[str, Any] | None
+) -> int:
+    """Replicas serving now: the application runs healthy, counted by their ready worker nodes."""
+    if application is None or application.get("status") != "RUNNING":
+        return 0
+    if _unhealthy_deployments(application):
+        return 0
+    return min(_ready_workers(status) // spec.parallelism.nodes_per_replica, spec.replicas)
+
+
+def serving_conditions(
+    owner: Owner,
+    spec: GrokDeploymentSpec,
+    rayservice: dict[str, Any] | None,
+) -> tuple[list[Condition], int]:
+    """(Ready, Progressing, Degraded) and the number of replicas that serve now."""
+    if rayservice is None:
+        return _waiting("RayServiceMissing", "the RayService has not been created yet"), 0
+    if spec.replicas == 0:
+        message = "scaled to zero: no worker nodes, nothing serves"
+        return [
+            Condition("Ready", False, "ScaledToZero", message),
+            Condition("Progressing", False, "ScaledToZero", message),
+            Condition("Degraded", False, "ScaledToZero", message),
+        ], 0
+    status = rayservice.get("status") or {}
+    generation = (rayservice.get("metadata") or {}).get("generation")
+    active = status.get("activeServiceStatus") or {}
+    application = (active.get("applicationStatuses") or {}).get(owner.name)
+    ready_replicas = _serving_replicas(spec, status, application)
+    if generation is not None and status.get("observedGeneration") != generation:
+        message = (
+            f"KubeRay has not applied the latest spec yet; {ready_replicas} replica(s) of the "
+            "previous spec serve meanwhile"
+        )
+        return _waiting("RayServiceUpdating", message), ready_replicas
+    if application is None:
+        return _waiting("ServeApplicationPending", "the Serve application is not deployed yet"), 0
+    app_status = application.get("status", "UNKNOWN")
+    unhealthy = _unhealthy_deployments(application)
+    if app_status in ("DEPLOY_FAILED", "UNHEALTHY"):
+        detail = application.get("message") or "; ".join(unhealthy) or app_status
+        return [
+            Condition("Ready", False, "ServeApplicationFailed", f"{app_status}: {detail}"),
+            Condition("Progressing", False, "ServeApplicationFailed", detail),
+            Condition("Degraded", True, "ServeApplicationFailed", detail),
+        ], 0
+    if app_status != "RUNNING" or unhealthy:
+        detail = "; ".join(unhealthy) or f"application {app_status}"
+        return _waiting("ServeApplicationDeploying", detail), 0
+    pending = status.get("pendingServiceStatus") or {}
+    upgrading = bool(pending.get("rayClusterName"))
+    if ready_replicas < spec.replicas:
+        message = f"{ready_replicas}/{spec.replicas} replicas have their worker nodes ready"
+        return [
+            Condition("Ready", False, "ReplicasStarting", message),
+            Condition("Progressing", True, "ReplicasStarting", message),
+            Condition("Degraded", False, "ReplicasStarting", message),
+        ], ready_replicas
+    message = f"{spec.replicas} replica(s) serving at {endpoint(owner)}"
+    progressing = (
+        Condition("Progressing", True, "ClusterUpgrading", "KubeRay is preparing a new Ray cluster")
+        if upgrading
+        else Condition("Progressing", False, "Serving", "the current spec is deployed")
+    )
+    return [
+        Condition("Ready", True, "Serving", message),
+        progressing,
+        Condition("Degraded", False, "Serving", "every Serve deployment is healthy"),
+    ], ready_replicas
+
+
+def _waiting(reason: str, message: str) -> list[Condition]:
+    return [
+        Condition("Ready", False, reason, message),
+        Condition("Progressing", True, reason, message),
+        Condition("Degraded", False, reason, message),
+    ]
+
+
+def failure_conditions(reason: str, message: str) -> list[Condition]:
+    """The deployment cannot proceed (invalid spec, KubeRay missing): not ready, nothing in flight."""
+    return [
+        Condition("Ready", False, reason, message),
+        Condition("Progressing", False, reason, message),
+        Condition("Degraded", True, reason, message),
+    ]
+
+
+def build_status(
+    owner: Owner,
+    spec: GrokDeploymentSpec | None,
+    conditions: list[Condition],
+    ready_replicas: int,
+    *,
+    generation: int | None,
+    previous: dict[str, Any] | None,
+    now: str | None = None,
+) -> dict[str, Any]:
+    """The status subresource body; `spec` is None when the spec itself is invalid."""
+    previous = previous or {}
+    stamp = now or now_rfc3339()
+    status: dict[str, Any] = {
+        "observedGeneration": generation,
+        "selector": selector(owner),
+        "readyReplicas": ready_replicas,
+        "conditions": merge_conditions(previous.get("conditions"), conditions, generation, stamp),
+    }
+    if spec is not None:
+        status.update(
+            replicas=spec.replicas,
+            replicaSummary=f"{ready_replicas}/{spec.replicas}",
+            desiredReplicas=spec.replicas,
+            gpus=spec.replicas * spec.parallelism.gpus_per_replica,
+            endpoint=endpoint(owner),
+            placement=placement_summary(spec),
+        )
+    return status

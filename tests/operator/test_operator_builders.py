@@ -1,0 +1,135 @@
+"""Child manifests: shape, sizing, ownership, and acceptance by KubeRay's real RayService schema."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from grokserve.operator.builders import Owner, build_children, build_rayservice, serving_args
+from grokserve.operator.render import RenderError, render_documents
+from grokserve.operator.spec import parse_resource, parse_spec
+from testkit.kube_schemas import kuberay_validator, schema_errors
+
+EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "manifests" / "examples").glob("*.yaml"))
+OWNER = Owner(name="grok-1", namespace="llm", uid="0b7c5f0e-1d2a-4c2e-9d35-2b8f3f7a9c11")
+
+
+def example(name: str):
+    return parse_resource(yaml.safe_load((EXAMPLES[0].parent / name).read_text()))
+
+
+def worker_group(rayservice: dict) -> dict:
+    (group,) = rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    return group
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_rendered_rayservice_passes_kuberays_schema(path: Path) -> None:
+    validator = kuberay_validator("rayservices")
+    children = render_documents(path.read_text(), namespace="default", with_servicemonitor=True)
+    rayservices = [c for c in children if c["kind"] == "RayService"]
+    assert rayservices
+    for body in rayservices:
+        assert schema_errors(validator, body) == []
+
+
+def test_two_node_bf16_replicas_get_two_gpu_nodes_each() -> None:
+    spec = example("grok-1-bf16-two-node.yaml").model_copy(update={"replicas": 3})
+    group = worker_group(build_rayservice(OWNER, spec))
+    assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == 6
+    container = group["template"]["spec"]["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "8"
+    assert group["rayStartParams"] == {"num-gpus": "8"}
+    pod = group["template"]["spec"]
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    assert pod["tolerations"] == [
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    ]
+
+
+def test_serve_config_deploys_grokserve_with_the_model_and_replicas() -> None:
+    spec = example("grok-1-int8-single-node.yaml")
+    body = build_rayservice(OWNER, spec)
+    (app,) = yaml.safe_load(body["spec"]["serveConfigV2"])["applications"]
+    assert app["import_path"] == "grokserve.serving.app:build_app"
+    args = app["args"]
+    assert args["replicas"] == 1
+    assert args["model"] == {
+        "preset": "grok-1",
+        "dtype": "bfloat16",
+        "quantization": "int8",
+        "source": "/mnt/models/grok-weights/ckpt-0",
+        "tokenizer": "/mnt/models/grok-weights/tokenizer.model",
+    }
+    assert args["parallelism"]["tensor"] == 8 and args["parallelism"]["expert"] == 8
+    mounts = worker_group(body)["template"]["spec"]["containers"][0]["volumeMounts"]
+    assert mounts == [
+        {"name": "model-grok-weights", "mountPath": "/mnt/models/grok-weights", "readOnly": True}
+    ]
+
+
+def test_serving_args_are_accepted_by_the_serving_config() -> None:
+    config = pytest.importorskip(
+        "grokserve.serving.config", reason="grokserve.serving.config not merged yet"
+    )
+    for path in EXAMPLES:
+        spec = parse_resource(yaml.safe_load(path.read_text()))
+        config.ServingConfig.from_args(serving_args(OWNER, spec))
+
+
+def test_cpu_example_requests_no_gpu() -> None:
+    group = worker_group(build_rayservice(OWNER, example("grok-tiny-cpu.yaml")))
+    limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert "nvidia.com/gpu" not in limits
+    assert group["replicas"] == 1
+
+
+def test_every_child_is_owned_and_labelled() -> None:
+    spec = parse_spec(
+        {"model": {"preset": "grok-tiny"}, "parallelism": {"device": "cpu", "gpusPerNode": 1}}
+    )
+    children = build_children(OWNER, spec, with_servicemonitor=True)
+    assert [c["kind"] for c in children] == [
+        "ConfigMap",
+        "RayService",
+        "Service",
+        "PodDisruptionBudget",
+        "ServiceMonitor",
+    ]
+    for child in children:
+        (ref,) = child["metadata"]["ownerReferences"]
+        assert ref["uid"] == OWNER.uid and ref["controller"] is True
+        assert child["metadata"]["labels"]["grokserve.io/deployment"] == "grok-1"
+        assert child["metadata"]["namespace"] == "llm"
+    kinds = [c["kind"] for c in build_children(OWNER, spec, with_servicemonitor=False)]
+    assert "ServiceMonitor" not in kinds
+
+
+def test_upgrade_strategy_reaches_the_rayservice() -> None:
+    spec = parse_spec({"model": {"preset": "grok-1"}, "ray": {"upgradeStrategy": "None"}})
+    assert build_rayservice(OWNER, spec)["spec"]["upgradeStrategy"] == {"type": "None"}
+
+
+def test_pdb_lets_drains_take_one_replica_only_when_others_serve() -> None:
+    one = parse_spec({"model": {"preset": "grok-1"}, "parallelism": {"nodesPerReplica": 2}})
+    two = one.model_copy(update={"replicas": 2})
+    pdb = {
+        s.replicas: c
+        for s in (one, two)
+        for c in build_children(OWNER, s, with_servicemonitor=False)
+        if c["kind"] == "PodDisruptionBudget"
+    }
+    assert pdb[1]["spec"]["maxUnavailable"] == 0
+    assert pdb[2]["spec"]["maxUnavailable"] == 2
+
+
+def test_render_reports_the_bad_document() -> None:
+    text = "apiVersion: grokserve.io/v1alpha1\nkind: GrokDeployment\nmetadata: {name: x}\nspec: {model: {preset: grok-1}, parallelism: {tensor: 3}}\n"
+    with pytest.raises(RenderError, match="GrokDeployment x: spec: parallelism.tensor=3"):
+        render_documents(text, namespace="default", with_servicemonitor=False)
+    with pytest.raises(RenderError, match="no GrokDeployment object found"):
+        render_documents("kind: Pod\n", namespace="default", with_servicemonitor=False)
+    with pytest.raises(RenderError, match="not valid YAML"):
+        render_documents("a: [", namespace="default", with_servicemonitor=False)

@@ -1,0 +1,107 @@
+"""The CRD's CEL rules, evaluated on defaulted objects: they accept every example and reject what
+the operator's pydantic model rejects for the same reason."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytest.importorskip("celpy", reason="cel-python is not installed")
+
+from grokserve.operator.spec import SpecError, parse_resource
+from testkit.crd_cel import apply_defaults, rule_failures
+from testkit.kube_schemas import CRD_FILE
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLES = sorted((REPO / "manifests" / "examples").glob("*.yaml"))
+SCHEMA = yaml.safe_load(CRD_FILE.read_text())["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+BASE = {
+    "apiVersion": "grokserve.io/v1alpha1",
+    "kind": "GrokDeployment",
+    "metadata": {"name": "grok-1", "namespace": "llm"},
+    "spec": {"model": {"preset": "grok-1"}, "parallelism": {"tensor": 8, "expert": 8}},
+}
+
+
+def changed(name: str | None = None, **spec: dict) -> dict:
+    body = copy.deepcopy(BASE)
+    if name is not None:
+        body["metadata"]["name"] = name
+    for key, value in spec.items():
+        body["spec"][key] = (
+            {**body["spec"].get(key, {}), **value} if isinstance(value, dict) else value
+        )
+    return body
+
+
+def cel(body: dict) -> list[str]:
+    return rule_failures(SCHEMA, apply_defaults(SCHEMA, body))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_examples_pass_every_rule(path: Path) -> None:
+    for body in yaml.safe_load_all(path.read_text()):
+        assert cel(body) == []
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (
+            changed(parallelism={"tensor": 3}),
+            "parallelism.tensor must divide gpusPerNode × nodesPerReplica",
+        ),
+        (
+            changed(parallelism={"expert": 16}),
+            "parallelism.expert must divide gpusPerNode × nodesPerReplica",
+        ),
+        (
+            changed(parallelism={"tensor": 16, "nodesPerReplica": 2}),
+            "parallelism.tensor must divide the model's kv heads (8 for grok-1)",
+        ),
+        (
+            changed(model={"preset": "grok-tiny"}, parallelism={"tensor": 8, "expert": 1}),
+            "parallelism.tensor must divide the model's kv heads (8 for grok-1)",
+        ),
+        (
+            changed(parallelism={"expert": 16, "nodesPerReplica": 2}),
+            "parallelism.expert must divide the model's experts (8 for grok-1)",
+        ),
+        (
+            changed(autoscaling={"minReplicas": 3, "maxReplicas": 2}),
+            "autoscaling.minReplicas must be ≤ autoscaling.maxReplicas",
+        ),
+        (
+            changed(autoscaling={"enabled": True, "maxReplicas": 3}),
+            "autoscaling.prometheusUrl is required when autoscaling is enabled",
+        ),
+        (
+            changed(autoscaling={"minReplicas": 0}),
+            "autoscaling.minReplicas 0 needs autoscaling.scaleToZeroIdleSeconds",
+        ),
+        (
+            changed(
+                replicas=5,
+                autoscaling={"enabled": True, "maxReplicas": 4, "prometheusUrl": "http://p:9090"},
+            ),
+            "replicas must lie within autoscaling.minReplicas..maxReplicas while autoscaling is enabled",
+        ),
+        (changed(name="Grok-1"), "metadata.name must be at most 40 characters"),
+    ],
+)
+def test_rules_reject_what_the_operator_rejects(body: dict, message: str) -> None:
+    failures = cel(body)
+    assert any(f.startswith(message) for f in failures), failures
+    with pytest.raises(SpecError):
+        parse_resource(body)
+
+
+def test_defaults_make_a_minimal_object_valid() -> None:
+    body = {**BASE, "spec": {"model": {"preset": "grok-1"}}}
+    defaulted = apply_defaults(SCHEMA, body)
+    assert defaulted["spec"]["parallelism"]["gpusPerNode"] == 8
+    assert defaulted["spec"]["autoscaling"]["enabled"] is False
+    assert cel(body) == []

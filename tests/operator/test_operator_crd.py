@@ -1,0 +1,87 @@
+"""The CRD: generated from the spec model, shipped identically in manifests/ and the chart."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from grokserve.operator.crd import build_crd, render_crd
+from testkit.kube_schemas import CRD_FILE, REPO, grokdeployment_validator, schema_errors
+
+EXAMPLES = sorted((REPO / "manifests" / "examples").glob("*.yaml"))
+
+
+def test_manifest_is_the_generated_crd() -> None:
+    assert CRD_FILE.read_text() == render_crd(), (
+        "manifests/crd/grokdeployments.yaml is stale: run "
+        "`python -m grokserve.operator.crd > manifests/crd/grokdeployments.yaml`"
+    )
+
+
+def test_chart_ships_the_same_crd() -> None:
+    assert (
+        REPO / "charts" / "grokserve" / "crds" / "grokdeployments.yaml"
+    ).read_text() == CRD_FILE.read_text()
+
+
+def _undescribed(schema: dict, path: str) -> list[str]:
+    missing = [] if "description" in schema else [path]
+    for name, child in (schema.get("properties") or {}).items():
+        missing += _undescribed(child, f"{path}.{name}")
+    if "items" in schema:
+        missing += _undescribed(schema["items"], f"{path}[]")
+    return missing
+
+
+def test_every_spec_field_has_a_description() -> None:
+    spec = build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    assert _undescribed(spec, "spec") == []
+
+
+def test_scale_subresource_and_cel_rules() -> None:
+    version = build_crd()["spec"]["versions"][0]
+    assert version["subresources"]["scale"] == {
+        "specReplicasPath": ".spec.replicas",
+        "statusReplicasPath": ".status.replicas",
+        "labelSelectorPath": ".status.selector",
+    }
+    spec = version["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    rules = [r["rule"] for r in spec["x-kubernetes-validations"]]
+    assert (
+        "{'grok-1': 8, 'grok-tiny': 4, 'grok-mini': 4}[self.model.preset] % self.parallelism.tensor == 0"
+        in rules
+    )
+    assert [c["name"] for c in version["additionalPrinterColumns"]] == [
+        "Ready",
+        "Replicas",
+        "GPUs",
+        "Endpoint",
+        "Age",
+    ]
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_examples_validate_against_the_crd(path: Path) -> None:
+    for body in yaml.safe_load_all(path.read_text()):
+        if body and body.get("kind") == "GrokDeployment":
+            assert schema_errors(grokdeployment_validator(), body) == []
+
+
+def test_the_crd_schema_rejects_bad_fields() -> None:
+    body = {
+        "apiVersion": "grokserve.io/v1alpha1",
+        "kind": "GrokDeployment",
+        "metadata": {"name": "x"},
+        "spec": {"model": {"preset": "grok-9", "dtype": "int4"}, "replicas": -2},
+    }
+    errors = schema_errors(grokdeployment_validator(), body)
+    assert any(e.startswith("spec.model.preset:") for e in errors)
+    assert any(e.startswith("spec.model.dtype:") for e in errors)
+    assert any(e.startswith("spec.replicas:") for e in errors)
+
+
+def test_kubernetes_validate_accepts_the_crd() -> None:
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    kubernetes_validate.validate(yaml.safe_load(CRD_FILE.read_text()), "1.33", strict=True)

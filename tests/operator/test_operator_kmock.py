@@ -1,0 +1,180 @@
+"""The operator (kopf) against the KMock API server: children, status, updates, restarts, deletes."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+from prometheus_client import REGISTRY
+
+from testkit.operator_env import GROKDEPLOYMENTS, kube, running_operator, wait_until
+
+__all__ = ["kube"]  # the fixture, re-exported for pytest
+
+pytestmark = pytest.mark.timeout(120)
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "manifests" / "examples"
+NS = "llm"
+GD = f"{GROKDEPLOYMENTS}/namespaces/{NS}/grokdeployments"
+RS = f"/apis/ray.io/v1/namespaces/{NS}/rayservices"
+
+
+def example_body() -> dict:
+    return yaml.safe_load((EXAMPLES / "grok-1-int8-single-node.yaml").read_text())
+
+
+def condition(body: dict | None, kind: str = "Ready") -> dict:
+    for item in ((body or {}).get("status") or {}).get("conditions", []):
+        if item["type"] == kind:
+            return item
+    return {}
+
+
+def rayservice_status(generation: int, ready_workers: int, app: str = "RUNNING") -> dict:
+    return {
+        "observedGeneration": generation,
+        "activeServiceStatus": {
+            "applicationStatuses": {
+                "grok-1": {
+                    "status": app,
+                    "serveDeploymentStatuses": {"GrokReplica": {"status": "HEALTHY"}},
+                }
+            },
+            "rayClusterStatus": {"readyWorkerReplicas": ready_workers},
+        },
+    }
+
+
+def test_lifecycle_create_ready_update_restart_delete(kube) -> None:
+    _server, api = kube
+    api.install_crds(kuberay=True)
+    with running_operator():
+        api.create(GD, example_body())
+        # create -> children + status
+        rayservice = wait_until(lambda: api.get(f"{RS}/grok-1"), what="the RayService")
+        assert rayservice["metadata"]["ownerReferences"][0]["kind"] == "GrokDeployment"
+        for path in (
+            f"/api/v1/namespaces/{NS}/services/grok-1",
+            f"/api/v1/namespaces/{NS}/configmaps/grok-1-serving",
+            f"/apis/policy/v1/namespaces/{NS}/poddisruptionbudgets/grok-1",
+        ):
+            assert wait_until(lambda p=path: api.get(p), what=path)
+        body = wait_until(
+            lambda: (b := api.get(f"{GD}/grok-1")) and condition(b) and b, what="status"
+        )
+        assert condition(body)["status"] == "False"
+        assert body["status"]["selector"] == "grokserve.io/deployment=grok-1"
+
+        # child status -> Ready
+        api.merge_patch(
+            f"{RS}/grok-1/status",
+            {"status": rayservice_status(rayservice["metadata"]["generation"], 1)},
+        )
+        body = wait_until(
+            lambda: (b := api.get(f"{GD}/grok-1")) and condition(b).get("status") == "True" and b,
+            what="Ready=True",
+        )
+        assert body["status"]["readyReplicas"] == 1
+        labels = {"namespace": NS, "name": "grok-1"}
+        assert REGISTRY.get_sample_value("grokdeployment_condition_ready", labels) == 1
+        assert REGISTRY.get_sample_value("grokdeployment_ready_replicas", labels) == 1
+        assert REGISTRY.get_sample_value("grokdeployment_desired_replicas", labels) == 1
+        assert body["status"]["endpoint"] == "http://grok-1.llm.svc:8000/v1"
+
+        # spec update -> children patched, generation observed
+        api.merge_patch(f"{GD}/grok-1", {"spec": {"replicas": 3}})
+        wait_until(
+            lambda: (
+                api.get(f"{RS}/grok-1")["spec"]["rayClusterConfig"]["workerGroupSpecs"][0][
+                    "replicas"
+                ]
+                == 3
+            ),
+            what="the worker group to grow to 3 nodes",
+        )
+        body = wait_until(
+            lambda: (
+                (b := api.get(f"{GD}/grok-1"))["status"].get("observedGeneration")
+                == b["metadata"]["generation"]
+                and b
+            ),
+            what="the new generation to be observed",
+        )
+        assert body["metadata"]["generation"] == 2
+        assert condition(body)["reason"] == "RayServiceUpdating"
+
+    # operator restart -> the same children, no duplicates
+    uid_before = api.get(f"{RS}/grok-1")["metadata"]["uid"]
+    with running_operator():
+        api.merge_patch(f"{GD}/grok-1", {"spec": {"serving": {"maxBatchSize": 32}}})
+        wait_until(
+            lambda: "maxBatchSize: 32" in api.get(f"{RS}/grok-1")["spec"]["serveConfigV2"],
+            what="the serve config to change in place",
+        )
+    assert api.get(f"{RS}/grok-1")["metadata"]["uid"] == uid_before
+    assert len(api.get(RS)["items"]) == 1
+    assert len(api.get(f"/api/v1/namespaces/{NS}/services")["items"]) == 1
+
+    # delete -> the owner goes (kopf releases its timer's finalizer) and its children with it
+    with running_operator():
+        api.delete(f"{GD}/grok-1")
+        wait_until(lambda: api.get(f"{GD}/grok-1") is None, what="the GrokDeployment to go")
+    assert api.get(RS)["items"] == []
+    assert api.get(f"/api/v1/namespaces/{NS}/configmaps")["items"] == []
+
+
+def test_invalid_spec_becomes_a_condition_and_an_event(kube) -> None:
+    _server, api = kube
+    api.install_crds(kuberay=True)
+    body = example_body()
+    body["spec"]["serving"]["maxSequenceLength"] = 100000  # the CRD cannot know the model's context
+    with running_operator() as runner:
+        api.create(GD, body)
+        got = wait_until(lambda: condition(api.get(f"{GD}/grok-1")), what="a Ready condition")
+        assert got["status"] == "False" and got["reason"] == "InvalidSpec"
+        assert (
+            "serving.maxSequenceLength=100000 exceeds the model's context of 8192" in got["message"]
+        )
+        events = wait_until(
+            lambda: api.get(f"/api/v1/namespaces/{NS}/events")["items"], what="an Event"
+        )
+        assert any(e["reason"] == "InvalidSpec" for e in events)
+        assert api.get(RS)["items"] == []
+        # fixing the spec recovers without restarting anything
+        fixed = copy.deepcopy(body["spec"]["serving"])
+        fixed["maxSequenceLength"] = 4096
+        api.merge_patch(f"{GD}/grok-1", {"spec": {"serving": fixed}})
+        wait_until(lambda: api.get(f"{RS}/grok-1"), what="the RayService after the fix")
+    assert "Traceback" not in runner.output
+
+
+def test_missing_kuberay_is_reported_with_how_to_install_it(kube) -> None:
+    _server, api = kube
+    api.install_crds(kuberay=False)
+    with running_operator():
+        api.create(GD, example_body())
+        got = wait_until(lambda: condition(api.get(f"{GD}/grok-1")), what="a Ready condition")
+    assert got["reason"] == "KubeRayMissing"
+    assert "helm install kuberay-operator" in got["message"]
+
+
+def test_a_child_refused_by_the_api_server_is_reported_not_retried(kube) -> None:
+    server, api = kube
+    api.install_crds(kuberay=True)
+
+    def kuberay_webhook(method, resource, body):
+        if method == "POST" and resource.plural == "rayservices":
+            return 422, "workerGroupSpecs[0].replicas: 8 GPUs exceed the namespace quota"
+        return None
+
+    server.call(lambda kube_api: kube_api.admission.append(kuberay_webhook))
+    with running_operator():
+        api.create(GD, example_body())
+        got = wait_until(lambda: condition(api.get(f"{GD}/grok-1")), what="a Ready condition")
+        assert (got["status"], got["reason"]) == ("False", "ChildRejected")
+        assert (
+            got["message"]
+            == "RayService grok-1: workerGroupSpecs[0].replicas: 8 GPUs exceed the namespace quota"
+        )

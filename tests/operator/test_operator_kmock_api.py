@@ -1,0 +1,94 @@
+"""The KMock API-server subclass behaves like an API server where kopf and kubectl depend on it."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+
+import pytest
+
+from testkit.operator_env import GROKDEPLOYMENTS, kube
+
+__all__ = ["kube"]
+
+GD = f"{GROKDEPLOYMENTS}/namespaces/llm/grokdeployments"
+BODY = {
+    "apiVersion": "grokserve.io/v1alpha1",
+    "kind": "GrokDeployment",
+    "metadata": {"name": "g", "labels": {"team": "a"}},
+    "spec": {"model": {"preset": "grok-1"}, "replicas": 1},
+    "status": {"ignored": True},
+}
+
+
+def call(
+    url: str, method: str, path: str, body, content_type: str = "application/json"
+) -> tuple[int, dict]:
+    request = urllib.request.Request(url + path, data=json.dumps(body).encode(), method=method)
+    request.add_header("Content-Type", content_type)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def test_api_server_semantics(kube) -> None:
+    server, api = kube
+    api.install_crds(kuberay=False)
+    code, created = call(server.url, "POST", GD, BODY)
+    assert code == 201
+    meta = created["metadata"]
+    assert meta["uid"] and meta["generation"] == 1 and meta["resourceVersion"]
+    assert "status" not in created  # the status subresource is separate
+    assert call(server.url, "POST", GD, BODY)[0] == 409
+
+    stale = [{"op": "test", "path": "/metadata/resourceVersion", "value": "0"}]
+    code, error = call(server.url, "PATCH", f"{GD}/g", stale, "application/json-patch+json")
+    assert (code, error["reason"]) == (422, "Invalid")
+
+    _, updated = call(
+        server.url,
+        "PATCH",
+        f"{GD}/g",
+        {"spec": {"replicas": 2}, "status": {"x": 1}},
+        "application/merge-patch+json",
+    )
+    assert updated["metadata"]["generation"] == 2 and "status" not in updated
+    _, with_status = call(
+        server.url,
+        "PATCH",
+        f"{GD}/g/status",
+        {"status": {"replicas": 2}, "spec": {"replicas": 9}},
+        "application/merge-patch+json",
+    )
+    assert with_status["status"] == {"replicas": 2} and with_status["spec"]["replicas"] == 2
+    assert with_status["metadata"]["generation"] == 2  # status writes do not bump the generation
+
+    _, scale = call(
+        server.url,
+        "PATCH",
+        f"{GD}/g/scale",
+        {"spec": {"replicas": 3}},
+        "application/merge-patch+json",
+    )
+    assert scale["kind"] == "Scale" and scale["spec"]["replicas"] == 3
+    assert api.get(f"{GD}/g")["spec"]["replicas"] == 3
+
+    assert [o["metadata"]["name"] for o in api.get(f"{GD}?labelSelector=team%3Da")["items"]] == [
+        "g"
+    ]
+    assert api.get(f"{GD}?labelSelector=team%3Db")["items"] == []
+    assert {n["metadata"]["name"] for n in api.get("/api/v1/namespaces")["items"]} >= {
+        "default",
+        "llm",
+    }
+
+
+@pytest.mark.parametrize(
+    "path", ["/apis/nothing.io/v1/namespaces/x/things", "/api/v1/namespaces/x/pods"]
+)
+def test_unknown_resources_are_404(kube, path: str) -> None:
+    server, _ = kube
+    assert call(server.url, "POST", path, {"metadata": {"name": "a"}})[0] == 404

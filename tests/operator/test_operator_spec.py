@@ -1,0 +1,130 @@
+"""The GrokDeployment spec: defaults, cross-field rules and their messages."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from grokserve.operator.presets import PRESET_SHAPES
+from grokserve.operator.spec import SpecError, parse_resource, parse_spec
+
+EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "manifests" / "examples").glob("*.yaml"))
+GROK1 = {"model": {"preset": "grok-1"}, "parallelism": {"tensor": 8, "expert": 8}}
+
+
+def with_changes(**sections: dict) -> dict:
+    spec = copy.deepcopy(GROK1)
+    for key, value in sections.items():
+        spec[key] = {**spec.get(key, {}), **value} if isinstance(value, dict) else value
+    return spec
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_every_example_parses(path: Path) -> None:
+    for body in yaml.safe_load_all(path.read_text()):
+        if body and body.get("kind") == "GrokDeployment":
+            parse_resource(body)
+
+
+def test_defaults_fill_a_minimal_spec() -> None:
+    spec = parse_spec({"model": {"preset": "grok-1"}})
+    assert spec.replicas == 1
+    assert spec.parallelism.shards == 8
+    assert spec.max_sequence_length == 8192
+    assert spec.autoscaling.enabled is False
+    assert spec.ray.upgrade_strategy == "NewCluster"
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        (with_changes(parallelism={"tensor": 3}), "parallelism.tensor=3 must divide the shards"),
+        (
+            with_changes(parallelism={"tensor": 16, "nodesPerReplica": 2}),
+            "parallelism.tensor=16 must divide the model's 8 kv heads",
+        ),
+        (
+            with_changes(parallelism={"expert": 16, "nodesPerReplica": 2}),
+            "parallelism.expert=16 must divide the model's 8 experts",
+        ),
+        (
+            with_changes(serving={"maxSequenceLength": 9000}),
+            "serving.maxSequenceLength=9000 exceeds the model's context of 8192 tokens",
+        ),
+        (
+            with_changes(autoscaling={"minReplicas": 3, "maxReplicas": 2}),
+            "spec.autoscaling: minReplicas (3) must be ≤ maxReplicas (2)",
+        ),
+        (
+            with_changes(autoscaling={"enabled": True, "maxReplicas": 2}),
+            "spec.autoscaling: prometheusUrl is required",
+        ),
+        (
+            with_changes(autoscaling={"minReplicas": 0}),
+            "minReplicas 0 needs scaleToZeroIdleSeconds",
+        ),
+        (
+            with_changes(
+                replicas=5,
+                autoscaling={"enabled": True, "maxReplicas": 4, "prometheusUrl": "http://p:9090"},
+            ),
+            "replicas=5 must lie within autoscaling.minReplicas..maxReplicas (1..4)",
+        ),
+        (with_changes(model={"preset": "grok-2"}), "spec.model.preset: Input should be 'grok-1'"),
+        (with_changes(model={"source": "ftp://x"}), "spec.model.source: String should match"),
+        (with_changes(replicas=-1), "spec.replicas: Input should be greater than or equal to 0"),
+        (with_changes(modell={"preset": "grok-1"}), "spec.modell: Extra inputs are not permitted"),
+        ({"parallelism": {}}, "spec.model: Field required"),
+        ("grok-1", "spec must be a mapping, got str"),
+    ],
+)
+def test_invalid_specs_name_the_field(spec: object, expected: str) -> None:
+    with pytest.raises(SpecError) as caught:
+        parse_spec(spec)
+    assert expected in caught.value.message
+    assert caught.value.reason == "InvalidSpec"
+
+
+def test_wrong_kind_is_refused() -> None:
+    with pytest.raises(SpecError, match="expected apiVersion grokserve.io/v1alpha1"):
+        parse_resource(
+            {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"}, "spec": GROK1}
+        )
+
+
+def test_preset_shapes_match_the_model_package() -> None:
+    presets = pytest.importorskip("grokserve.model.presets", reason="model package needs torch")
+    for name, shape in PRESET_SHAPES.items():
+        config = presets.PRESETS[name]
+        assert (
+            shape.num_q_heads,
+            shape.num_kv_heads,
+            shape.num_experts,
+            shape.num_layers,
+            shape.emb_size,
+            shape.sequence_len,
+        ) == (
+            config.num_q_heads,
+            config.num_kv_heads,
+            config.num_experts,
+            config.num_layers,
+            config.emb_size,
+            config.sequence_len,
+        ), name
+
+
+@pytest.mark.parametrize("name", ["Grok", "1grok", "grok_1", "g" * 41, ""])
+def test_names_that_cannot_name_the_children_are_refused(name: str) -> None:
+    body = {
+        "apiVersion": "grokserve.io/v1alpha1",
+        "kind": "GrokDeployment",
+        "metadata": {"name": name},
+        "spec": GROK1,
+    }
+    with pytest.raises(SpecError) as caught:
+        parse_resource(body)
+    assert caught.value.reason == "InvalidName"
+    assert "metadata.name" in caught.value.message

@@ -1,0 +1,136 @@
+"""Status from the RayService's status: Ready only when the current generation serves."""
+
+from __future__ import annotations
+
+from grokserve.operator.builders import Owner
+from grokserve.operator.spec import parse_spec
+from grokserve.operator.status import build_status, failure_conditions, serving_conditions
+
+OWNER = Owner(name="grok-1", namespace="llm")
+SPEC = parse_spec(
+    {"model": {"preset": "grok-1"}, "replicas": 2, "parallelism": {"nodesPerReplica": 2}}
+)
+
+
+def rayservice(
+    app_status: str = "RUNNING",
+    deployments: dict | None = None,
+    ready_workers: int = 4,
+    generation: int = 3,
+    observed: int = 3,
+    pending: dict | None = None,
+) -> dict:
+    deployments = deployments if deployments is not None else {"GrokReplica": {"status": "HEALTHY"}}
+    return {
+        "metadata": {"generation": generation},
+        "status": {
+            "observedGeneration": observed,
+            "activeServiceStatus": {
+                "applicationStatuses": {
+                    "grok-1": {"status": app_status, "serveDeploymentStatuses": deployments}
+                },
+                "rayClusterStatus": {"readyWorkerReplicas": ready_workers},
+            },
+            "pendingServiceStatus": pending or {},
+        },
+    }
+
+
+def by_type(conditions) -> dict:
+    return {c.type: c for c in conditions}
+
+
+def test_running_application_with_all_nodes_is_ready() -> None:
+    conditions, ready = serving_conditions(OWNER, SPEC, rayservice())
+    c = by_type(conditions)
+    assert ready == 2
+    assert (c["Ready"].status, c["Ready"].reason) == (True, "Serving")
+    assert c["Progressing"].status is False and c["Degraded"].status is False
+
+
+def test_stale_generation_is_not_ready_but_counts_what_serves() -> None:
+    conditions, ready = serving_conditions(OWNER, SPEC, rayservice(observed=2))
+    assert by_type(conditions)["Ready"].reason == "RayServiceUpdating"
+    assert by_type(conditions)["Ready"].status is False
+    assert ready == 2  # the previous spec's replicas still serve
+
+
+def test_half_the_nodes_give_one_ready_replica_of_two() -> None:
+    conditions, ready = serving_conditions(OWNER, SPEC, rayservice(ready_workers=3))
+    c = by_type(conditions)
+    assert ready == 1
+    assert c["Progressing"].status is True and c["Ready"].reason == "ReplicasStarting"
+    assert c["Ready"].status is False  # Ready means every desired replica serves
+
+
+def test_failed_deployment_is_degraded_with_serves_message() -> None:
+    deployments = {"GrokReplica": {"status": "UNHEALTHY", "message": "CUDA out of memory"}}
+    conditions, _ = serving_conditions(OWNER, SPEC, rayservice("DEPLOY_FAILED", deployments))
+    c = by_type(conditions)
+    assert c["Ready"].status is False and c["Degraded"].status is True
+    assert "CUDA out of memory" in c["Ready"].message
+
+
+def test_deploying_application_and_missing_rayservice() -> None:
+    conditions, _ = serving_conditions(OWNER, SPEC, rayservice("DEPLOYING"))
+    assert by_type(conditions)["Ready"].reason == "ServeApplicationDeploying"
+    conditions, _ = serving_conditions(OWNER, SPEC, None)
+    assert by_type(conditions)["Ready"].reason == "RayServiceMissing"
+    empty = {"metadata": {"generation": 1}, "status": {"observedGeneration": 1}}
+    conditions, _ = serving_conditions(OWNER, SPEC, empty)
+    assert by_type(conditions)["Ready"].reason == "ServeApplicationPending"
+
+
+def test_pending_cluster_shows_progressing_while_old_one_serves() -> None:
+    conditions, _ = serving_conditions(OWNER, SPEC, rayservice(pending={"rayClusterName": "rc-2"}))
+    c = by_type(conditions)
+    assert c["Ready"].status is True and c["Progressing"].reason == "ClusterUpgrading"
+
+
+def test_status_body_and_stable_transition_times() -> None:
+    conditions, ready = serving_conditions(OWNER, SPEC, rayservice())
+    first = build_status(OWNER, SPEC, conditions, ready, generation=3, previous=None, now="T1")
+    assert (
+        first["replicas"] == 2 and first["readyReplicas"] == 2 and first["replicaSummary"] == "2/2"
+    )
+    assert first["gpus"] == 32 and first["selector"] == "grokserve.io/deployment=grok-1"
+    assert first["endpoint"] == "http://grok-1.llm.svc:8000/v1"
+    again = build_status(OWNER, SPEC, conditions, ready, generation=4, previous=first, now="T2")
+    assert {c["lastTransitionTime"] for c in again["conditions"]} == {"T1"}
+    failed = failure_conditions("KubeRayMissing", "install KubeRay")
+    later = build_status(OWNER, None, failed, 0, generation=5, previous=again, now="T3")
+    ready_condition = next(c for c in later["conditions"] if c["type"] == "Ready")
+    assert ready_condition == {
+        "type": "Ready",
+        "status": "False",
+        "reason": "KubeRayMissing",
+        "message": "install KubeRay",
+        "observedGeneration": 5,
+        "lastTransitionTime": "T3",
+    }
+    assert "endpoint" not in later
+
+
+def test_conditions_of_other_writers_are_kept() -> None:
+    scaling = {"type": "ScalingActive", "status": "True", "reason": "QueueBelowTarget"}
+    conditions, ready = serving_conditions(OWNER, SPEC, rayservice())
+    status = build_status(
+        OWNER, SPEC, conditions, ready, generation=3, previous={"conditions": [scaling]}, now="T"
+    )
+    assert [c["type"] for c in status["conditions"]] == [
+        "Ready",
+        "Progressing",
+        "Degraded",
+        "ScalingActive",
+    ]
+    assert status["conditions"][-1] == scaling
+
+
+def test_scaled_to_zero_is_not_ready_and_not_degraded() -> None:
+    conditions, ready = serving_conditions(
+        OWNER, SPEC.model_copy(update={"replicas": 0}), rayservice()
+    )
+    c = by_type(conditions)
+    assert ready == 0
+    assert (c["Ready"].status, c["Ready"].reason) == (False, "ScaledToZero")
+    assert c["Degraded"].status is False and c["Progressing"].status is False

@@ -1,0 +1,120 @@
+"""Fixtures and helpers for running the operator against the KMock API server (`kmock_api`)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import yaml
+
+from testkit.kmock_api import KubeApiThread, running_kube_api
+
+REPO = Path(__file__).resolve().parents[2]
+GROKDEPLOYMENTS = "/apis/grokserve.io/v1alpha1"
+T = TypeVar("T")
+
+# Enough of KubeRay's CRD for discovery: the operator only needs ray.io/v1 rayservices served.
+KUBERAY_CRD = {
+    "apiVersion": "apiextensions.k8s.io/v1",
+    "kind": "CustomResourceDefinition",
+    "metadata": {"name": "rayservices.ray.io"},
+    "spec": {
+        "group": "ray.io",
+        "scope": "Namespaced",
+        "names": {"kind": "RayService", "plural": "rayservices", "singular": "rayservice"},
+        "versions": [
+            {"name": "v1", "served": True, "storage": True, "subresources": {"status": {}}}
+        ],
+    },
+}
+
+
+def wait_until(probe: Callable[[], T | None], timeout: float = 30, what: str = "condition") -> T:
+    """Poll `probe` until it returns something truthy; fail with `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = probe()
+        if last:
+            return last
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}; last value: {last!r}")
+
+
+class Client:
+    """A tiny JSON client for tests (no kubernetes client: it caches $KUBECONFIG at import)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def request(
+        self, method: str, path: str, body: Any = None, content_type: str = "application/json"
+    ) -> Any:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data=data, method=method)
+        req.add_header("Content-Type", content_type)
+        try:
+            with urllib.request.urlopen(req, timeout=10) as response:
+                return json.loads(response.read() or b"null")
+        except urllib.error.HTTPError as error:
+            if error.code == 404:
+                return None
+            raise
+
+    def get(self, path: str) -> Any:
+        return self.request("GET", path)
+
+    def create(self, path: str, body: dict[str, Any]) -> Any:
+        return self.request("POST", path, body)
+
+    def merge_patch(self, path: str, body: dict[str, Any]) -> Any:
+        return self.request("PATCH", path, body, "application/merge-patch+json")
+
+    def delete(self, path: str) -> Any:
+        return self.request("DELETE", path)
+
+    def install_crds(self, *, kuberay: bool) -> None:
+        crd_path = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions"
+        self.create(
+            crd_path, yaml.safe_load((REPO / "manifests/crd/grokdeployments.yaml").read_text())
+        )
+        if kuberay:
+            self.create(crd_path, KUBERAY_CRD)
+
+
+@pytest.fixture
+def kube(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[KubeApiThread, Client]]:
+    """A KMock API server, with $KUBECONFIG pointing at it for kopf, the operator and kubectl."""
+    with running_kube_api() as server:
+        monkeypatch.setenv("KUBECONFIG", str(server.write_kubeconfig(tmp_path / "kubeconfig")))
+        yield server, Client(server.url)
+
+
+@contextlib.contextmanager
+def running_operator(
+    timeout: float = 60, modules: tuple[str, ...] = ("grokserve.operator.handlers",)
+) -> Iterator[Any]:
+    """kopf handlers of `modules` in a KopfRunner thread (standalone, all namespaces); a failed
+    assertion inside the block gets the operator's log appended to its message."""
+    from kopf.testing import KopfRunner
+
+    args = ["run", "--standalone", "--all-namespaces", "--verbose"]
+    for module in modules:
+        args += ["-m", module]
+    failure: AssertionError | None = None
+    with KopfRunner(args, timeout=timeout) as runner:
+        try:
+            yield runner
+        except AssertionError as error:
+            failure = error
+    if failure is not None:
+        # A test waited in vain: show what the operator was doing.
+        raise AssertionError(f"{failure}\n--- operator log ---\n{runner.output[-5000:]}") from None
+    assert runner.exception is None, runner.output
