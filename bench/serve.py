@@ -26,7 +26,7 @@ from grokserve.serving.config import ServingConfig
 from grokserve.serving.engine import Engine, GenerateRequest
 from grokserve.serving.executor import LocalExecutor, ModelStepper
 from grokserve.serving.launcher import LocalServing
-from grokserve.serving.loading import load_tokenizer, model_config, placement_plan
+from grokserve.serving.loading import load_shard, load_tokenizer, model_config
 from grokserve.serving.scheduler import SamplingParams, Scheduler
 
 
@@ -61,13 +61,8 @@ async def http_run(url: str, name: str, texts: list[str], max_tokens: int) -> tu
 
 
 def in_process_engine(config: ServingConfig) -> Engine:
-    from grokserve.model.parallel import GrokShard
-    from grokserve.serving.loading import full_state_dict
-
     limits = config.serving
-    model = GrokShard.from_state_dict(
-        full_state_dict(config.model), placement_plan(config), 0, torch.device("cpu")
-    )
+    model = load_shard(config, rank=0, master=("127.0.0.1", 0))
     stepper = ModelStepper(
         model, max_batch_size=limits.max_batch_size, max_len=limits.max_sequence_length
     )

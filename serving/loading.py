@@ -7,9 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
 from grokserve.model import GrokConfig, GrokModel, preset
+from grokserve.model.checkpoint import open_checkpoint
+from grokserve.model.checkpoint.base import CheckpointReader
 from grokserve.model.parallel import GrokShard, shard_device, start_process_group
 from grokserve.model.placement import GB, Cluster, Headroom, Parallelism, Plan, make_plan
 from grokserve.model.tokenizer import Tokenizer
@@ -43,22 +44,21 @@ class ByteTokenizer:
         return data.decode("utf-8", errors="replace")
 
 
-# A checkpoint directory as grokserve writes it (scripts/train_demo.py): the GrokConfig as JSON,
-# GrokModel's state_dict as safetensors, and optionally its SentencePiece tokenizer.
-CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE = "config.json", "model.safetensors", "tokenizer.model"
+TOKENIZER_FILE = "tokenizer.model"  # looked for next to a checkpoint's weights
 # Trained by scripts/train_demo.py; shipped as package data.
 DEMO_CHECKPOINT = Path(__file__).resolve().parent / "demo"
 
 
-def model_config(spec: ModelSpec) -> GrokConfig:
+def open_source(spec: ModelSpec) -> CheckpointReader:
+    """A reader for `spec.source` in any format grokserve.model reads (its own config.json +
+    safetensors, Hugging Face, or xAI's released checkpoint)."""
     if spec.source is None:
-        return preset(spec.preset)
-    path = local_path(spec.source) / CONFIG_FILE
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{spec.source}: no {CONFIG_FILE} (a checkpoint directory needs one)"
-        )
-    return GrokConfig.from_json(path)
+        raise ValueError("the model spec has no source (it serves random preset weights)")
+    return open_checkpoint(local_path(spec.source))
+
+
+def model_config(spec: ModelSpec) -> GrokConfig:
+    return preset(spec.preset) if spec.source is None else open_source(spec).config
 
 
 def local_path(location: str) -> Path:
@@ -104,31 +104,23 @@ def placement_plan(config: ServingConfig) -> Plan:
     )
 
 
-def full_state_dict(spec: ModelSpec) -> dict[str, torch.Tensor]:
-    """Every weight of the model, as GrokModel names them (int8 as `.weight` + `.scales`)."""
-    dtype = DTYPES[spec.dtype]
-    if spec.source is None:
-        model = GrokModel.from_preset(spec.preset, seed=spec.seed, dtype=dtype)
-    else:
-        path = local_path(spec.source) / WEIGHTS_FILE
-        if not path.is_file():
-            raise FileNotFoundError(f"{spec.source}: no {WEIGHTS_FILE}")
-        model = GrokModel(model_config(spec), dtype=dtype)
-        # Stored weights may be bf16; load_state_dict copies them into the compute dtype.
-        model.load_state_dict(load_file(str(path)))
-    if spec.quantization == "int8":
-        model = model.quantized()
-    return model.state_dict()
-
-
 def load_shard(config: ServingConfig, rank: int, master: tuple[str, int]) -> GrokShard:
     """This rank's shard of the replica's plan (the whole model when G = 1), its process group
-    joined first when G > 1. Every rank of the replica calls this at the same time."""
+    joined first when G > 1. Every rank of the replica calls this at the same time.
+
+    From a checkpoint, each rank reads only its own slices; with quantization int8 the checkpoint
+    must hold 8-bit weights (as xAI's release does)."""
     plan = placement_plan(config)
     device = shard_device(plan, rank)
     if plan.world_size > 1:
         device = start_process_group(plan, rank, *master)
-    return GrokShard.from_state_dict(full_state_dict(config.model), plan, rank, device)
+    spec = config.model
+    if spec.source is not None:
+        return GrokShard.from_source(open_source(spec), plan, rank, device)
+    model = GrokModel.from_preset(spec.preset, seed=spec.seed, dtype=DTYPES[spec.dtype])
+    if spec.quantization == "int8":
+        model = model.quantized()
+    return GrokShard.from_state_dict(model.state_dict(), plan, rank, device)
 
 
 def describe_plan(plan: Plan) -> dict[str, Any]:

@@ -5,11 +5,11 @@ import torch
 from safetensors.torch import save_file
 
 from grokserve.model import GrokModel
+from grokserve.model.sampling import SamplingParams, generate
 from grokserve.serving.config import ModelSpec, ServingConfig
 from grokserve.serving.loading import (
     DEMO_CHECKPOINT,
     ByteTokenizer,
-    full_state_dict,
     load_shard,
     load_tokenizer,
     model_config,
@@ -30,12 +30,11 @@ def test_checkpoint_directory_round_trip(tmp_path):
     assert isinstance(load_tokenizer(config.model), ByteTokenizer)
 
 
-def test_missing_checkpoint_files_are_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match="config.json"):
+def test_bad_sources_are_named(tmp_path):
+    with pytest.raises(ValueError, match="is not a checkpoint"):
         model_config(ModelSpec(source=str(tmp_path)))
-    GrokModel.from_preset("grok-tiny").config.to_json(tmp_path / "config.json")
-    with pytest.raises(FileNotFoundError, match="model.safetensors"):
-        full_state_dict(ModelSpec(source=str(tmp_path)))
+    with pytest.raises(ValueError, match="does not exist"):
+        model_config(ModelSpec(source=str(tmp_path / "nowhere")))
     with pytest.raises(ValueError, match="s3:// scheme"):
         model_config(ModelSpec(source="s3://bucket/ckpt"))
 
@@ -57,10 +56,14 @@ def test_plan_follows_the_parallelism():
     assert [r.node for r in plan.ranks] == [0, 0, 1, 1]
 
 
-def test_the_demo_checkpoint_ships_and_loads():
-    spec = ModelSpec(source=str(DEMO_CHECKPOINT))
-    tokenizer = load_tokenizer(spec)
-    assert tokenizer.vocab_size == model_config(spec).vocab_size
-    text = "Return the number of items in the sequence."
-    assert tokenizer.decode(tokenizer.encode(text)) == text
-    assert set(full_state_dict(spec)) == set(GrokModel(model_config(spec)).state_dict())
+def test_the_demo_checkpoint_ships_and_writes_words():
+    config = ServingConfig(model={"source": str(DEMO_CHECKPOINT)})
+    tokenizer = load_tokenizer(config.model)
+    assert tokenizer.vocab_size == model_config(config.model).vocab_size
+    model = load_shard(config, rank=0, master=("127.0.0.1", 0))
+    prompt = tokenizer.encode("Return the")
+    ids = generate(model, prompt, SamplingParams(temperature=0, max_tokens=40))
+    words = tokenizer.decode(ids).split()
+    # Trained on English docstrings: mostly lower-case words, not byte soup.
+    assert len(words) >= 5
+    assert sum(w.strip(".,()'\"").isalpha() for w in words) >= len(words) // 2, words
