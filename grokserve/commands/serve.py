@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
         )
         print(
             f"try: curl {local.url}/v1/completions -H 'content-type: application/json' "
-            f"""-d '{{"model": "{config.name}", "prompt": "Once upon a time", "max_tokens": 64}}'"""
+            f"""-d '{{"model": "{config.name}", "prompt": "Return the", "max_tokens": 64}}'"""
         )
         print("Ctrl-C to stop")
         stop.wait()
