@@ -39,20 +39,22 @@ async def make_scheduler(model):
             model, max_batch_size=limits["max_batch_size"], max_len=limits["max_sequence_length"]
         )
         metrics = ReplicaMetrics("test", "r0")
+        executor = LocalExecutor(stepper)
         scheduler = Scheduler(
-            LocalExecutor(stepper),
+            executor,
             TOKENIZER,
             eos_id=model.config.eos_token,
             observer=metrics,
             **limits,
         )
         scheduler.start()
-        made.append(scheduler)
+        made.append((scheduler, executor))
         return scheduler, metrics
 
     yield make
-    for scheduler in made:
+    for scheduler, executor in made:
         await scheduler.stop()
+        executor.close()
 
 
 async def collect(scheduler, prompt, **kwargs):
