@@ -28,6 +28,7 @@ class GrokReplica:
     """One model instance: G shard workers in this replica's placement group, one scheduler."""
 
     async def __init__(self, args: dict[str, Any], metrics_hub: DeploymentHandle) -> None:
+        # loading imports torch: only the replica process needs it, not the ingress or the hub.
         from grokserve.serving.loading import load_tokenizer, model_config
 
         self.config = ServingConfig.from_args(args)

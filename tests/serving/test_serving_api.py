@@ -132,6 +132,15 @@ async def test_16_concurrent_clients_match_sequential_greedy_with_batching(base_
         before, "grokserve_decode_batch_size_sum"
     )
     assert rows / steps > 2, f"mean decode batch {rows / steps:.2f}: requests were not batched"
+    routed = _metric(after, "grokserve_expert_tokens_total") - _metric(
+        before, "grokserve_expert_tokens_total"
+    )
+    # grok-tiny: 2 layers, top-2 routing; every prompt and generated token is routed at least.
+    generated = _metric(after, "grokserve_generation_tokens_total") - _metric(
+        before, "grokserve_generation_tokens_total"
+    )
+    assert routed >= 2 * 2 * generated > 0
+    assert 'layer="1"' in after and 'expert="7"' in after
 
 
 async def test_client_disconnect_cancels_generation(base_url):
