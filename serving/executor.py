@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+from collections.abc import Awaitable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -25,6 +26,7 @@ class ModelStepper:
         self.cache = model.new_cache(batch_size=max_batch_size, max_len=max_len)
         self._generators: dict[int, torch.Generator] = {}
         self._sampling: dict[int, SamplingParams] = {}
+        self._last_token: dict[int, int] = {}  # per row: fed to the row's next decode step
 
     @torch.inference_mode()
     def run(self, step: StepInput) -> list[int]:
@@ -38,7 +40,8 @@ class ModelStepper:
                 self._generators[row] = generator
                 self._sampling[row] = params
         device = self.cache.lengths.device
-        tokens = torch.tensor(step.tokens, dtype=torch.long, device=device)
+        fed = step.tokens or [[self._last_token[row]] for row in step.rows]
+        tokens = torch.tensor(fed, dtype=torch.long, device=device)
         rows = torch.tensor(step.rows, dtype=torch.long, device=device)
         logits = self.model(tokens, cache=self.cache, rows=rows)
         if not step.sample:
@@ -58,6 +61,7 @@ class ModelStepper:
                         generator=self._generators[row],
                     )[0]
                 )
+        self._last_token.update(zip(step.rows, chosen, strict=True))
         return chosen
 
     def expert_token_counts(self) -> list[list[int]] | None:
@@ -73,10 +77,8 @@ class LocalExecutor:
         self.stepper = stepper
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-step")
 
-    async def step(self, step: StepInput) -> list[int]:
-        return await asyncio.get_running_loop().run_in_executor(
-            self._thread, self.stepper.run, step
-        )
+    def submit(self, step: StepInput) -> Awaitable[list[int]]:
+        return asyncio.get_running_loop().run_in_executor(self._thread, self.stepper.run, step)
 
     async def expert_token_counts(self) -> list[list[int]] | None:
         return self.stepper.expert_token_counts()

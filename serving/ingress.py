@@ -194,8 +194,13 @@ class OpenAIIngress:
         try:
             first = await stream.__anext__()
         except BackPressureError as error:
+            limits = self.config.serving
             raise ApiError(
-                429, f"all model replicas are at capacity: {error}", retry_after=1
+                429,
+                "all model replicas are at capacity (maxBatchSize running + "
+                f"maxQueuedRequests={limits.max_queued_requests} queued each); retry later",
+                code="rate_limit_exceeded",
+                retry_after=1,
             ) from error
         if "error" in first:
             error = first["error"]

@@ -18,7 +18,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -41,7 +41,8 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class StepInput:
-    """One batched forward: `tokens[i]` is appended to cache row `rows[i]` (equal lengths).
+    """One batched forward: `tokens[i]` is appended to cache row `rows[i]` (equal lengths); with
+    `tokens` None (a decode step) each row is fed the token the executor last sampled for it.
 
     `start` lists the rows that begin a new sequence at this step (reset them first, and seed their
     sampler). When `sample` is set the executor returns one next token per row, from the last
@@ -49,15 +50,19 @@ class StepInput:
     """
 
     rows: list[int]
-    tokens: list[list[int]]
+    tokens: list[list[int]] | None
     sample: bool
     start: dict[int, SamplingParams] = field(default_factory=dict)
 
 
 class Executor(Protocol):
-    """Runs model steps over a KV cache of `max_batch_size` rows of `max_len` tokens each."""
+    """Runs model steps over a KV cache of `max_batch_size` rows of `max_len` tokens each.
 
-    async def step(self, step: StepInput) -> list[int]: ...
+    `submit` queues the step at once (steps run in submission order) and returns an awaitable of
+    its sampled tokens, so the scheduler can queue step n + 1 before it reads step n.
+    """
+
+    def submit(self, step: StepInput) -> Awaitable[list[int]]: ...
 
 
 class AdmissionError(Exception):
@@ -119,7 +124,7 @@ class SequenceHandle:
         self.slot: int | None = None
         self.padded_length = 0
         self.generated = 0
-        self.last_token = PAD_ID
+        self.pending = 0  # decode steps submitted for this sequence but not read yet
         self.cancelled = False
         self.finish_reason: FinishReason | None = None
         self.submitted_at = time.monotonic()
@@ -203,6 +208,7 @@ class Scheduler:
         self._waiting: deque[SequenceHandle] = deque()
         self._prefilling: list[_PrefillGroup] = []
         self._decoding: list[SequenceHandle] = []
+        self._in_flight: tuple[list[SequenceHandle], Awaitable[list[int]]] | None = None
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._seconds_per_request = 1.0  # running mean, for Retry-After
@@ -303,7 +309,7 @@ class Scheduler:
 
     async def _run(self) -> None:
         while True:
-            if not (self._waiting or self._prefilling or self._decoding):
+            if not (self._waiting or self._prefilling or self._decoding or self._in_flight):
                 self._report_state()
                 self._wakeup.clear()
                 await self._wakeup.wait()
@@ -313,7 +319,7 @@ class Scheduler:
             try:
                 for group in list(self._prefilling):
                     await self._prefill_chunk(group)
-                if self._decoding:
+                if self._decoding or self._in_flight:
                     await self._decode_step()
             except Exception:
                 log.exception("model step failed; failing the running sequences")
@@ -377,7 +383,7 @@ class Scheduler:
             sample=last,
             start={h.slot: h.sampling for h in group.sequences} if group.done == 0 else {},
         )
-        tokens = await self._executor.step(step)
+        tokens = await self._executor.submit(step)
         group.done += chunk
         if not last:
             return
@@ -387,16 +393,27 @@ class Scheduler:
             self._accept(handle, token)
 
     async def _decode_step(self) -> None:
-        batch = list(self._decoding)
-        step = StepInput(
-            rows=[h.slot for h in batch], tokens=[[h.last_token] for h in batch], sample=True
-        )
-        if self._observer:
-            self._observer.on_decode_batch(len(batch))
-        tokens = await self._executor.step(step)
-        for handle, token in zip(batch, tokens, strict=True):
-            if not handle.finished:
-                self._accept(handle, token)
+        """Submit the next decode step, then read the previous one's tokens: the executor computes
+        step n + 1 while this loop turns step n's tokens into text. A sequence that ends at step n
+        wastes its row's step n + 1 (discarded); none is submitted past its max_tokens, so a row
+        never outgrows the cache."""
+        batch = [h for h in self._decoding if h.generated + h.pending < h.max_tokens]
+        submitted = None
+        if batch:
+            for handle in batch:
+                handle.pending += 1
+            step = StepInput(rows=[h.slot for h in batch], tokens=None, sample=True)
+            if self._observer:
+                self._observer.on_decode_batch(len(batch))
+            submitted = (batch, self._executor.submit(step))
+        previous, self._in_flight = self._in_flight, submitted
+        if previous is not None:
+            done, result = previous
+            tokens = await result
+            for handle, token in zip(done, tokens, strict=True):
+                handle.pending -= 1
+                if not handle.finished:
+                    self._accept(handle, token)
 
     def _accept(self, handle: SequenceHandle, token: int) -> None:
         """A sampled token for `handle`: emit its text, finish it at EOS, a stop string or a limit."""
@@ -408,7 +425,6 @@ class Scheduler:
                 self._observer.on_next_token(now - handle.last_token_at)
         handle.last_token_at = now
         handle.generated += 1
-        handle.last_token = token
         if token == self._eos_id:
             self._retire(handle, "", "stop")
             return
@@ -437,6 +453,7 @@ class Scheduler:
         self._seconds_per_request = 0.9 * self._seconds_per_request + 0.1 * elapsed
 
     def _fail_running(self) -> None:
+        self._in_flight = None
         for group in self._prefilling:
             for handle in group.sequences:
                 self._finish(handle, "error")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+from collections.abc import Awaitable
 from typing import Any
 
 import ray
@@ -92,9 +93,13 @@ class ShardedExecutor:
         shards = await asyncio.gather(*(w.load.remote(master) for w in workers))
         return cls(workers, list(shards))
 
-    async def step(self, step: StepInput) -> list[int]:
-        results = await asyncio.gather(*(w.step.remote(step) for w in self.workers))
-        return results[0]
+    def submit(self, step: StepInput) -> Awaitable[list[int]]:
+        # .remote() queues the step on every worker now, in call order.
+        return self._rank0(*(worker.step.remote(step) for worker in self.workers))
+
+    @staticmethod
+    async def _rank0(*results: Any) -> list[int]:
+        return (await asyncio.gather(*results))[0]
 
     async def expert_token_counts(self) -> list[list[int]] | None:
         # The router runs on every rank with identical inputs, so rank 0 has the full counts.
