@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS: tuple[str, ...] = ("inspect", "generate", "plan", "render", "operator")
+COMMANDS: tuple[str, ...] = ("inspect", "generate", "plan", "render", "operator", "serve")
 
 
 def build_parser() -> argparse.ArgumentParser:

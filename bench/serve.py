@@ -1,0 +1,173 @@
+"""Serving throughput: HTTP vs in-process, and continuous batching vs one request at a time.
+
+    python bench/serve.py [--preset grok-mini] [--clients 16] [--max-tokens 64]
+
+Runs of the same `--clients` greedy requests (up to max_tokens each; tokens are counted as generated):
+  1. HTTP: a local Ray Serve deployment (G = 1 shard worker), `--clients` concurrent streaming
+     clients (SSE), once per `--stream-intervals` value (serving.streamIntervalSeconds);
+  2. in-process, concurrent: the same scheduler + model in this process, all requests at once;
+  3. in-process, sequential: one request at a time (no batching).
+Prints generated tokens/s of each and the ratios HTTP / in-process (target ≥ 0.9) and
+batched / sequential (target ≥ 4 at 16 clients).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import socket
+import time
+
+import httpx
+import torch
+
+from grokserve.serving.config import ServingConfig
+from grokserve.serving.engine import Engine, GenerateRequest
+from grokserve.serving.executor import LocalExecutor, ModelStepper
+from grokserve.serving.launcher import LocalServing
+from grokserve.serving.loading import load_shard, load_tokenizer, model_config
+from grokserve.serving.scheduler import SamplingParams, Scheduler
+
+
+def prompts(count: int) -> list[str]:
+    return [f"Benchmark request {i}: the quick brown fox" for i in range(count)]
+
+
+async def http_run(url: str, name: str, texts: list[str], max_tokens: int) -> tuple[int, float]:
+    async def one(http: httpx.AsyncClient, prompt: str) -> int:
+        body = {
+            "model": name,
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        tokens = 0
+        async with http.stream("POST", "/v1/completions", json=body) as response:
+            response.raise_for_status()
+            async for line in response.aiter_lines():
+                if line.startswith("data: {"):
+                    usage = json.loads(line[6:]).get("usage")
+                    tokens = usage["completion_tokens"] if usage else tokens
+        return tokens
+
+    async with httpx.AsyncClient(base_url=url, timeout=600) as http:
+        await one(http, "warm-up")
+        start = time.perf_counter()
+        counts = await asyncio.gather(*(one(http, p) for p in texts))
+        return sum(counts), time.perf_counter() - start
+
+
+def in_process_engine(config: ServingConfig) -> Engine:
+    limits = config.serving
+    model = load_shard(config, rank=0, master=("127.0.0.1", 0))
+    stepper = ModelStepper(
+        model, max_batch_size=limits.max_batch_size, max_len=limits.max_sequence_length
+    )
+    tokenizer = load_tokenizer(config.model)
+    scheduler = Scheduler(
+        LocalExecutor(stepper),
+        tokenizer,
+        max_batch_size=limits.max_batch_size,
+        max_sequence_length=limits.max_sequence_length,
+        max_queued_requests=limits.max_queued_requests,
+        kv_budget=limits.kv_budget,
+        prefill_chunk_tokens=limits.prefill_chunk_tokens,
+        eos_id=model_config(config.model).eos_token,
+    )
+    return Engine(scheduler, tokenizer, limits.default_max_tokens)
+
+
+async def engine_run(
+    engine: Engine, texts: list[str], max_tokens: int, concurrent: bool
+) -> tuple[int, float]:
+    async def one(prompt: str) -> int:
+        request = GenerateRequest(prompt, max_tokens, SamplingParams(temperature=0))
+        tokens = 0
+        async for event in engine.generate(request):
+            for delta in event.get("deltas", ()):
+                tokens = delta["completion_tokens"]
+        return tokens
+
+    engine.scheduler.start()
+    try:
+        await one("warm-up")
+        start = time.perf_counter()
+        if concurrent:
+            counts = await asyncio.gather(*(one(p) for p in texts))
+        else:
+            counts = [await one(p) for p in texts]
+        return sum(counts), time.perf_counter() - start
+    finally:
+        await engine.scheduler.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="grok-mini")
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument(
+        "--stream-intervals",
+        default="0,0.05",
+        help="comma-separated serving.streamIntervalSeconds values for the HTTP runs",
+    )
+    args = parser.parse_args()
+    intervals = [float(v) for v in args.stream_intervals.split(",")]
+    config = ServingConfig(
+        name=args.preset,
+        model={"preset": args.preset},
+        serving={
+            "maxBatchSize": args.clients,
+            "maxSequenceLength": 256,
+            "maxQueuedRequests": args.clients,
+        },
+    )
+    texts = prompts(args.clients)
+    torch.set_num_threads(max(1, int(config.resources.cpus_per_shard)))
+
+    engine = in_process_engine(config)
+    sequential = asyncio.run(engine_run(engine, texts, args.max_tokens, concurrent=False))
+    batched = asyncio.run(engine_run(engine, texts, args.max_tokens, concurrent=True))
+    over_http = {}
+    local = LocalServing(config, port=free_port()).start_ray_and_serve()
+    try:
+        for index, interval in enumerate(intervals):
+            variant = config.model_copy(
+                update={
+                    "serving": config.serving.model_copy(
+                        update={"stream_interval_seconds": interval}
+                    )
+                }
+            )
+            url = local.deploy(variant, f"bench{index}", f"/bench{index}")
+            over_http[interval] = asyncio.run(http_run(url, config.name, texts, args.max_tokens))
+            local.delete(f"bench{index}")
+    finally:
+        local.close()
+
+    def rate(run: tuple[int, float]) -> float:
+        return run[0] / run[1]
+
+    in_process = rate(batched)
+    print(f"{args.clients} clients × {args.max_tokens} tokens, {args.preset}, greedy")
+    for interval, run in over_http.items():
+        label = f"HTTP (SSE), stream interval {interval:g} s"
+        print(
+            f"  {label:38s}: {rate(run):8.1f} tokens/s  ({rate(run) / in_process:.2f} of in-process)"
+        )
+    print(f"  {'in-process engine, concurrent':38s}: {in_process:8.1f} tokens/s")
+    print(f"  {'in-process engine, sequential':38s}: {rate(sequential):8.1f} tokens/s")
+    print(f"  {'continuous batching / sequential':38s}: {in_process / rate(sequential):8.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""`grokserve serve`: the serving stack on this machine (local Ray or RAY_ADDRESS), until Ctrl-C."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+
+HELP = "serve a Grok model with an OpenAI-compatible API on a local Ray cluster (Ctrl-C stops it)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="API port (8000)")
+    model = parser.add_mutually_exclusive_group()
+    model.add_argument("--preset", help="serve random weights of this preset (e.g. grok-tiny)")
+    model.add_argument(
+        "--checkpoint",
+        help="checkpoint directory (config.json + model.safetensors [+ tokenizer.model]); "
+        "default: the demo checkpoint that ships with grokserve",
+    )
+    parser.add_argument("--tokenizer", help="SentencePiece model (default: the checkpoint's)")
+    parser.add_argument(
+        "--name", help="model id in the API (default: the preset, 'grok-demo' or 'grok')"
+    )
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--quantization", default="none", choices=("none", "int8"))
+    parser.add_argument("--seed", type=int, default=0, help="seed of random preset weights")
+    parser.add_argument("--replicas", type=int, default=1, help="model replicas (1)")
+    parser.add_argument(
+        "--nodes",
+        type=int,
+        default=0,
+        help="simulate this many nodes per replica with Ray's cluster utilities (0: no simulation)",
+    )
+    parser.add_argument(
+        "--gpus-per-node", type=int, default=1, help="simulated GPUs (shards) per node (1)"
+    )
+    parser.add_argument("--tensor", type=int, help="attention shards (default: planner's choice)")
+    parser.add_argument("--expert", type=int, help="expert groups (default: planner's choice)")
+    parser.add_argument("--placement", default="pack", choices=("pack", "spread", "strict-spread"))
+    parser.add_argument("--max-batch-size", type=int, default=16)
+    parser.add_argument("--max-sequence-length", type=int, default=512)
+    parser.add_argument("--max-queued-requests", type=int, default=64)
+
+
+def serving_config(args: argparse.Namespace):
+    """The ServingConfig these flags describe (pydantic ValidationError names a bad flag's field)."""
+    from grokserve.serving.config import ServingConfig
+    from grokserve.serving.loading import DEMO_CHECKPOINT
+
+    if args.preset:
+        model = {"preset": args.preset, "seed": args.seed}
+        name = args.name or args.preset
+    elif args.checkpoint:
+        model = {"source": args.checkpoint}
+        name = args.name or "grok"
+    else:
+        model = {"source": str(DEMO_CHECKPOINT)}
+        name = args.name or "grok-demo"
+    model |= {"tokenizer": args.tokenizer, "dtype": args.dtype, "quantization": args.quantization}
+    return ServingConfig(
+        name=name,
+        replicas=args.replicas,
+        model=model,
+        parallelism={"tensor": args.tensor, "expert": args.expert, "placement": args.placement},
+        serving={
+            "maxBatchSize": args.max_batch_size,
+            "maxSequenceLength": args.max_sequence_length,
+            "maxQueuedRequests": args.max_queued_requests,
+        },
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from grokserve.serving.launcher import ClusterShape, LocalServing
+
+    try:
+        shape = ClusterShape(nodes=args.nodes, gpus_per_node=args.gpus_per_node)
+        config = shape.apply(serving_config(args))
+    except (ValidationError, ValueError) as error:
+        print(f"grokserve serve: invalid settings: {error}", file=sys.stderr)
+        return 2
+    print(f"starting Ray and deploying {config.name!r} ({config.parallelism.shards} shard(s))...")
+    local = LocalServing(config, host=args.host, port=args.port, shape=shape)
+    try:
+        local.start()
+        # Installed after ray.init, which replaces the SIGTERM handler with one that just dies.
+        stop = threading.Event()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda *_: stop.set())
+        print(
+            f"serving {config.name!r} at {local.url}/v1 (OpenAI API); metrics at {local.url}/metrics"
+        )
+        print(
+            f"try: curl {local.url}/v1/completions -H 'content-type: application/json' "
+            f"""-d '{{"model": "{config.name}", "prompt": "Return the", "max_tokens": 64}}'"""
+        )
+        print("Ctrl-C to stop")
+        stop.wait()
+        print("shutting down...")
+    finally:
+        local.close()
+    return 0

@@ -1,0 +1,77 @@
+"""The Ray Serve application builder: `grokserve.serving.app:build_app` in serveConfigV2.
+
+applications:
+  - name: grok
+    import_path: grokserve.serving.app:build_app
+    args: {...}          # ServingConfig.to_args()
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import ValidationError
+from ray import serve
+from ray.serve import Application
+
+from grokserve.serving.config import ServingConfig
+from grokserve.serving.ingress import OpenAIIngress
+from grokserve.serving.replica import GrokReplica, MetricsHub
+
+# Requests past a replica's own queue still reach it (and get a quick 429 from its scheduler)
+# instead of waiting in Serve's router.
+_ADMISSION_HEADROOM = 8
+
+
+class ServingConfigError(ValueError):
+    """build_app's args are not a valid ServingConfig; the message lists each bad field."""
+
+
+def parse_args(args: dict[str, Any]) -> ServingConfig:
+    try:
+        return ServingConfig.from_args(args)
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in e['loc']) or '(root)'}: {e['msg']}"
+            for e in error.errors()
+        )
+        raise ServingConfigError(f"invalid grokserve serving config: {problems}") from error
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    from grokserve.serving.loading import model_config, placement_plan
+
+    config = parse_args(args)
+    # Configs that cannot work fail here, before any replica starts.
+    context = model_config(config.model).sequence_len
+    if config.serving.max_sequence_length > context:
+        raise ServingConfigError(
+            f"serving.maxSequenceLength={config.serving.max_sequence_length} exceeds the model's "
+            f"context length ({context} tokens)"
+        )
+    placement_plan(config)
+    limits = config.serving
+    wire_args = config.to_args()
+    hub = serve.deployment(
+        MetricsHub, name="MetricsHub", num_replicas=1, ray_actor_options={"num_cpus": 0}
+    ).bind()
+    replica = serve.deployment(
+        GrokReplica,
+        name="GrokReplica",
+        num_replicas=config.replicas,
+        ray_actor_options={"num_cpus": config.resources.replica_cpus},
+        placement_group_bundles=config.placement_group_bundles(),
+        placement_group_strategy=config.parallelism.ray_strategy,
+        max_ongoing_requests=limits.max_batch_size
+        + limits.max_queued_requests
+        + _ADMISSION_HEADROOM,
+        max_queued_requests=_ADMISSION_HEADROOM,
+    ).bind(wire_args, hub)
+    ingress = serve.deployment(
+        OpenAIIngress,
+        name="OpenAIIngress",
+        num_replicas=1,
+        ray_actor_options={"num_cpus": 0},
+        max_ongoing_requests=10_000,
+    )
+    return ingress.bind(replica, hub, wire_args)

@@ -1,0 +1,163 @@
+"""Run the serving stack on this machine: a local Ray cluster (or RAY_ADDRESS), Serve, the app.
+
+`--nodes N --gpus-per-node K` simulates N nodes on one machine with Ray's cluster utilities: every
+simulated node advertises K units of the custom resource SIMULATED_GPU, and each shard bundle asks for
+one, so the placement group spreads a replica's G = N × K shards across the "nodes" as it would across
+GPU nodes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import ray
+from ray import serve
+
+from grokserve.serving.app import build_app
+from grokserve.serving.config import ServingConfig
+
+SIMULATED_GPU = "simulated_gpu"
+APP_NAME = "grok"
+
+
+@dataclass(frozen=True)
+class ClusterShape:
+    nodes: int = 0  # 0: one plain local Ray node, no simulated accelerators
+    gpus_per_node: int = 1
+
+    def apply(self, config: ServingConfig) -> ServingConfig:
+        """The config with its parallelism and shard resources matching the simulated cluster."""
+        if not self.nodes:
+            return config
+        parallelism = config.parallelism.model_copy(
+            update={"gpus_per_node": self.gpus_per_node, "nodes_per_replica": self.nodes}
+        )
+        resources = config.resources.model_copy(update={"accelerator_resource": SIMULATED_GPU})
+        # Round-trip through validation so that tensor/expert degrees are re-checked.
+        return ServingConfig.model_validate(
+            {
+                **config.model_dump(),
+                "parallelism": parallelism.model_dump(),
+                "resources": resources.model_dump(),
+            }
+        )
+
+
+class LocalServing:
+    """Starts Ray (unless RAY_ADDRESS names one), Serve on host:port, and the app; `close` undoes it.
+
+    `shape` only builds the (simulated) cluster; `ClusterShape.apply` fits a config to it.
+    """
+
+    def __init__(
+        self,
+        config: ServingConfig,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 8000,
+        shape: ClusterShape = ClusterShape(),
+        ray_address: str | None = None,
+    ) -> None:
+        self.shape = shape
+        self.config = config
+        self.host = host
+        self.port = port
+        self.ray_address = ray_address if ray_address is not None else os.environ.get("RAY_ADDRESS")
+        self.url = f"http://{host}:{port}"
+        self._cluster: Any = None
+
+    def start(self, ready_timeout_s: float = 300.0) -> LocalServing:
+        """Ray, Serve and the application at `/`."""
+        self.start_ray_and_serve()
+        try:
+            self.deploy(self.config, APP_NAME, "/", ready_timeout_s)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def start_ray_and_serve(self) -> LocalServing:
+        """Ray and Serve only; `deploy` applications yourself."""
+        try:
+            self._start_ray()
+            # One HTTP proxy: simulated nodes share this machine's ports.
+            serve.start(
+                proxy_location="HeadOnly", http_options={"host": self.host, "port": self.port}
+            )
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    @staticmethod
+    def delete(name: str) -> None:
+        serve.delete(name)
+
+    def deploy(
+        self, config: ServingConfig, name: str, route_prefix: str, ready_timeout_s: float = 300.0
+    ) -> str:
+        """Deploy (or redeploy) one application and wait until it answers; returns its base URL."""
+        serve.run(build_app(config.to_args()), name=name, route_prefix=route_prefix, blocking=False)
+        base = self.url + route_prefix.rstrip("/")
+        self._wait_ready(name, base + "/readyz", ready_timeout_s)
+        return base
+
+    @staticmethod
+    def _wait_ready(name: str, url: str, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            app = serve.status().applications.get(name)
+            if app is not None and app.status == "DEPLOY_FAILED":
+                raise RuntimeError(f"the {name!r} application failed to deploy: {app.message}")
+            try:
+                if httpx.get(url, timeout=5).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"{url} not ready after {timeout_s:g}s; see the Ray logs")
+
+    def _start_ray(self) -> None:
+        quiet = {"logging_level": logging.WARNING, "log_to_driver": False}
+        if self.ray_address:
+            ray.init(address=self.ray_address, **quiet)
+            return
+        shards = self.config.parallelism.shards
+        cpus = self.config.resources.cpus_per_shard
+        if not self.shape.nodes:
+            # Logical CPUs: enough for every bundle, independent of the machine's core count.
+            ray.init(num_cpus=int(shards * cpus + 2), include_dashboard=False, **quiet)
+            return
+        from ray.cluster_utils import Cluster
+
+        self._cluster = Cluster(
+            initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False}
+        )
+        for _ in range(self.shape.nodes):
+            self._cluster.add_node(
+                # Logical CPUs with room for a replica actor and other apps' bundles.
+                num_cpus=int(self.shape.gpus_per_node * cpus + 4),
+                resources={SIMULATED_GPU: self.shape.gpus_per_node},
+            )
+        ray.init(address=self._cluster.address, **quiet)
+
+    def close(self) -> None:
+        if ray.is_initialized():
+            try:
+                serve.shutdown()
+            finally:
+                ray.shutdown()
+        if self._cluster is not None:
+            self._cluster.shutdown()
+            self._cluster = None
+
+    def __enter__(self) -> LocalServing:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,159 @@
+"""Replica metrics (prometheus-client) and their merge into one exposition for `/metrics`.
+
+Each replica keeps its own registry, labelled with the deployment and replica. The replicas push
+snapshots of it to the single MetricsHub deployment, and the ingress serves the merged text at
+`GET /metrics` on the API port, so one scrape target shows every replica (`grokserve_requests_waiting`
+per replica is the autoscaling signal).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class ReplicaMetrics:
+    """The metrics of one model replica; implements the scheduler's observer protocol."""
+
+    def __init__(self, deployment: str, replica: str) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        labels = ("deployment", "replica")
+        values = {"deployment": deployment, "replica": replica}
+
+        def labelled(metric):
+            return metric.labels(**values)
+
+        reg = self.registry
+        self.waiting = labelled(
+            Gauge(
+                "grokserve_requests_waiting", "Sequences queued for a slot.", labels, registry=reg
+            )
+        )
+        self.running = labelled(
+            Gauge("grokserve_requests_running", "Sequences holding a slot.", labels, registry=reg)
+        )
+        self.kv_usage = labelled(
+            Gauge(
+                "grokserve_kv_cache_usage_ratio",
+                "Filled KV-cache tokens / KV-cache token budget.",
+                labels,
+                registry=reg,
+            )
+        )
+        self.ttft = labelled(
+            Histogram(
+                "grokserve_time_to_first_token_seconds",
+                "From submission to the first generated token.",
+                labels,
+                buckets=_LATENCY_BUCKETS,
+                registry=reg,
+            )
+        )
+        self.itl = labelled(
+            Histogram(
+                "grokserve_inter_token_latency_seconds",
+                "Between consecutive generated tokens of one sequence.",
+                labels,
+                buckets=_LATENCY_BUCKETS,
+                registry=reg,
+            )
+        )
+        self.decode_batch = labelled(
+            Histogram(
+                "grokserve_decode_batch_size",
+                "Sequences in each decode step (the running batch).",
+                labels,
+                buckets=_BATCH_BUCKETS,
+                registry=reg,
+            )
+        )
+        self.prompt_tokens = labelled(
+            Counter("grokserve_prompt_tokens", "Prompt tokens prefilled.", labels, registry=reg)
+        )
+        self.generation_tokens = labelled(
+            Counter("grokserve_generation_tokens", "Tokens generated.", labels, registry=reg)
+        )
+        self._experts = Counter(
+            "grokserve_expert_tokens",
+            "Tokens routed to each expert of each MoE layer.",
+            (*labels, "layer", "expert"),
+            registry=reg,
+        )
+        self._values = values
+        self._expert_seen: list[list[int]] | None = None
+
+    # -- SchedulerObserver --------------------------------------------------------------------
+
+    def on_prompt(self, tokens: int) -> None:
+        self.prompt_tokens.inc(tokens)
+
+    def on_first_token(self, seconds: float) -> None:
+        self.ttft.observe(seconds)
+        self.generation_tokens.inc()
+
+    def on_next_token(self, seconds: float) -> None:
+        self.itl.observe(seconds)
+        self.generation_tokens.inc()
+
+    def on_decode_batch(self, size: int) -> None:
+        self.decode_batch.observe(size)
+
+    def on_state(self, waiting: int, running: int, kv_usage: float) -> None:
+        self.waiting.set(waiting)
+        self.running.set(running)
+        self.kv_usage.set(kv_usage)
+
+    # -- expert routing -------------------------------------------------------------------------
+
+    def record_expert_counts(self, counts: Sequence[Sequence[int]]) -> None:
+        """Advance the per-(layer, expert) counters to the model's cumulative counts."""
+        seen = self._expert_seen or [[0] * len(row) for row in counts]
+        for layer, row in enumerate(counts):
+            for expert, total in enumerate(row):
+                if total > seen[layer][expert]:
+                    self._experts.labels(**self._values, layer=str(layer), expert=str(expert)).inc(
+                        total - seen[layer][expert]
+                    )
+        self._expert_seen = [list(row) for row in counts]
+
+    def snapshot(self) -> list[Metric]:
+        return list(self.registry.collect())
+
+
+class MergedMetrics(Collector):
+    """Families from several replicas' snapshots merged by name (one HELP/TYPE per family), with
+    snapshots older than `expire_seconds` dropped so a dead replica's series disappear."""
+
+    def __init__(self, expire_seconds: float = 30.0) -> None:
+        self._snapshots: dict[str, tuple[float, list[Metric]]] = {}
+        self._expire_seconds = expire_seconds
+        self._registry = CollectorRegistry(auto_describe=False)
+        self._registry.register(self)
+
+    def update(self, replica: str, families: list[Metric]) -> None:
+        self._snapshots[replica] = (time.monotonic(), families)
+
+    def collect(self) -> Iterable[Metric]:
+        deadline = time.monotonic() - self._expire_seconds
+        merged: dict[str, Metric] = {}
+        for replica, (updated, families) in list(self._snapshots.items()):
+            if updated < deadline:
+                del self._snapshots[replica]
+                continue
+            for family in families:
+                target = merged.get(family.name)
+                if target is None:
+                    target = Metric(family.name, family.documentation, family.type, family.unit)
+                    merged[family.name] = target
+                target.samples.extend(family.samples)
+        return list(merged.values())
+
+    def render(self) -> bytes:
+        return generate_latest(self._registry)

@@ -1,0 +1,112 @@
+"""The model replica deployment (scheduler + shard workers) and the metrics hub deployment."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from prometheus_client.metrics_core import Metric
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from grokserve.serving.config import ServingConfig
+from grokserve.serving.engine import Engine, GenerateRequest
+from grokserve.serving.metrics import MergedMetrics, ReplicaMetrics
+from grokserve.serving.scheduler import Scheduler
+from grokserve.serving.workers import ShardedExecutor
+
+log = logging.getLogger(__name__)
+
+METRICS_PUSH_SECONDS = 1.0
+HEALTH_TIMEOUT_SECONDS = 20.0
+
+
+class GrokReplica:
+    """One model instance: G shard workers in this replica's placement group, one scheduler."""
+
+    async def __init__(self, args: dict[str, Any], metrics_hub: DeploymentHandle) -> None:
+        # loading imports torch: only the replica process needs it, not the ingress or the hub.
+        from grokserve.serving.loading import load_tokenizer, model_config
+
+        self.config = ServingConfig.from_args(args)
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
+        self.executor = await ShardedExecutor.create(self.config)
+        tokenizer = load_tokenizer(self.config.model)
+        self.metrics = ReplicaMetrics(self.config.name, self.replica_id)
+        limits = self.config.serving
+        self.scheduler = Scheduler(
+            self.executor,
+            tokenizer,
+            max_batch_size=limits.max_batch_size,
+            max_sequence_length=limits.max_sequence_length,
+            max_queued_requests=limits.max_queued_requests,
+            kv_budget=limits.kv_budget,
+            prefill_chunk_tokens=limits.prefill_chunk_tokens,
+            eos_id=model_config(self.config.model).eos_token,
+            observer=self.metrics,
+        )
+        self.scheduler.start()
+        self.engine = Engine(
+            self.scheduler, tokenizer, limits.default_max_tokens, limits.stream_interval_seconds
+        )
+        self._metrics_hub = metrics_hub
+        self._push_task = asyncio.get_running_loop().create_task(self._push_metrics())
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[dict[str, Any]]:
+        async for event in self.engine.generate(request):
+            yield event
+
+    async def ready(self) -> dict[str, Any]:
+        return {"replica": self.replica_id, "shards": len(self.executor.workers)}
+
+    async def placement(self) -> dict[str, Any]:
+        from grokserve.serving.loading import describe_plan, placement_plan
+
+        return {
+            "deployment": self.config.name,
+            "replica": self.replica_id,
+            "strategy": self.config.parallelism.placement,
+            "shards": self.executor.shards,
+            "nodes": len({shard["node_id"] for shard in self.executor.shards}),
+            "plan": describe_plan(placement_plan(self.config)),
+        }
+
+    async def check_health(self) -> None:
+        """Serve replaces this replica when this raises: its engine loop or a shard worker died."""
+        if not self.scheduler.alive:
+            raise RuntimeError("the scheduler's engine loop has stopped")
+        await self.executor.check(timeout_s=HEALTH_TIMEOUT_SECONDS)
+
+    async def _push_metrics(self) -> None:
+        while True:
+            try:
+                counts = await self.executor.expert_token_counts()
+                if counts is not None:
+                    self.metrics.record_expert_counts(counts)
+                await self._metrics_hub.push.remote(self.replica_id, self.metrics.snapshot())
+            except Exception:
+                log.warning("pushing metrics failed; retrying", exc_info=True)
+            await asyncio.sleep(METRICS_PUSH_SECONDS)
+
+    async def __del__(self) -> None:
+        self._push_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._push_task
+        await self.scheduler.stop()
+        self.executor.close()
+
+
+class MetricsHub:
+    """Holds the latest metrics snapshot of every replica; the ingress renders them at /metrics."""
+
+    def __init__(self) -> None:
+        self.merged = MergedMetrics(expire_seconds=30 * METRICS_PUSH_SECONDS)
+
+    def push(self, replica: str, families: list[Metric]) -> None:
+        self.merged.update(replica, families)
+
+    def render(self) -> bytes:
+        return self.merged.render()

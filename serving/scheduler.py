@@ -1,0 +1,470 @@
+"""Continuous batching over KV-cache slots, with no Ray dependency (tested in-process).
+
+Every running sequence owns one row ("slot") of the executor's KV cache. The engine loop works in
+steps: at each step boundary it drops cancelled sequences, admits waiting ones into free slots (FIFO,
+within the KV-token budget), runs one prefill chunk for each group of newly admitted sequences and one
+decode step for every sequence already generating. So requests join and leave the running batch
+between steps, prefills of requests that arrive together are one batched forward, and a long prompt is
+prefilled in chunks interleaved with the decode steps of everybody else.
+
+Prompts of one prefill group are LEFT-padded to a common length (the model masks pad keys), so pads
+only ever sit at the start of a row and a row's positions stay contiguous.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+from grokserve.serving.detokenize import Decoder, TextStream
+
+log = logging.getLogger(__name__)
+
+PAD_ID = 0
+_DETOKENIZE_PREFIX = 4  # prompt tokens decoded in front of the generated ones (see TextStream)
+FinishReason = Literal["stop", "length", "cancelled", "error"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k cut
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class StepInput:
+    """One batched forward: `tokens[i]` is appended to cache row `rows[i]` (equal lengths); with
+    `tokens` None (a decode step) each row is fed the token the executor last sampled for it.
+
+    `start` lists the rows that begin a new sequence at this step (reset them first, and seed their
+    sampler). When `sample` is set the executor returns one next token per row, from the last
+    position.
+    """
+
+    rows: list[int]
+    tokens: list[list[int]] | None
+    sample: bool
+    start: dict[int, SamplingParams] = field(default_factory=dict)
+
+
+class Executor(Protocol):
+    """Runs model steps over a KV cache of `max_batch_size` rows of `max_len` tokens each.
+
+    `submit` queues the step at once (steps run in submission order) and returns an awaitable of
+    its sampled tokens, so the scheduler can queue step n + 1 before it reads step n.
+    """
+
+    def submit(self, step: StepInput) -> Awaitable[list[int]]: ...
+
+
+class AdmissionError(Exception):
+    """A request the scheduler will not take; `status` is the HTTP status the API answers."""
+
+    status = 400
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class QueueFull(AdmissionError):
+    status = 429
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+@dataclass
+class Delta:
+    """What sequence `index` of a request emits: new text, its token count, why it ended (if it did)."""
+
+    index: int
+    text: str
+    completion_tokens: int
+    finish_reason: FinishReason | None = None
+
+
+class SchedulerObserver(Protocol):
+    """Receives what the metrics need; see `grokserve.serving.metrics.ReplicaMetrics`."""
+
+    def on_prompt(self, tokens: int) -> None: ...
+    def on_first_token(self, seconds: float) -> None: ...
+    def on_next_token(self, seconds: float) -> None: ...
+    def on_decode_batch(self, size: int) -> None: ...
+    def on_state(self, waiting: int, running: int, kv_usage: float) -> None: ...
+
+
+class SequenceHandle:
+    """One generated sequence: its slot, progress and text; its deltas go to its Generation."""
+
+    def __init__(
+        self,
+        generation: Generation,
+        index: int,
+        prompt: list[int],
+        max_tokens: int,
+        sampling: SamplingParams,
+        text: TextStream,
+    ) -> None:
+        self.generation = generation
+        self.index = index
+        self.prompt = prompt
+        self.max_tokens = max_tokens
+        self.sampling = sampling
+        self.text = text
+        self.slot: int | None = None
+        self.padded_length = 0
+        self.generated = 0
+        self.pending = 0  # decode steps submitted for this sequence but not read yet
+        self.cancelled = False
+        self.finish_reason: FinishReason | None = None
+        self.submitted_at = time.monotonic()
+        self.last_token_at = 0.0
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def emit(self, text: str, finish_reason: FinishReason | None = None) -> None:
+        self.generation.deltas.put_nowait(Delta(self.index, text, self.generated, finish_reason))
+
+
+class Generation:
+    """The n sequences of one request: read their deltas with `async for`, stop with `cancel()`."""
+
+    def __init__(self, scheduler: Scheduler, prompt_tokens: int) -> None:
+        self._scheduler = scheduler
+        self.prompt_tokens = prompt_tokens
+        self.sequences: list[SequenceHandle] = []
+        self.deltas: asyncio.Queue[Delta] = asyncio.Queue()
+
+    def cancel(self) -> None:
+        for handle in self.sequences:
+            if not handle.finished:
+                handle.cancelled = True
+        self._scheduler.wake()
+
+    async def batches(self, interval: float = 0.0) -> AsyncIterator[list[Delta]]:
+        """Every delta that is ready, as one list: a slow consumer (a network hop) gets several
+        tokens per message instead of falling further behind. With `interval` > 0, messages after
+        the first are at least that many seconds apart (fewer, larger messages)."""
+        running = len(self.sequences)
+        while running:
+            ready = [await self.deltas.get()]
+            while not self.deltas.empty():
+                ready.append(self.deltas.get_nowait())
+            running -= sum(delta.finish_reason is not None for delta in ready)
+            yield ready
+            if interval > 0 and running:
+                await asyncio.sleep(interval)
+
+    async def __aiter__(self) -> AsyncIterator[Delta]:
+        async for ready in self.batches():
+            for delta in ready:
+                yield delta
+
+
+@dataclass
+class _PrefillGroup:
+    sequences: list[SequenceHandle]
+    padded: dict[int, list[int]]  # id(sequence) -> left-padded prompt
+    length: int
+    done: int = 0
+
+
+class Scheduler:
+    def __init__(
+        self,
+        executor: Executor,
+        decoder: Decoder,
+        *,
+        max_batch_size: int,
+        max_sequence_length: int,
+        max_queued_requests: int,
+        kv_budget: int,
+        prefill_chunk_tokens: int,
+        eos_id: int | None,
+        observer: SchedulerObserver | None = None,
+    ) -> None:
+        self._executor = executor
+        self._decoder = decoder
+        self.max_batch_size = max_batch_size
+        self.max_sequence_length = max_sequence_length
+        self.max_queued_requests = max_queued_requests
+        self.kv_budget = kv_budget
+        self.prefill_chunk_tokens = prefill_chunk_tokens
+        self._eos_id = eos_id
+        self._observer = observer
+        self._free_slots = list(range(max_batch_size - 1, -1, -1))
+        self._waiting: deque[SequenceHandle] = deque()
+        self._prefilling: list[_PrefillGroup] = []
+        self._decoding: list[SequenceHandle] = []
+        self._in_flight: tuple[list[SequenceHandle], Awaitable[list[int]]] | None = None
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._seconds_per_request = 1.0  # running mean, for Retry-After
+
+    # -- requests -------------------------------------------------------------------------------
+
+    def submit(
+        self,
+        prompt: Sequence[int],
+        *,
+        max_tokens: int | None,
+        sampling: SamplingParams,
+        stop: Sequence[str] = (),
+        n: int = 1,
+        default_max_tokens: int = 16,
+    ) -> Generation:
+        """Queue `n` sequences for one prompt, or raise AdmissionError (nothing queued then)."""
+        prompt = list(prompt)
+        limit = self.max_sequence_length
+        if not prompt:
+            raise AdmissionError("the prompt is empty (it has no tokens)", param="prompt")
+        if len(prompt) >= limit:
+            raise AdmissionError(
+                f"the prompt has {len(prompt)} tokens; the context limit (maxSequenceLength) is "
+                f"{limit} tokens, including at least one generated token",
+                param="prompt",
+            )
+        if max_tokens is None:
+            max_tokens = min(default_max_tokens, limit - len(prompt))
+        elif len(prompt) + max_tokens > limit:
+            raise AdmissionError(
+                f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) exceeds the context "
+                f"limit (maxSequenceLength) of {limit} tokens",
+                param="max_tokens",
+            )
+        if len(prompt) + max_tokens > self.kv_budget:
+            raise AdmissionError(
+                f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) exceeds this "
+                f"replica's KV-cache budget (kvCacheTokens) of {self.kv_budget} tokens",
+                param="max_tokens",
+            )
+        if n > self.max_batch_size:
+            raise AdmissionError(
+                f"n={n} exceeds this replica's batch size (maxBatchSize={self.max_batch_size})",
+                param="n",
+            )
+        queued_after = len(self._waiting) + n - len(self._free_slots)
+        if queued_after > self.max_queued_requests:
+            raise QueueFull(
+                f"the request queue is full (maxQueuedRequests={self.max_queued_requests}); "
+                "retry later",
+                retry_after=self.retry_after_seconds(),
+            )
+        generation = Generation(self, len(prompt))
+        for index in range(n):
+            seed = None if sampling.seed is None else sampling.seed + index
+            params = SamplingParams(sampling.temperature, sampling.top_p, sampling.top_k, seed)
+            text = TextStream(self._decoder, stop, prefix=prompt[-_DETOKENIZE_PREFIX:])
+            generation.sequences.append(
+                SequenceHandle(generation, index, prompt, max_tokens, params, text)
+            )
+        self._waiting.extend(generation.sequences)
+        self.wake()
+        return generation
+
+    def retry_after_seconds(self) -> int:
+        waves = (len(self._waiting) + self.max_batch_size - 1) // self.max_batch_size
+        return max(1, round(waves * self._seconds_per_request))
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self._decoding) + sum(len(g.sequences) for g in self._prefilling)
+
+    # -- engine loop ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="scheduler")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    def wake(self) -> None:
+        self._wakeup.set()
+
+    @property
+    def alive(self) -> bool:
+        """The engine loop is running (it only ends by `stop` or an unexpected error)."""
+        return self._task is not None and not self._task.done()
+
+    async def _run(self) -> None:
+        while True:
+            if not (self._waiting or self._prefilling or self._decoding or self._in_flight):
+                self._report_state()
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            self._drop_cancelled()
+            self._admit()
+            self._report_state()
+            try:
+                for group in list(self._prefilling):
+                    await self._prefill_chunk(group)
+                if self._decoding or self._in_flight:
+                    await self._decode_step()
+            except Exception:
+                log.exception("model step failed; failing the running sequences")
+                self._fail_running()
+            # Let consumers (HTTP streams) and new submissions run between steps.
+            await asyncio.sleep(0)
+
+    def _drop_cancelled(self) -> None:
+        for handle in [h for h in self._waiting if h.cancelled]:
+            self._waiting.remove(handle)
+            self._finish(handle, "cancelled")
+        for group in self._prefilling:
+            for handle in [h for h in group.sequences if h.cancelled]:
+                group.sequences.remove(handle)
+                self._finish(handle, "cancelled")
+        self._prefilling = [g for g in self._prefilling if g.sequences]
+        for handle in [h for h in self._decoding if h.cancelled]:
+            self._decoding.remove(handle)
+            self._finish(handle, "cancelled")
+
+    def _reserved_tokens(self) -> int:
+        running = [h for g in self._prefilling for h in g.sequences] + self._decoding
+        return sum(h.padded_length + h.max_tokens for h in running)
+
+    def _admit(self) -> None:
+        """Move waiting sequences (FIFO) into free slots as ONE new prefill group."""
+        group: list[SequenceHandle] = []
+        length = 0
+        reserved = self._reserved_tokens()
+        while self._waiting and len(group) < len(self._free_slots):
+            candidate = self._waiting[0]
+            new_length = max(length, len(candidate.prompt))
+            longest_output = max(h.max_tokens for h in [*group, candidate])
+            growth = (new_length - length) * len(group) + new_length + candidate.max_tokens
+            if (
+                new_length + longest_output > self.max_sequence_length
+                or reserved + growth > self.kv_budget
+            ):
+                break
+            self._waiting.popleft()
+            group.append(candidate)
+            length = new_length
+            reserved += growth
+        if not group:
+            return
+        padded = {}
+        for handle in group:
+            handle.slot = self._free_slots.pop()
+            handle.padded_length = length
+            padded[id(handle)] = [PAD_ID] * (length - len(handle.prompt)) + handle.prompt
+            if self._observer:
+                self._observer.on_prompt(len(handle.prompt))
+        self._prefilling.append(_PrefillGroup(group, padded, length))
+
+    async def _prefill_chunk(self, group: _PrefillGroup) -> None:
+        chunk = min(self.prefill_chunk_tokens, group.length - group.done)
+        last = group.done + chunk == group.length
+        step = StepInput(
+            rows=[h.slot for h in group.sequences],
+            tokens=[group.padded[id(h)][group.done : group.done + chunk] for h in group.sequences],
+            sample=last,
+            start={h.slot: h.sampling for h in group.sequences} if group.done == 0 else {},
+        )
+        tokens = await self._executor.submit(step)
+        group.done += chunk
+        if not last:
+            return
+        self._prefilling.remove(group)
+        for handle, token in zip(group.sequences, tokens, strict=True):
+            self._decoding.append(handle)
+            self._accept(handle, token)
+
+    async def _decode_step(self) -> None:
+        """Submit the next decode step, then read the previous one's tokens: the executor computes
+        step n + 1 while this loop turns step n's tokens into text. A sequence that ends at step n
+        wastes its row's step n + 1 (discarded); none is submitted past its max_tokens, so a row
+        never outgrows the cache."""
+        batch = [h for h in self._decoding if h.generated + h.pending < h.max_tokens]
+        submitted = None
+        if batch:
+            for handle in batch:
+                handle.pending += 1
+            step = StepInput(rows=[h.slot for h in batch], tokens=None, sample=True)
+            if self._observer:
+                self._observer.on_decode_batch(len(batch))
+            submitted = (batch, self._executor.submit(step))
+        previous, self._in_flight = self._in_flight, submitted
+        if previous is not None:
+            done, result = previous
+            tokens = await result
+            for handle, token in zip(done, tokens, strict=True):
+                handle.pending -= 1
+                if not handle.finished:
+                    self._accept(handle, token)
+
+    def _accept(self, handle: SequenceHandle, token: int) -> None:
+        """A sampled token for `handle`: emit its text, finish it at EOS, a stop string or a limit."""
+        now = time.monotonic()
+        if self._observer:
+            if handle.generated == 0:
+                self._observer.on_first_token(now - handle.submitted_at)
+            else:
+                self._observer.on_next_token(now - handle.last_token_at)
+        handle.last_token_at = now
+        handle.generated += 1
+        if token == self._eos_id:
+            self._retire(handle, "", "stop")
+            return
+        text = handle.text.push(token)
+        if handle.text.stopped:
+            self._retire(handle, text, "stop")
+        elif (
+            handle.generated >= handle.max_tokens
+            or handle.padded_length + handle.generated >= self.max_sequence_length
+        ):
+            self._retire(handle, text + handle.text.flush(), "length")
+        else:
+            handle.emit(text)
+
+    def _retire(self, handle: SequenceHandle, text: str, reason: FinishReason) -> None:
+        self._decoding.remove(handle)
+        self._finish(handle, reason, text)
+
+    def _finish(self, handle: SequenceHandle, reason: FinishReason, text: str = "") -> None:
+        handle.emit(text, reason)
+        handle.finish_reason = reason
+        if handle.slot is not None:
+            self._free_slots.append(handle.slot)
+            handle.slot = None
+        elapsed = time.monotonic() - handle.submitted_at
+        self._seconds_per_request = 0.9 * self._seconds_per_request + 0.1 * elapsed
+
+    def _fail_running(self) -> None:
+        self._in_flight = None
+        for group in self._prefilling:
+            for handle in group.sequences:
+                self._finish(handle, "error")
+        for handle in self._decoding:
+            self._finish(handle, "error")
+        self._prefilling.clear()
+        self._decoding.clear()
+
+    def _report_state(self) -> None:
+        if self._observer is None:
+            return
+        used = sum(h.padded_length + h.generated for h in self._decoding)
+        used += sum(g.done * len(g.sequences) for g in self._prefilling)
+        self._observer.on_state(self.waiting, self.running, used / self.kv_budget)

@@ -1,0 +1,116 @@
+"""Shard workers: G Ray actors per replica, one per placement-group bundle, one model shard each.
+
+G = 1 and G > 1 take the same path: the replica creates the workers in its own placement group
+(bundle i holds rank i), they join one torch.distributed group (gloo on CPU, NCCL on CUDA) when G > 1,
+and every step is sent to all of them with identical inputs; rank 0's sampled tokens are the answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from collections.abc import Awaitable
+from typing import Any
+
+import ray
+from ray.util.placement_group import get_current_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from grokserve.serving.config import ServingConfig
+from grokserve.serving.scheduler import StepInput
+
+
+@ray.remote
+class ShardWorker:
+    def __init__(self, args: dict[str, Any], rank: int) -> None:
+        self.config = ServingConfig.from_args(args)
+        self.rank = rank
+        self.stepper = None
+
+    def rendezvous_address(self) -> tuple[str, int]:
+        """Rank 0's node address and a free port on it, for torch.distributed to meet at."""
+        with socket.socket() as probe:
+            probe.bind(("", 0))
+            port = probe.getsockname()[1]
+        return ray.util.get_node_ip_address(), port
+
+    def load(self, master: tuple[str, int]) -> dict[str, Any]:
+        import torch
+
+        from grokserve.serving.executor import ModelStepper
+        from grokserve.serving.loading import load_shard
+
+        torch.set_num_threads(max(1, int(self.config.resources.cpus_per_shard)))
+        model = load_shard(self.config, self.rank, master)
+        limits = self.config.serving
+        self.stepper = ModelStepper(
+            model, max_batch_size=limits.max_batch_size, max_len=limits.max_sequence_length
+        )
+        return self.describe()
+
+    def describe(self) -> dict[str, Any]:
+        context = ray.get_runtime_context()
+        return {
+            "rank": self.rank,
+            "node_id": context.get_node_id(),
+            "node_ip": ray.util.get_node_ip_address(),
+            "pid": os.getpid(),
+            "resources": context.get_assigned_resources(),
+        }
+
+    def step(self, step: StepInput) -> list[int]:
+        return self.stepper.run(step)
+
+    def expert_token_counts(self) -> list[list[int]] | None:
+        return self.stepper.expert_token_counts()
+
+
+class ShardedExecutor:
+    """The scheduler's executor for one replica: fans each step out to the G shard workers."""
+
+    def __init__(self, workers: list[Any], shards: list[dict[str, Any]]) -> None:
+        self.workers = workers
+        self.shards = shards
+
+    @classmethod
+    async def create(cls, config: ServingConfig) -> ShardedExecutor:
+        group = get_current_placement_group()
+        resources = config.resources
+        workers = []
+        for rank in range(config.parallelism.shards):
+            options: dict[str, Any] = {"num_cpus": resources.cpus_per_shard}
+            if resources.accelerator_resource == "GPU":
+                options["num_gpus"] = 1
+            elif resources.accelerator_resource:
+                options["resources"] = {resources.accelerator_resource: 1}
+            if group is not None:
+                options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                    group, placement_group_bundle_index=rank
+                )
+            workers.append(ShardWorker.options(**options).remote(config.to_args(), rank))
+        master = await workers[0].rendezvous_address.remote()
+        shards = await asyncio.gather(*(w.load.remote(master) for w in workers))
+        return cls(workers, list(shards))
+
+    def submit(self, step: StepInput) -> Awaitable[list[int]]:
+        # .remote() queues the step on every worker now, in call order.
+        return self._rank0(*(worker.step.remote(step) for worker in self.workers))
+
+    @staticmethod
+    async def _rank0(*results: Any) -> list[int]:
+        return (await asyncio.gather(*results))[0]
+
+    async def expert_token_counts(self) -> list[list[int]] | None:
+        # The router runs on every rank with identical inputs, so rank 0 has the full counts.
+        return await self.workers[0].expert_token_counts.remote()
+
+    async def check(self, timeout_s: float) -> None:
+        """Raises unless every shard worker answers within `timeout_s`."""
+        await asyncio.wait_for(
+            asyncio.gather(*(w.describe.remote() for w in self.workers)), timeout=timeout_s
+        )
+
+    def close(self) -> None:
+        for worker in self.workers:
+            ray.kill(worker)

@@ -1,0 +1,78 @@
+"""ServingConfig: the operator-facing contract (pure pydantic, camelCase on the wire)."""
+
+import subprocess
+import sys
+
+import pytest
+from pydantic import ValidationError
+
+from grokserve.serving.config import ServingConfig
+
+
+def test_round_trip_through_camel_case_args():
+    config = ServingConfig.model_validate(
+        {
+            "name": "grok-1",
+            "replicas": 2,
+            "model": {"preset": "grok-1", "source": "/weights/ckpt-0", "dtype": "bfloat16"},
+            "parallelism": {
+                "gpusPerNode": 8,
+                "nodesPerReplica": 2,
+                "tensor": 8,
+                "expert": 16,
+                "placement": "strict-spread",
+            },
+            "resources": {"device": "cuda", "acceleratorResource": "GPU"},
+            "serving": {"maxBatchSize": 64, "maxSequenceLength": 8192, "maxQueuedRequests": 256},
+        }
+    )
+    args = config.to_args()
+    assert args["parallelism"]["gpusPerNode"] == 8
+    assert args["serving"]["maxQueuedRequests"] == 256
+    assert ServingConfig.from_args(args) == config
+    assert config.parallelism.shards == 16
+    assert config.parallelism.ray_strategy == "STRICT_SPREAD"
+    bundles = config.placement_group_bundles()
+    assert len(bundles) == 16
+    assert bundles[1] == {"CPU": 1.0, "GPU": 1.0}
+    assert bundles[0] == {"CPU": 1.5, "GPU": 1.0}
+
+
+@pytest.mark.parametrize(
+    ("args", "field"),
+    [
+        ({"parallelism": {"gpusPerNode": 4, "tensor": 3}}, "parallelism.tensor"),
+        ({"parallelism": {"placement": "scatter"}}, "placement"),
+        ({"serving": {"maxBatchSize": 0}}, "maxBatchSize"),
+        ({"serving": {"maxQueuedRequest": 3}}, "maxQueuedRequest"),
+        ({"name": "Grok_1"}, "name"),
+    ],
+)
+def test_bad_input_names_the_field(args, field):
+    with pytest.raises(ValidationError) as error:
+        ServingConfig.model_validate(args)
+    assert field in str(error.value)
+
+
+def test_config_module_imports_neither_ray_nor_torch():
+    code = (
+        "import sys, grokserve.serving.config; "
+        "bad = [m for m in ('ray', 'torch') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_build_app_rejects_configs_that_cannot_run():
+    from grokserve.model.placement import PlacementError
+    from grokserve.serving.app import ServingConfigError, build_app
+
+    with pytest.raises(
+        ServingConfigError, match=r"serving.maxSequenceLength: .*greater than or equal to 2"
+    ):
+        build_app({"serving": {"maxSequenceLength": 1}})
+    with pytest.raises(ServingConfigError, match="exceeds the model's context length"):
+        build_app({"model": {"preset": "grok-tiny"}, "serving": {"maxSequenceLength": 5000}})
+    # grok-tiny has 4 kv heads: 8-way tensor parallelism cannot split them.
+    with pytest.raises(PlacementError):
+        build_app({"parallelism": {"gpusPerNode": 8, "tensor": 8}})

@@ -1,0 +1,162 @@
+"""The continuous-batching scheduler in-process, over the real grok-tiny model (no Ray)."""
+
+import asyncio
+
+import pytest
+
+from grokserve.model import GrokModel
+from grokserve.model.sampling import SamplingParams as ModelSampling
+from grokserve.model.sampling import generate
+from grokserve.serving.executor import LocalExecutor, ModelStepper
+from grokserve.serving.loading import ByteTokenizer
+from grokserve.serving.metrics import ReplicaMetrics
+from grokserve.serving.scheduler import AdmissionError, QueueFull, SamplingParams, Scheduler
+
+TOKENIZER = ByteTokenizer(256)
+GREEDY = SamplingParams(temperature=0)
+PROMPTS = [f"{i}: {'the quick brown fox ' * (i % 4)}jumps" for i in range(12)]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return GrokModel.from_preset("grok-tiny", seed=0)
+
+
+@pytest.fixture
+async def make_scheduler(model):
+    made = []
+
+    def make(**overrides):
+        limits = {
+            "max_batch_size": 4,
+            "max_sequence_length": 128,
+            "max_queued_requests": 32,
+            "kv_budget": 4 * 128,
+            "prefill_chunk_tokens": 16,
+            **overrides,
+        }
+        stepper = ModelStepper(
+            model, max_batch_size=limits["max_batch_size"], max_len=limits["max_sequence_length"]
+        )
+        metrics = ReplicaMetrics("test", "r0")
+        executor = LocalExecutor(stepper)
+        scheduler = Scheduler(
+            executor,
+            TOKENIZER,
+            eos_id=model.config.eos_token,
+            observer=metrics,
+            **limits,
+        )
+        scheduler.start()
+        made.append((scheduler, executor))
+        return scheduler, metrics
+
+    yield make
+    for scheduler, executor in made:
+        await scheduler.stop()
+        executor.close()
+
+
+async def collect(scheduler, prompt, **kwargs):
+    kwargs.setdefault("max_tokens", 12)
+    kwargs.setdefault("sampling", GREEDY)
+    generation = scheduler.submit(TOKENIZER.encode(prompt), **kwargs)
+    texts: dict[int, str] = {}
+    reasons: dict[int, str] = {}
+    tokens: dict[int, int] = {}
+    async for delta in generation:
+        texts[delta.index] = texts.get(delta.index, "") + delta.text
+        tokens[delta.index] = delta.completion_tokens
+        if delta.finish_reason:
+            reasons[delta.index] = delta.finish_reason
+    order = sorted(texts)
+    return [texts[i] for i in order], [reasons[i] for i in order], [tokens[i] for i in order]
+
+
+def reference(model, prompt, max_tokens=12):
+    """The model package's own single-sequence greedy loop."""
+    params = ModelSampling(temperature=0, max_tokens=max_tokens)
+    ids = generate(model, TOKENIZER.encode(prompt), params)
+    return TOKENIZER.decode([i for i in ids if i != model.config.eos_token])
+
+
+def sample_value(metrics, name):
+    return next(
+        sample.value
+        for family in metrics.registry.collect()
+        for sample in family.samples
+        if sample.name == name
+    )
+
+
+async def test_concurrent_greedy_equals_the_single_sequence_reference(model, make_scheduler):
+    # Chunks of 8 tokens: the longer prompts are prefilled over several steps, interleaved.
+    scheduler, metrics = make_scheduler(prefill_chunk_tokens=8)
+    results = await asyncio.gather(*(collect(scheduler, p) for p in PROMPTS))
+    assert [texts[0] for texts, _, _ in results] == [reference(model, p) for p in PROMPTS]
+    steps = sample_value(metrics, "grokserve_decode_batch_size_count")
+    sequences = sample_value(metrics, "grokserve_decode_batch_size_sum")
+    assert sequences / steps > 2, "the running batch should mostly be full (4 slots, 12 requests)"
+    assert sample_value(metrics, "grokserve_prompt_tokens_total") == sum(
+        len(TOKENIZER.encode(p)) for p in PROMPTS
+    )
+    assert scheduler.running == 0 and scheduler.waiting == 0
+
+
+async def test_stop_string_and_max_tokens(model, make_scheduler):
+    scheduler, _ = make_scheduler()
+    full = reference(model, PROMPTS[3], max_tokens=12)
+    stop = full[4:6]
+    texts, reasons, _ = await collect(scheduler, PROMPTS[3], stop=[stop, "never-there"])
+    assert texts == [full[: full.index(stop)]] and reasons == ["stop"]
+    texts, reasons, tokens = await collect(scheduler, PROMPTS[3], max_tokens=5)
+    assert reasons == ["length"] and tokens == [5] and full.startswith(texts[0])
+
+
+async def test_n_samples_are_reproducible_with_a_seed(make_scheduler):
+    scheduler, _ = make_scheduler()
+    sampling = SamplingParams(temperature=1.0, top_p=0.9, seed=7)
+    first, _, _ = await collect(scheduler, PROMPTS[1], n=3, sampling=sampling)
+    second, _, _ = await collect(scheduler, PROMPTS[1], n=3, sampling=sampling)
+    assert first == second and len(first) == 3
+    assert len(set(first)) > 1, "the n choices use different seeds"
+
+
+async def test_cancel_frees_the_slot_for_waiting_requests(model, make_scheduler):
+    scheduler, _ = make_scheduler(max_batch_size=1, max_sequence_length=128, kv_budget=128)
+    long_one = scheduler.submit(TOKENIZER.encode("abc"), max_tokens=100, sampling=GREEDY)
+    waiting = asyncio.create_task(collect(scheduler, PROMPTS[2]))
+    async for delta in long_one:
+        assert delta.completion_tokens == 1
+        long_one.cancel()
+        break
+    texts, reasons, _ = await asyncio.wait_for(waiting, timeout=60)
+    assert texts == [reference(model, PROMPTS[2])] and reasons == ["length"]
+    assert long_one.sequences[0].finish_reason == "cancelled"
+
+
+async def test_admission_errors_name_the_limit(make_scheduler):
+    scheduler, _ = make_scheduler(max_batch_size=1, max_queued_requests=1, kv_budget=128)
+    with pytest.raises(AdmissionError, match=r"maxSequenceLength\) is 128"):
+        scheduler.submit([5] * 200, max_tokens=None, sampling=GREEDY)
+    with pytest.raises(AdmissionError, match="max_tokens") as error:
+        scheduler.submit([5] * 100, max_tokens=50, sampling=GREEDY)
+    assert error.value.param == "max_tokens"
+    running = scheduler.submit([5, 6], max_tokens=100, sampling=GREEDY)
+    queued = scheduler.submit([5, 6], max_tokens=100, sampling=GREEDY)
+    with pytest.raises(QueueFull, match="maxQueuedRequests=1") as full:
+        scheduler.submit([5, 6], max_tokens=100, sampling=GREEDY)
+    assert full.value.status == 429 and full.value.retry_after >= 1
+    running.cancel()
+    queued.cancel()
+
+
+async def test_stream_interval_sends_fewer_larger_messages(model, make_scheduler):
+    scheduler, _ = make_scheduler()
+    prompt = TOKENIZER.encode(PROMPTS[5])
+    generation = scheduler.submit(prompt, max_tokens=30, sampling=GREEDY)
+    messages = [ready async for ready in generation.batches(interval=0.05)]
+    assert messages[0][0].completion_tokens == 1, "the first token is not held back"
+    assert len(messages) < 30
+    text = "".join(delta.text for ready in messages for delta in ready)
+    assert text == reference(model, PROMPTS[5], max_tokens=30)
