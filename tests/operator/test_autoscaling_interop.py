@@ -15,6 +15,7 @@ import yaml
 
 from grokserve.operator.autoscaling.prometheus import WAITING_QUERY, render_query
 from grokserve.operator.spec import API_GROUP, API_VERSION, KIND
+from grokserve.serving.metrics import ReplicaMetrics
 from testkit.prometheus import PrometheusServer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -150,13 +151,12 @@ def test_dashboard_uses_the_operator_and_autoscaler_metrics_that_exist() -> None
 
 
 def test_dashboard_uses_the_serving_metrics_that_exist() -> None:
-    serving_metrics = pytest.importorskip("grokserve.serving.metrics")
     serving = {
         n
         for n in dashboard_metric_names()
         if not n.startswith(("grokdeployment_", "grokserve_autoscaler_"))
     }
-    assert serving <= exposed_names(serving_metrics.ReplicaMetrics("grok-1", "0").registry)
+    assert serving <= exposed_names(ReplicaMetrics("grok-1", "0").registry)
 
 
 def render_configmaps(values: dict[str, Any]) -> list[dict[str, Any]]:

@@ -10,6 +10,7 @@ import yaml
 from grokserve.operator.builders import Owner, build_children, build_rayservice, serving_args
 from grokserve.operator.render import RenderError, render_documents
 from grokserve.operator.spec import parse_resource, parse_spec
+from grokserve.serving.config import ServingConfig
 from testkit.kube_schemas import kuberay_validator, schema_errors
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "manifests" / "examples").glob("*.yaml"))
@@ -71,12 +72,9 @@ def test_serve_config_deploys_grokserve_with_the_model_and_replicas() -> None:
 
 
 def test_serving_args_are_accepted_by_the_serving_config() -> None:
-    config = pytest.importorskip(
-        "grokserve.serving.config", reason="grokserve.serving.config not merged yet"
-    )
     for path in EXAMPLES:
         spec = parse_resource(yaml.safe_load(path.read_text()))
-        config.ServingConfig.from_args(serving_args(OWNER, spec))
+        ServingConfig.from_args(serving_args(OWNER, spec))
 
 
 def test_cpu_example_requests_no_gpu() -> None:

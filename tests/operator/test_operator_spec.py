@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from grokserve.model.presets import PRESETS
 from grokserve.operator.presets import PRESET_SHAPES
 from grokserve.operator.spec import SpecError, parse_resource, parse_spec
 
@@ -96,9 +97,8 @@ def test_wrong_kind_is_refused() -> None:
 
 
 def test_preset_shapes_match_the_model_package() -> None:
-    presets = pytest.importorskip("grokserve.model.presets", reason="model package needs torch")
     for name, shape in PRESET_SHAPES.items():
-        config = presets.PRESETS[name]
+        config = PRESETS[name]
         assert (
             shape.num_q_heads,
             shape.num_kv_heads,
