@@ -299,7 +299,11 @@ def build_servicemonitor(owner: Owner) -> dict[str, Any]:
         "metadata": _metadata(owner, owner.name, "metrics"),
         "spec": {
             "selector": {"matchLabels": labels(owner, "endpoint")},
-            "endpoints": [{"port": "metrics", "interval": "15s"}],
+            # The API port's /metrics holds the queue gauges the autoscaler reads; `metrics` is Ray's.
+            "endpoints": [
+                {"port": "http", "path": "/metrics", "interval": "15s"},
+                {"port": "metrics", "interval": "15s"},
+            ],
         },
     }
 

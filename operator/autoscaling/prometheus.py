@@ -17,8 +17,14 @@ import aiohttp
 
 from grokserve.operator.autoscaling.policy import MetricFailure, QueueSample
 
-WAITING_QUERY = 'sum(grokserve_requests_waiting{namespace="$namespace",deployment="$name"})'
-RUNNING_QUERY = 'sum(grokserve_requests_running{namespace="$namespace",deployment="$name"})'
+# Every Serve proxy answers /metrics with all replicas' series, so Prometheus scrapes each replica
+# once per node: `max by (replica)` counts it once.
+WAITING_QUERY = (
+    'sum(max by (replica) (grokserve_requests_waiting{namespace="$namespace",deployment="$name"}))'
+)
+RUNNING_QUERY = (
+    'sum(max by (replica) (grokserve_requests_running{namespace="$namespace",deployment="$name"}))'
+)
 PLACEHOLDERS = ("namespace", "name")
 
 

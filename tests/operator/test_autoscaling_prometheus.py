@@ -15,7 +15,7 @@ from grokserve.operator.autoscaling.prometheus import (
     QueryTemplateError,
     render_query,
 )
-from testkit.prometheus import PrometheusServer, free_port
+from testkit.prometheus import PrometheusServer, ScrapeTarget, TestExporter, free_port
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +73,29 @@ async def test_queue_sample_substitutes_the_deployment_into_an_override_query(
     failure = await client.queue_sample("llm", "grok-1")
     assert isinstance(failure, MetricFailure) and failure.reason == "NoSeries"
     assert 'grokserve_requests_waiting{namespace="llm",deployment="grok-1"}' in failure.message
+
+
+async def test_a_replica_scraped_through_every_proxy_counts_once(
+    session: aiohttp.ClientSession,
+) -> None:
+    # Each Serve proxy answers /metrics with every replica's series, so Prometheus sees each
+    # replica once per node; the default queries must not multiply the queue by the node count.
+    with TestExporter() as exporter:
+        labels = ("deployment", "replica")
+        waiting = exporter.gauge("grokserve_requests_waiting", "waiting", labels)
+        running = exporter.gauge("grokserve_requests_running", "running", labels)
+        waiting.labels("grok-1", "a").set(3)
+        waiting.labels("grok-1", "b").set(2)
+        waiting.labels("other", "a").set(100)
+        running.labels("grok-1", "a").set(4)
+        proxies = [
+            ScrapeTarget(f"{host}:{exporter.port}", {"namespace": "llm"})
+            for host in ("127.0.0.1", "localhost")
+        ]
+        with PrometheusServer(proxies) as prometheus:
+            prometheus.wait_for_targets_up()
+            sample = await PrometheusClient(prometheus.url, session).queue_sample("llm", "grok-1")
+    assert sample == QueueSample(waiting=5.0, running=4.0)
 
 
 async def test_unreachable_prometheus_is_reported_as_such(session: aiohttp.ClientSession) -> None:

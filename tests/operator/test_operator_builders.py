@@ -105,6 +105,17 @@ def test_every_child_is_owned_and_labelled() -> None:
     assert "ServiceMonitor" not in kinds
 
 
+def test_servicemonitor_scrapes_the_queue_metrics_on_the_api_port() -> None:
+    spec = parse_spec({"model": {"preset": "grok-1"}})
+    children = {c["kind"]: c for c in build_children(OWNER, spec, with_servicemonitor=True)}
+    ports = {p["name"]: p["port"] for p in children["Service"]["spec"]["ports"]}
+    endpoints = children["ServiceMonitor"]["spec"]["endpoints"]
+    # serving/ingress.py serves the replicas' grokserve_* gauges at /metrics beside /v1.
+    assert {"port": "http", "path": "/metrics", "interval": "15s"} in endpoints
+    assert ports["http"] == 8000
+    assert all(endpoint["port"] in ports for endpoint in endpoints)
+
+
 def test_upgrade_strategy_reaches_the_rayservice() -> None:
     spec = parse_spec({"model": {"preset": "grok-1"}, "ray": {"upgradeStrategy": "None"}})
     assert build_rayservice(OWNER, spec)["spec"]["upgradeStrategy"] == {"type": "None"}
