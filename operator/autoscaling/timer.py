@@ -90,7 +90,10 @@ async def autoscale(
 ) -> None:
     autoscaler = Autoscaler(namespace, name, body, k8s.CustomObjectsApi(memo.kube.api), logger)
     try:
-        async with aiohttp.ClientSession() as session:
+        # No DNS cache: aiohttp resolves cached hosts in a task of its own that outlives a
+        # cancelled request, and kopf re-raises such a stray task's error when the operator exits.
+        connector = aiohttp.TCPConnector(use_dns_cache=False)
+        async with aiohttp.ClientSession(connector=connector) as session:
             while not stopped:
                 interval = await autoscaler.tick(session)
                 await stopped.wait(interval)
