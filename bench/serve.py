@@ -26,8 +26,8 @@ from grokserve.serving.config import ServingConfig
 from grokserve.serving.engine import Engine, GenerateRequest
 from grokserve.serving.executor import LocalExecutor, ModelStepper
 from grokserve.serving.launcher import LocalServing
-from grokserve.serving.loading import load_shard, load_tokenizer, model_config
-from grokserve.serving.scheduler import SamplingParams, Scheduler
+from grokserve.serving.loading import build_engine, load_shard
+from grokserve.serving.scheduler import SamplingParams
 
 
 def prompts(count: int) -> list[str]:
@@ -66,18 +66,7 @@ def in_process_engine(config: ServingConfig) -> Engine:
     stepper = ModelStepper(
         model, max_batch_size=limits.max_batch_size, max_len=limits.max_sequence_length
     )
-    tokenizer = load_tokenizer(config.model)
-    scheduler = Scheduler(
-        LocalExecutor(stepper),
-        tokenizer,
-        max_batch_size=limits.max_batch_size,
-        max_sequence_length=limits.max_sequence_length,
-        max_queued_requests=limits.max_queued_requests,
-        kv_budget=limits.kv_budget,
-        prefill_chunk_tokens=limits.prefill_chunk_tokens,
-        eos_id=model_config(config.model).eos_token,
-    )
-    return Engine(scheduler, tokenizer, limits.default_max_tokens)
+    return build_engine(config, LocalExecutor(stepper))
 
 
 async def engine_run(

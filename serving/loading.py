@@ -15,6 +15,8 @@ from grokserve.model.parallel import GrokShard, shard_device, start_process_grou
 from grokserve.model.placement import GB, Cluster, Headroom, Parallelism, Plan, make_plan
 from grokserve.model.tokenizer import Tokenizer
 from grokserve.serving.config import ModelSpec, ServingConfig
+from grokserve.serving.engine import Engine
+from grokserve.serving.scheduler import Executor, Scheduler, SchedulerObserver
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -134,3 +136,23 @@ def describe_plan(plan: Plan) -> dict[str, Any]:
             for memory in plan.ranks
         ],
     }
+
+
+def build_engine(
+    config: ServingConfig, executor: Executor, observer: SchedulerObserver | None = None
+) -> Engine:
+    """The request path over `executor` with the config's limits; its scheduler is not started."""
+    tokenizer = load_tokenizer(config.model)
+    limits = config.serving
+    scheduler = Scheduler(
+        executor,
+        tokenizer,
+        max_batch_size=limits.max_batch_size,
+        max_sequence_length=limits.max_sequence_length,
+        max_queued_requests=limits.max_queued_requests,
+        kv_budget=limits.kv_budget,
+        prefill_chunk_tokens=limits.prefill_chunk_tokens,
+        eos_id=model_config(config.model).eos_token,
+        observer=observer,
+    )
+    return Engine(scheduler, tokenizer, limits.default_max_tokens, limits.stream_interval_seconds)

@@ -13,9 +13,8 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from grokserve.serving.config import ServingConfig
-from grokserve.serving.engine import Engine, GenerateRequest
+from grokserve.serving.engine import GenerateRequest
 from grokserve.serving.metrics import MergedMetrics, ReplicaMetrics
-from grokserve.serving.scheduler import Scheduler
 from grokserve.serving.workers import ShardedExecutor
 
 log = logging.getLogger(__name__)
@@ -29,29 +28,15 @@ class GrokReplica:
 
     async def __init__(self, args: dict[str, Any], metrics_hub: DeploymentHandle) -> None:
         # loading imports torch: only the replica process needs it, not the ingress or the hub.
-        from grokserve.serving.loading import load_tokenizer, model_config
+        from grokserve.serving.loading import build_engine
 
         self.config = ServingConfig.from_args(args)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.executor = await ShardedExecutor.create(self.config)
-        tokenizer = load_tokenizer(self.config.model)
         self.metrics = ReplicaMetrics(self.config.name, self.replica_id)
-        limits = self.config.serving
-        self.scheduler = Scheduler(
-            self.executor,
-            tokenizer,
-            max_batch_size=limits.max_batch_size,
-            max_sequence_length=limits.max_sequence_length,
-            max_queued_requests=limits.max_queued_requests,
-            kv_budget=limits.kv_budget,
-            prefill_chunk_tokens=limits.prefill_chunk_tokens,
-            eos_id=model_config(self.config.model).eos_token,
-            observer=self.metrics,
-        )
+        self.engine = build_engine(self.config, self.executor, observer=self.metrics)
+        self.scheduler = self.engine.scheduler
         self.scheduler.start()
-        self.engine = Engine(
-            self.scheduler, tokenizer, limits.default_max_tokens, limits.stream_interval_seconds
-        )
         self._metrics_hub = metrics_hub
         self._push_task = asyncio.get_running_loop().create_task(self._push_metrics())
 
