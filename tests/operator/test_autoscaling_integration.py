@@ -3,7 +3,6 @@ that the test drives, and the autoscaler daemon running in a real kopf operator 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -16,7 +15,6 @@ from testkit.autoscaling import (
     grokserve_api,
     request,
     running_operator,
-    scraping,
     wait_until,
 )
 from testkit.prometheus import PrometheusServer, TestExporter
@@ -26,18 +24,6 @@ pytestmark = pytest.mark.slow
 NAMESPACE, NAME, IDLE = "llm", "grok-1", "grok-idle"
 SCRAPE_S, EVALUATION_S, DOWN_WINDOW_S = 1.0, 5, 12
 REACTION_BOUND_S = SCRAPE_S + EVALUATION_S + 1.5
-
-
-@pytest.fixture
-def exporter() -> Iterator[TestExporter]:
-    with TestExporter() as test_exporter:
-        yield test_exporter
-
-
-@pytest.fixture
-def prometheus(exporter: TestExporter) -> Iterator[PrometheusServer]:
-    with scraping(exporter, NAMESPACE) as server:
-        yield server
 
 
 def autoscaling(prometheus_url: str, **overrides: Any) -> dict[str, Any]:

@@ -5,14 +5,13 @@ handler carries the new size into the RayService."""
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from testkit.autoscaling import QueueExporter, scraping
+from testkit.autoscaling import QueueExporter
 from testkit.operator_env import GROKDEPLOYMENTS, kube, running_operator, wait_until
 from testkit.prometheus import PrometheusServer, TestExporter
 
@@ -27,18 +26,6 @@ NS, NAME = "llm", "grok-1"
 GD = f"{GROKDEPLOYMENTS}/namespaces/{NS}/grokdeployments/{NAME}"
 RS = f"/apis/ray.io/v1/namespaces/{NS}/rayservices/{NAME}"
 EVALUATION_S = 5
-
-
-@pytest.fixture
-def exporter() -> Iterator[TestExporter]:
-    with TestExporter() as test_exporter:
-        yield test_exporter
-
-
-@pytest.fixture
-def prometheus(exporter: TestExporter) -> Iterator[PrometheusServer]:
-    with scraping(exporter, NS) as server:
-        yield server
 
 
 def worker_replicas(rayservice: dict[str, Any] | None) -> int | None:
