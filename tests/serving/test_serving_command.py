@@ -1,8 +1,16 @@
 """`grokserve serve` flags -> ServingConfig, and bad flags fail before anything starts."""
 
 import argparse
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import httpx
 
 from grokserve.commands import serve
+from testkit.serving import free_port
 
 
 def parse(*argv):
@@ -27,3 +35,45 @@ def test_bad_flags_exit_2_naming_the_setting(capsys):
     assert "maxBatchSize" in capsys.readouterr().err
     assert serve.run(parse("--nodes", "2", "--gpus-per-node", "2", "--tensor", "3")) == 2
     assert "parallelism.tensor=3" in capsys.readouterr().err
+
+
+def test_readme_command_serves_the_demo_and_stops_on_ctrl_c():
+    """`grokserve serve` as the README runs it: the shipped demo model answers, Ctrl-C exits 0."""
+    executable = shutil.which("grokserve")
+    assert executable, "the grokserve console script is not installed (pip install -e .)"
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    environment = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    process = subprocess.Popen(
+        [executable, "serve", "--port", str(port)],
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not _answers(f"{url}/readyz"):
+            assert process.poll() is None, process.stdout.read()
+            assert time.monotonic() < deadline, "grokserve serve was not ready in 240 s"
+            time.sleep(1)
+        request = {"model": "grok-demo", "prompt": "Return the", "max_tokens": 16}
+        reply = httpx.post(f"{url}/v1/completions", json=request, timeout=60)
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["choices"][0]["text"].strip()
+        unknown = httpx.post(f"{url}/v1/completions", json={**request, "model": "gpt-4"})
+        assert unknown.status_code == 404 and "grok-demo" in unknown.text
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=120) == 0
+        assert "shutting down" in process.stdout.read()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
