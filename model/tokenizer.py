@@ -7,10 +7,17 @@ from pathlib import Path
 import sentencepiece as spm
 
 PAD, BOS, EOS, UNK = 0, 1, 2, 3
+TOKENIZER_FILE = "tokenizer.model"  # looked for next to a checkpoint's weights
 
 
 class TokenizerError(ValueError):
     pass
+
+
+def beside_checkpoint(directory: str | Path) -> Path | None:
+    """The tokenizer shipped in a checkpoint directory, if there is one."""
+    path = Path(directory) / TOKENIZER_FILE
+    return path if path.is_file() else None
 
 
 class Tokenizer:

@@ -13,7 +13,7 @@ from grokserve.model.checkpoint import open_checkpoint
 from grokserve.model.checkpoint.base import CheckpointReader
 from grokserve.model.parallel import GrokShard, shard_device, start_process_group
 from grokserve.model.placement import GB, Cluster, Headroom, Parallelism, Plan, make_plan
-from grokserve.model.tokenizer import Tokenizer
+from grokserve.model.tokenizer import Tokenizer, beside_checkpoint
 from grokserve.serving.config import ModelSpec, ServingConfig
 from grokserve.serving.engine import Engine
 from grokserve.serving.scheduler import Executor, Scheduler, SchedulerObserver
@@ -46,7 +46,6 @@ class ByteTokenizer:
         return data.decode("utf-8", errors="replace")
 
 
-TOKENIZER_FILE = "tokenizer.model"  # looked for next to a checkpoint's weights
 # Trained by scripts/train_demo.py; shipped as package data.
 DEMO_CHECKPOINT = Path(__file__).resolve().parent / "demo"
 
@@ -79,8 +78,8 @@ def local_path(location: str) -> Path:
 def load_tokenizer(spec: ModelSpec) -> Tokenizer | ByteTokenizer:
     if spec.tokenizer is not None:
         return Tokenizer(local_path(spec.tokenizer))
-    if spec.source is not None and (local_path(spec.source) / TOKENIZER_FILE).is_file():
-        return Tokenizer(local_path(spec.source) / TOKENIZER_FILE)
+    if spec.source is not None and (shipped := beside_checkpoint(local_path(spec.source))):
+        return Tokenizer(shipped)
     return ByteTokenizer(model_config(spec).vocab_size)
 
 

@@ -16,7 +16,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--preset", metavar="NAME", help="random weights of a preset, e.g. grok-tiny"
     )
     parser.add_argument("--prompt", required=True, help="text, or token ids like '5 17 9'")
-    parser.add_argument("--tokenizer", metavar="PATH", help="SentencePiece tokenizer.model")
+    parser.add_argument(
+        "--tokenizer",
+        metavar="PATH",
+        help="SentencePiece tokenizer.model (default: the checkpoint's own, if it has one)",
+    )
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
     parser.add_argument("--top-k", type=int, default=0)
@@ -71,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     from grokserve.model.config import ConfigError
     from grokserve.model.presets import preset
     from grokserve.model.sampling import SamplingParams, generate
-    from grokserve.model.tokenizer import Tokenizer, TokenizerError
+    from grokserve.model.tokenizer import Tokenizer, TokenizerError, beside_checkpoint
 
     started = time.perf_counter()
     try:
@@ -81,7 +85,10 @@ def run(args: argparse.Namespace) -> int:
             top_p=args.top_p,
             max_tokens=args.max_tokens,
         )
-        tokenizer = Tokenizer(args.tokenizer) if args.tokenizer else None
+        tokenizer_path = args.tokenizer or (
+            beside_checkpoint(args.checkpoint) if args.checkpoint else None
+        )
+        tokenizer = Tokenizer(tokenizer_path) if tokenizer_path else None
         quantization = "int8" if args.int8 else None
         if args.checkpoint:
             model = load_model(

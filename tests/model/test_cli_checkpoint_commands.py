@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -88,6 +89,19 @@ def test_generate_from_a_checkpoint_with_a_tokenizer(
         model, tokenizer.encode("The quick brown fox"), SamplingParams(temperature=0, max_tokens=6)
     )
     assert printed == tokenizer.decode(expected).strip()
+
+
+def test_generate_reads_the_tokenizer_shipped_with_the_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    saved = write_native(GrokModel.from_preset("grok-tiny", seed=7), tmp_path / "tiny")
+    shutil.copy(train_tokenizer(tmp_path, vocab_size=256), saved / "tokenizer.model")
+    args = ["generate", "--checkpoint", str(saved), "--prompt", "The quick brown fox"]
+    assert main([*args, "--max-tokens", "6"]) == 0
+    shipped = capsys.readouterr().out.strip()
+    assert main([*args, "--max-tokens", "6", "--tokenizer", str(saved / "tokenizer.model")]) == 0
+    assert shipped == capsys.readouterr().out.strip()
+    assert not re.fullmatch(r"[\d ]+", shipped.splitlines()[0]), "printed ids, not text"
 
 
 def test_generate_shows_ids_beyond_a_smaller_tokenizer(
