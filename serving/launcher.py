@@ -131,7 +131,11 @@ class LocalServing:
         cpus = self.config.resources.cpus_per_shard
         if not self.shape.nodes:
             # Logical CPUs: enough for every bundle, independent of the machine's core count.
-            ray.init(num_cpus=int(shards * cpus + 2), include_dashboard=False, **quiet)
+            # address="local": a new cluster even where another one runs on this machine (plain
+            # ray.init would join that one and then refuse num_cpus).
+            ray.init(
+                address="local", num_cpus=int(shards * cpus + 2), include_dashboard=False, **quiet
+            )
             return
         from ray.cluster_utils import Cluster
 
