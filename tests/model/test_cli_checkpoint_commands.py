@@ -75,6 +75,17 @@ def test_inspect_wrong_path_fails_clearly(
     assert "is not a checkpoint; expected one of" in capsys.readouterr().err
 
 
+def test_inspect_rejects_a_config_with_a_zero_field(
+    checkpoints: Checkpoints, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    broken = tmp_path / "hf"
+    shutil.copytree(checkpoints.paths["hf-model"], broken)
+    config = json.loads((broken / "config.json").read_text())
+    (broken / "config.json").write_text(json.dumps({**config, "num_attention_heads": 0}))
+    assert main(["inspect", str(broken)]) == 1
+    assert "num_attention_heads must be a positive integer, got 0" in capsys.readouterr().err
+
+
 def test_generate_from_a_checkpoint_with_a_tokenizer(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
