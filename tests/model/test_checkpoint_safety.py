@@ -221,3 +221,17 @@ def test_header_scan_seeks_over_tensor_data(tmp_path: Path) -> None:
     assert (header.shape, str(header.dtype), header.nbytes) == ((512, 1024), "float32", 2**21)
     assert CountingFile.read_bytes < 1024
     assert scan_pickle(path).shape == (512, 1024)
+
+
+@pytest.mark.parametrize("escape", ["../outside.safetensors", "/etc/passwd", "shards/../../x"])
+def test_index_entries_outside_the_checkpoint_are_refused(tmp_path: Path, escape: str) -> None:
+    port = write_hf(dequantized(quantized_model()), tmp_path / "port", "model", shards=2)
+    index_file = port / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    victim = next(iter(index["weight_map"]))
+    # The escaping target exists and is a valid shard, so only the path check can refuse it.
+    shutil.copy(port / index["weight_map"][victim], tmp_path / "outside.safetensors")
+    index["weight_map"][victim] = escape
+    index_file.write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=rf"weight_map entry '{victim}' -> '{escape}'"):
+        open_checkpoint(port)
