@@ -58,6 +58,30 @@ def test_left_padded_rows_equal_unpadded_rows_on_valid_positions(tiny: GrokModel
     torch.testing.assert_close(tiny(batch)[0, 4:], tiny(b[None])[0], atol=1e-4, rtol=0)
 
 
+def decode_through_cache(model: GrokModel, batch: torch.Tensor, prefill: int) -> torch.Tensor:
+    """Logits of `batch` fed as one prefill chunk of `prefill` tokens, then one token per step."""
+    cache = model.new_cache(batch_size=batch.shape[0], max_len=batch.shape[1])
+    pieces = [model(batch[:, :prefill], cache=cache)]
+    pieces += [model(batch[:, i : i + 1], cache=cache) for i in range(prefill, batch.shape[1])]
+    return torch.cat(pieces, dim=1)
+
+
+@pytest.mark.parametrize("padding", ["right", "left"])
+def test_padded_rows_decoded_through_the_cache_equal_each_sequence_alone(
+    tiny: GrokModel, padding: str
+) -> None:
+    long, short = random_tokens(1, 9, seed=7)[0], random_tokens(1, 5, seed=8)[0]
+    batch = torch.zeros(2, 9, dtype=torch.long)
+    batch[0] = long
+    real = slice(0, 5) if padding == "right" else slice(4, 9)
+    batch[1, real] = short
+    # Left: the prefill chunk holds only pads, which later steps must still see as masked keys.
+    # Right: the pads arrive one decode step at a time after the short row's real tokens.
+    logits = decode_through_cache(tiny, batch, prefill=4)
+    torch.testing.assert_close(logits[0], tiny(long[None])[0], atol=1e-4, rtol=0)
+    torch.testing.assert_close(logits[1, real], tiny(short[None])[0], atol=1e-4, rtol=0)
+
+
 def test_a_row_of_only_padding_gives_finite_logits(tiny: GrokModel) -> None:
     logits = tiny(torch.zeros(1, 4, dtype=torch.long))
     assert torch.isfinite(logits).all()
