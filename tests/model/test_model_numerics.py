@@ -1,4 +1,4 @@
-"""Numerical identities of the model: cache vs full forward, padding, bf16 flow, the spec's formulas."""
+"""Numerical identities of the model: cache vs full forward, padding, bf16 rounding, the spec's formulas."""
 
 import math
 
@@ -85,20 +85,6 @@ def test_padded_rows_decoded_through_the_cache_equal_each_sequence_alone(
 def test_a_row_of_only_padding_gives_finite_logits(tiny: GrokModel) -> None:
     logits = tiny(torch.zeros(1, 4, dtype=torch.long))
     assert torch.isfinite(logits).all()
-
-
-def test_bfloat16_follows_float32_within_a_loose_band(tiny: GrokModel) -> None:
-    tokens = random_tokens(2, 8, seed=6)
-    reference = tiny(tokens)
-    half = tiny.astype(torch.bfloat16)
-    assert half.layers[0].attn.wq.dtype == torch.bfloat16
-    assert half.layers[0].moe.router.dtype == torch.float32  # the router runs in float32
-    assert half.final_norm.scale.dtype == torch.float32
-    logits = half(tokens)
-    assert logits.dtype == torch.float32
-    assert (logits - reference).abs().max() < 0.15 * reference.abs().max()
-    agree = (logits.argmax(-1) == reference.argmax(-1)).float().mean()
-    assert agree > 0.8
 
 
 def test_bfloat16_multipliers_round_to_bfloat16_constants() -> None:
