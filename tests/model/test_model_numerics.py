@@ -159,16 +159,22 @@ def test_moe_weights_expert_outputs_by_raw_gates() -> None:
         torch.testing.assert_close(out[t], want, atol=1e-5, rtol=1e-5)
 
 
-def test_dequantised_int8_matrix_is_weight_times_row_block_scale_exactly() -> None:
+# Chunks of one row, of three rows (straddling row blocks and experts), and the whole stack at once.
+@pytest.mark.parametrize("chunk_elements", [5, 15, 10**9])
+def test_dequantised_int8_matrix_is_weight_times_row_block_scale_exactly(
+    chunk_elements: int,
+) -> None:
     torch.manual_seed(0)
     matrix = torch.randn(2, 16, 5)
     q = quantize(matrix, blocks=8)
     assert q.weight.dtype == torch.int8 and q.scales.shape == (2, 8, 5)
-    w = dequantize(q.weight, q.scales)
+    w = dequantize(q.weight, q.scales, chunk_elements=chunk_elements)
     for r in range(16):
         expected = q.weight[:, r, :].float() * q.scales[:, r // 2, :].float()
         assert torch.equal(w[:, r, :], expected)
     assert (w - matrix).abs().max() < matrix.abs().max() / 100
+    half = dequantize(q.weight, q.scales, torch.bfloat16, chunk_elements=chunk_elements)
+    assert torch.equal(half, w.bfloat16())  # rounded once, from the exact float32 product
 
 
 def test_int8_model_keeps_int8_weights_and_row_blocks_of_the_release(tiny: GrokModel) -> None:
