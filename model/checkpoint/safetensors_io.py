@@ -81,10 +81,6 @@ class SafetensorsFiles:
     def names(self) -> list[str]:
         return list(self.file_of)
 
-    def metadata(self) -> dict[str, str]:
-        first = next(iter(sorted(set(self.file_of.values()))), None)
-        return (self.open(first).metadata() or {}) if first else {}
-
     def get(self, name: str) -> torch.Tensor:
         try:
             return self.handle(name).get_tensor(name)
