@@ -91,3 +91,10 @@ def test_a_config_with_a_bad_field_is_refused_by_name(tmp_path, capsys, change, 
     path.write_text(json.dumps({**hf_config(TWELVE_LAYERS), **change}))
     assert run([*GROK_2X8, "--config", str(path)]) == 1
     assert complaint in capsys.readouterr().err
+
+
+def test_float16_is_not_offered(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        run([*GROK_2X8, "--dtype", "float16"])
+    assert exit_.value.code == 2
+    assert "invalid choice: 'float16'" in capsys.readouterr().err
