@@ -79,6 +79,3 @@ class KVCache:
 
     def end_append(self, rows: torch.Tensor, steps: int) -> None:
         self.lengths[rows] += steps
-
-    def usage_ratio(self) -> float:
-        return float(self.lengths.sum()) / (self.batch_size * self.max_len)

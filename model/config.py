@@ -53,33 +53,30 @@ class GrokConfig:
         return self.num_q_heads // self.num_kv_heads
 
     def validate(self) -> None:
-        positive = (
+        for name in (
             "vocab_size",
             "emb_size",
             "num_layers",
             "num_q_heads",
             "num_kv_heads",
             "key_size",
-            "widening_factor",
             "num_experts",
             "num_selected_experts",
-            "rms_norm_eps",
-            "max_attn_value",
-            "rope_theta",
             "sequence_len",
-        )
-        for name in positive:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-                raise ConfigError(f"{name} must be a positive number, got {value!r}")
+        ):
+            check_integer(name, getattr(self, name), minimum=1)
+        for name in ("pad_token", "bos_token", "eos_token"):
+            check_integer(name, getattr(self, name), minimum=0)
+        for name in ("widening_factor", "rms_norm_eps", "max_attn_value", "rope_theta"):
+            if not check_number(name, getattr(self, name)) > 0:
+                raise ConfigError(f"{name} must be a positive number, got {getattr(self, name)!r}")
         for name in (
             "attn_output_multiplier",
             "embedding_multiplier_scale",
             "output_multiplier_scale",
         ):
-            value = getattr(self, name)
-            if not isinstance(value, int | float) or not math.isfinite(value) or value == 0:
-                raise ConfigError(f"{name} must be a finite non-zero number, got {value!r}")
+            if check_number(name, getattr(self, name)) == 0:
+                raise ConfigError(f"{name} must be a finite non-zero number, got 0")
         if self.num_q_heads % self.num_kv_heads:
             raise ConfigError(
                 f"num_q_heads ({self.num_q_heads}) must be a multiple of num_kv_heads "
@@ -135,36 +132,47 @@ class GrokConfig:
     def from_hf_dict(cls, data: dict[str, Any]) -> GrokConfig:
         """Reads a Hugging Face `config.json` of the Grok-1 ports (grok1-spec.md §3)."""
 
-        def need(*names: str) -> Any:
+        def lookup(names: tuple[str, ...], default: Any) -> tuple[str, Any]:
             for name in names:
                 if name in data:
-                    return data[name]
-            raise ConfigError(f"Hugging Face config is missing {' or '.join(names)}")
+                    return name, data[name]
+            if default is MISSING:
+                raise ConfigError(f"Hugging Face config is missing {' or '.join(names)}")
+            return names[0], default
 
-        hidden = int(need("hidden_size"))
-        heads = int(need("num_attention_heads"))
-        intermediate = int(need("intermediate_size"))
-        widening = intermediate * 3 / 2 / hidden
+        # Checked under the file's own names before any arithmetic, so that a bad value is reported
+        # as the field the user wrote rather than as a division by zero further on.
+        def integer(*names: str, default: Any = MISSING, minimum: int = 1) -> int:
+            return check_integer(*lookup(names, default), minimum=minimum)
+
+        def number(name: str, default: Any = MISSING) -> float:
+            return float(check_number(*lookup((name,), default)))
+
+        hidden = integer("hidden_size")
+        heads = integer("num_attention_heads")
+        intermediate = integer("intermediate_size")
+        # Several ports write `head_dim: null` to mean "derive it".
+        head_dim = data.get("head_dim")
         config = cls(
-            vocab_size=int(need("vocab_size")),
+            vocab_size=integer("vocab_size"),
             emb_size=hidden,
-            num_layers=int(need("num_hidden_layers")),
+            num_layers=integer("num_hidden_layers"),
             num_q_heads=heads,
-            num_kv_heads=int(need("num_key_value_heads")),
-            key_size=int(data.get("head_dim") or hidden // heads),
-            widening_factor=widening,
-            num_experts=int(need("num_experts", "num_local_experts")),
-            num_selected_experts=int(need("num_experts_per_tok")),
-            attn_output_multiplier=float(need("attn_output_multiplier")),
-            embedding_multiplier_scale=float(need("embedding_multiplier_scale")),
-            output_multiplier_scale=float(need("output_multiplier_scale")),
-            rms_norm_eps=float(data.get("rms_norm_eps", 1e-5)),
-            max_attn_value=float(data.get("max_attn_value", 30.0)),
-            rope_theta=float(data.get("rope_theta", 10000.0)),
-            pad_token=int(data.get("pad_token_id", 0)),
-            bos_token=int(data.get("bos_token_id", 1)),
-            eos_token=int(data.get("eos_token_id", 2)),
-            sequence_len=int(data.get("max_position_embeddings", 8192)),
+            num_kv_heads=integer("num_key_value_heads"),
+            key_size=hidden // heads if head_dim is None else integer("head_dim"),
+            widening_factor=intermediate * 3 / 2 / hidden,
+            num_experts=integer("num_experts", "num_local_experts"),
+            num_selected_experts=integer("num_experts_per_tok"),
+            attn_output_multiplier=number("attn_output_multiplier"),
+            embedding_multiplier_scale=number("embedding_multiplier_scale"),
+            output_multiplier_scale=number("output_multiplier_scale"),
+            rms_norm_eps=number("rms_norm_eps", 1e-5),
+            max_attn_value=number("max_attn_value", 30.0),
+            rope_theta=number("rope_theta", 10000.0),
+            pad_token=integer("pad_token_id", default=0, minimum=0),
+            bos_token=integer("bos_token_id", default=1, minimum=0),
+            eos_token=integer("eos_token_id", default=2, minimum=0),
+            sequence_len=integer("max_position_embeddings", default=8192),
         )
         if config.ffn_size != intermediate:
             raise ConfigError(
@@ -183,3 +191,17 @@ class GrokConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a JSON object")
         return cls.from_hf_dict(data) if "hidden_size" in data else cls.from_dict(data)
+
+
+def check_integer(name: str, value: Any, minimum: int) -> int:
+    # JSON gives bools and strings as readily as ints; coercing "6144" or 8.5 would hide a broken file.
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        bound = "a positive integer" if minimum == 1 else f"an integer of at least {minimum}"
+        raise ConfigError(f"{name} must be {bound}, got {value!r}")
+    return value
+
+
+def check_number(name: str, value: Any) -> int | float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value!r}")
+    return value

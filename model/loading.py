@@ -11,7 +11,7 @@ from tqdm import tqdm
 from grokserve.model.checkpoint import CheckpointError, open_checkpoint
 from grokserve.model.checkpoint.base import Tensor
 from grokserve.model.config import GrokConfig
-from grokserve.model.quantization import QuantizedWeight, dequantize, quantize
+from grokserve.model.quantization import QuantizedWeight, quantize
 from grokserve.model.transformer import GrokModel, Quantization
 
 DTYPES = {
@@ -85,16 +85,5 @@ def materialise(
             value = quantize(value.float(), slot.row_blocks)
         return QuantizedWeight(value.weight.to(device), value.scales.to(device))
     if isinstance(value, QuantizedWeight):
-        return nn.Parameter(dense(value, slot.dtype, device), requires_grad=False)
+        return nn.Parameter(value.dequantize(slot.dtype, device), requires_grad=False)
     return nn.Parameter(value.to(device, slot.dtype), requires_grad=False)
-
-
-def dense(value: QuantizedWeight, dtype: torch.dtype, device: str | torch.device) -> torch.Tensor:
-    """weight · scale per row block (exact in float32), then `dtype`; one expert at a time, so the
-    float32 temporary is one matrix rather than the whole expert stack."""
-    if value.weight.dim() == 2:
-        return value.dequantize(torch.float32).to(device, dtype)
-    out = torch.empty(value.shape, dtype=dtype, device=device)
-    for expert, (weight, scales) in enumerate(zip(value.weight, value.scales, strict=True)):
-        out[expert] = dequantize(weight, scales).to(device, dtype)
-    return out

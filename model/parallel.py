@@ -310,7 +310,7 @@ class GrokShard(GrokModel):
         if isinstance(value, QuantizedWeight):
             if self.quantization == "int8":
                 return value.to(device)
-            value = value.dequantize(self.dtype)
+            value = value.dequantize(self.dtype, device)
         elif self.quantization == "int8" and not name.endswith((*FLOAT32_SUFFIXES, "embed.weight")):
             raise ShardingError(
                 f"{name}: an int8 shard needs 8-bit matrices (shard_tensors quantises them), "

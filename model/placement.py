@@ -33,10 +33,12 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from grokserve.model.config import GrokConfig
 
-DType = Literal["float32", "bfloat16", "float16"]
+# The dtypes load_model computes in: the spec defines float32 and bfloat16 execution only, so a plan
+# for float16 would place a model that no loader can build.
+DType = Literal["float32", "bfloat16"]
 Quantization = Literal["int8"] | None
 
-DTYPE_BYTES: dict[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2}
+DTYPE_BYTES: dict[str, int] = {"float32": 4, "bfloat16": 2}
 # Row blocks of the released 8-bit scales (grok1-spec.md §3): 8 for the row-parallel matrices.
 INT8_ROW_BLOCKS = 8
 SCALE_BYTES = 2  # the scales are bfloat16
@@ -241,7 +243,10 @@ def layout(
 ) -> Plan:
     """The plan's shape and memory for a parallelism, whether or not it fits the GPUs."""
     if dtype not in DTYPE_BYTES:
-        raise PlacementError(f"dtype must be one of {', '.join(DTYPE_BYTES)}, got {dtype!r}")
+        raise PlacementError(
+            f"dtype must be one of {', '.join(DTYPE_BYTES)} (the dtypes the model loads in), "
+            f"got {dtype!r}"
+        )
     if quantization not in (None, "int8"):
         raise PlacementError(f"quantization must be int8 or none, got {quantization!r}")
     parallelism = parallelism or default_parallelism(config, cluster)

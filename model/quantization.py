@@ -9,6 +9,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+# float32 elements dequantised per step (64 MiB): a Grok-1 expert stack is 1.6 G elements, and a float32
+# copy of it beside the int8 source and the result would need 6 GiB of headroom.
+DEQUANTIZE_CHUNK_ELEMENTS = 1 << 24
+
 
 class QuantizedWeight(nn.Module):
     """A matrix (or stack of expert matrices) kept as int8 values and row-block bf16 scales."""
@@ -27,8 +31,10 @@ class QuantizedWeight(nn.Module):
     def row_blocks(self) -> int:
         return self.scales.shape[-2]
 
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return dequantize(self.weight, self.scales).to(dtype)
+    def dequantize(
+        self, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
+    ) -> torch.Tensor:
+        return dequantize(self.weight, self.scales, dtype, device)
 
 
 def dense(weight: torch.Tensor | QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
@@ -46,12 +52,28 @@ def check_quantized_shapes(weight_shape: torch.Size, scales_shape: torch.Size) -
         )
 
 
-def dequantize(weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """float32 matrix from int8 values and row-block scales."""
-    blocks = scales.shape[-2]
-    rows = weight.shape[-2]
-    blocked = weight.float().unflatten(-2, (blocks, rows // blocks))
-    return (blocked * scales.float().unsqueeze(-2)).flatten(-3, -2)
+def dequantize(
+    weight: torch.Tensor,
+    scales: torch.Tensor,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+    chunk_elements: int = DEQUANTIZE_CHUNK_ELEMENTS,
+) -> torch.Tensor:
+    """The matrix in `dtype` on `device` (default: the weight's): each product is exact in float32,
+    then rounded once. Rows go through float32 a chunk at a time, so besides the source and the result
+    only one chunk's temporaries exist."""
+    cols = weight.shape[-1]
+    rows_per_block = weight.shape[-2] // scales.shape[-2]
+    weight_rows = weight.reshape(-1, cols)
+    scale_rows = scales.reshape(-1, cols)
+    out = torch.empty(weight.shape, dtype=dtype, device=device or weight.device)
+    out_rows = out.view(-1, cols)
+    step = max(1, chunk_elements // cols)
+    for start in range(0, weight_rows.shape[0], step):
+        stop = min(start + step, weight_rows.shape[0])
+        blocks = torch.arange(start, stop, device=weight.device) // rows_per_block
+        out_rows[start:stop] = weight_rows[start:stop].float().mul_(scale_rows[blocks])
+    return out
 
 
 def quantize(matrix: torch.Tensor, blocks: int = 1) -> QuantizedWeight:

@@ -68,12 +68,10 @@ def render(tokenizer: object, ids: list[int]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from grokserve.model import GrokModel, load_model
     from grokserve.model.checkpoint import CheckpointError
     from grokserve.model.config import ConfigError
-    from grokserve.model.presets import preset
+    from grokserve.model.loading import parse_dtype
     from grokserve.model.sampling import SamplingParams, generate
     from grokserve.model.tokenizer import Tokenizer, TokenizerError, beside_checkpoint
 
@@ -95,8 +93,7 @@ def run(args: argparse.Namespace) -> int:
                 args.checkpoint, args.dtype, args.device, args.config, quantization=quantization
             )
         else:
-            dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
-            model = GrokModel(preset(args.preset)).init_random_(args.seed).astype(dtype)
+            model = GrokModel.from_preset(args.preset, args.seed, parse_dtype(args.dtype))
             model = (model.quantized() if quantization else model).to(args.device)
         if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
             raise ValueError(

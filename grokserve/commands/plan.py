@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype",
         default="bfloat16",
-        choices=("bfloat16", "float16", "float32"),
+        choices=("bfloat16", "float32"),
         help="compute dtype",
     )
     parser.add_argument(

@@ -61,7 +61,7 @@ def resolve_config(config: GrokConfig | str | Path | None) -> GrokConfig | None:
 def read_config(path: Path) -> GrokConfig:
     try:
         return GrokConfig.from_json(path)
-    except (ConfigError, TypeError) as error:
+    except ConfigError as error:
         raise CheckpointError(f"{path}: {error}") from error
 
 

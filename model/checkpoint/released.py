@@ -18,7 +18,7 @@ from grokserve.model.checkpoint.base import (
 )
 from grokserve.model.checkpoint.names import released_order
 from grokserve.model.checkpoint.unpickler import (
-    ArrayHeader,
+    ArrayRecord,
     QuantizedRecord,
     load_pickle,
     scan_pickle,
@@ -90,7 +90,7 @@ class ReleasedReader(CheckpointReader):
         value = scan_pickle(self.file(name))
         if isinstance(value, QuantizedRecord):
             weight, scales = value.weight, value.scales
-            assert isinstance(weight, ArrayHeader) and isinstance(scales, ArrayHeader)
+            assert isinstance(weight, ArrayRecord) and isinstance(scales, ArrayRecord)
             return TensorInfo(
                 name,
                 weight.shape,

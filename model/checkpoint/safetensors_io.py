@@ -6,7 +6,7 @@ import json
 import math
 import os
 import struct
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -51,7 +51,12 @@ class SafetensorsFiles:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as error:
             raise CheckpointError(f"{index}: not a safetensors index with a weight_map") from error
-        files = {name: self.directory / file for name, file in weight_map.items()}
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: weight_map must map tensor names to shard files")
+        files = {
+            name: self.directory / shard_path(index, name, file)
+            for name, file in weight_map.items()
+        }
         for path in sorted(set(files.values())):
             if not path.is_file():
                 raise CheckpointError(f"missing checkpoint shard {path} (listed in {index})")
@@ -76,10 +81,6 @@ class SafetensorsFiles:
     def names(self) -> list[str]:
         return list(self.file_of)
 
-    def metadata(self) -> dict[str, str]:
-        first = next(iter(sorted(set(self.file_of.values()))), None)
-        return (self.open(first).metadata() or {}) if first else {}
-
     def get(self, name: str) -> torch.Tensor:
         try:
             return self.handle(name).get_tensor(name)
@@ -89,6 +90,22 @@ class SafetensorsFiles:
     def header(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
         view = self.handle(name).get_slice(name)
         return tuple(view.get_shape()), DTYPES[view.get_dtype()]
+
+
+def shard_path(index: Path, name: str, file: object) -> PurePosixPath:
+    """The index's entry as a path inside the checkpoint directory.
+
+    The index is untrusted input: `../` or an absolute path would read any file on the machine as
+    weights. Checked by name, not by resolving, because Hugging Face cache snapshots are symlinks into
+    a blob directory outside the checkpoint.
+    """
+    path = PurePosixPath(file) if isinstance(file, str) else None
+    if path is None or not path.parts or path.is_absolute() or ".." in path.parts:
+        raise CheckpointError(
+            f"{index}: weight_map entry {name!r} -> {file!r} must be a file name inside the "
+            "checkpoint directory"
+        )
+    return path
 
 
 def tensor_bytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:

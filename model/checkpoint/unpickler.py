@@ -3,8 +3,9 @@
 Unpickling calls whatever global a pickle names, so a planted pickle can run anything. These
 unpicklers admit only the globals that numpy arrays (numpy 1.x and 2.x module names), ml_dtypes'
 bfloat16 and the release's `__main__.QuantizedWeight8bit` need, and refuse every other global with an
-error naming it. `load_pickle` builds the arrays; `scan_pickle` reads only shapes and dtypes, seeking
-over the tensor data.
+error naming it. Even the admitted numpy globals are stood in for by records that build only plain
+float32 / int8 / bfloat16 arrays. `load_pickle` builds the arrays; `scan_pickle` reads only shapes and
+dtypes, seeking over the tensor data.
 """
 
 from __future__ import annotations
@@ -47,13 +48,47 @@ class QuantizedRecord:
         self.scales = state["scales"]
 
 
-def checked_dtype(*args: Any) -> np.dtype:
-    dtype = np.dtype(*args)
-    if dtype.hasobject or dtype.fields is not None:
-        raise CheckpointError(
-            f"refusing array dtype {dtype}: only plain numeric arrays are tensors"
-        )
-    return dtype
+# What released checkpoints hold: float32 embeddings, norms and routers, int8 matrices, bf16 scales.
+TENSOR_DTYPES = (np.dtype(np.float32), np.dtype(np.int8), np.dtype(ml_dtypes.bfloat16))
+
+
+def tensor_dtype(dtype: np.dtype) -> np.dtype:
+    """numpy's own dtype object equal to `dtype`, if it is one a checkpoint tensor may have."""
+    for allowed in TENSOR_DTYPES:
+        if dtype == allowed and dtype.str == allowed.str:
+            return allowed
+    raise CheckpointError(
+        f"refusing array dtype {dtype}: checkpoint tensors are float32, int8 or bfloat16 "
+        "(little-endian)"
+    )
+
+
+class DtypeRecord:
+    """What `numpy.dtype(spec, align, copy)` unpickles to.
+
+    The dtype is resolved from the constructor's spec and its state's byte order only, and is one of
+    numpy's own TENSOR_DTYPES. numpy's dtype.__setstate__ never runs: a pickle's BUILD could make it
+    set arbitrary flags, e.g. mark a float32 dtype as holding objects, so that numpy would read the
+    array's bytes as object pointers.
+    """
+
+    def __init__(self, spec: Any, align: Any = False, copy: Any = False) -> None:
+        self.dtype = tensor_dtype(np.dtype(spec))
+
+    def __setstate__(self, state: Any) -> None:
+        # dtype state: (version, byte order, subarray, names, fields, elsize, alignment, flags[, meta])
+        if not isinstance(state, tuple) or len(state) < 5 or state[2:5] != (None, None, None):
+            raise CheckpointError(f"refusing dtype state {state!r}: only plain numeric dtypes")
+        byteorder = state[1]
+        if byteorder not in ("<", ">", "=", "|"):
+            raise CheckpointError(f"refusing dtype byte order {byteorder!r}")
+        self.dtype = tensor_dtype(self.dtype.newbyteorder(byteorder))
+
+
+def resolved_dtype(dtype: Any) -> np.dtype:
+    if not isinstance(dtype, DtypeRecord):
+        raise CheckpointError(f"an array's dtype is a {type(dtype).__name__}, not numpy.dtype")
+    return dtype.dtype
 
 
 def latin1_encode(text: Any, encoding: str = "utf-8") -> bytes:
@@ -88,15 +123,52 @@ def refuse(path: Path, module: str, name: str) -> UnsafePickleError:
     )
 
 
-def frombuffer(buffer: Any, dtype: np.dtype, shape: tuple[int, ...], order: str) -> np.ndarray:
-    array = np.frombuffer(buffer, dtype=dtype)
-    return array.reshape(shape, order="F" if order == "F" else "C")
+class Skipped:
+    """Stands for a payload that a scan seeked over."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
 
 
-REAL_GLOBALS: dict[str, Any] = {
-    "reconstruct": np.ndarray.__reduce__(np.zeros(0))[0],  # numpy's own _reconstruct
-    "frombuffer": frombuffer,
-    "dtype": checked_dtype,
+class ArrayRecord:
+    """What an array unpickles to: its shape and dtype, and its data unless a scan seeked over it.
+
+    The array is built here with `np.frombuffer`, never by numpy's ndarray.__setstate__, so that
+    its dtype is always a resolved DtypeRecord.
+    """
+
+    shape: tuple[int, ...] = ()
+    dtype: np.dtype = TENSOR_DTYPES[0]
+    array: np.ndarray | None = None
+
+    def __setstate__(self, state: Any) -> None:
+        # ndarray state: ([version,] shape, dtype, is_fortran, data)
+        if not isinstance(state, tuple) or len(state) not in (4, 5):
+            raise CheckpointError(f"refusing ndarray state of type {type(state).__name__}")
+        shape, dtype, fortran, data = state[-4:]
+        self.shape, self.dtype = tuple(int(n) for n in shape), resolved_dtype(dtype)
+        if isinstance(data, Skipped):
+            return
+        if not isinstance(data, bytes | bytearray):
+            raise CheckpointError(f"refusing array data of type {type(data).__name__}")
+        array = np.frombuffer(data, dtype=self.dtype)
+        self.array = array.reshape(self.shape, order="F" if fortran else "C")
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def from_buffer(buffer: Any, dtype: Any, shape: tuple[int, ...], order: str) -> ArrayRecord:
+    record = ArrayRecord()
+    record.__setstate__((shape, dtype, order == "F", buffer))
+    return record
+
+
+GLOBALS: dict[str, Any] = {
+    "reconstruct": lambda *args: ArrayRecord(),
+    "frombuffer": from_buffer,
+    "dtype": DtypeRecord,
     "ndarray": np.ndarray,
     "bfloat16": ml_dtypes.bfloat16,
     "quantized": QuantizedRecord,
@@ -107,19 +179,16 @@ REAL_GLOBALS: dict[str, Any] = {
 class Allowlisted:
     """`find_class` for both unpicklers: refuse what the allowlist lacks, resolve the rest."""
 
-    targets: ClassVar[dict[str, Any]]
     path: Path
 
     def find_class(self, module: str, name: str) -> Any:
         key = admitted_key(module, name)
         if key is None:
             raise refuse(self.path, module, name)
-        return self.targets[key]
+        return GLOBALS[key]
 
 
 class RestrictedUnpickler(Allowlisted, pickle.Unpickler):
-    targets = REAL_GLOBALS
-
     def __init__(self, file: BinaryIO, path: Path) -> None:
         super().__init__(file)
         self.path = path
@@ -129,49 +198,14 @@ def load_pickle(path: Path) -> np.ndarray | QuantizedRecord:
     """One parameter file: a numeric numpy array or a QuantizedRecord of two."""
     with reading(path), open(path, "rb") as file:
         value = RestrictedUnpickler(file, path).load()
-    check_value(path, value, lambda v: isinstance(v, np.ndarray))
-    return value
+    check_value(path, value)
+    if isinstance(value, QuantizedRecord):
+        value.weight, value.scales = value.weight.array, value.scales.array
+        return value
+    return value.array
 
 
 # -- metadata scan -----------------------------------------------------------------------------------
-
-
-class Skipped:
-    """Stands for a payload that a scan seeked over."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-
-
-class ArrayHeader:
-    """What an array unpickles to during a scan: its shape and dtype, no data."""
-
-    shape: tuple[int, ...] = ()
-    dtype: np.dtype = np.dtype("u1")
-
-    def __setstate__(self, state: tuple[Any, ...]) -> None:
-        # ndarray state: ([version,] shape, dtype, is_fortran, data)
-        shape, dtype = state[-4], state[-3]
-        self.shape, self.dtype = tuple(int(n) for n in shape), np.dtype(dtype)
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * self.dtype.itemsize
-
-
-def header_from_buffer(
-    buffer: Any, dtype: np.dtype, shape: tuple[int, ...], order: str
-) -> ArrayHeader:
-    header = ArrayHeader()
-    header.__setstate__((shape, dtype, order == "F", buffer))
-    return header
-
-
-SCAN_GLOBALS = {
-    **REAL_GLOBALS,
-    "reconstruct": lambda *args: ArrayHeader(),
-    "frombuffer": header_from_buffer,
-}
 
 
 class SkippingFile:
@@ -197,7 +231,6 @@ class SkippingFile:
 class ScanningUnpickler(Allowlisted, pickle._Unpickler):
     """The pure-Python unpickler, whose payload reads may return placeholders."""
 
-    targets = SCAN_GLOBALS
     dispatch: ClassVar[dict[int, Callable[..., Any]]] = dict(pickle._Unpickler.dispatch)
 
     def __init__(self, file: SkippingFile, path: Path) -> None:
@@ -214,11 +247,11 @@ class ScanningUnpickler(Allowlisted, pickle._Unpickler):
     dispatch[pickle.FRAME[0]] = load_frame
 
 
-def scan_pickle(path: Path) -> ArrayHeader | QuantizedRecord:
+def scan_pickle(path: Path) -> ArrayRecord | QuantizedRecord:
     """Shapes and dtypes of one parameter file, reading its opcodes but not its tensor data."""
     with reading(path), open(path, "rb") as file:
         value = ScanningUnpickler(SkippingFile(file, path.stat().st_size), path).load()
-    check_value(path, value, lambda v: isinstance(v, ArrayHeader))
+    check_value(path, value)
     return value
 
 
@@ -254,12 +287,10 @@ def reading(path: Path) -> Iterator[None]:
         ) from error
 
 
-def check_value(path: Path, value: Any, is_array: Callable[[Any], bool]) -> None:
+def check_value(path: Path, value: Any) -> None:
     arrays = [value.weight, value.scales] if isinstance(value, QuantizedRecord) else [value]
     for array in arrays:
-        if not is_array(array):
+        if not isinstance(array, ArrayRecord):
             raise CheckpointError(
                 f"{path}: expected a numpy array or QuantizedWeight8bit, found {type(array).__name__}"
             )
-        if array.dtype.kind not in "fiub" and array.dtype != ml_dtypes.bfloat16:
-            raise CheckpointError(f"{path}: unsupported array dtype {array.dtype}")

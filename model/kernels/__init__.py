@@ -12,6 +12,7 @@ dequantises inside the kernel, the reference path dequantises to the activations
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import torch
 
@@ -45,7 +46,7 @@ def moe(
     w_gate: Weight,
     w_up: Weight,
     w_down: Weight,
-    expert_ids: range | None = None,
+    expert_ids: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """`layers.moe` with the fused Triton kernel where it applies (see the module docstring)."""
     if wants_fast_path(x.device) and fast_moe_supported(x, w_gate, w_up, w_down):

@@ -20,6 +20,8 @@ product), so the results differ from it only by the accumulation order of the do
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import triton
 import triton.language as tl
@@ -251,18 +253,20 @@ def fused_moe(
     w_gate: torch.Tensor | QuantizedWeight,
     w_up: torch.Tensor | QuantizedWeight,
     w_down: torch.Tensor | QuantizedWeight,
-    expert_ids: range | None = None,
+    expert_ids: Sequence[int] | None = None,
     config: MoeTileConfig | None = None,
 ) -> torch.Tensor:
-    """`layers.moe` semantics; inputs must pass `support.fast_moe_supported`."""
+    """`layers.moe` semantics (expert ids in any order); inputs must pass `support.fast_moe_supported`."""
     num_tokens, top_k = experts.shape
     num_experts, model_size, ffn_size = w_gate.shape
     expert_ids = expert_ids if expert_ids is not None else range(num_experts)
+    if len(expert_ids) != num_experts:
+        raise ValueError(f"{len(expert_ids)} expert ids for a stack of {num_experts} experts")
     quantized = isinstance(w_gate, QuantizedWeight)
     config = config or pick_config(num_tokens)
 
     x = _contiguous_rows(x)
-    routing = align_routing(experts, expert_ids.start, num_experts, config.block_m)
+    routing = align_routing(experts, expert_ids, config.block_m)
     h = torch.empty(routing.padded_rows, ffn_size, dtype=x.dtype, device=x.device)
     wg, sg = _parts(w_gate)
     wu, su = _parts(w_up)

@@ -8,6 +8,8 @@ captured in a CUDA graph for decode.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -33,19 +35,36 @@ def padded_row_bound(num_pairs: int, num_local_experts: int, block_m: int) -> in
     return -(-rows // block_m) * block_m
 
 
-def align_routing(
-    experts: torch.Tensor, first_expert: int, num_local_experts: int, block_m: int
-) -> BlockRouting:
+@functools.lru_cache(maxsize=64)
+def local_slot_table(expert_ids: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """[max id + 2] int64: the local slot (index in `expert_ids`) of each global expert id, -1 for the
+    ids not held; the last entry stands for every larger id.
+
+    Cached per shard, so that after the first call no host-to-device copy happens (a CUDA graph
+    capture of decode allows none).
+    """
+    if len(set(expert_ids)) != len(expert_ids) or any(e < 0 for e in expert_ids):
+        raise ValueError(f"expert ids must be distinct and non-negative, got {list(expert_ids)}")
+    table = torch.full((max(expert_ids, default=-1) + 2,), -1, dtype=torch.int64)
+    table[list(expert_ids)] = torch.arange(len(expert_ids))
+    return table.to(device)
+
+
+def align_routing(experts: torch.Tensor, expert_ids: Sequence[int], block_m: int) -> BlockRouting:
     """Sorts the (token, slot) pairs by local expert and pads each expert's run to `block_m` rows.
 
-    experts: [N, k] global expert ids; the local experts are first_expert … first_expert + E_local - 1.
-    Pairs routed elsewhere (another shard's experts) get no row.
+    experts: [N, k] global expert ids; expert_ids: the global ids of the local experts, in the order of
+    the weight stacks (any order, any subset). Pairs routed elsewhere (another shard's experts) get
+    no row.
     """
     device = experts.device
-    flat = experts.reshape(-1).to(torch.int64) - first_expert
+    num_local_experts = len(expert_ids)
+    table = local_slot_table(tuple(expert_ids), device)
+    flat = experts.reshape(-1).to(torch.int64)
     num_pairs = flat.numel()
-    local = (flat >= 0) & (flat < num_local_experts)
-    key = torch.where(local, flat, num_local_experts)  # other shards' pairs sort last
+    slot = table[flat.clamp(0, table.shape[0] - 1)]
+    local = slot >= 0
+    key = torch.where(local, slot, num_local_experts)  # other shards' pairs sort last
     order = torch.argsort(key, stable=True)
     counts = torch.zeros(num_local_experts + 1, dtype=torch.int64, device=device)
     counts.scatter_add_(0, key, torch.ones_like(key))

@@ -14,7 +14,12 @@ import pytest
 
 from grokserve.model import load_model
 from grokserve.model.checkpoint import CheckpointError, UnsafePickleError, open_checkpoint
-from grokserve.model.checkpoint.unpickler import ScanningUnpickler, SkippingFile, scan_pickle
+from grokserve.model.checkpoint.unpickler import (
+    ScanningUnpickler,
+    SkippingFile,
+    load_pickle,
+    scan_pickle,
+)
 from testkit.checkpoints import (
     TWELVE_LAYERS,
     QuantizedWeight8bit,
@@ -74,6 +79,43 @@ def test_object_arrays_are_refused(release: Path, tmp_path: Path) -> None:
     )
     with pytest.raises(CheckpointError, match="dtype"):
         load_model(planted)
+
+
+def float32_pickle_with_dtype_flags(array: np.ndarray, flags: int, protocol: int) -> bytes:
+    """The array's pickle with its dtype's BUILD state carrying `flags` (numpy writes 0)."""
+    data = pickle.dumps(array, protocol=protocol)
+    plain_state_end = b"J\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00t"
+    assert data.count(plain_state_end) == 1
+    return data.replace(plain_state_end, plain_state_end[:-2] + bytes([flags]) + b"t")
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_dtype_state_cannot_turn_a_float_array_into_an_object_array(
+    tmp_path: Path, protocol: int
+) -> None:
+    # numpy's dtype.__setstate__ takes the flags as given: NPY_ITEM_HASOBJECT (1) would make numpy
+    # read the array's bytes as object pointers. All-zero bytes keep the unfixed loader from crashing.
+    target = tmp_path / "tensor00001_000"
+    target.write_bytes(
+        float32_pickle_with_dtype_flags(np.arange(16, dtype=np.float32), 1, protocol)
+    )
+    array = load_pickle(target)
+    assert isinstance(array, np.ndarray)
+    assert array.dtype == np.float32 and not array.dtype.hasobject
+    assert array.tolist() == list(range(16))
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.int64, np.dtype(">f4"), np.dtype("V4")])
+def test_dtypes_released_checkpoints_do_not_use_are_refused(
+    release: Path, tmp_path: Path, dtype: np.dtype
+) -> None:
+    planted = copy_of(release, tmp_path)
+    target = planted / "ckpt-0" / "tensor00001_000"
+    target.write_bytes(pickle.dumps(np.zeros(16, dtype=dtype), protocol=4))
+    with pytest.raises(CheckpointError, match="dtype"):
+        load_model(planted)
+    with pytest.raises(CheckpointError, match="dtype"):
+        open_checkpoint(planted).info("final_norm.scale")
 
 
 def test_truncated_pickle_names_the_file(release: Path, tmp_path: Path) -> None:
@@ -179,3 +221,17 @@ def test_header_scan_seeks_over_tensor_data(tmp_path: Path) -> None:
     assert (header.shape, str(header.dtype), header.nbytes) == ((512, 1024), "float32", 2**21)
     assert CountingFile.read_bytes < 1024
     assert scan_pickle(path).shape == (512, 1024)
+
+
+@pytest.mark.parametrize("escape", ["../outside.safetensors", "/etc/passwd", "shards/../../x"])
+def test_index_entries_outside_the_checkpoint_are_refused(tmp_path: Path, escape: str) -> None:
+    port = write_hf(dequantized(quantized_model()), tmp_path / "port", "model", shards=2)
+    index_file = port / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    victim = next(iter(index["weight_map"]))
+    # The escaping target exists and is a valid shard, so only the path check can refuse it.
+    shutil.copy(port / index["weight_map"][victim], tmp_path / "outside.safetensors")
+    index["weight_map"][victim] = escape
+    index_file.write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=rf"weight_map entry '{victim}' -> '{escape}'"):
+        open_checkpoint(port)

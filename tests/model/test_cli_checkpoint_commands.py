@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from grokserve.cli import main
 from grokserve.model import GrokModel
@@ -75,6 +76,17 @@ def test_inspect_wrong_path_fails_clearly(
     assert "is not a checkpoint; expected one of" in capsys.readouterr().err
 
 
+def test_inspect_rejects_a_config_with_a_zero_field(
+    checkpoints: Checkpoints, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    broken = tmp_path / "hf"
+    shutil.copytree(checkpoints.paths["hf-model"], broken)
+    config = json.loads((broken / "config.json").read_text())
+    (broken / "config.json").write_text(json.dumps({**config, "num_attention_heads": 0}))
+    assert main(["inspect", str(broken)]) == 1
+    assert "num_attention_heads must be a positive integer, got 0" in capsys.readouterr().err
+
+
 def test_generate_from_a_checkpoint_with_a_tokenizer(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -115,12 +127,12 @@ def test_generate_shows_ids_beyond_a_smaller_tokenizer(
     assert re.search(r"\[2[0-5]\d\]", printed), printed
 
 
-def test_generate_preset_prints_token_ids(capsys: pytest.CaptureFixture[str]) -> None:
-    assert (
-        main(["generate", "--preset", "grok-tiny", "--prompt", "5 17 9", "--max-tokens", "5"]) == 0
-    )
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_generate_preset_prints_token_ids(capsys: pytest.CaptureFixture[str], dtype: str) -> None:
+    args = ["--preset", "grok-tiny", "--prompt", "5 17 9", "--max-tokens", "5", "--dtype", dtype]
+    assert main(["generate", *args]) == 0
     ids = [int(t) for t in capsys.readouterr().out.split()]
-    model = GrokModel.from_preset("grok-tiny", seed=0)
+    model = GrokModel.from_preset("grok-tiny", seed=0, dtype=getattr(torch, dtype))
     assert ids == generate(model, [5, 17, 9], SamplingParams(temperature=0, max_tokens=5))
 
 

@@ -90,6 +90,18 @@ def test_kernels_moe_expert_shard_gives_its_partial_sum(interpreted_moe):
     assert untouched.any() and (out[untouched] == 0).all()
 
 
+@pytest.mark.parametrize("held", [[5, 1, 6], [7, 0]])
+def test_kernels_moe_shard_of_unordered_scattered_experts_matches_reference(interpreted_moe, held):
+    # An expert-parallel shard holds whichever experts the placement gave it, in its own order.
+    x, gates, chosen, w_gate, w_up, w_down = random_moe(16, 32, 64, 8, seed=len(held))
+    mine = [w[held].contiguous() for w in (w_gate, w_up, w_down)]
+    out = interpreted_moe.fused_moe(x, gates, chosen, *mine, held, SMALL_TILES)
+    ref = layers.moe(x, gates, chosen, *mine, held)
+    assert relative_error(out, ref) < 2e-3
+    untouched = ~torch.isin(chosen, torch.tensor(held)).any(dim=1)
+    assert untouched.any() and (out[untouched] == 0).all()
+
+
 def test_kernels_moe_dispatcher_runs_the_fused_path_when_forced(interpreted_moe, monkeypatch):
     from grokserve.model import kernels
 
@@ -107,21 +119,22 @@ def test_kernels_moe_dispatcher_runs_the_fused_path_when_forced(interpreted_moe,
 
 
 @pytest.mark.parametrize("block_m", [4, 16])
-def test_kernels_moe_routing_gives_each_pair_one_row_in_a_single_expert_block(block_m):
+@pytest.mark.parametrize("held", [[2, 3, 4, 5], [6, 1, 3, 4]])
+def test_kernels_moe_routing_gives_each_pair_one_row_in_a_single_expert_block(block_m, held):
     experts = torch.randint(0, 8, (37, 2), generator=torch.Generator().manual_seed(block_m))
-    routing = align_routing(experts, first_expert=2, num_local_experts=4, block_m=block_m)
+    routing = align_routing(experts, held, block_m=block_m)
     pairs = routing.sorted_pairs.long()
     flat = experts.reshape(-1)
-    local = (flat >= 2) & (flat < 6)
+    local = torch.isin(flat, torch.tensor(held))
     real = pairs[pairs < routing.num_pairs]
     assert sorted(real.tolist()) == torch.nonzero(local).flatten().tolist()
-    for block, expert in enumerate(routing.block_expert.tolist()):
+    for block, slot in enumerate(routing.block_expert.tolist()):
         rows = pairs[block * block_m : (block + 1) * block_m]
         rows = rows[rows < routing.num_pairs]
-        if expert >= 4:
+        if slot >= len(held):
             assert rows.numel() == 0
         else:
-            assert (flat[rows] == expert + 2).all()
+            assert (flat[rows] == held[slot]).all()
 
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

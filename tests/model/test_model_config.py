@@ -1,9 +1,11 @@
 import json
+import re
 from dataclasses import replace
 
 import pytest
 
 from grokserve.model import PRESETS, ConfigError, GrokConfig, preset
+from testkit.checkpoints import TWELVE_LAYERS, hf_config
 
 
 def test_grok1_preset_has_the_released_sizes() -> None:
@@ -72,7 +74,11 @@ def test_hugging_face_config_is_read(tmp_path) -> None:
     [
         ({"num_kv_heads": 7}, "num_q_heads .* multiple of num_kv_heads"),
         ({"num_selected_experts": 9}, "num_selected_experts .* cannot exceed num_experts"),
-        ({"emb_size": 0}, "emb_size must be a positive number"),
+        ({"emb_size": 0}, "emb_size must be a positive integer, got 0"),
+        ({"num_experts": 2.5}, "num_experts must be a positive integer, got 2.5"),
+        ({"num_layers": "64"}, "num_layers must be a positive integer, got '64'"),
+        ({"pad_token": -1}, "pad_token must be an integer of at least 0"),
+        ({"rope_theta": "1e4"}, "rope_theta must be a finite number"),
         ({"key_size": 127}, "key_size must be even"),
         ({"eos_token": 131072}, "eos_token .* below vocab_size"),
         ({"output_multiplier_scale": float("nan")}, "output_multiplier_scale must be a finite"),
@@ -93,3 +99,25 @@ def test_missing_fields_and_unknown_presets_are_reported(tmp_path) -> None:
         GrokConfig.from_json(path)
     with pytest.raises(ConfigError, match="unknown preset 'grok-2'.*grok-1"):
         preset("grok-2")
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"num_attention_heads": 0}, "num_attention_heads must be a positive integer, got 0"),
+        ({"num_attention_heads": 0, "head_dim": None}, "num_attention_heads must be a positive"),
+        ({"hidden_size": 0}, "hidden_size must be a positive integer, got 0"),
+        ({"hidden_size": "16"}, "hidden_size must be a positive integer, got '16'"),
+        ({"hidden_size": 16.5}, "hidden_size must be a positive integer, got 16.5"),
+        ({"num_experts": 0}, "num_experts must be a positive integer, got 0"),
+        ({"num_key_value_heads": -2}, "num_key_value_heads must be a positive integer, got -2"),
+        ({"vocab_size": None}, "vocab_size must be a positive integer, got None"),
+        ({"eos_token_id": True}, "eos_token_id must be an integer of at least 0, got True"),
+        ({"rms_norm_eps": "small"}, "rms_norm_eps must be a finite number, got 'small'"),
+    ],
+)
+def test_bad_hugging_face_fields_are_named(tmp_path, change: dict, message: str) -> None:
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**hf_config(TWELVE_LAYERS), **change}))
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        GrokConfig.from_json(path)

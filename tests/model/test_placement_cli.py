@@ -1,11 +1,13 @@
 """`grokserve plan`: the table, --json, and refusals with the reason and exit status 1."""
 
 import argparse
+import json
 
 import pytest
 
 from grokserve.commands import plan as plan_command
 from grokserve.model.placement import Plan
+from testkit.checkpoints import TWELVE_LAYERS, hf_config
 
 GROK_2X8 = ["--preset", "grok-1", "--nodes", "2", "--gpus-per-node", "8", "--gpu-memory", "80GB"]
 
@@ -74,3 +76,25 @@ def test_explicit_parallelism_is_used(capsys) -> None:
 def test_bad_requests_fail_with_the_reason(capsys, extra, complaint) -> None:
     assert run([*GROK_2X8, *extra]) == 1
     assert complaint in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("change", "complaint"),
+    [
+        ({"hidden_size": 0}, "hidden_size must be a positive integer, got 0"),
+        ({"hidden_size": "16"}, "hidden_size must be a positive integer, got '16'"),
+        ({"num_experts": 0}, "num_experts must be a positive integer, got 0"),
+    ],
+)
+def test_a_config_with_a_bad_field_is_refused_by_name(tmp_path, capsys, change, complaint) -> None:
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**hf_config(TWELVE_LAYERS), **change}))
+    assert run([*GROK_2X8, "--config", str(path)]) == 1
+    assert complaint in capsys.readouterr().err
+
+
+def test_float16_is_not_offered(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        run([*GROK_2X8, "--dtype", "float16"])
+    assert exit_.value.code == 2
+    assert "invalid choice: 'float16'" in capsys.readouterr().err

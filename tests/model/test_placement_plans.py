@@ -6,7 +6,9 @@ import pytest
 from pydantic import ValidationError
 
 from grokserve.model import preset
+from grokserve.model.loading import parse_dtype
 from grokserve.model.placement import (
+    DTYPE_BYTES,
     Cluster,
     ExpertSlice,
     Parallelism,
@@ -172,3 +174,12 @@ def test_gpu_memory_sizes_parse(text, size) -> None:
 def test_bad_gpu_memory_sizes_are_refused(text) -> None:
     with pytest.raises(PlacementError, match="GPU memory"):
         parse_memory(text)
+
+
+def test_the_planner_offers_exactly_the_dtypes_the_loader_builds() -> None:
+    for dtype in DTYPE_BYTES:
+        parse_dtype(dtype)
+    with pytest.raises(ValueError, match="dtype must be float32 or bfloat16"):
+        parse_dtype("float16")
+    with pytest.raises(PlacementError, match="dtype must be one of float32, bfloat16.*'float16'"):
+        make_plan(GROK, None, Cluster(nodes=2, gpus_per_node=8, gpu_memory=H100), "float16")
