@@ -10,7 +10,13 @@ from grokserve.model.sampling import generate
 from grokserve.serving.executor import LocalExecutor, ModelStepper
 from grokserve.serving.loading import ByteTokenizer
 from grokserve.serving.metrics import ReplicaMetrics
-from grokserve.serving.scheduler import AdmissionError, QueueFull, SamplingParams, Scheduler
+from grokserve.serving.scheduler import (
+    AdmissionError,
+    QueueFull,
+    SamplingParams,
+    Scheduler,
+    StepInput,
+)
 
 TOKENIZER = ByteTokenizer(256)
 GREEDY = SamplingParams(temperature=0)
@@ -26,7 +32,7 @@ def model():
 async def make_scheduler(model):
     made = []
 
-    def make(**overrides):
+    def make(record=None, **overrides):
         limits = {
             "max_batch_size": 4,
             "max_sequence_length": 128,
@@ -41,7 +47,7 @@ async def make_scheduler(model):
         metrics = ReplicaMetrics("test", "r0")
         executor = LocalExecutor(stepper)
         scheduler = Scheduler(
-            executor,
+            executor if record is None else RecordingExecutor(executor, record),
             TOKENIZER,
             eos_id=model.config.eos_token,
             observer=metrics,
@@ -55,6 +61,18 @@ async def make_scheduler(model):
     for scheduler, executor in made:
         await scheduler.stop()
         executor.close()
+
+
+class RecordingExecutor:
+    """Appends every step the scheduler submits to `steps`, then runs it."""
+
+    def __init__(self, executor, steps):
+        self.executor = executor
+        self.steps = steps
+
+    def submit(self, step):
+        self.steps.append(step)
+        return self.executor.submit(step)
 
 
 async def collect(scheduler, prompt, **kwargs):
@@ -160,3 +178,28 @@ async def test_stream_interval_sends_fewer_larger_messages(model, make_scheduler
     assert len(messages) < 30
     text = "".join(delta.text for ready in messages for delta in ready)
     assert text == reference(model, PROMPTS[5], max_tokens=30)
+
+
+async def test_the_scheduler_chooses_the_seed_of_an_unseeded_request(make_scheduler):
+    # Every shard worker of a sharded replica runs the same step: a seed it drew itself would
+    # differ between ranks, so the step inputs must carry one concrete seed per sequence.
+    steps = []
+    scheduler, _ = make_scheduler(record=steps, prefill_chunk_tokens=8)
+    unseeded = SamplingParams(temperature=1.0)
+    await collect(scheduler, PROMPTS[3], n=2, sampling=unseeded)
+    await collect(scheduler, PROMPTS[3], n=1, sampling=unseeded)
+    starts = [params for step in steps for params in step.start.values()]
+    seeds = [params.seed for params in starts]
+    assert len(seeds) == 3 and all(isinstance(seed, int) for seed in seeds), seeds
+    assert seeds[1] == seeds[0] + 1, "the n sequences of one request use seed, seed + 1, ..."
+    assert seeds[2] != seeds[0], "another unseeded request gets another seed"
+    assert len(steps) > 3 and all(not step.start for step in steps[1:] if step.tokens is None), (
+        "only the first prefill chunk seeds a row; decode steps reuse its generator"
+    )
+
+
+def test_the_executor_refuses_a_row_without_a_seed(model):
+    stepper = ModelStepper(model, max_batch_size=1, max_len=16)
+    step = StepInput(rows=[0], tokens=[[5, 6]], sample=True, start={0: SamplingParams(seed=None)})
+    with pytest.raises(ValueError, match="without a seed"):
+        stepper.run(step)
