@@ -432,7 +432,8 @@ class Scheduler:
         handle.last_token_at = now
         handle.generated += 1
         if token == self._eos_id:
-            self._retire(handle, "", "stop")
+            # Text held back as the possible start of a stop string is final now.
+            self._retire(handle, handle.text.flush(), "stop")
             return
         text = handle.text.push(token)
         if handle.text.stopped:

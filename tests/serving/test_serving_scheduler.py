@@ -17,6 +17,7 @@ from grokserve.serving.scheduler import (
     Scheduler,
     StepInput,
 )
+from grokserve.serving.schemas import CHAT_STOP, ChatMessage, render_chat
 
 TOKENIZER = ByteTokenizer(256)
 GREEDY = SamplingParams(temperature=0)
@@ -73,6 +74,23 @@ class RecordingExecutor:
     def submit(self, step):
         self.steps.append(step)
         return self.executor.submit(step)
+
+
+class ScriptedExecutor:
+    """Samples `script`'s tokens in order (then `filler`), without a model."""
+
+    def __init__(self, script, filler):
+        self.script = list(script)
+        self.filler = filler
+
+    def submit(self, step):
+        sampled = asyncio.get_running_loop().create_future()
+        sampled.set_result(
+            [self.script.pop(0) if self.script else self.filler for _ in step.rows]
+            if step.sample
+            else []
+        )
+        return sampled
 
 
 async def collect(scheduler, prompt, **kwargs):
@@ -203,3 +221,29 @@ def test_the_executor_refuses_a_row_without_a_seed(model):
     step = StepInput(rows=[0], tokens=[[5, 6]], sample=True, start={0: SamplingParams(seed=None)})
     with pytest.raises(ValueError, match="without a seed"):
         stepper.run(step)
+
+
+async def test_text_held_back_for_a_stop_string_is_sent_at_eos():
+    # "\n\n" could begin the chat stop string "\n\nUser:", so it is held back until EOS ends
+    # the sequence; then it is part of the answer.
+    eos = 2
+    executor = ScriptedExecutor([*TOKENIZER.encode("a\n\n"), eos], filler=eos)
+    scheduler = Scheduler(
+        executor,
+        TOKENIZER,
+        max_batch_size=1,
+        max_sequence_length=64,
+        max_queued_requests=1,
+        kv_budget=64,
+        prefill_chunk_tokens=64,
+        eos_id=eos,
+    )
+    scheduler.start()
+    try:
+        prompt = render_chat([ChatMessage(role="user", content="hi")])
+        texts, reasons, tokens = await asyncio.wait_for(
+            collect(scheduler, prompt, stop=[CHAT_STOP]), timeout=10
+        )
+    finally:
+        await scheduler.stop()
+    assert texts == ["a\n\n"] and reasons == ["stop"] and tokens == [4]
