@@ -295,7 +295,11 @@ class Scheduler:
     # -- engine loop ----------------------------------------------------------------------------
 
     def start(self) -> None:
+        """Run the engine loop on the running event loop (again after `stop`, on another loop)."""
         if self._task is None:
+            # An asyncio.Event binds to the loop that first waits on it: a new one per start.
+            # No wake-up is lost: the loop looks at its queues before it first waits.
+            self._wakeup = asyncio.Event()
             self._task = asyncio.get_running_loop().create_task(self._run(), name="scheduler")
 
     async def stop(self) -> None:

@@ -223,13 +223,10 @@ def test_the_executor_refuses_a_row_without_a_seed(model):
         stepper.run(step)
 
 
-async def test_text_held_back_for_a_stop_string_is_sent_at_eos():
-    # "\n\n" could begin the chat stop string "\n\nUser:", so it is held back until EOS ends
-    # the sequence; then it is part of the answer.
-    eos = 2
-    executor = ScriptedExecutor([*TOKENIZER.encode("a\n\n"), eos], filler=eos)
-    scheduler = Scheduler(
-        executor,
+def scripted_scheduler(script, eos=2):
+    """A one-slot scheduler whose 'model' samples `script`, then EOS."""
+    return Scheduler(
+        ScriptedExecutor(script, filler=eos),
         TOKENIZER,
         max_batch_size=1,
         max_sequence_length=64,
@@ -238,6 +235,12 @@ async def test_text_held_back_for_a_stop_string_is_sent_at_eos():
         prefill_chunk_tokens=64,
         eos_id=eos,
     )
+
+
+async def test_text_held_back_for_a_stop_string_is_sent_at_eos():
+    # "\n\n" could begin the chat stop string "\n\nUser:", so it is held back until EOS ends
+    # the sequence; then it is part of the answer.
+    scheduler = scripted_scheduler(TOKENIZER.encode("a\n\n"))
     scheduler.start()
     try:
         prompt = render_chat([ChatMessage(role="user", content="hi")])
@@ -247,3 +250,18 @@ async def test_text_held_back_for_a_stop_string_is_sent_at_eos():
     finally:
         await scheduler.stop()
     assert texts == ["a\n\n"] and reasons == ["stop"] and tokens == [4]
+
+
+def test_a_scheduler_runs_again_on_another_event_loop():
+    # bench/serve.py measures one scheduler in two asyncio.run calls.
+    scheduler = scripted_scheduler(TOKENIZER.encode("hello world"))
+
+    async def one_request():
+        scheduler.start()
+        try:
+            return await asyncio.wait_for(collect(scheduler, "x", max_tokens=5), timeout=10)
+        finally:
+            await scheduler.stop()
+
+    assert asyncio.run(one_request())[0] == ["hello"]
+    assert asyncio.run(one_request())[0] == [" worl"]
