@@ -73,7 +73,8 @@ class ClusterShape:
 
 
 class LocalServing:
-    """Starts Ray (unless RAY_ADDRESS names one), Serve on host:port, and the app; `close` undoes it.
+    """Starts Ray (unless RAY_ADDRESS names one), Serve on host:port, and the app; `close` undoes it:
+    on a cluster it joined, only by deleting the applications it deployed, as others may share it.
 
     `shape` only builds the (simulated) cluster; `ClusterShape.apply` fits a config to it.
     """
@@ -94,6 +95,7 @@ class LocalServing:
         self.ray_address = ray_address if ray_address is not None else os.environ.get("RAY_ADDRESS")
         self.url = f"http://{host}:{port}"
         self._cluster: Any = None
+        self._deployed: set[str] = set()
 
     def start(self, ready_timeout_s: float = 300.0) -> LocalServing:
         """Ray, Serve and the application at `/`."""
@@ -118,14 +120,15 @@ class LocalServing:
             raise
         return self
 
-    @staticmethod
-    def delete(name: str) -> None:
+    def delete(self, name: str) -> None:
         serve.delete(name)
+        self._deployed.discard(name)
 
     def deploy(
         self, config: ServingConfig, name: str, route_prefix: str, ready_timeout_s: float = 300.0
     ) -> str:
         """Deploy (or redeploy) one application and wait until it answers; returns its base URL."""
+        self._deployed.add(name)
         serve.run(build_app(config.to_args()), name=name, route_prefix=route_prefix, blocking=False)
         base = self.url + route_prefix.rstrip("/")
         self._wait_ready(name, base + "/readyz", config.replicas, ready_timeout_s)
@@ -171,8 +174,13 @@ class LocalServing:
     def close(self) -> None:
         if ray.is_initialized():
             try:
-                serve.shutdown()
+                if self.ray_address:
+                    for name in list(self._deployed):
+                        self.delete(name)
+                else:
+                    serve.shutdown()
             finally:
+                # Disconnects this driver; a joined cluster keeps running.
                 ray.shutdown()
         if self._cluster is not None:
             self._cluster.shutdown()
