@@ -90,7 +90,11 @@ class ParallelismSpec(_Spec):
 class ResourceSpec(_Spec):
     """What each shard worker asks Ray for (one placement-group bundle per shard)."""
 
-    device: Literal["cpu", "cuda"] = "cpu"
+    device: Literal["cpu", "cuda"] = Field(
+        "cpu",
+        description="Where each shard worker runs the model; 'cuda' needs a GPU visible to it "
+        "(acceleratorResource GPU) and fails without one.",
+    )
     cpus_per_shard: float = Field(1.0, gt=0)
     accelerator_resource: str | None = Field(
         None,
