@@ -41,7 +41,9 @@ class ModelSpec(_Spec):
         description="Checkpoint location: a local path or file:// URL; None serves random weights.",
     )
     tokenizer: str | None = Field(
-        None, description="SentencePiece model path; None uses the preset's built-in tokenizer."
+        None,
+        description="SentencePiece model: a local path or file:// URL; None uses the "
+        "tokenizer.model beside the checkpoint, or byte-level tokens where there is none.",
     )
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     quantization: Literal["none", "int8"] = "none"
