@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Iterator, Mapping
 from datetime import timedelta
-from typing import Protocol
+from typing import Literal, Protocol
 
 import torch
 import torch.distributed as dist
@@ -371,18 +371,32 @@ def process_groups(plan: Plan, rank: int) -> tuple[SumOverGroup, SumOverGroup]:
     return SumOverGroup(mine, tensor), SumOverGroup(None, plan.world_size)
 
 
-def shard_device(plan: Plan, rank: int) -> torch.device:
-    """The rank's GPU by its local rank on its node when CUDA is present, else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", plan.ranks[rank].local_rank % torch.cuda.device_count())
-    return torch.device("cpu")
+def shard_device(plan: Plan, rank: int, kind: Literal["cpu", "cuda"] | None = None) -> torch.device:
+    """The rank's device of `kind`: for CUDA its GPU by its local rank on its node. None takes
+    CUDA when present, else the CPU."""
+    if kind is None:
+        kind = "cuda" if torch.cuda.is_available() else "cpu"
+    if kind == "cpu":
+        return torch.device("cpu")
+    # Fail here rather than serve from the CPU unnoticed, or fail later inside torch.
+    if not torch.cuda.is_available():
+        raise ShardingError(
+            f"rank {rank} was asked to run on CUDA, but this process sees no CUDA device"
+        )
+    return torch.device("cuda", plan.ranks[rank].local_rank % torch.cuda.device_count())
 
 
 def start_process_group(
-    plan: Plan, rank: int, address: str, port: int, timeout: float = 300.0
+    plan: Plan,
+    rank: int,
+    address: str,
+    port: int,
+    timeout: float = 300.0,
+    kind: Literal["cpu", "cuda"] | None = None,
 ) -> torch.device:
-    """Joins the replica's process group (NCCL on GPUs, gloo on the CPU); returns the rank's device."""
-    device = shard_device(plan, rank)
+    """Joins the replica's process group (NCCL on GPUs, gloo on the CPU); returns the rank's device
+    (see `shard_device` for `kind`)."""
+    device = shard_device(plan, rank, kind)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(

@@ -21,6 +21,8 @@ from grokserve.serving.replica import GrokReplica, MetricsHub
 # Requests past a replica's own queue still reach it (and get a quick 429 from its scheduler)
 # instead of waiting in Serve's router.
 _ADMISSION_HEADROOM = 8
+# The deployment of the model replicas; the launcher counts its RUNNING replicas.
+REPLICA_DEPLOYMENT = "GrokReplica"
 
 
 class ServingConfigError(ValueError):
@@ -57,7 +59,7 @@ def build_app(args: dict[str, Any]) -> Application:
     ).bind()
     replica = serve.deployment(
         GrokReplica,
-        name="GrokReplica",
+        name=REPLICA_DEPLOYMENT,
         num_replicas=config.replicas,
         ray_actor_options={"num_cpus": config.resources.replica_cpus},
         placement_group_bundles=config.placement_group_bundles(),

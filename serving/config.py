@@ -41,7 +41,9 @@ class ModelSpec(_Spec):
         description="Checkpoint location: a local path or file:// URL; None serves random weights.",
     )
     tokenizer: str | None = Field(
-        None, description="SentencePiece model path; None uses the preset's built-in tokenizer."
+        None,
+        description="SentencePiece model: a local path or file:// URL; None uses the "
+        "tokenizer.model beside the checkpoint, or byte-level tokens where there is none.",
     )
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     quantization: Literal["none", "int8"] = "none"
@@ -90,7 +92,11 @@ class ParallelismSpec(_Spec):
 class ResourceSpec(_Spec):
     """What each shard worker asks Ray for (one placement-group bundle per shard)."""
 
-    device: Literal["cpu", "cuda"] = "cpu"
+    device: Literal["cpu", "cuda"] = Field(
+        "cpu",
+        description="Where each shard worker runs the model; 'cuda' needs a GPU visible to it "
+        "(acceleratorResource GPU) and fails without one.",
+    )
     cpus_per_shard: float = Field(1.0, gt=0)
     accelerator_resource: str | None = Field(
         None,

@@ -18,6 +18,10 @@ class TextStream:
 
     Text that might be the start of a stop string, or an incomplete multi-byte character, is held
     back until the next token settles it, so a client never sees text that is later retracted.
+
+    Each token costs a decode of a short window of recent ids, not of the whole sequence (the
+    prefix/read offsets of vLLM and TGI): ids from `_prefix_offset` are decoded, and the text past
+    that of the settled ids before `_read_offset` is new once it ends in a whole character.
     """
 
     def __init__(
@@ -25,44 +29,58 @@ class TextStream:
     ) -> None:
         self._decoder = decoder
         self._stop = [s for s in stop if s]
-        # The last prompt tokens, decoded in front of the new ones: SentencePiece drops the space
-        # of a leading "▁" piece, which is only right at the very start of a text.
-        self._prefix = list(prefix)
-        self._prefix_text = decoder.decode(self._prefix)
-        self._ids: list[int] = []
+        # The window starts with the last prompt tokens: SentencePiece drops the space of a
+        # leading "▁" piece, which is only right at the very start of a text.
+        self._ids = list(prefix)
+        self._prefix_offset = 0
+        self._read_offset = len(self._ids)
+        self._settled_text = decoder.decode(self._ids)
+        # Decoded text not yet sent, behind enough sent text for a stop string to start in.
+        self._text = ""
         self._emitted = 0
+        self._lookback = max((len(s) for s in self._stop), default=1) - 1
         self.stopped = False
-
-    @property
-    def text(self) -> str:
-        text = self._decoder.decode(self._prefix + self._ids)
-        if text.startswith(self._prefix_text):
-            return text[len(self._prefix_text) :]
-        return self._decoder.decode(self._ids)
 
     def push(self, token_id: int) -> str:
         """Add one token; return the text that is now final. Sets `stopped` at a stop string."""
         self._ids.append(token_id)
-        text = self.text
+        unread = self._unread_text()
+        if unread and not unread.endswith(_REPLACEMENT_CHAR):
+            self._text += unread
+            unread = ""
+            self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
+            self._settled_text = self._decoder.decode(
+                self._ids[self._prefix_offset : self._read_offset]
+            )
+        # Unsettled text is held back, but a stop string in it (even of "\ufffd"s) still stops.
+        text = self._text + unread
         for stop in self._stop:
             found = text.find(stop, max(0, self._emitted - len(stop) + 1))
             if found != -1:
                 self.stopped = True
                 return self._take(text[:found])
-        settled = len(text)
-        while settled > self._emitted and text[settled - 1] == _REPLACEMENT_CHAR:
-            settled -= 1
+        settled = len(self._text)
         for stop in self._stop:
             settled = min(settled, _start_of_partial_match(text, stop, self._emitted))
         return self._take(text[:settled])
 
     def flush(self) -> str:
         """At the end of generation (not at a stop string): release everything held back."""
-        return "" if self.stopped else self._take(self.text)
+        if self.stopped:
+            return ""
+        self._text += self._unread_text()
+        return self._take(self._text)
+
+    def _unread_text(self) -> str:
+        return self._decoder.decode(self._ids[self._prefix_offset :])[len(self._settled_text) :]
 
     def _take(self, text: str) -> str:
         delta = text[self._emitted :]
         self._emitted = max(self._emitted, len(text))
+        # Sent text matters only as the start of a stop string that ends in later text.
+        drop = max(0, self._emitted - self._lookback)
+        self._text = self._text[drop:]
+        self._emitted -= drop
         return delta
 
 

@@ -9,7 +9,6 @@ same tokens and the replica reads rank 0's.
 from __future__ import annotations
 
 import asyncio
-import secrets
 from collections.abc import Awaitable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -33,10 +32,11 @@ class ModelStepper:
         if step.start:
             self.cache.reset(torch.tensor(list(step.start), dtype=torch.long))
             for row, params in step.start.items():
+                if params.seed is None:
+                    # A seed drawn here would differ between the ranks of a sharded replica.
+                    raise ValueError(f"row {row} starts without a seed; the scheduler sets one")
                 generator = torch.Generator()
-                generator.manual_seed(
-                    params.seed if params.seed is not None else secrets.randbits(63)
-                )
+                generator.manual_seed(params.seed)
                 self._generators[row] = generator
                 self._sampling[row] = params
         device = self.cache.lengths.device

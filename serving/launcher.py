@@ -9,6 +9,7 @@ GPU nodes.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -18,11 +19,17 @@ import httpx
 import ray
 from ray import serve
 
-from grokserve.serving.app import build_app
+from grokserve.serving.app import REPLICA_DEPLOYMENT, build_app
 from grokserve.serving.config import ServingConfig
 
 SIMULATED_GPU = "simulated_gpu"
 APP_NAME = "grok"
+
+
+@dataclass(frozen=True)
+class NodeResources:
+    num_cpus: int
+    resources: dict[str, float]
 
 
 @dataclass(frozen=True)
@@ -47,9 +54,27 @@ class ClusterShape:
             }
         )
 
+    def worker_nodes(self, config: ServingConfig) -> list[NodeResources]:
+        """The local Ray nodes to start so that all of `config`'s replicas fit at once.
+
+        CPUs are logical: enough for every bundle, independent of the machine's core count.
+        """
+        if not self.nodes:
+            per_replica = sum(bundle["CPU"] for bundle in config.placement_group_bundles())
+            # Room for other applications deployed beside this one (tests, bench variants).
+            return [NodeResources(math.ceil(config.replicas * per_replica) + 2, {})]
+        # `nodes` counts the nodes of one replica; each replica gets its own.
+        node = NodeResources(
+            # Room for a replica actor and other apps' bundles.
+            num_cpus=math.ceil(self.gpus_per_node * config.resources.cpus_per_shard) + 4,
+            resources={SIMULATED_GPU: self.gpus_per_node},
+        )
+        return [node] * (self.nodes * config.replicas)
+
 
 class LocalServing:
-    """Starts Ray (unless RAY_ADDRESS names one), Serve on host:port, and the app; `close` undoes it.
+    """Starts Ray (unless RAY_ADDRESS names one), Serve on host:port, and the app; `close` undoes it:
+    on a cluster it joined, only by deleting the applications it deployed, as others may share it.
 
     `shape` only builds the (simulated) cluster; `ClusterShape.apply` fits a config to it.
     """
@@ -70,6 +95,7 @@ class LocalServing:
         self.ray_address = ray_address if ray_address is not None else os.environ.get("RAY_ADDRESS")
         self.url = f"http://{host}:{port}"
         self._cluster: Any = None
+        self._deployed: set[str] = set()
 
     def start(self, ready_timeout_s: float = 300.0) -> LocalServing:
         """Ray, Serve and the application at `/`."""
@@ -94,31 +120,34 @@ class LocalServing:
             raise
         return self
 
-    @staticmethod
-    def delete(name: str) -> None:
+    def delete(self, name: str) -> None:
         serve.delete(name)
+        self._deployed.discard(name)
 
     def deploy(
         self, config: ServingConfig, name: str, route_prefix: str, ready_timeout_s: float = 300.0
     ) -> str:
         """Deploy (or redeploy) one application and wait until it answers; returns its base URL."""
+        self._deployed.add(name)
         serve.run(build_app(config.to_args()), name=name, route_prefix=route_prefix, blocking=False)
         base = self.url + route_prefix.rstrip("/")
-        self._wait_ready(name, base + "/readyz", ready_timeout_s)
+        self._wait_ready(name, base + "/readyz", config.replicas, ready_timeout_s)
         return base
 
     @staticmethod
-    def _wait_ready(name: str, url: str, timeout_s: float) -> None:
+    def _wait_ready(name: str, url: str, replicas: int, timeout_s: float) -> None:
+        """Until every model replica runs and the API answers: /readyz alone passes with one."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             app = serve.status().applications.get(name)
             if app is not None and app.status == "DEPLOY_FAILED":
                 raise RuntimeError(f"the {name!r} application failed to deploy: {app.message}")
-            try:
-                if httpx.get(url, timeout=5).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
+            if app is not None and _running_replicas(app) == replicas:
+                try:
+                    if httpx.get(url, timeout=5).status_code == 200:
+                        return
+                except httpx.HTTPError:
+                    pass
             time.sleep(0.5)
         raise TimeoutError(f"{url} not ready after {timeout_s:g}s; see the Ray logs")
 
@@ -127,34 +156,31 @@ class LocalServing:
         if self.ray_address:
             ray.init(address=self.ray_address, **quiet)
             return
-        shards = self.config.parallelism.shards
-        cpus = self.config.resources.cpus_per_shard
+        nodes = self.shape.worker_nodes(self.config)
         if not self.shape.nodes:
-            # Logical CPUs: enough for every bundle, independent of the machine's core count.
             # address="local": a new cluster even where another one runs on this machine (plain
             # ray.init would join that one and then refuse num_cpus).
-            ray.init(
-                address="local", num_cpus=int(shards * cpus + 2), include_dashboard=False, **quiet
-            )
+            ray.init(address="local", num_cpus=nodes[0].num_cpus, include_dashboard=False, **quiet)
             return
         from ray.cluster_utils import Cluster
 
         self._cluster = Cluster(
             initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False}
         )
-        for _ in range(self.shape.nodes):
-            self._cluster.add_node(
-                # Logical CPUs with room for a replica actor and other apps' bundles.
-                num_cpus=int(self.shape.gpus_per_node * cpus + 4),
-                resources={SIMULATED_GPU: self.shape.gpus_per_node},
-            )
+        for node in nodes:
+            self._cluster.add_node(num_cpus=node.num_cpus, resources=node.resources)
         ray.init(address=self._cluster.address, **quiet)
 
     def close(self) -> None:
         if ray.is_initialized():
             try:
-                serve.shutdown()
+                if self.ray_address:
+                    for name in list(self._deployed):
+                        self.delete(name)
+                else:
+                    serve.shutdown()
             finally:
+                # Disconnects this driver; a joined cluster keeps running.
                 ray.shutdown()
         if self._cluster is not None:
             self._cluster.shutdown()
@@ -165,3 +191,12 @@ class LocalServing:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _running_replicas(app: Any) -> int:
+    """RUNNING model replicas of a `serve.status()` application, and 0 until its redeploy is
+    done (while it updates, the old version's replicas still count as RUNNING)."""
+    if app.status != "RUNNING":
+        return 0
+    deployment = app.deployments.get(REPLICA_DEPLOYMENT)
+    return 0 if deployment is None else deployment.replica_states.get("RUNNING", 0)

@@ -112,9 +112,10 @@ def load_shard(config: ServingConfig, rank: int, master: tuple[str, int]) -> Gro
     From a checkpoint, each rank reads only its own slices; with quantization int8 the checkpoint
     must hold 8-bit weights (as xAI's release does)."""
     plan = placement_plan(config)
-    device = shard_device(plan, rank)
+    kind = config.resources.device
+    device = shard_device(plan, rank, kind)
     if plan.world_size > 1:
-        device = start_process_group(plan, rank, *master)
+        device = start_process_group(plan, rank, *master, kind=kind)
     spec = config.model
     if spec.source is not None:
         return GrokShard.from_source(open_source(spec), plan, rank, device)

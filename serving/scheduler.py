@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Sequence
@@ -45,8 +46,8 @@ class StepInput:
     `tokens` None (a decode step) each row is fed the token the executor last sampled for it.
 
     `start` lists the rows that begin a new sequence at this step (reset them first, and seed their
-    sampler). When `sample` is set the executor returns one next token per row, from the last
-    position.
+    sampler with the params' seed, which the scheduler always sets). When `sample` is set the
+    executor returns one next token per row, from the last position.
     """
 
     rows: list[int]
@@ -263,9 +264,14 @@ class Scheduler:
                 retry_after=self.retry_after_seconds(),
             )
         generation = Generation(self, len(prompt))
+        # The seed is chosen here, once, when the request has none: every shard worker of a
+        # sharded replica must sample the same token, so none of them may draw its own seed.
+        # 62 bits, as the API allows, so that seed + index stays a valid torch seed.
+        base_seed = sampling.seed if sampling.seed is not None else secrets.randbits(62)
         for index in range(n):
-            seed = None if sampling.seed is None else sampling.seed + index
-            params = SamplingParams(sampling.temperature, sampling.top_p, sampling.top_k, seed)
+            params = SamplingParams(
+                sampling.temperature, sampling.top_p, sampling.top_k, base_seed + index
+            )
             text = TextStream(self._decoder, stop, prefix=prompt[-_DETOKENIZE_PREFIX:])
             generation.sequences.append(
                 SequenceHandle(generation, index, prompt, max_tokens, params, text)
@@ -289,7 +295,11 @@ class Scheduler:
     # -- engine loop ----------------------------------------------------------------------------
 
     def start(self) -> None:
+        """Run the engine loop on the running event loop (again after `stop`, on another loop)."""
         if self._task is None:
+            # An asyncio.Event binds to the loop that first waits on it: a new one per start.
+            # No wake-up is lost: the loop looks at its queues before it first waits.
+            self._wakeup = asyncio.Event()
             self._task = asyncio.get_running_loop().create_task(self._run(), name="scheduler")
 
     async def stop(self) -> None:
@@ -426,7 +436,8 @@ class Scheduler:
         handle.last_token_at = now
         handle.generated += 1
         if token == self._eos_id:
-            self._retire(handle, "", "stop")
+            # Text held back as the possible start of a stop string is final now.
+            self._retire(handle, handle.text.flush(), "stop")
             return
         text = handle.text.push(token)
         if handle.text.stopped:

@@ -104,12 +104,6 @@ def render_chat(messages: list[ChatMessage]) -> str:
 # -- responses ----------------------------------------------------------------------------------
 
 
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"

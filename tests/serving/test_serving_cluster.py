@@ -9,11 +9,15 @@ pytestmark = pytest.mark.slow
 PROMPTS = ["The experts", "Two nodes, four shards: ", "x"]
 
 
-def _greedy(base, prompt):
-    body = {"model": MODEL, "prompt": prompt, "max_tokens": 16, "temperature": 0}
+def _complete(base, prompt, **sampling):
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 16, **sampling}
     response = httpx.post(f"{base}/v1/completions", json=body, timeout=120)
     assert response.status_code == 200, response.text
-    return response.json()["choices"][0]["text"]
+    return response.json()
+
+
+def _greedy(base, prompt):
+    return _complete(base, prompt, temperature=0)["choices"][0]["text"]
 
 
 def test_four_shards_on_two_nodes_match_one_shard(serving):
@@ -33,3 +37,13 @@ def test_four_shards_on_two_nodes_match_one_shard(serving):
         experts_on_node[rank["node"]] |= {e["expert"] for e in rank["experts"]}
     assert experts_on_node == {0: {0, 1, 2, 3}, 1: {4, 5, 6, 7}}, "each expert inside one node"
     assert [_greedy(base, p) for p in PROMPTS] == [_greedy(serving.url, p) for p in PROMPTS]
+
+    # Sampling: every rank must draw the same token, also when the request brings no seed.
+    seeded = {"temperature": 1.0, "seed": 11}
+    assert (
+        _complete(base, PROMPTS[0], **seeded)["choices"]
+        == (_complete(serving.url, PROMPTS[0], **seeded)["choices"])
+    )
+    unseeded = _complete(base, PROMPTS[1], temperature=1.0, n=2)
+    assert len(unseeded["choices"]) == 2 and unseeded["usage"]["completion_tokens"] > 0
+    assert {choice["finish_reason"] for choice in unseeded["choices"]} <= {"stop", "length"}

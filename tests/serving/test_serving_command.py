@@ -8,6 +8,7 @@ import subprocess
 import time
 
 import httpx
+import pytest
 
 from grokserve.commands import serve
 from testkit.serving import free_port
@@ -28,6 +29,26 @@ def test_flags_become_the_serving_config():
     assert config.parallelism.shards == 4
     assert config.resources.accelerator_resource == "simulated_gpu"
     assert args.host == "127.0.0.1" and args.port == 9000
+
+
+def test_the_local_cluster_fits_every_replica():
+    from grokserve.serving.launcher import ClusterShape
+
+    def cluster(*flags):
+        args = parse("--preset", "grok-tiny", *flags)
+        shape = ClusterShape(args.nodes, args.gpus_per_node)
+        config = shape.apply(serve.serving_config(args))
+        return config, shape.worker_nodes(config)
+
+    config, [node] = cluster("--replicas", "3")
+    needed = 3 * sum(bundle["CPU"] for bundle in config.placement_group_bundles())
+    assert node.num_cpus >= needed
+
+    config, nodes = cluster("--replicas", "3", "--nodes", "2", "--gpus-per-node", "2")
+    assert sum(node.resources["simulated_gpu"] for node in nodes) == 3 * 4
+    assert sum(node.num_cpus for node in nodes) >= 3 * sum(
+        bundle["CPU"] for bundle in config.placement_group_bundles()
+    )
 
 
 def test_bad_flags_exit_2_naming_the_setting(capsys):
@@ -66,6 +87,46 @@ def test_readme_command_serves_the_demo_and_stops_on_ctrl_c():
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=120) == 0
         assert "shutting down" in process.stdout.read()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+@pytest.mark.slow
+def test_serve_is_ready_when_every_replica_runs(tmp_path):
+    """With --replicas 3, 'serving' is printed once all three replicas answer."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    environment = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    command = [
+        "grokserve",
+        "serve",
+        "--preset",
+        "grok-tiny",
+        "--replicas",
+        "3",
+        "--port",
+        str(port),
+    ]
+    log = tmp_path / "serve.log"
+    with log.open("w") as output:
+        process = subprocess.Popen(
+            command,
+            env={**environment, "PYTHONUNBUFFERED": "1"},
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 200
+        while "\nserving " not in log.read_text():
+            assert process.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, "not ready in 200 s:\n" + log.read_text()
+            time.sleep(0.5)
+        replicas = {httpx.get(f"{url}/readyz", timeout=30).json()["replica"] for _ in range(60)}
+        assert len(replicas) == 3
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=60) == 0
     finally:
         if process.poll() is None:
             process.kill()

@@ -30,6 +30,19 @@ def test_checkpoint_directory_round_trip(tmp_path):
     assert isinstance(load_tokenizer(config.model), ByteTokenizer)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_cuda_device_without_cuda_fails_instead_of_using_the_cpu():
+    config = ServingConfig(resources={"device": "cuda"})
+    with pytest.raises(ValueError, match="asked to run on CUDA"):
+        load_shard(config, rank=0, master=("127.0.0.1", 0))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_cpu_device_stays_on_the_cpu_beside_cuda():
+    loaded = load_shard(ServingConfig(resources={"device": "cpu"}), rank=0, master=("", 0))
+    assert loaded(torch.tensor([[5, 6, 7]])).device.type == "cpu"
+
+
 def test_bad_sources_are_named(tmp_path):
     with pytest.raises(ValueError, match="is not a checkpoint"):
         model_config(ModelSpec(source=str(tmp_path)))

@@ -10,7 +10,14 @@ from grokserve.model.sampling import generate
 from grokserve.serving.executor import LocalExecutor, ModelStepper
 from grokserve.serving.loading import ByteTokenizer
 from grokserve.serving.metrics import ReplicaMetrics
-from grokserve.serving.scheduler import AdmissionError, QueueFull, SamplingParams, Scheduler
+from grokserve.serving.scheduler import (
+    AdmissionError,
+    QueueFull,
+    SamplingParams,
+    Scheduler,
+    StepInput,
+)
+from grokserve.serving.schemas import CHAT_STOP, ChatMessage, render_chat
 
 TOKENIZER = ByteTokenizer(256)
 GREEDY = SamplingParams(temperature=0)
@@ -26,7 +33,7 @@ def model():
 async def make_scheduler(model):
     made = []
 
-    def make(**overrides):
+    def make(record=None, **overrides):
         limits = {
             "max_batch_size": 4,
             "max_sequence_length": 128,
@@ -41,7 +48,7 @@ async def make_scheduler(model):
         metrics = ReplicaMetrics("test", "r0")
         executor = LocalExecutor(stepper)
         scheduler = Scheduler(
-            executor,
+            executor if record is None else RecordingExecutor(executor, record),
             TOKENIZER,
             eos_id=model.config.eos_token,
             observer=metrics,
@@ -55,6 +62,35 @@ async def make_scheduler(model):
     for scheduler, executor in made:
         await scheduler.stop()
         executor.close()
+
+
+class RecordingExecutor:
+    """Appends every step the scheduler submits to `steps`, then runs it."""
+
+    def __init__(self, executor, steps):
+        self.executor = executor
+        self.steps = steps
+
+    def submit(self, step):
+        self.steps.append(step)
+        return self.executor.submit(step)
+
+
+class ScriptedExecutor:
+    """Samples `script`'s tokens in order (then `filler`), without a model."""
+
+    def __init__(self, script, filler):
+        self.script = list(script)
+        self.filler = filler
+
+    def submit(self, step):
+        sampled = asyncio.get_running_loop().create_future()
+        sampled.set_result(
+            [self.script.pop(0) if self.script else self.filler for _ in step.rows]
+            if step.sample
+            else []
+        )
+        return sampled
 
 
 async def collect(scheduler, prompt, **kwargs):
@@ -160,3 +196,72 @@ async def test_stream_interval_sends_fewer_larger_messages(model, make_scheduler
     assert len(messages) < 30
     text = "".join(delta.text for ready in messages for delta in ready)
     assert text == reference(model, PROMPTS[5], max_tokens=30)
+
+
+async def test_the_scheduler_chooses_the_seed_of_an_unseeded_request(make_scheduler):
+    # Every shard worker of a sharded replica runs the same step: a seed it drew itself would
+    # differ between ranks, so the step inputs must carry one concrete seed per sequence.
+    steps = []
+    scheduler, _ = make_scheduler(record=steps, prefill_chunk_tokens=8)
+    unseeded = SamplingParams(temperature=1.0)
+    await collect(scheduler, PROMPTS[3], n=2, sampling=unseeded)
+    await collect(scheduler, PROMPTS[3], n=1, sampling=unseeded)
+    starts = [params for step in steps for params in step.start.values()]
+    seeds = [params.seed for params in starts]
+    assert len(seeds) == 3 and all(isinstance(seed, int) for seed in seeds), seeds
+    assert seeds[1] == seeds[0] + 1, "the n sequences of one request use seed, seed + 1, ..."
+    assert seeds[2] != seeds[0], "another unseeded request gets another seed"
+    assert len(steps) > 3 and all(not step.start for step in steps[1:] if step.tokens is None), (
+        "only the first prefill chunk seeds a row; decode steps reuse its generator"
+    )
+
+
+def test_the_executor_refuses_a_row_without_a_seed(model):
+    stepper = ModelStepper(model, max_batch_size=1, max_len=16)
+    step = StepInput(rows=[0], tokens=[[5, 6]], sample=True, start={0: SamplingParams(seed=None)})
+    with pytest.raises(ValueError, match="without a seed"):
+        stepper.run(step)
+
+
+def scripted_scheduler(script, eos=2):
+    """A one-slot scheduler whose 'model' samples `script`, then EOS."""
+    return Scheduler(
+        ScriptedExecutor(script, filler=eos),
+        TOKENIZER,
+        max_batch_size=1,
+        max_sequence_length=64,
+        max_queued_requests=1,
+        kv_budget=64,
+        prefill_chunk_tokens=64,
+        eos_id=eos,
+    )
+
+
+async def test_text_held_back_for_a_stop_string_is_sent_at_eos():
+    # "\n\n" could begin the chat stop string "\n\nUser:", so it is held back until EOS ends
+    # the sequence; then it is part of the answer.
+    scheduler = scripted_scheduler(TOKENIZER.encode("a\n\n"))
+    scheduler.start()
+    try:
+        prompt = render_chat([ChatMessage(role="user", content="hi")])
+        texts, reasons, tokens = await asyncio.wait_for(
+            collect(scheduler, prompt, stop=[CHAT_STOP]), timeout=10
+        )
+    finally:
+        await scheduler.stop()
+    assert texts == ["a\n\n"] and reasons == ["stop"] and tokens == [4]
+
+
+def test_a_scheduler_runs_again_on_another_event_loop():
+    # bench/serve.py measures one scheduler in two asyncio.run calls.
+    scheduler = scripted_scheduler(TOKENIZER.encode("hello world"))
+
+    async def one_request():
+        scheduler.start()
+        try:
+            return await asyncio.wait_for(collect(scheduler, "x", max_tokens=5), timeout=10)
+        finally:
+            await scheduler.stop()
+
+    assert asyncio.run(one_request())[0] == ["hello"]
+    assert asyncio.run(one_request())[0] == [" worl"]
