@@ -12,7 +12,14 @@ import pytest
 import yaml
 
 from testkit.autoscaling import QueueExporter
-from testkit.operator_env import GROKDEPLOYMENTS, kube, running_operator, wait_until
+from testkit.operator_env import (
+    GROKDEPLOYMENTS,
+    clusterrole_grants,
+    kube,
+    operator_requests,
+    running_operator,
+    wait_until,
+)
 from testkit.prometheus import PrometheusServer, TestExporter
 
 __all__ = ["kube"]  # the fixture, re-exported for pytest
@@ -42,7 +49,7 @@ def condition_types(body: dict[str, Any] | None) -> set[str]:
 def test_queue_scales_the_rayservice_through_the_whole_operator(
     kube: Any, exporter: TestExporter, prometheus: PrometheusServer
 ) -> None:
-    _server, api = kube
+    server, api = kube
     api.install_crds(kuberay=True)
     queue = QueueExporter(exporter, (NAME,))
     prometheus.wait_for_targets_up(timeout_s=20)
@@ -70,3 +77,6 @@ def test_queue_scales_the_rayservice_through_the_whole_operator(
             timeout=EVALUATION_S + 3,
             what="Ready and ScalingActive conditions",
         )
+    # Every request the operator made while it scaled, the /scale write included, is granted by
+    # the ClusterRole it runs under (test_operator_rbac.py checks the rest of the role).
+    assert server.call(operator_requests) - clusterrole_grants() == set()

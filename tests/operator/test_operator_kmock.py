@@ -164,7 +164,7 @@ def test_a_child_refused_by_the_api_server_is_reported_not_retried(kube) -> None
     server, api = kube
     api.install_crds(kuberay=True)
 
-    def kuberay_webhook(method, resource, body):
+    def kuberay_webhook(method, resource, subresource, body):
         if method == "POST" and resource.plural == "rayservices":
             return 422, "workerGroupSpecs[0].replicas: 8 GPUs exceed the namespace quota"
         return None
