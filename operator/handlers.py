@@ -20,7 +20,7 @@ from grokserve.operator import metrics
 from grokserve.operator.autoscaling.timer import register as register_autoscaler
 from grokserve.operator.builders import DEPLOYMENT_LABEL
 from grokserve.operator.kube import GROKDEPLOYMENT, Kube
-from grokserve.operator.reconcile import Outcome, observe, reconcile
+from grokserve.operator.reconcile import Outcome, observable, observe, reconcile
 from grokserve.operator.spec import API_GROUP, API_VERSION, PLURAL
 
 RESOURCE = (API_GROUP, API_VERSION, PLURAL)
@@ -102,7 +102,7 @@ def on_rayservice_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, 
     namespace = body["metadata"]["namespace"]
     owner_name = (body["metadata"].get("labels") or {}).get(DEPLOYMENT_LABEL)
     owner = memo.kube.get(GROKDEPLOYMENT, namespace, owner_name) if owner_name else None
-    if owner is None:
+    if owner is None or not observable(owner):
         return
     rayservice = dict(body)
     outcome = _timed(lambda: observe(owner, rayservice), owner)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 from pathlib import Path
 
 import pytest
@@ -178,3 +179,54 @@ def test_a_child_refused_by_the_api_server_is_reported_not_retried(kube) -> None
             got["message"]
             == "RayService grok-1: workerGroupSpecs[0].replicas: 8 GPUs exceed the namespace quota"
         )
+
+
+class HandledEvents(logging.Handler):
+    """Counts RayService events the operator has finished handling (kopf logs each one)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage() == "Handler 'on_rayservice_event' succeeded.":
+            self.count += 1
+
+
+def test_a_rayservice_event_leaves_a_reconcile_failure_standing(kube) -> None:
+    server, api = kube
+    api.install_crds(kuberay=True)
+
+    def pdb_quota(method, resource, subresource, body):
+        if method == "POST" and resource.plural == "poddisruptionbudgets":
+            return 403, "poddisruptionbudgets are forbidden in this namespace"
+        return None
+
+    server.call(lambda kube_api: kube_api.admission.append(pdb_quota))
+    handled = HandledEvents()
+    logging.getLogger("kopf.objects").addHandler(handled)
+    try:
+        with running_operator():
+            api.create(GD, example_body())
+            failed = wait_until(
+                lambda: (
+                    (b := api.get(f"{GD}/grok-1"))
+                    and condition(b).get("reason") == "Forbidden"
+                    and b
+                ),
+                what="Ready Forbidden",
+            )
+            # The RayService was applied before the PDB was refused; KubeRay reports it serving.
+            rayservice = api.get(f"{RS}/grok-1")
+            seen = handled.count
+            api.merge_patch(
+                f"{RS}/grok-1/status",
+                {"status": rayservice_status(rayservice["metadata"]["generation"], 1)},
+            )
+            wait_until(lambda: handled.count > seen, what="the RayService event to be handled")
+            body = api.get(f"{GD}/grok-1")
+    finally:
+        logging.getLogger("kopf.objects").removeHandler(handled)
+    assert condition(body) == condition(failed)
+    assert condition(body, "Degraded")["status"] == "True"
+    assert body["status"]["readyReplicas"] == 0
