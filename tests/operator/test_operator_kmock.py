@@ -230,3 +230,20 @@ def test_a_rayservice_event_leaves_a_reconcile_failure_standing(kube) -> None:
     assert condition(body) == condition(failed)
     assert condition(body, "Degraded")["status"] == "True"
     assert body["status"]["readyReplicas"] == 0
+
+
+def test_changing_the_upgrade_strategy_back_to_the_default_reaches_the_rayservice(kube) -> None:
+    _server, api = kube
+    api.install_crds(kuberay=True)
+    body = example_body()
+    body["spec"].setdefault("ray", {})["upgradeStrategy"] = "None"
+
+    def strategy() -> dict | None:
+        rayservice = api.get(f"{RS}/grok-1")
+        return rayservice and rayservice["spec"].get("upgradeStrategy")
+
+    with running_operator():
+        api.create(GD, body)
+        wait_until(lambda: strategy() == {"type": "None"}, what="upgradeStrategy None")
+        api.merge_patch(f"{GD}/grok-1", {"spec": {"ray": {"upgradeStrategy": None}}})
+        wait_until(lambda: strategy() == {"type": "NewCluster"}, what="upgradeStrategy NewCluster")
