@@ -247,3 +247,31 @@ def test_changing_the_upgrade_strategy_back_to_the_default_reaches_the_rayservic
         wait_until(lambda: strategy() == {"type": "None"}, what="upgradeStrategy None")
         api.merge_patch(f"{GD}/grok-1", {"spec": {"ray": {"upgradeStrategy": None}}})
         wait_until(lambda: strategy() == {"type": "NewCluster"}, what="upgradeStrategy NewCluster")
+
+
+def test_a_failure_leaves_nothing_that_claims_the_deployment_serves(kube) -> None:
+    _server, api = kube
+    api.install_crds(kuberay=True)
+    with running_operator():
+        api.create(GD, example_body())
+        rayservice = wait_until(lambda: api.get(f"{RS}/grok-1"), what="the RayService")
+        api.merge_patch(
+            f"{RS}/grok-1/status",
+            {"status": rayservice_status(rayservice["metadata"]["generation"], 1)},
+        )
+        serving = wait_until(
+            lambda: (b := api.get(f"{GD}/grok-1")) and condition(b).get("status") == "True" and b,
+            what="Ready=True",
+        )
+        assert serving["status"]["endpoint"] and serving["status"]["readyReplicas"] == 1
+        api.merge_patch(f"{GD}/grok-1", {"spec": {"serving": {"maxSequenceLength": 100000}}})
+        failed = wait_until(
+            lambda: (
+                (b := api.get(f"{GD}/grok-1")) and condition(b).get("reason") == "InvalidSpec" and b
+            ),
+            what="Ready InvalidSpec",
+        )
+    status = failed["status"]
+    assert status["readyReplicas"] == 0
+    for stale in ("endpoint", "replicaSummary", "replicas", "desiredReplicas", "gpus", "placement"):
+        assert stale not in status
