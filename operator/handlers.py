@@ -75,7 +75,11 @@ def _timed(step: Callable[[], Outcome], body: dict[str, Any]) -> Outcome:
 
 
 def _reconcile(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo) -> None:
-    plain = dict(body)
+    # The status patch replaces the whole conditions list, and kopf's body may predate another
+    # writer's latest condition (the autoscaler's ScalingActive): merge into the stored status.
+    meta = body["metadata"]
+    stored = memo.kube.get(GROKDEPLOYMENT, meta["namespace"], meta["name"])
+    plain = {**body, "status": (stored or body).get("status")}
     patch.status.update(_timed(lambda: reconcile(memo.kube, plain), plain).status)
 
 

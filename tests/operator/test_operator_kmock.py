@@ -6,10 +6,13 @@ import copy
 import logging
 from pathlib import Path
 
+import kopf
 import pytest
 import yaml
 from prometheus_client import REGISTRY
 
+from grokserve.operator import handlers
+from grokserve.operator.kube import Kube
 from testkit.operator_env import GROKDEPLOYMENTS, kube, running_operator, wait_until
 
 __all__ = ["kube"]  # the fixture, re-exported for pytest
@@ -275,3 +278,23 @@ def test_a_failure_leaves_nothing_that_claims_the_deployment_serves(kube) -> Non
     assert status["readyReplicas"] == 0
     for stale in ("endpoint", "replicaSummary", "replicas", "desiredReplicas", "gpus", "placement"):
         assert stale not in status
+
+
+def test_a_reconcile_from_a_stale_body_keeps_the_stored_conditions(kube) -> None:
+    _server, api = kube
+    api.install_crds(kuberay=True)
+    stale = api.create(GD, example_body())
+    scaling = {
+        "type": "ScalingActive",
+        "status": "False",
+        "reason": "ScaleFailed",
+        "message": "written after the operator last saw the object",
+        "lastTransitionTime": "2026-01-01T00:00:00Z",
+    }
+    api.merge_patch(f"{GD}/grok-1/status", {"status": {"conditions": [scaling]}})
+    patch = kopf.Patch()
+    handlers.resync(body=stale, patch=patch, memo=kopf.Memo(kube=Kube(handlers._api_client())))
+    api.merge_patch(f"{GD}/grok-1/status", {"status": dict(patch["status"])})
+    stored = api.get(f"{GD}/grok-1")
+    assert condition(stored, "ScalingActive") == scaling
+    assert condition(stored)["reason"] == "RayServiceUpdating"
