@@ -250,8 +250,8 @@ def build_rayservice(owner: Owner, spec: GrokDeploymentSpec) -> dict[str, Any]:
                 "headGroupSpec": _head_group(owner, spec, claims),
                 "workerGroupSpecs": [_worker_group(owner, spec, claims)],
             },
-            # Also the default: the RayService is merge-patched, so an omitted field would keep
-            # a strategy the user has since changed back.
+            # Also the default: the RayService states the strategy KubeRay applies, whatever
+            # KubeRay's own default.
             "upgradeStrategy": {"type": spec.ray.upgrade_strategy},
         },
     }

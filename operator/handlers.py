@@ -1,7 +1,7 @@
 """kopf handlers: reconcile GrokDeployments on create, update, resume and periodically.
 
 Run with `grokserve operator` (or `kopf run -m grokserve.operator.handlers`). Every pass is
-idempotent: children have fixed names and are created or merge-patched, so a restarted operator
+idempotent: children have fixed names and are created or updated in place, so a restarted operator
 adopts what it made before instead of duplicating it.
 """
 

@@ -44,7 +44,7 @@ def owner_of(body: dict[str, Any]) -> Owner:
 
 
 def reconcile(kube: Kube, body: dict[str, Any]) -> Outcome:
-    """Validate, apply every child (create or merge-patch), then observe the RayService."""
+    """Validate, apply every child (create, else patch or replace), then observe the RayService."""
     owner = owner_of(body)
     try:
         check_name(owner.name)

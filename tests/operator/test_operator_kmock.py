@@ -298,3 +298,24 @@ def test_a_reconcile_from_a_stale_body_keeps_the_stored_conditions(kube) -> None
     stored = api.get(f"{GD}/grok-1")
     assert condition(stored, "ScalingActive") == scaling
     assert condition(stored)["reason"] == "RayServiceUpdating"
+
+
+def test_a_field_removed_from_the_spec_goes_from_the_rayservice(kube) -> None:
+    _server, api = kube
+    api.install_crds(kuberay=True)
+    body = example_body()
+    body["spec"].setdefault("ray", {})["serviceAccountName"] = "s3-reader"
+
+    def service_accounts() -> set | None:
+        rayservice = api.get(f"{RS}/grok-1")
+        if not rayservice:
+            return None
+        cluster = rayservice["spec"]["rayClusterConfig"]
+        groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+        return {g["template"]["spec"].get("serviceAccountName") for g in groups}
+
+    with running_operator():
+        api.create(GD, body)
+        wait_until(lambda: service_accounts() == {"s3-reader"}, what="the service account")
+        api.merge_patch(f"{GD}/grok-1", {"spec": {"ray": {"serviceAccountName": None}}})
+        wait_until(lambda: service_accounts() == {None}, what="no service account")
