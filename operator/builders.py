@@ -236,7 +236,7 @@ def _worker_group(owner: Owner, spec: GrokDeploymentSpec, claims: list[str]) -> 
 
 def build_rayservice(owner: Owner, spec: GrokDeploymentSpec) -> dict[str, Any]:
     claims = _claims(spec)
-    body: dict[str, Any] = {
+    return {
         "apiVersion": "ray.io/v1",
         "kind": "RayService",
         "metadata": _metadata(owner, owner.name, "rayservice"),
@@ -250,11 +250,11 @@ def build_rayservice(owner: Owner, spec: GrokDeploymentSpec) -> dict[str, Any]:
                 "headGroupSpec": _head_group(owner, spec, claims),
                 "workerGroupSpecs": [_worker_group(owner, spec, claims)],
             },
+            # Also the default: the RayService states the strategy KubeRay applies, whatever
+            # KubeRay's own default.
+            "upgradeStrategy": {"type": spec.ray.upgrade_strategy},
         },
     }
-    if spec.ray.upgrade_strategy != "NewCluster":
-        body["spec"]["upgradeStrategy"] = {"type": spec.ray.upgrade_strategy}
-    return body
 
 
 def build_service(owner: Owner) -> dict[str, Any]:

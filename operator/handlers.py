@@ -1,7 +1,7 @@
 """kopf handlers: reconcile GrokDeployments on create, update, resume and periodically.
 
 Run with `grokserve operator` (or `kopf run -m grokserve.operator.handlers`). Every pass is
-idempotent: children have fixed names and are created or merge-patched, so a restarted operator
+idempotent: children have fixed names and are created or updated in place, so a restarted operator
 adopts what it made before instead of duplicating it.
 """
 
@@ -20,7 +20,7 @@ from grokserve.operator import metrics
 from grokserve.operator.autoscaling.timer import register as register_autoscaler
 from grokserve.operator.builders import DEPLOYMENT_LABEL
 from grokserve.operator.kube import GROKDEPLOYMENT, Kube
-from grokserve.operator.reconcile import Outcome, observe, reconcile
+from grokserve.operator.reconcile import Outcome, observable, observe, reconcile
 from grokserve.operator.spec import API_GROUP, API_VERSION, PLURAL
 
 RESOURCE = (API_GROUP, API_VERSION, PLURAL)
@@ -75,7 +75,11 @@ def _timed(step: Callable[[], Outcome], body: dict[str, Any]) -> Outcome:
 
 
 def _reconcile(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo) -> None:
-    plain = dict(body)
+    # The status patch replaces the whole conditions list, and kopf's body may predate another
+    # writer's latest condition (the autoscaler's ScalingActive): merge into the stored status.
+    meta = body["metadata"]
+    stored = memo.kube.get(GROKDEPLOYMENT, meta["namespace"], meta["name"])
+    plain = {**body, "status": (stored or body).get("status")}
     patch.status.update(_timed(lambda: reconcile(memo.kube, plain), plain).status)
 
 
@@ -102,7 +106,7 @@ def on_rayservice_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, 
     namespace = body["metadata"]["namespace"]
     owner_name = (body["metadata"].get("labels") or {}).get(DEPLOYMENT_LABEL)
     owner = memo.kube.get(GROKDEPLOYMENT, namespace, owner_name) if owner_name else None
-    if owner is None:
+    if owner is None or not observable(owner):
         return
     rayservice = dict(body)
     outcome = _timed(lambda: observe(owner, rayservice), owner)

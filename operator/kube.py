@@ -43,6 +43,9 @@ RESOURCES: dict[str, Resource] = {
     "RayService": Resource("ray.io", "v1", "rayservices"),
     "ServiceMonitor": Resource("monitoring.coreos.com", "v1", "servicemonitors"),
 }
+# Replaced rather than merge-patched: a merge patch cannot delete what it does not mention, and the
+# user may remove fields from a RayService's pod templates (serviceAccountName, volumes).
+REPLACED = frozenset({"RayService"})
 GROKDEPLOYMENT = Resource(API_GROUP, API_VERSION, PLURAL)
 RAYSERVICE = RESOURCES["RayService"]
 SERVICEMONITOR = RESOURCES["ServiceMonitor"]
@@ -106,19 +109,31 @@ class Kube:
         )
 
     def apply(self, body: dict[str, Any]) -> str:
-        """Create the object, or merge-patch it to the desired state; returns what it did."""
+        """Create the object, or bring it to the desired state; returns what it did."""
         resource = RESOURCES[body["kind"]]
         metadata = body["metadata"]
+        path = resource.path(metadata["namespace"], metadata["name"])
         try:
             self._call("POST", resource.path(metadata["namespace"]), body)
             return "created"
         except ApiException as error:
             if error.status != 409:
                 raise
-        self._call(
-            "PATCH",
-            resource.path(metadata["namespace"], metadata["name"]),
-            body,
-            content_type="application/merge-patch+json",
-        )
+        if body["kind"] in REPLACED:
+            self._call("PUT", path, _replacement(body, self._call("GET", path)))
+            return "replaced"
+        self._call("PATCH", path, body, content_type="application/merge-patch+json")
         return "patched"
+
+
+def _replacement(body: dict[str, Any], stored: dict[str, Any]) -> dict[str, Any]:
+    """`body` as a PUT of `stored`: its resourceVersion (a write in between is a 409, retried by
+    kopf), and the labels, annotations and finalizers others put there."""
+    ours, theirs = body["metadata"], stored["metadata"]
+    metadata = {
+        **theirs,
+        **ours,
+        "labels": {**(theirs.get("labels") or {}), **(ours.get("labels") or {})},
+        "annotations": {**(theirs.get("annotations") or {}), **(ours.get("annotations") or {})},
+    }
+    return {**body, "metadata": metadata}

@@ -33,6 +33,9 @@ class Outcome:
 
 # HTTP status -> Ready reason, for the API server refusing a child.
 REFUSALS = {400: "ChildRejected", 403: "Forbidden", 422: "ChildRejected"}
+KUBERAY_MISSING = "KubeRayMissing"
+# Failures that only a reconcile can find (and clear): a RayService event leaves them standing.
+RECONCILE_FAILURES = frozenset({KUBERAY_MISSING, *REFUSALS.values()})
 
 
 def owner_of(body: dict[str, Any]) -> Owner:
@@ -41,7 +44,7 @@ def owner_of(body: dict[str, Any]) -> Owner:
 
 
 def reconcile(kube: Kube, body: dict[str, Any]) -> Outcome:
-    """Validate, apply every child (create or merge-patch), then observe the RayService."""
+    """Validate, apply every child (create, else patch or replace), then observe the RayService."""
     owner = owner_of(body)
     try:
         check_name(owner.name)
@@ -50,7 +53,7 @@ def reconcile(kube: Kube, body: dict[str, Any]) -> Outcome:
         return _failed(body, error.reason, error.message)
     if not kube.serves(RAYSERVICE):
         message = f"KubeRay's RayService CRD (ray.io/v1) is not installed; {KUBERAY_INSTALL_HINT}"
-        return _failed(body, "KubeRayMissing", message)
+        return _failed(body, KUBERAY_MISSING, message)
     for child in build_children(owner, spec, with_servicemonitor=kube.serves(SERVICEMONITOR)):
         try:
             kube.apply(child)
@@ -62,6 +65,20 @@ def reconcile(kube: Kube, body: dict[str, Any]) -> Outcome:
             what = f"{child['kind']} {child['metadata']['name']}"
             return _failed(body, REFUSALS[error.status], f"{what}: {api_message(error)}")
     return _observed(body, spec, kube.get(RAYSERVICE, owner.namespace, owner.name))
+
+
+def observable(body: dict[str, Any]) -> bool:
+    """Whether a RayService event may rewrite this GrokDeployment's status through `observe`.
+
+    Not where the status is the reconcile's to write: it has not reconciled the current generation
+    yet (observing would claim that generation observed), or it failed on it (a child refused,
+    KubeRay missing), a failure the RayService's state cannot clear.
+    """
+    status = body.get("status") or {}
+    if status.get("observedGeneration") != body["metadata"].get("generation"):
+        return False
+    ready = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), {})
+    return ready.get("reason") not in RECONCILE_FAILURES
 
 
 def observe(body: dict[str, Any], rayservice: dict[str, Any] | None) -> Outcome:

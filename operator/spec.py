@@ -227,10 +227,13 @@ class RaySpec(CamelModel):
     service_account_name: str | None = Field(
         None, description="Service account of the Ray pods (e.g. for s3:// or gs:// access)."
     )
-    upgrade_strategy: Literal["NewCluster", "NewClusterWithIncrementalUpgrade", "None"] = Field(
+    # Not KubeRay's NewClusterWithIncrementalUpgrade: it needs clusterUpgradeOptions (a Gateway
+    # class, step sizes) that this spec does not carry.
+    upgrade_strategy: Literal["NewCluster", "None"] = Field(
         "NewCluster",
         description="KubeRay's upgrade strategy when the cluster shape changes (serve config changes "
-        "always apply in place): NewCluster starts a new cluster and switches traffic once it serves.",
+        "always apply in place): NewCluster starts a new cluster and switches traffic once it serves; "
+        "None leaves the running cluster as it is.",
     )
 
 

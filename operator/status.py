@@ -20,6 +20,10 @@ KUBERAY_INSTALL_HINT = (
 )
 
 
+# The status fields that describe a valid spec (absent from a failed deployment's status).
+SPEC_FIELDS = ("replicas", "replicaSummary", "desiredReplicas", "gpus", "endpoint", "placement")
+
+
 @dataclass(frozen=True)
 class Condition:
     type: str
@@ -183,7 +187,11 @@ def build_status(
     previous: dict[str, Any] | None,
     now: str | None = None,
 ) -> dict[str, Any]:
-    """The status subresource body; `spec` is None when the spec itself is invalid."""
+    """The status subresource body (a merge patch); `spec` is None when the deployment failed.
+
+    A failure sets what a spec describes to null, which the merge patch deletes: an endpoint or a
+    replica summary left from an earlier success would claim that something serves.
+    """
     previous = previous or {}
     stamp = now or now_rfc3339()
     status: dict[str, Any] = {
@@ -192,13 +200,14 @@ def build_status(
         "readyReplicas": ready_replicas,
         "conditions": merge_conditions(previous.get("conditions"), conditions, generation, stamp),
     }
-    if spec is not None:
-        status.update(
-            replicas=spec.replicas,
-            replicaSummary=f"{ready_replicas}/{spec.replicas}",
-            desiredReplicas=spec.replicas,
-            gpus=spec.replicas * spec.parallelism.gpus_per_replica,
-            endpoint=endpoint(owner),
-            placement=placement_summary(spec),
-        )
-    return status
+    if spec is None:
+        return {**status, **dict.fromkeys(SPEC_FIELDS)}
+    return {
+        **status,
+        "replicas": spec.replicas,
+        "replicaSummary": f"{ready_replicas}/{spec.replicas}",
+        "desiredReplicas": spec.replicas,
+        "gpus": spec.replicas * spec.parallelism.gpus_per_replica,
+        "endpoint": endpoint(owner),
+        "placement": placement_summary(spec),
+    }

@@ -53,3 +53,12 @@ def forget(namespace: str, name: str) -> None:
     for gauge in (OBSERVED_WAITING, RECOMMENDED_REPLICAS, DESIRED_REPLICAS, SCALING_ACTIVE):
         with contextlib.suppress(KeyError):
             gauge.remove(namespace, name)
+    # One series per reason it ever decided: read them off the counter's own samples.
+    reasons = {
+        sample.labels["reason"]
+        for family in DECISIONS.collect()
+        for sample in family.samples
+        if (sample.labels["namespace"], sample.labels["name"]) == (namespace, name)
+    }
+    for reason in reasons:
+        DECISIONS.remove(namespace, name, reason)

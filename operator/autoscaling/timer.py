@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import aiohttp
@@ -30,11 +31,13 @@ from grokserve.operator.autoscaling.policy import (
     ScalingPolicy,
 )
 from grokserve.operator.autoscaling.prometheus import PrometheusClient, QueryTemplateError
+from grokserve.operator.kube import api_message
 from grokserve.operator.spec import API_GROUP, API_VERSION, PLURAL, AutoscalingSpec
 from grokserve.operator.status import now_rfc3339
 
 CONDITION = "ScalingActive"
 DISABLED = "AutoscalingDisabled"
+SCALE_FAILED = "ScaleFailed"
 # Prometheus gets this share of the evaluation interval (at most 10 s) to answer both queries.
 QUERY_TIMEOUT_SHARE, QUERY_TIMEOUT_MAX_S = 0.5, 10.0
 # How long to wait before looking again at a spec.autoscaling that does not validate.
@@ -167,14 +170,20 @@ class Autoscaler:
             return MetricFailure("InvalidQuery", str(error))
 
     async def _apply(self, decision: Decision) -> None:
-        # Metrics describe the decision, so they are recorded even if a write below fails.
-        metrics.record(self.namespace, self.name, decision)
         now = now_rfc3339()
         if decision.changes:
-            await asyncio.to_thread(self._write_scale, decision.replicas)
-            self.last_scale_time = now
-            self.logger.info(f"autoscaler: {decision.reason}: {decision.message}")
-            kopf.info(self.body, reason=decision.reason, message=decision.message)
+            try:
+                await asyncio.to_thread(self._write_scale, decision.replicas)
+            except ApiException as error:
+                # Refused (RBAC, an admission webhook) or failed: the size stays, and status,
+                # condition, Event and metrics say so instead of claiming the scale happened.
+                decision = scale_failed(decision, error)
+            else:
+                self.last_scale_time = now
+                self.logger.info(f"autoscaler: {decision.reason}: {decision.message}")
+                kopf.info(self.body, reason=decision.reason, message=decision.message)
+        # Metrics describe the decision, so they are recorded even if the status write fails.
+        metrics.record(self.namespace, self.name, decision)
         condition = _next_condition(self.condition, decision, now)
         if (condition["status"], condition["reason"]) != (
             self.condition.get("status"),
@@ -273,6 +282,21 @@ class Autoscaler:
         self.logger.warning(
             f"autoscaler: status not written: the object kept changing ({STATUS_WRITE_ATTEMPTS} tries)"
         )
+
+
+def scale_failed(decision: Decision, error: ApiException) -> Decision:
+    """The decision as it turned out when the API server did not take its /scale write."""
+    message = (
+        f"{decision.reason} to {decision.replicas} replica(s) not applied: writing "
+        f"spec.replicas through /scale failed: {api_message(error)} (HTTP {error.status})"
+    )
+    return replace(
+        decision,
+        replicas=decision.current,
+        reason=SCALE_FAILED,
+        message=message,
+        scaling_active=False,
+    )
 
 
 def _find_condition(status: Mapping[str, Any]) -> Mapping[str, Any]:

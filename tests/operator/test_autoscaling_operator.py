@@ -12,7 +12,14 @@ import pytest
 import yaml
 
 from testkit.autoscaling import QueueExporter
-from testkit.operator_env import GROKDEPLOYMENTS, kube, running_operator, wait_until
+from testkit.operator_env import (
+    GROKDEPLOYMENTS,
+    clusterrole_grants,
+    kube,
+    operator_requests,
+    running_operator,
+    wait_until,
+)
 from testkit.prometheus import PrometheusServer, TestExporter
 
 __all__ = ["kube"]  # the fixture, re-exported for pytest
@@ -39,10 +46,29 @@ def condition_types(body: dict[str, Any] | None) -> set[str]:
     return {c["type"] for c in ((body or {}).get("status") or {}).get("conditions", [])}
 
 
+def scaling_active(body: dict[str, Any] | None) -> dict[str, Any]:
+    conditions = ((body or {}).get("status") or {}).get("conditions", [])
+    return next((c for c in conditions if c["type"] == "ScalingActive"), {})
+
+
+FORBIDDEN = (
+    'User "system:serviceaccount:grokserve-system:grokserve-operator" cannot patch resource '
+    '"grokdeployments/scale" in API group "grokserve.io"'
+)
+
+
+def refuse_scale(
+    method: str, resource: Any, subresource: str | None, body: Any
+) -> tuple[int, str] | None:
+    if method == "PATCH" and resource.plural == "grokdeployments" and subresource == "scale":
+        return 403, FORBIDDEN
+    return None
+
+
 def test_queue_scales_the_rayservice_through_the_whole_operator(
     kube: Any, exporter: TestExporter, prometheus: PrometheusServer
 ) -> None:
-    _server, api = kube
+    server, api = kube
     api.install_crds(kuberay=True)
     queue = QueueExporter(exporter, (NAME,))
     prometheus.wait_for_targets_up(timeout_s=20)
@@ -57,16 +83,41 @@ def test_queue_scales_the_rayservice_through_the_whole_operator(
             lambda: (api.get(GD).get("status") or {}).get("autoscaling"), what="a first evaluation"
         )
 
-        # 20 waiting at a target of 8 → ceil(20 / 8) = 3 replicas, through /scale, then the
-        # reconcile handler (on the spec change) resizes the RayService's worker group.
+        # 20 waiting at a target of 8 → ceil(20 / 8) = 3 replicas, through /scale ...
         queue.set(NAME, waiting=20, running=8)
+        # ... which the API server first refuses (as it would without RBAC for /scale): the
+        # status says so instead of claiming a valid metric, and the size stays.
+        server.call(lambda kube_api: kube_api.admission.append(refuse_scale))
+        refused = wait_until(
+            lambda: (
+                scaling_active(api.get(GD)).get("reason") == "ScaleFailed"
+                and scaling_active(api.get(GD))
+            ),
+            timeout=EVALUATION_S + 3,
+            what="ScalingActive ScaleFailed",
+        )
+        assert refused["status"] == "False"
+        assert FORBIDDEN in refused["message"] and "HTTP 403" in refused["message"]
+        assert api.get(GD)["spec"]["replicas"] == 1
+
+        # Allowed again: the next evaluation scales, then the reconcile handler (on the spec
+        # change) resizes the RayService's worker group.
+        server.call(lambda kube_api: kube_api.admission.remove(refuse_scale))
         wait_until(lambda: api.get(GD)["spec"]["replicas"] == 3, timeout=15, what="spec.replicas 3")
         wait_until(
             lambda: worker_replicas(api.get(RS)) == 3, timeout=15, what="3 RayService workers"
         )
-        # Both writers' conditions end up side by side in the status.
+        # Both writers' conditions end up side by side in the status, ScalingActive valid again
+        # (by the next evaluation at the latest: the reconcile's status patch, sent on the spec
+        # change, may still carry the ScaleFailed it read just before the autoscaler's write).
         wait_until(
-            lambda: {"Ready", "ScalingActive"} <= condition_types(api.get(GD)),
+            lambda: (
+                "Ready" in condition_types(api.get(GD))
+                and scaling_active(api.get(GD)).get("reason") == "ValidMetric"
+            ),
             timeout=EVALUATION_S + 3,
-            what="Ready and ScalingActive conditions",
+            what="Ready and ScalingActive ValidMetric",
         )
+    # Every request the operator made while it scaled, the /scale write included, is granted by
+    # the ClusterRole it runs under (test_operator_rbac.py checks the rest of the role).
+    assert server.call(operator_requests) - clusterrole_grants() == set()

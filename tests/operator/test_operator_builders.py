@@ -116,9 +116,12 @@ def test_servicemonitor_scrapes_the_queue_metrics_on_the_api_port() -> None:
     assert all(endpoint["port"] in ports for endpoint in endpoints)
 
 
-def test_upgrade_strategy_reaches_the_rayservice() -> None:
-    spec = parse_spec({"model": {"preset": "grok-1"}, "ray": {"upgradeStrategy": "None"}})
-    assert build_rayservice(OWNER, spec)["spec"]["upgradeStrategy"] == {"type": "None"}
+@pytest.mark.parametrize("strategy", [None, "NewCluster", "None"])
+def test_upgrade_strategy_reaches_the_rayservice(strategy: str | None) -> None:
+    ray = {"upgradeStrategy": strategy} if strategy else {}
+    rayservice = build_rayservice(OWNER, parse_spec({"model": {"preset": "grok-1"}, "ray": ray}))
+    assert rayservice["spec"]["upgradeStrategy"] == {"type": strategy or "NewCluster"}
+    assert schema_errors(kuberay_validator("rayservices"), rayservice) == []
 
 
 def test_pdb_lets_drains_take_one_replica_only_when_others_serve() -> None:

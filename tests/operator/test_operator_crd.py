@@ -74,9 +74,14 @@ def test_the_crd_schema_rejects_bad_fields() -> None:
         "apiVersion": "grokserve.io/v1alpha1",
         "kind": "GrokDeployment",
         "metadata": {"name": "x"},
-        "spec": {"model": {"preset": "grok-9", "dtype": "int4"}, "replicas": -2},
+        "spec": {
+            "model": {"preset": "grok-9", "dtype": "int4"},
+            "replicas": -2,
+            "ray": {"upgradeStrategy": "NewClusterWithIncrementalUpgrade"},
+        },
     }
     errors = schema_errors(grokdeployment_validator(), body)
+    assert any(e.startswith("spec.ray.upgradeStrategy:") for e in errors)
     assert any(e.startswith("spec.model.preset:") for e in errors)
     assert any(e.startswith("spec.model.dtype:") for e in errors)
     assert any(e.startswith("spec.replicas:") for e in errors)

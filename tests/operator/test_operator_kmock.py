@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import copy
+import logging
 from pathlib import Path
 
+import kopf
 import pytest
 import yaml
 from prometheus_client import REGISTRY
 
+from grokserve.operator import handlers
+from grokserve.operator.kube import Kube
 from testkit.operator_env import GROKDEPLOYMENTS, kube, running_operator, wait_until
 
 __all__ = ["kube"]  # the fixture, re-exported for pytest
@@ -164,7 +168,7 @@ def test_a_child_refused_by_the_api_server_is_reported_not_retried(kube) -> None
     server, api = kube
     api.install_crds(kuberay=True)
 
-    def kuberay_webhook(method, resource, body):
+    def kuberay_webhook(method, resource, subresource, body):
         if method == "POST" and resource.plural == "rayservices":
             return 422, "workerGroupSpecs[0].replicas: 8 GPUs exceed the namespace quota"
         return None
@@ -178,3 +182,140 @@ def test_a_child_refused_by_the_api_server_is_reported_not_retried(kube) -> None
             got["message"]
             == "RayService grok-1: workerGroupSpecs[0].replicas: 8 GPUs exceed the namespace quota"
         )
+
+
+class HandledEvents(logging.Handler):
+    """Counts RayService events the operator has finished handling (kopf logs each one)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage() == "Handler 'on_rayservice_event' succeeded.":
+            self.count += 1
+
+
+def test_a_rayservice_event_leaves_a_reconcile_failure_standing(kube) -> None:
+    server, api = kube
+    api.install_crds(kuberay=True)
+
+    def pdb_quota(method, resource, subresource, body):
+        if method == "POST" and resource.plural == "poddisruptionbudgets":
+            return 403, "poddisruptionbudgets are forbidden in this namespace"
+        return None
+
+    server.call(lambda kube_api: kube_api.admission.append(pdb_quota))
+    handled = HandledEvents()
+    logging.getLogger("kopf.objects").addHandler(handled)
+    try:
+        with running_operator():
+            api.create(GD, example_body())
+            failed = wait_until(
+                lambda: (
+                    (b := api.get(f"{GD}/grok-1"))
+                    and condition(b).get("reason") == "Forbidden"
+                    and b
+                ),
+                what="Ready Forbidden",
+            )
+            # The RayService was applied before the PDB was refused; KubeRay reports it serving.
+            rayservice = api.get(f"{RS}/grok-1")
+            seen = handled.count
+            api.merge_patch(
+                f"{RS}/grok-1/status",
+                {"status": rayservice_status(rayservice["metadata"]["generation"], 1)},
+            )
+            wait_until(lambda: handled.count > seen, what="the RayService event to be handled")
+            body = api.get(f"{GD}/grok-1")
+    finally:
+        logging.getLogger("kopf.objects").removeHandler(handled)
+    assert condition(body) == condition(failed)
+    assert condition(body, "Degraded")["status"] == "True"
+    assert body["status"]["readyReplicas"] == 0
+
+
+def test_changing_the_upgrade_strategy_back_to_the_default_reaches_the_rayservice(kube) -> None:
+    _server, api = kube
+    api.install_crds(kuberay=True)
+    body = example_body()
+    body["spec"].setdefault("ray", {})["upgradeStrategy"] = "None"
+
+    def strategy() -> dict | None:
+        rayservice = api.get(f"{RS}/grok-1")
+        return rayservice and rayservice["spec"].get("upgradeStrategy")
+
+    with running_operator():
+        api.create(GD, body)
+        wait_until(lambda: strategy() == {"type": "None"}, what="upgradeStrategy None")
+        api.merge_patch(f"{GD}/grok-1", {"spec": {"ray": {"upgradeStrategy": None}}})
+        wait_until(lambda: strategy() == {"type": "NewCluster"}, what="upgradeStrategy NewCluster")
+
+
+def test_a_failure_leaves_nothing_that_claims_the_deployment_serves(kube) -> None:
+    _server, api = kube
+    api.install_crds(kuberay=True)
+    with running_operator():
+        api.create(GD, example_body())
+        rayservice = wait_until(lambda: api.get(f"{RS}/grok-1"), what="the RayService")
+        api.merge_patch(
+            f"{RS}/grok-1/status",
+            {"status": rayservice_status(rayservice["metadata"]["generation"], 1)},
+        )
+        serving = wait_until(
+            lambda: (b := api.get(f"{GD}/grok-1")) and condition(b).get("status") == "True" and b,
+            what="Ready=True",
+        )
+        assert serving["status"]["endpoint"] and serving["status"]["readyReplicas"] == 1
+        api.merge_patch(f"{GD}/grok-1", {"spec": {"serving": {"maxSequenceLength": 100000}}})
+        failed = wait_until(
+            lambda: (
+                (b := api.get(f"{GD}/grok-1")) and condition(b).get("reason") == "InvalidSpec" and b
+            ),
+            what="Ready InvalidSpec",
+        )
+    status = failed["status"]
+    assert status["readyReplicas"] == 0
+    for stale in ("endpoint", "replicaSummary", "replicas", "desiredReplicas", "gpus", "placement"):
+        assert stale not in status
+
+
+def test_a_reconcile_from_a_stale_body_keeps_the_stored_conditions(kube) -> None:
+    _server, api = kube
+    api.install_crds(kuberay=True)
+    stale = api.create(GD, example_body())
+    scaling = {
+        "type": "ScalingActive",
+        "status": "False",
+        "reason": "ScaleFailed",
+        "message": "written after the operator last saw the object",
+        "lastTransitionTime": "2026-01-01T00:00:00Z",
+    }
+    api.merge_patch(f"{GD}/grok-1/status", {"status": {"conditions": [scaling]}})
+    patch = kopf.Patch()
+    handlers.resync(body=stale, patch=patch, memo=kopf.Memo(kube=Kube(handlers._api_client())))
+    api.merge_patch(f"{GD}/grok-1/status", {"status": dict(patch["status"])})
+    stored = api.get(f"{GD}/grok-1")
+    assert condition(stored, "ScalingActive") == scaling
+    assert condition(stored)["reason"] == "RayServiceUpdating"
+
+
+def test_a_field_removed_from_the_spec_goes_from_the_rayservice(kube) -> None:
+    _server, api = kube
+    api.install_crds(kuberay=True)
+    body = example_body()
+    body["spec"].setdefault("ray", {})["serviceAccountName"] = "s3-reader"
+
+    def service_accounts() -> set | None:
+        rayservice = api.get(f"{RS}/grok-1")
+        if not rayservice:
+            return None
+        cluster = rayservice["spec"]["rayClusterConfig"]
+        groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+        return {g["template"]["spec"].get("serviceAccountName") for g in groups}
+
+    with running_operator():
+        api.create(GD, body)
+        wait_until(lambda: service_accounts() == {"s3-reader"}, what="the service account")
+        api.merge_patch(f"{GD}/grok-1", {"spec": {"ray": {"serviceAccountName": None}}})
+        wait_until(lambda: service_accounts() == {None}, what="no service account")

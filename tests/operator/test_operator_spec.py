@@ -77,6 +77,10 @@ def test_defaults_fill_a_minimal_spec() -> None:
         (with_changes(model={"preset": "grok-2"}), "spec.model.preset: Input should be 'grok-1'"),
         (with_changes(model={"source": "ftp://x"}), "spec.model.source: String should match"),
         (with_changes(replicas=-1), "spec.replicas: Input should be greater than or equal to 0"),
+        (
+            with_changes(ray={"upgradeStrategy": "NewClusterWithIncrementalUpgrade"}),
+            "spec.ray.upgradeStrategy: Input should be 'NewCluster' or 'None'",
+        ),
         (with_changes(modell={"preset": "grok-1"}), "spec.modell: Extra inputs are not permitted"),
         ({"parallelism": {}}, "spec.model: Field required"),
         ("grok-1", "spec must be a mapping, got str"),

@@ -90,8 +90,9 @@ class KubeApi(kmock.KubernetesEmulator):
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
         self._revision = 0
-        # Admission webhooks, in effect: hook(method, resource, body) -> (code, message) refuses.
-        self.admission: list[Callable[[str, Any, Any], tuple[int, str] | None]] = []
+        # Admission webhooks (or RBAC), in effect: hook(method, resource, subresource, body) ->
+        # (code, message) refuses the request.
+        self.admission: list[Callable[[str, Any, str | None, Any], tuple[int, str] | None]] = []
         self._printer_columns: dict[Any, list[dict[str, Any]]] = {}
         # Every event with its revision, so that a watch from resourceVersion N replays what
         # happened after N (as the API server does) instead of re-sending everything as ADDED.
@@ -155,7 +156,7 @@ class KubeApi(kmock.KubernetesEmulator):
             return _status(404, "NotFound", f"the server could not find the resource {resource}")
         method = request.method.value.upper()
         for hook in self.admission:
-            verdict = hook(method, request.resource, request.data)
+            verdict = hook(method, request.resource, request.subresource, request.data)
             if verdict is not None:
                 return _status(
                     verdict[0], "Invalid" if verdict[0] == 422 else "Forbidden", verdict[1]

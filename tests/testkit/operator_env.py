@@ -14,10 +14,11 @@ from typing import Any, TypeVar
 import pytest
 import yaml
 
-from testkit.kmock_api import KubeApiThread, running_kube_api
+from testkit.kmock_api import KubeApi, KubeApiThread, running_kube_api
 
 REPO = Path(__file__).resolve().parents[2]
 GROKDEPLOYMENTS = "/apis/grokserve.io/v1alpha1"
+CLUSTERROLE = REPO / "manifests" / "rbac" / "clusterrole.yaml"
 T = TypeVar("T")
 
 # Enough of KubeRay's CRD for discovery: the operator only needs ray.io/v1 rayservices served.
@@ -118,3 +119,38 @@ def running_operator(
         # A test waited in vain: show what the operator was doing.
         raise AssertionError(f"{failure}\n--- operator log ---\n{runner.output[-5000:]}") from None
     assert runner.exception is None, runner.output
+
+
+def clusterrole_grants(path: Path = CLUSTERROLE) -> set[tuple[str, str, str]]:
+    """(apiGroup, resource, verb) for every permission the operator's ClusterRole grants."""
+    rules = yaml.safe_load(path.read_text())["rules"]
+    return {
+        (group, resource, verb)
+        for rule in rules
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+
+
+def _verb_of(method: str, params: dict[str, Any], named: bool) -> str:
+    if method == "GET":
+        return "get" if named else ("watch" if params.get("watch") in ("true", "1") else "list")
+    return {"POST": "create", "PATCH": "patch", "PUT": "update", "DELETE": "delete"}[method]
+
+
+def operator_requests(api: KubeApi) -> set[tuple[str, str, str]]:
+    """(apiGroup, resource, verb) of every request the KMock server got from anyone but the tests'
+    own `Client`: what RBAC must grant the operator. Call it through `KubeApiThread.call`."""
+    used = set()
+    for request in api:
+        if request.resource is None or request.resource.plural is None:
+            continue  # discovery (/api, /apis/...) is open to every authenticated user
+        if request.headers.get("User-Agent", "").startswith("Python-urllib"):
+            continue  # the test's own client
+        resource = request.resource.plural + (
+            f"/{request.subresource}" if request.subresource else ""
+        )
+        verb = _verb_of(request.method.value.upper(), request.params, request.name is not None)
+        used.add((request.resource.group, resource, verb))
+    return used
