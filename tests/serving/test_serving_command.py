@@ -58,79 +58,74 @@ def test_bad_flags_exit_2_naming_the_setting(capsys):
     assert "parallelism.tensor=3" in capsys.readouterr().err
 
 
-def test_readme_command_serves_the_demo_and_stops_on_ctrl_c():
+class ServeProcess:
+    """`grokserve serve FLAGS` as a user runs it, its output in a log file."""
+
+    def __init__(self, tmp_path, *flags):
+        executable = shutil.which("grokserve")
+        assert executable, "the grokserve console script is not installed (pip install -e .)"
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = tmp_path / "serve.log"
+        environment = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        with self.log.open("w") as output:
+            self.process = subprocess.Popen(
+                [executable, "serve", "--port", str(port), *flags],
+                env={**environment, "PYTHONUNBUFFERED": "1"},
+                stdout=output,
+                stderr=subprocess.STDOUT,
+            )
+
+    def wait_serving(self, timeout_s: float) -> None:
+        """Until it says Ctrl-C stops it: from then on, Ctrl-C is a clean stop."""
+        deadline = time.monotonic() + timeout_s
+        while "Ctrl-C to stop" not in self.log.read_text():
+            assert self.process.poll() is None, self.log.read_text()
+            assert time.monotonic() < deadline, (
+                f"not serving in {timeout_s} s:\n{self.log.read_text()}"
+            )
+            time.sleep(0.5)
+
+    def ctrl_c(self, timeout_s: float) -> int:
+        self.process.send_signal(signal.SIGINT)
+        return self.process.wait(timeout=timeout_s)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+def test_readme_command_serves_the_demo_and_stops_on_ctrl_c(tmp_path):
     """`grokserve serve` as the README runs it: the shipped demo model answers, Ctrl-C exits 0."""
-    executable = shutil.which("grokserve")
-    assert executable, "the grokserve console script is not installed (pip install -e .)"
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    environment = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    process = subprocess.Popen(
-        [executable, "serve", "--port", str(port)],
-        env=environment,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    server = ServeProcess(tmp_path)
     try:
-        deadline = time.monotonic() + 240
-        while not _answers(f"{url}/readyz"):
-            assert process.poll() is None, process.stdout.read()
-            assert time.monotonic() < deadline, "grokserve serve was not ready in 240 s"
-            time.sleep(1)
+        server.wait_serving(timeout_s=240)
+        assert _answers(f"{server.url}/readyz")
         request = {"model": "grok-demo", "prompt": "Return the", "max_tokens": 16}
-        reply = httpx.post(f"{url}/v1/completions", json=request, timeout=60)
+        reply = httpx.post(f"{server.url}/v1/completions", json=request, timeout=60)
         assert reply.status_code == 200, reply.text
         assert reply.json()["choices"][0]["text"].strip()
-        unknown = httpx.post(f"{url}/v1/completions", json={**request, "model": "gpt-4"})
+        unknown = httpx.post(f"{server.url}/v1/completions", json={**request, "model": "gpt-4"})
         assert unknown.status_code == 404 and "grok-demo" in unknown.text
-        process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=120) == 0
-        assert "shutting down" in process.stdout.read()
+        assert server.ctrl_c(timeout_s=120) == 0
+        assert "shutting down" in server.log.read_text()
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        server.kill()
 
 
 @pytest.mark.slow
 def test_serve_is_ready_when_every_replica_runs(tmp_path):
     """With --replicas 3, 'serving' is printed once all three replicas answer."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    environment = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    command = [
-        "grokserve",
-        "serve",
-        "--preset",
-        "grok-tiny",
-        "--replicas",
-        "3",
-        "--port",
-        str(port),
-    ]
-    log = tmp_path / "serve.log"
-    with log.open("w") as output:
-        process = subprocess.Popen(
-            command,
-            env={**environment, "PYTHONUNBUFFERED": "1"},
-            stdout=output,
-            stderr=subprocess.STDOUT,
-        )
+    server = ServeProcess(tmp_path, "--preset", "grok-tiny", "--replicas", "3")
     try:
-        deadline = time.monotonic() + 200
-        while "\nserving " not in log.read_text():
-            assert process.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, "not ready in 200 s:\n" + log.read_text()
-            time.sleep(0.5)
-        replicas = {httpx.get(f"{url}/readyz", timeout=30).json()["replica"] for _ in range(60)}
+        server.wait_serving(timeout_s=200)
+        readyz = f"{server.url}/readyz"
+        replicas = {httpx.get(readyz, timeout=30).json()["replica"] for _ in range(60)}
         assert len(replicas) == 3
-        process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=60) == 0
+        assert server.ctrl_c(timeout_s=60) == 0
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        server.kill()
 
 
 def _answers(url: str) -> bool:
