@@ -54,7 +54,7 @@ class ModelSpec(CamelModel):
         pattern=SOURCE_PATTERN,
         description="SentencePiece tokenizer model, same URL schemes as source.",
     )
-    dtype: Literal["bfloat16", "float16", "float32"] = Field(
+    dtype: Literal["bfloat16", "float32"] = Field(
         "bfloat16", description="Activation and (unquantized) weight dtype."
     )
     quantization: Literal["none", "int8"] = Field(

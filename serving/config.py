@@ -45,7 +45,7 @@ class ModelSpec(_Spec):
         description="SentencePiece model: a local path or file:// URL; None uses the "
         "tokenizer.model beside the checkpoint, or byte-level tokens where there is none.",
     )
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["float32", "bfloat16"] = "float32"
     quantization: Literal["none", "int8"] = "none"
     seed: int = Field(0, description="Seed for random weights (used only when source is None).")
 

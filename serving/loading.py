@@ -18,7 +18,7 @@ from grokserve.serving.config import ModelSpec, ServingConfig
 from grokserve.serving.engine import Engine
 from grokserve.serving.scheduler import Executor, Scheduler, SchedulerObserver
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 # Ids below this are Grok's special tokens ([PAD], [BOS], [EOS], [UNK]).
 _SPECIAL_IDS = 4

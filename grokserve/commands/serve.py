@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--name", help="model id in the API (default: the preset, 'grok-demo' or 'grok')"
     )
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--quantization", default="none", choices=("none", "int8"))
     parser.add_argument("--seed", type=int, default=0, help="seed of random preset weights")
     parser.add_argument("--replicas", type=int, default=1, help="model replicas (1)")

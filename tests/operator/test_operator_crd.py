@@ -75,7 +75,7 @@ def test_the_crd_schema_rejects_bad_fields() -> None:
         "kind": "GrokDeployment",
         "metadata": {"name": "x"},
         "spec": {
-            "model": {"preset": "grok-9", "dtype": "int4"},
+            "model": {"preset": "grok-9", "dtype": "float16"},
             "replicas": -2,
             "ray": {"upgradeStrategy": "NewClusterWithIncrementalUpgrade"},
         },

@@ -76,6 +76,11 @@ def test_defaults_fill_a_minimal_spec() -> None:
         ),
         (with_changes(model={"preset": "grok-2"}), "spec.model.preset: Input should be 'grok-1'"),
         (with_changes(model={"source": "ftp://x"}), "spec.model.source: String should match"),
+        # No loader builds a float16 model: refused here, not when the replica starts.
+        (
+            with_changes(model={"dtype": "float16"}),
+            "spec.model.dtype: Input should be 'bfloat16' or 'float32'",
+        ),
         (with_changes(replicas=-1), "spec.replicas: Input should be greater than or equal to 0"),
         (
             with_changes(ray={"upgradeStrategy": "NewClusterWithIncrementalUpgrade"}),

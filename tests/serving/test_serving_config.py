@@ -46,6 +46,7 @@ def test_round_trip_through_camel_case_args():
         ({"serving": {"maxBatchSize": 0}}, "maxBatchSize"),
         ({"serving": {"maxQueuedRequest": 3}}, "maxQueuedRequest"),
         ({"name": "Grok_1"}, "name"),
+        ({"model": {"dtype": "float16"}}, "model.dtype"),
     ],
 )
 def test_bad_input_names_the_field(args, field):
