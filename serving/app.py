@@ -53,6 +53,8 @@ def build_app(args: dict[str, Any]) -> Application:
         )
     placement_plan(config)
     limits = config.serving
+    # What one replica's scheduler holds: a full batch running and a full queue waiting.
+    admitted = limits.max_batch_size + limits.max_queued_requests
     wire_args = config.to_args()
     hub = serve.deployment(
         MetricsHub, name="MetricsHub", num_replicas=1, ray_actor_options={"num_cpus": 0}
@@ -64,10 +66,11 @@ def build_app(args: dict[str, Any]) -> Application:
         ray_actor_options={"num_cpus": config.resources.replica_cpus},
         placement_group_bundles=config.placement_group_bundles(),
         placement_group_strategy=config.parallelism.ray_strategy,
-        max_ongoing_requests=limits.max_batch_size
-        + limits.max_queued_requests
-        + _ADMISSION_HEADROOM,
-        max_queued_requests=_ADMISSION_HEADROOM,
+        max_ongoing_requests=admitted + _ADMISSION_HEADROOM,
+        # Serve's router queues each request at the caller until it has picked a replica, which
+        # takes a queue-length probe: a burst that the schedulers would admit must fit there too,
+        # or Serve answers 429 before any scheduler has seen it.
+        max_queued_requests=config.replicas * admitted + _ADMISSION_HEADROOM,
     ).bind(wire_args, hub)
     ingress = serve.deployment(
         OpenAIIngress,
