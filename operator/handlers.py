@@ -74,25 +74,29 @@ def _timed(step: Callable[[], Outcome], body: dict[str, Any]) -> Outcome:
     return outcome
 
 
-def _reconcile(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo) -> None:
-    # The status patch replaces the whole conditions list, and kopf's body may predate another
-    # writer's latest condition (the autoscaler's ScalingActive): merge into the stored status.
+def _reconcile(body: kopf.Body, memo: kopf.Memo) -> None:
     meta = body["metadata"]
-    stored = memo.kube.get(GROKDEPLOYMENT, meta["namespace"], meta["name"])
-    plain = {**body, "status": (stored or body).get("status")}
-    patch.status.update(_timed(lambda: reconcile(memo.kube, plain), plain).status)
+    outcome = _timed(lambda: reconcile(memo.kube, dict(body)), body)
+    # Written from the object as stored when the pass ends, not from kopf's body: the autoscaler
+    # may have set its ScalingActive condition in the same conditions list meanwhile.
+    memo.kube.update_status(
+        GROKDEPLOYMENT,
+        meta["namespace"],
+        meta["name"],
+        lambda stored: outcome.status(stored.get("status")),
+    )
 
 
 @kopf.on.resume(*RESOURCE)
 @kopf.on.create(*RESOURCE)
 @kopf.on.update(*RESOURCE)
-def on_change(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
-    _reconcile(body, patch, memo)
+def on_change(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    _reconcile(body, memo)
 
 
 @kopf.timer(*RESOURCE, interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS)
-def resync(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
-    _reconcile(body, patch, memo)
+def resync(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    _reconcile(body, memo)
 
 
 @kopf.on.event(
@@ -105,13 +109,16 @@ def on_rayservice_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, 
         return
     namespace = body["metadata"]["namespace"]
     owner_name = (body["metadata"].get("labels") or {}).get(DEPLOYMENT_LABEL)
-    owner = memo.kube.get(GROKDEPLOYMENT, namespace, owner_name) if owner_name else None
-    if owner is None or not observable(owner):
+    if not owner_name:
         return
     rayservice = dict(body)
-    outcome = _timed(lambda: observe(owner, rayservice), owner)
-    name = owner["metadata"]["name"]
-    memo.kube.patch_status(GROKDEPLOYMENT, namespace, name, outcome.status)
+
+    def observed_status(owner: dict[str, Any]) -> dict[str, Any] | None:
+        if not observable(owner):
+            return None
+        return _timed(lambda: observe(owner, rayservice), owner).status(owner.get("status"))
+
+    memo.kube.update_status(GROKDEPLOYMENT, namespace, owner_name, observed_status)
 
 
 @kopf.on.delete(*RESOURCE, optional=True)

@@ -7,6 +7,7 @@ also the list the RBAC test checks the chart against.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +50,8 @@ REPLACED = frozenset({"RayService"})
 GROKDEPLOYMENT = Resource(API_GROUP, API_VERSION, PLURAL)
 RAYSERVICE = RESOURCES["RayService"]
 SERVICEMONITOR = RESOURCES["ServiceMonitor"]
+# Guarded status writes retried while other writers keep changing the object.
+STATUS_WRITE_ATTEMPTS = 5
 
 
 def api_message(error: ApiException) -> str:
@@ -98,15 +101,47 @@ class Kube:
                 return None
             raise
 
-    def patch_status(
-        self, resource: Resource, namespace: str, name: str, status: dict[str, Any]
+    def update_status(
+        self,
+        resource: Resource,
+        namespace: str,
+        name: str,
+        status_for: Callable[[dict[str, Any]], dict[str, Any] | None],
     ) -> None:
-        self._call(
-            "PATCH",
-            resource.path(namespace, name, "status"),
-            {"status": status},
-            content_type="application/merge-patch+json",
-        )
+        """Write `status_for(stored object)` over the stored status, unless it returns None.
+
+        status.conditions is one list that several writers share (the reconcile, the autoscaler's
+        ScalingActive), so the status is computed from the object as stored and written with a JSON
+        patch guarded by its resourceVersion: a write in between fails the guard, and the status is
+        computed again from the newer object. Keys set to None are removed from the status.
+        """
+        for attempt in range(STATUS_WRITE_ATTEMPTS):
+            stored = self.get(resource, namespace, name)
+            if stored is None:
+                return
+            changes = status_for(stored)
+            if changes is None:
+                return
+            merged = {**(stored.get("status") or {}), **changes}
+            status = {key: value for key, value in merged.items() if value is not None}
+            guard = {
+                "op": "test",
+                "path": "/metadata/resourceVersion",
+                "value": stored["metadata"]["resourceVersion"],
+            }
+            try:
+                self._call(
+                    "PATCH",
+                    resource.path(namespace, name, "status"),
+                    [guard, {"op": "add", "path": "/status", "value": status}],
+                    content_type="application/json-patch+json",
+                )
+                return
+            except ApiException as error:
+                # 422: the guard failed (someone wrote since the read); 409: the same, as a
+                # conflict. Anything else is not ours to retry; after the last try, the caller's.
+                if error.status not in (409, 422) or attempt == STATUS_WRITE_ATTEMPTS - 1:
+                    raise
 
     def apply(self, body: dict[str, Any]) -> str:
         """Create the object, or bring it to the desired state; returns what it did."""

@@ -15,6 +15,7 @@ from grokserve.operator.kube import RAYSERVICE, SERVICEMONITOR, Kube, api_messag
 from grokserve.operator.spec import GrokDeploymentSpec, SpecError, check_name, parse_spec
 from grokserve.operator.status import (
     KUBERAY_INSTALL_HINT,
+    Condition,
     build_status,
     failure_conditions,
     serving_conditions,
@@ -23,12 +24,33 @@ from grokserve.operator.status import (
 
 @dataclass(frozen=True)
 class Outcome:
-    status: dict[str, Any]
-    ready: bool
+    owner: Owner
+    spec: GrokDeploymentSpec | None  # None when the deployment cannot proceed
+    conditions: list[Condition]
     ready_replicas: int
-    desired_replicas: int | None
+    generation: int | None
     # A Warning event worth posting (reason, message), when the deployment cannot proceed.
     warning: tuple[str, str] | None = None
+
+    @property
+    def ready(self) -> bool:
+        return any(c.type == "Ready" and c.status for c in self.conditions)
+
+    @property
+    def desired_replicas(self) -> int | None:
+        return None if self.spec is None else self.spec.replicas
+
+    def status(self, stored: dict[str, Any] | None) -> dict[str, Any]:
+        """The status to write over `stored`, the status as stored when it is written: other
+        writers' conditions and the transition times come from there, not from an older read."""
+        return build_status(
+            self.owner,
+            self.spec,
+            self.conditions,
+            self.ready_replicas,
+            generation=self.generation,
+            previous=stored,
+        )
 
 
 # HTTP status -> Ready reason, for the API server refusing a child.
@@ -95,26 +117,19 @@ def _observed(
 ) -> Outcome:
     owner = owner_of(body)
     conditions, ready_replicas = serving_conditions(owner, spec, rayservice)
-    status = build_status(
-        owner,
-        spec,
-        conditions,
-        ready_replicas,
-        generation=body["metadata"].get("generation"),
-        previous=body.get("status"),
-    )
-    ready = any(c.type == "Ready" and c.status for c in conditions)
-    return Outcome(status, ready, ready_replicas, spec.replicas)
+    return Outcome(owner, spec, conditions, ready_replicas, body["metadata"].get("generation"))
 
 
 def _failed(body: dict[str, Any], reason: str, message: str) -> Outcome:
-    conditions = failure_conditions(reason, message)
-    previous = body.get("status") or {}
-    generation = body["metadata"].get("generation")
-    status = build_status(
-        owner_of(body), None, conditions, 0, generation=generation, previous=previous
-    )
-    before = next((c for c in previous.get("conditions", []) if c.get("type") == "Ready"), {})
+    previous = (body.get("status") or {}).get("conditions") or []
+    before = next((c for c in previous if c.get("type") == "Ready"), {})
     # Post the event once per distinct problem, not on every periodic pass.
     repeated = before.get("reason") == reason and before.get("message") == message
-    return Outcome(status, False, 0, None, None if repeated else (reason, message))
+    return Outcome(
+        owner_of(body),
+        None,
+        failure_conditions(reason, message),
+        0,
+        body["metadata"].get("generation"),
+        None if repeated else (reason, message),
+    )

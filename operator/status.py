@@ -65,8 +65,8 @@ def merge_conditions(
         ):
             entry["lastTransitionTime"] = old["lastTransitionTime"]
         merged.append(entry)
-    # Conditions other writers own (the autoscaler's ScalingActive) survive this merge-patch of
-    # the whole list.
+    # Conditions other writers own (the autoscaler's ScalingActive) survive: the list is written
+    # whole.
     ours = {condition.type for condition in current}
     merged.extend(c for c in previous or [] if c.get("type") not in ours)
     return merged
@@ -187,9 +187,9 @@ def build_status(
     previous: dict[str, Any] | None,
     now: str | None = None,
 ) -> dict[str, Any]:
-    """The status subresource body (a merge patch); `spec` is None when the deployment failed.
+    """The status to write over `previous`; `spec` is None when the deployment failed.
 
-    A failure sets what a spec describes to null, which the merge patch deletes: an endpoint or a
+    A failure sets what a spec describes to null, which the status write deletes: an endpoint or a
     replica summary left from an earlier success would claim that something serves.
     """
     previous = previous or {}

@@ -31,7 +31,7 @@ from grokserve.operator.autoscaling.policy import (
     ScalingPolicy,
 )
 from grokserve.operator.autoscaling.prometheus import PrometheusClient, QueryTemplateError
-from grokserve.operator.kube import api_message
+from grokserve.operator.kube import GROKDEPLOYMENT, Kube, api_message
 from grokserve.operator.spec import API_GROUP, API_VERSION, PLURAL, AutoscalingSpec
 from grokserve.operator.status import now_rfc3339
 
@@ -42,8 +42,6 @@ SCALE_FAILED = "ScaleFailed"
 QUERY_TIMEOUT_SHARE, QUERY_TIMEOUT_MAX_S = 0.5, 10.0
 # How long to wait before looking again at a spec.autoscaling that does not validate.
 INVALID_SPEC_RETRY_S = 30.0
-# Optimistic-concurrency attempts for one status write before giving up until the next tick.
-STATUS_WRITE_ATTEMPTS = 3
 STOP_GRACE_S = 10.0
 
 
@@ -91,7 +89,7 @@ async def autoscale(
     logger: kopf.Logger,
     **_: Any,
 ) -> None:
-    autoscaler = Autoscaler(namespace, name, body, k8s.CustomObjectsApi(memo.kube.api), logger)
+    autoscaler = Autoscaler(namespace, name, body, memo.kube, logger)
     try:
         # No DNS cache: aiohttp resolves cached hosts in a task of its own that outlives a
         # cancelled request, and kopf re-raises such a stray task's error when the operator exits.
@@ -116,13 +114,14 @@ class Autoscaler:
         namespace: str,
         name: str,
         body: kopf.Body,
-        api: k8s.CustomObjectsApi,
+        kube: Kube,
         logger: kopf.Logger,
     ) -> None:
         self.namespace = namespace
         self.name = name
         self.body = body
-        self.api = api
+        self.kube = kube
+        self.api = k8s.CustomObjectsApi(kube.api)
         self.logger = logger
         self.policy: ScalingPolicy | None = None
         # Kept here, not re-read from status: another writer replacing status.conditions must not
@@ -235,53 +234,22 @@ class Autoscaler:
         )
 
     def _write_status(self, condition: dict[str, Any], record: dict[str, Any] | None) -> None:
-        """Set our condition (and status.autoscaling), keeping the other writers' conditions.
+        """Set our condition (and status.autoscaling), keeping the other writers' conditions."""
 
-        status.conditions is one list shared with the reconcile handler, so a merge patch of it
-        would overwrite their latest entries with our possibly stale copy. Instead: read, then a
-        JSON patch guarded by a `test` of the resourceVersion, retried if someone wrote meanwhile.
-        """
-        for _ in range(STATUS_WRITE_ATTEMPTS):
-            current = self.api.get_namespaced_custom_object(
-                API_GROUP, API_VERSION, self.namespace, PLURAL, self.name
-            )
-            status = current.get("status") or {}
+        def ours(stored: dict[str, Any]) -> dict[str, Any]:
+            status = stored.get("status") or {}
             conditions = [c for c in status.get("conditions") or [] if c.get("type") != CONDITION]
-            wanted: dict[str, Any] = {"conditions": [*conditions, condition]}
+            changes: dict[str, Any] = {"conditions": [*conditions, condition]}
             if record is not None:
-                wanted["autoscaling"] = record
-            guard = {
-                "op": "test",
-                "path": "/metadata/resourceVersion",
-                "value": current["metadata"]["resourceVersion"],
-            }
-            changes = (
-                [
-                    {"op": "add", "path": f"/status/{key}", "value": value}
-                    for key, value in wanted.items()
-                ]
-                if isinstance(current.get("status"), dict)
-                else [{"op": "add", "path": "/status", "value": wanted}]
-            )
-            try:
-                self.api.patch_namespaced_custom_object_status(
-                    API_GROUP,
-                    API_VERSION,
-                    self.namespace,
-                    PLURAL,
-                    self.name,
-                    [guard, *changes],
-                    _content_type="application/json-patch+json",
-                )
-                return
-            except ApiException as error:
-                # 422: the test failed (the object changed since we read it); 409: same, as a
-                # conflict. Anything else is not ours to retry.
-                if error.status not in (409, 422):
-                    raise
-        self.logger.warning(
-            f"autoscaler: status not written: the object kept changing ({STATUS_WRITE_ATTEMPTS} tries)"
-        )
+                changes["autoscaling"] = record
+            return changes
+
+        try:
+            self.kube.update_status(GROKDEPLOYMENT, self.namespace, self.name, ours)
+        except ApiException as error:
+            if error.status not in (409, 422):
+                raise
+            self.logger.warning("autoscaler: status not written (the object kept changing)")
 
 
 def scale_failed(decision: Decision, error: ApiException) -> Decision:

@@ -107,9 +107,7 @@ def test_queue_scales_the_rayservice_through_the_whole_operator(
         wait_until(
             lambda: worker_replicas(api.get(RS)) == 3, timeout=15, what="3 RayService workers"
         )
-        # Both writers' conditions end up side by side in the status, ScalingActive valid again
-        # (by the next evaluation at the latest: the reconcile's status patch, sent on the spec
-        # change, may still carry the ScaleFailed it read just before the autoscaler's write).
+        # Both writers' conditions end up side by side in the status, ScalingActive valid again.
         wait_until(
             lambda: (
                 "Ready" in condition_types(api.get(GD))

@@ -280,23 +280,37 @@ def test_a_failure_leaves_nothing_that_claims_the_deployment_serves(kube) -> Non
         assert stale not in status
 
 
-def test_a_reconcile_from_a_stale_body_keeps_the_stored_conditions(kube) -> None:
+def scaling_condition(reason: str) -> dict:
+    return {
+        "type": "ScalingActive",
+        "status": "True" if reason == "ValidMetric" else "False",
+        "reason": reason,
+        "message": "written by the autoscaler",
+        "lastTransitionTime": "2026-01-01T00:00:00Z",
+    }
+
+
+def test_a_condition_written_during_a_reconcile_survives_its_status_write(kube) -> None:
+    """The autoscaler sets ScalingActive while a reconcile pass applies the children: the pass's
+    status write neither drops it nor brings back the one it read before."""
     _server, api = kube
     api.install_crds(kuberay=True)
     stale = api.create(GD, example_body())
-    scaling = {
-        "type": "ScalingActive",
-        "status": "False",
-        "reason": "ScaleFailed",
-        "message": "written after the operator last saw the object",
-        "lastTransitionTime": "2026-01-01T00:00:00Z",
-    }
-    api.merge_patch(f"{GD}/grok-1/status", {"status": {"conditions": [scaling]}})
-    patch = kopf.Patch()
-    handlers.resync(body=stale, patch=patch, memo=kopf.Memo(kube=Kube(handlers._api_client())))
-    api.merge_patch(f"{GD}/grok-1/status", {"status": dict(patch["status"])})
+    api.merge_patch(
+        f"{GD}/grok-1/status", {"status": {"conditions": [scaling_condition("ScaleFailed")]}}
+    )
+    stale = api.get(f"{GD}/grok-1")
+
+    class AutoscalerMeanwhile(Kube):
+        def apply(self, body: dict) -> str:
+            conditions = [scaling_condition("ValidMetric")]
+            api.merge_patch(f"{GD}/grok-1/status", {"status": {"conditions": conditions}})
+            return super().apply(body)
+
+    memo = kopf.Memo(kube=AutoscalerMeanwhile(handlers._api_client()))
+    handlers.resync(body=stale, memo=memo)
     stored = api.get(f"{GD}/grok-1")
-    assert condition(stored, "ScalingActive") == scaling
+    assert condition(stored, "ScalingActive") == scaling_condition("ValidMetric")
     assert condition(stored)["reason"] == "RayServiceUpdating"
 
 
