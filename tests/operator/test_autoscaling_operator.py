@@ -17,6 +17,7 @@ from testkit.operator_env import (
     clusterrole_grants,
     kube,
     operator_requests,
+    refusing,
     running_operator,
     wait_until,
 )
@@ -57,12 +58,7 @@ FORBIDDEN = (
 )
 
 
-def refuse_scale(
-    method: str, resource: Any, subresource: str | None, body: Any
-) -> tuple[int, str] | None:
-    if method == "PATCH" and resource.plural == "grokdeployments" and subresource == "scale":
-        return 403, FORBIDDEN
-    return None
+refuse_scale = refusing("PATCH", "grokdeployments", 403, FORBIDDEN, subresource="scale")
 
 
 def test_queue_scales_the_rayservice_through_the_whole_operator(

@@ -13,7 +13,7 @@ from prometheus_client import REGISTRY
 
 from grokserve.operator import handlers
 from grokserve.operator.kube import Kube
-from testkit.operator_env import GROKDEPLOYMENTS, kube, running_operator, wait_until
+from testkit.operator_env import GROKDEPLOYMENTS, kube, refusing, running_operator, wait_until
 
 __all__ = ["kube"]  # the fixture, re-exported for pytest
 
@@ -168,11 +168,8 @@ def test_a_child_refused_by_the_api_server_is_reported_not_retried(kube) -> None
     server, api = kube
     api.install_crds(kuberay=True)
 
-    def kuberay_webhook(method, resource, subresource, body):
-        if method == "POST" and resource.plural == "rayservices":
-            return 422, "workerGroupSpecs[0].replicas: 8 GPUs exceed the namespace quota"
-        return None
-
+    quota = "workerGroupSpecs[0].replicas: 8 GPUs exceed the namespace quota"
+    kuberay_webhook = refusing("POST", "rayservices", 422, quota)
     server.call(lambda kube_api: kube_api.admission.append(kuberay_webhook))
     with running_operator():
         api.create(GD, example_body())
@@ -200,11 +197,8 @@ def test_a_rayservice_event_leaves_a_reconcile_failure_standing(kube) -> None:
     server, api = kube
     api.install_crds(kuberay=True)
 
-    def pdb_quota(method, resource, subresource, body):
-        if method == "POST" and resource.plural == "poddisruptionbudgets":
-            return 403, "poddisruptionbudgets are forbidden in this namespace"
-        return None
-
+    forbidden = "poddisruptionbudgets are forbidden in this namespace"
+    pdb_quota = refusing("POST", "poddisruptionbudgets", 403, forbidden)
     server.call(lambda kube_api: kube_api.admission.append(pdb_quota))
     handled = HandledEvents()
     logging.getLogger("kopf.objects").addHandler(handled)

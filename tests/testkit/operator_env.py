@@ -37,6 +37,21 @@ KUBERAY_CRD = {
 }
 
 
+def refusing(
+    method: str, plural: str, status: int, message: str, subresource: str | None = None
+) -> Callable[[str, Any, str | None, Any], tuple[int, str] | None]:
+    """An admission hook for KMock that refuses one kind of request, as a webhook or RBAC would."""
+
+    def hook(
+        request_method: str, resource: Any, request_subresource: str | None, body: Any
+    ) -> tuple[int, str] | None:
+        if (request_method, resource.plural, request_subresource) == (method, plural, subresource):
+            return status, message
+        return None
+
+    return hook
+
+
 def wait_until(probe: Callable[[], T | None], timeout: float = 30, what: str = "condition") -> T:
     """Poll `probe` until it returns something truthy; fail with `what` after `timeout` seconds."""
     deadline = time.monotonic() + timeout
