@@ -3,18 +3,31 @@
 `Engine.generate` yields plain dicts so that they cross Ray (replica → ingress) unchanged:
 first exactly one of
     {"error": {"status", "message", "param", "retry_after"}}      (nothing was queued), or
-    {"prompt_tokens": N}                                           (admitted),
-then, when admitted, {"deltas": [{"index", "text", "completion_tokens", "finish_reason"}, ...]}
-with every delta that was ready (several per message when the consumer is slower than the model).
+    {"prompt_tokens": N, "prompt_text": str | None}               (admitted; the text with echo),
+then, when admitted, {"deltas": [{"index", "text", "completion_tokens", "finish_reason",
+"logprobs", "prompt_logprobs"}, ...]} with every delta that was ready (several per message when
+the consumer is slower than the model). A logprob entry is {"token": id, "text", "logprob",
+"top": [[text, logprob], ...]}; prompt_logprobs (echo) starts with None for the first token.
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from grokserve.serving.scheduler import AdmissionError, QueueFull, SamplingParams, Scheduler
+from grokserve.model.sampling import SamplingParams
+from grokserve.serving.detokenize import token_text
+from grokserve.serving.scheduler import (
+    AdmissionError,
+    Delta,
+    QueueFull,
+    Scheduler,
+    TokenLogprob,
+)
 
 
 class Tokenizer(Protocol):
@@ -26,11 +39,25 @@ class Tokenizer(Protocol):
 
 @dataclass(frozen=True)
 class GenerateRequest:
+    """One prompt's request. `max_tokens` None: the server's default, capped by the context;
+    it replaces `sampling.max_tokens`. `arrival`: when the API received it (wall clock)."""
+
     prompt: str | list[int]
     max_tokens: int | None = None
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: list[str] = field(default_factory=list)
     n: int = 1
+    echo: bool = False
+    arrival: float = field(default_factory=time.time)
+
+
+def max_chars_per_token(tokenizer: Tokenizer) -> int:
+    """The most characters one token can stand for: a text longer than this × the context limit
+    cannot fit, which is checked before paying for its tokenization."""
+    piece = getattr(tokenizer, "piece", None)
+    if piece is None:  # byte-level: one byte (at most one character) per token
+        return 1
+    return max(len(piece(token)) for token in range(tokenizer.vocab_size))
 
 
 class Engine:
@@ -45,10 +72,22 @@ class Engine:
         self.tokenizer = tokenizer
         self.default_max_tokens = default_max_tokens
         self.stream_interval = stream_interval
+        self._max_prompt_chars = scheduler.max_sequence_length * max_chars_per_token(tokenizer)
 
-    def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
+    async def encode(self, text: str) -> list[int]:
+        """`text`'s token ids, tokenized off the event loop (a long text never stalls the streams
+        this replica is sending); a text too long for the context is refused before that."""
+        if len(text) > self._max_prompt_chars:
+            raise AdmissionError(
+                f"the prompt has {len(text)} characters, more than fit in the context limit "
+                f"(maxSequenceLength) of {self.scheduler.max_sequence_length} tokens",
+                param="prompt",
+            )
+        return await asyncio.to_thread(self.tokenizer.encode, text)
+
+    async def prompt_ids(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt)
+            return await self.encode(prompt)
         vocab = self.tokenizer.vocab_size
         bad = [t for t in prompt if not 0 < t < vocab]
         if bad:
@@ -60,13 +99,17 @@ class Engine:
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[dict[str, Any]]:
         try:
+            prompt = await self.prompt_ids(request.prompt)
+            max_tokens = request.max_tokens
+            if max_tokens is None:
+                room = self.scheduler.max_sequence_length - len(prompt)
+                max_tokens = max(1, min(self.default_max_tokens, room))
             generation = self.scheduler.submit(
-                self._prompt_ids(request.prompt),
-                max_tokens=request.max_tokens,
-                sampling=request.sampling,
+                prompt,
+                dataclasses.replace(request.sampling, max_tokens=max_tokens),
                 stop=request.stop,
                 n=request.n,
-                default_max_tokens=self.default_max_tokens,
+                arrival=request.arrival,
             )
         except AdmissionError as error:
             yield {
@@ -78,10 +121,64 @@ class Engine:
                 }
             }
             return
-        yield {"prompt_tokens": generation.prompt_tokens}
+        prompt_text = None
+        if request.echo:
+            prompt_text = request.prompt if isinstance(request.prompt, str) else self.decode(prompt)
+        yield {"prompt_tokens": generation.prompt_tokens, "prompt_text": prompt_text}
         try:
             async for ready in generation.batches(self.stream_interval):
-                yield {"deltas": [asdict(delta) for delta in ready]}
+                yield {"deltas": [self._delta(delta, prompt) for delta in ready]}
         finally:
             # The consumer went away early (client disconnect, cancellation): free the slots.
             generation.cancel()
+
+    def _delta(self, delta: Delta, prompt_ids: list[int]) -> dict[str, Any]:
+        prompt = None
+        if delta.prompt_logprobs is not None:
+            prompt = [
+                self._logprob(entry) if entry else self._unscored(token)
+                for token, entry in zip(prompt_ids, delta.prompt_logprobs, strict=True)
+            ]
+        return {
+            "index": delta.index,
+            "text": delta.text,
+            "completion_tokens": delta.completion_tokens,
+            "finish_reason": delta.finish_reason,
+            "logprobs": [self._logprob(entry) for entry in delta.logprobs],
+            "prompt_logprobs": prompt,
+        }
+
+    def _unscored(self, token: int) -> dict[str, Any]:
+        """The prompt's first token: nothing before it predicts it."""
+        return {
+            "token": token,
+            "text": token_text(self.tokenizer, token),
+            "logprob": None,
+            "top": None,
+        }
+
+    def _logprob(self, entry: TokenLogprob) -> dict[str, Any]:
+        return {
+            "token": entry.token,
+            "text": token_text(self.tokenizer, entry.token),
+            "logprob": entry.logprob,
+            "top": [[token_text(self.tokenizer, t), value] for t, value in entry.top],
+        }
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids))
+
+    def tokenizer_info(self) -> dict[str, Any]:
+        """vLLM's /tokenizer_info: the tokenizer's kind and special tokens (text and id)."""
+        from grokserve.model.tokenizer import BOS, EOS, PAD, UNK
+
+        piece = getattr(self.tokenizer, "piece", None)
+        special = {"pad": PAD, "bos": BOS, "eos": EOS, "unk": UNK}
+        info: dict[str, Any] = {
+            "tokenizer_class": type(self.tokenizer).__name__,
+            "vocab_size": self.tokenizer.vocab_size,
+        }
+        for name, token in special.items():
+            info[f"{name}_token"] = piece(token) if piece else f"<{name}>"
+            info[f"{name}_token_id"] = token
+        return info

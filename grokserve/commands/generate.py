@@ -82,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
             top_k=args.top_k,
             top_p=args.top_p,
             max_tokens=args.max_tokens,
+            seed=args.seed,
         )
         tokenizer_path = args.tokenizer or (
             beside_checkpoint(args.checkpoint) if args.checkpoint else None
@@ -101,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
                 f"{model.config.vocab_size} token ids"
             )
         prompt = prompt_ids(args.prompt, tokenizer, model.config.vocab_size)
-        produced = generate(model, prompt, params, seed=args.seed)
+        produced = generate(model, prompt, params)
     except (CheckpointError, ConfigError, TokenizerError, ValueError) as error:
         print(f"grokserve generate: {error}", file=sys.stderr)
         return 1

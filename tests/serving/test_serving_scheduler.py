@@ -1,19 +1,19 @@
 """The continuous-batching scheduler in-process, over the real grok-tiny model (no Ray)."""
 
 import asyncio
+import dataclasses
 
 import pytest
 
 from grokserve.model import GrokModel
-from grokserve.model.sampling import SamplingParams as ModelSampling
-from grokserve.model.sampling import generate
+from grokserve.model.sampling import SamplingParams, generate
 from grokserve.serving.executor import LocalExecutor, ModelStepper
 from grokserve.serving.loading import ByteTokenizer
 from grokserve.serving.metrics import ReplicaMetrics
 from grokserve.serving.scheduler import (
     AdmissionError,
     QueueFull,
-    SamplingParams,
+    RowOutput,
     Scheduler,
     StepInput,
 )
@@ -43,7 +43,10 @@ async def make_scheduler(model):
             **overrides,
         }
         stepper = ModelStepper(
-            model, max_batch_size=limits["max_batch_size"], max_len=limits["max_sequence_length"]
+            model,
+            max_batch_size=limits["max_batch_size"],
+            max_len=limits["max_sequence_length"],
+            eos_id=model.config.eos_token,
         )
         metrics = ReplicaMetrics("test", "r0")
         executor = LocalExecutor(stepper)
@@ -86,17 +89,23 @@ class ScriptedExecutor:
     def submit(self, step):
         sampled = asyncio.get_running_loop().create_future()
         sampled.set_result(
-            [self.script.pop(0) if self.script else self.filler for _ in step.rows]
-            if step.sample
-            else []
+            [
+                RowOutput(self.script.pop(0) if self.script else self.filler)
+                if step.sample
+                else RowOutput()
+                for _ in step.rows
+            ]
         )
         return sampled
 
 
+def submit(scheduler, prompt, max_tokens=12, sampling=GREEDY, **kwargs):
+    params = dataclasses.replace(sampling, max_tokens=max_tokens)
+    return scheduler.submit(prompt, params, **kwargs)
+
+
 async def collect(scheduler, prompt, **kwargs):
-    kwargs.setdefault("max_tokens", 12)
-    kwargs.setdefault("sampling", GREEDY)
-    generation = scheduler.submit(TOKENIZER.encode(prompt), **kwargs)
+    generation = submit(scheduler, TOKENIZER.encode(prompt), **kwargs)
     texts: dict[int, str] = {}
     reasons: dict[int, str] = {}
     tokens: dict[int, int] = {}
@@ -111,7 +120,7 @@ async def collect(scheduler, prompt, **kwargs):
 
 def reference(model, prompt, max_tokens=12):
     """The model package's own single-sequence greedy loop."""
-    params = ModelSampling(temperature=0, max_tokens=max_tokens)
+    params = SamplingParams(temperature=0, max_tokens=max_tokens)
     ids = generate(model, TOKENIZER.encode(prompt), params)
     return TOKENIZER.decode([i for i in ids if i != model.config.eos_token])
 
@@ -160,7 +169,7 @@ async def test_n_samples_are_reproducible_with_a_seed(make_scheduler):
 
 async def test_cancel_frees_the_slot_for_waiting_requests(model, make_scheduler):
     scheduler, _ = make_scheduler(max_batch_size=1, max_sequence_length=128, kv_budget=128)
-    long_one = scheduler.submit(TOKENIZER.encode("abc"), max_tokens=100, sampling=GREEDY)
+    long_one = submit(scheduler, TOKENIZER.encode("abc"), max_tokens=100)
     waiting = asyncio.create_task(collect(scheduler, PROMPTS[2]))
     async for delta in long_one:
         assert delta.completion_tokens == 1
@@ -174,14 +183,14 @@ async def test_cancel_frees_the_slot_for_waiting_requests(model, make_scheduler)
 async def test_admission_errors_name_the_limit(make_scheduler):
     scheduler, _ = make_scheduler(max_batch_size=1, max_queued_requests=1, kv_budget=128)
     with pytest.raises(AdmissionError, match=r"maxSequenceLength\) is 128"):
-        scheduler.submit([5] * 200, max_tokens=None, sampling=GREEDY)
+        submit(scheduler, [5] * 200, max_tokens=1)
     with pytest.raises(AdmissionError, match="max_tokens") as error:
-        scheduler.submit([5] * 100, max_tokens=50, sampling=GREEDY)
+        submit(scheduler, [5] * 100, max_tokens=50)
     assert error.value.param == "max_tokens"
-    running = scheduler.submit([5, 6], max_tokens=100, sampling=GREEDY)
-    queued = scheduler.submit([5, 6], max_tokens=100, sampling=GREEDY)
+    running = submit(scheduler, [5, 6], max_tokens=100)
+    queued = submit(scheduler, [5, 6], max_tokens=100)
     with pytest.raises(QueueFull, match="maxQueuedRequests=1") as full:
-        scheduler.submit([5, 6], max_tokens=100, sampling=GREEDY)
+        submit(scheduler, [5, 6], max_tokens=100)
     assert full.value.status == 429 and full.value.retry_after >= 1
     running.cancel()
     queued.cancel()
@@ -190,7 +199,7 @@ async def test_admission_errors_name_the_limit(make_scheduler):
 async def test_stream_interval_sends_fewer_larger_messages(model, make_scheduler):
     scheduler, _ = make_scheduler()
     prompt = TOKENIZER.encode(PROMPTS[5])
-    generation = scheduler.submit(prompt, max_tokens=30, sampling=GREEDY)
+    generation = submit(scheduler, prompt, max_tokens=30)
     messages = [ready async for ready in generation.batches(interval=0.05)]
     assert messages[0][0].completion_tokens == 1, "the first token is not held back"
     assert len(messages) < 30
@@ -217,7 +226,7 @@ async def test_the_scheduler_chooses_the_seed_of_an_unseeded_request(make_schedu
 
 
 def test_the_executor_refuses_a_row_without_a_seed(model):
-    stepper = ModelStepper(model, max_batch_size=1, max_len=16)
+    stepper = ModelStepper(model, max_batch_size=1, max_len=16, eos_id=2)
     step = StepInput(rows=[0], tokens=[[5, 6]], sample=True, start={0: SamplingParams(seed=None)})
     with pytest.raises(ValueError, match="without a seed"):
         stepper.run(step)
