@@ -23,6 +23,7 @@ from grokserve.serving.replica import GrokReplica, MetricsHub
 # time than its scheduler admits (the excess are answered with 429 within milliseconds), and the
 # router's own queue only holds what is being routed right now.
 _CALLS_PER_REPLICA = 10_000
+HEALTH_CHECK_PERIOD_SECONDS = 2.0
 # The deployment of the model replicas; the launcher counts its RUNNING replicas.
 REPLICA_DEPLOYMENT = "GrokReplica"
 
@@ -67,6 +68,8 @@ def build_app(args: dict[str, Any]) -> Application:
         placement_group_strategy=config.parallelism.ray_strategy,
         max_ongoing_requests=_CALLS_PER_REPLICA,
         max_queued_requests=config.replicas * _CALLS_PER_REPLICA,
+        # A replica whose shard worker died answers 503 until Serve replaces it: look often.
+        health_check_period_s=HEALTH_CHECK_PERIOD_SECONDS,
     ).bind(wire_args, hub)
     ingress = serve.deployment(
         OpenAIIngress,

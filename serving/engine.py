@@ -29,6 +29,9 @@ from grokserve.serving.scheduler import (
     TokenLogprob,
 )
 
+# Texts this short tokenize in microseconds, less than a hop to a thread costs.
+_INLINE_TOKENIZE_CHARS = 2048
+
 
 class Tokenizer(Protocol):
     vocab_size: int
@@ -83,6 +86,8 @@ class Engine:
                 f"(maxSequenceLength) of {self.scheduler.max_sequence_length} tokens",
                 param="prompt",
             )
+        if len(text) <= _INLINE_TOKENIZE_CHARS:
+            return self.tokenizer.encode(text)
         return await asyncio.to_thread(self.tokenizer.encode, text)
 
     async def prompt_ids(self, prompt: str | list[int]) -> list[int]:
