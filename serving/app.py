@@ -43,11 +43,11 @@ def parse_args(args: dict[str, Any]) -> ServingConfig:
         raise ServingConfigError(f"invalid grokserve serving config: {problems}") from error
 
 
-def build_app(args: dict[str, Any]) -> Application:
+def check_config(config: ServingConfig) -> None:
+    """Raise (a one-line message) unless `config` can serve: its checkpoint opens, its context
+    fits the model's and its placement plan fits the accelerators. Nothing is started."""
     from grokserve.serving.loading import model_config, placement_plan
 
-    config = parse_args(args)
-    # Configs that cannot work fail here, before any replica starts.
     context = model_config(config.model).sequence_len
     if config.serving.max_sequence_length > context:
         raise ServingConfigError(
@@ -55,6 +55,12 @@ def build_app(args: dict[str, Any]) -> Application:
             f"context length ({context} tokens)"
         )
     placement_plan(config)
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    config = parse_args(args)
+    # Configs that cannot work fail here, before any replica starts.
+    check_config(config)
     wire_args = config.to_args()
     hub = serve.deployment(
         MetricsHub, name="MetricsHub", num_replicas=1, ray_actor_options={"num_cpus": 0}
