@@ -275,3 +275,18 @@ def _answers(url: str) -> bool:
         return httpx.get(url, timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_generate_defaults_to_the_demo_checkpoint_on_one_thread(capsys):
+    import torch
+
+    from grokserve import cli
+
+    threads = torch.get_num_threads()
+    try:
+        assert cli.main(["generate", "--prompt", "Return the", "--max-tokens", "8"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr()
+    assert out.out.strip() and "8 generated" in out.err

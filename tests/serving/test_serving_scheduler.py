@@ -4,6 +4,7 @@ import asyncio
 import dataclasses
 
 import pytest
+import torch
 
 from grokserve.model import GrokModel
 from grokserve.model.sampling import SamplingParams, generate
@@ -274,3 +275,39 @@ def test_a_scheduler_runs_again_on_another_event_loop():
 
     assert asyncio.run(one_request())[0] == ["hello"]
     assert asyncio.run(one_request())[0] == [" worl"]
+
+
+async def test_echo_scores_every_prompt_token_across_chunks_and_pads(model, make_scheduler):
+    # Two prompts of different lengths in one prefill group (the shorter is left-padded), in
+    # chunks of 8: each prompt token's logprob is the model's, the first is None.
+    scheduler, _ = make_scheduler(prefill_chunk_tokens=8)
+    scoring = SamplingParams(temperature=0, max_tokens=0, logprobs=2, prompt_logprobs=True)
+    texts = ["the quick brown fox jumps over", "lazy dogs"]
+    generations = [scheduler.submit(TOKENIZER.encode(t), scoring) for t in texts]
+    for text, generation in zip(texts, generations, strict=True):
+        deltas = [delta async for delta in generation]
+        assert [d.finish_reason for d in deltas] == ["length"] and deltas[0].completion_tokens == 0
+        ids = TOKENIZER.encode(text)
+        scored = deltas[0].prompt_logprobs
+        assert scored[0] is None and [entry.token for entry in scored[1:]] == ids[1:]
+        with torch.inference_mode():
+            logits = model(torch.tensor([ids]), cache=model.new_cache(1, len(ids)))[0]
+        expected = torch.log_softmax(logits.float(), dim=-1)
+        for position, entry in enumerate(scored[1:], start=1):
+            assert entry.logprob == pytest.approx(
+                expected[position - 1, ids[position]].item(), abs=1e-4
+            )
+            assert len(entry.top) == 2
+
+
+async def test_long_requests_queue_fewer_the_kv_tokens_bound_the_queue(make_scheduler):
+    # 4 slots share 256 KV tokens; the queue holds 4 slots' share beyond them (256 tokens).
+    scheduler, _ = make_scheduler(max_queued_requests=4, kv_budget=256)
+    long = SamplingParams(temperature=0, max_tokens=120)
+    admitted = [scheduler.submit([5, 6], long) for _ in range(4)]
+    with pytest.raises(QueueFull, match="kvCacheTokens=256") as full:
+        scheduler.submit([5, 6], long)
+    assert full.value.status == 429 and full.value.retry_after >= 1
+    short = scheduler.submit([5, 6], SamplingParams(temperature=0, max_tokens=4))
+    for generation in [*admitted, short]:
+        generation.cancel()
