@@ -25,12 +25,12 @@ import time
 import httpx
 import torch
 
-from grokserve.model.sampling import SamplingParams
 from grokserve.serving.config import ServingConfig
-from grokserve.serving.engine import Engine, GenerateRequest
+from grokserve.serving.engine import Engine
 from grokserve.serving.executor import LocalExecutor, ModelStepper
 from grokserve.serving.launcher import LocalServing
 from grokserve.serving.loading import build_engine, load_shard
+from grokserve.serving.requests import GenerateRequest
 
 
 def prompts(count: int) -> list[str]:
@@ -104,7 +104,7 @@ async def engine_run(
     engine: Engine, texts: list[str], max_tokens: int, concurrent: bool
 ) -> tuple[int, float]:
     async def one(prompt: str) -> int:
-        request = GenerateRequest(prompt, max_tokens, SamplingParams(temperature=0))
+        request = GenerateRequest(prompt, max_tokens, {"temperature": 0})
         tokens = 0
         async for event in engine.generate(request):
             for delta in event.get("deltas", ()):

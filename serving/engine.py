@@ -13,14 +13,12 @@ the consumer is slower than the model). A logprob entry is {"token": id, "text",
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from grokserve.model.sampling import SamplingParams
 from grokserve.serving.detokenize import token_text
+from grokserve.serving.requests import GenerateRequest
 from grokserve.serving.scheduler import (
     AdmissionError,
     Delta,
@@ -38,20 +36,6 @@ class Tokenizer(Protocol):
 
     def encode(self, text: str) -> list[int]: ...
     def decode(self, ids: Sequence[int]) -> str: ...
-
-
-@dataclass(frozen=True)
-class GenerateRequest:
-    """One prompt's request. `max_tokens` None: the server's default, capped by the context;
-    it replaces `sampling.max_tokens`. `arrival`: when the API received it (wall clock)."""
-
-    prompt: str | list[int]
-    max_tokens: int | None = None
-    sampling: SamplingParams = field(default_factory=SamplingParams)
-    stop: list[str] = field(default_factory=list)
-    n: int = 1
-    echo: bool = False
-    arrival: float = field(default_factory=time.time)
 
 
 def max_chars_per_token(tokenizer: Tokenizer) -> int:
@@ -102,8 +86,23 @@ class Engine:
             )
         return list(prompt)
 
+    def _check_token_ids(self, sampling: dict[str, Any]) -> None:
+        """Token ids the sampling fields name must exist (the model step would fail on them)."""
+        named = {
+            "logit_bias": list(sampling.get("logit_bias", {})),
+            "stop_token_ids": list(sampling.get("stop_token_ids", ())),
+        }
+        vocab = self.tokenizer.vocab_size
+        for param, ids in named.items():
+            bad = [t for t in ids if not 0 <= t < vocab]
+            if bad:
+                raise AdmissionError(
+                    f"{param}: token ids must be in [0, {vocab - 1}]; got {bad[:5]}", param=param
+                )
+
     async def generate(self, request: GenerateRequest) -> AsyncIterator[dict[str, Any]]:
         try:
+            self._check_token_ids(request.sampling)
             prompt = await self.prompt_ids(request.prompt)
             max_tokens = request.max_tokens
             if max_tokens is None:
@@ -111,7 +110,7 @@ class Engine:
                 max_tokens = max(1, min(self.default_max_tokens, room))
             generation = self.scheduler.submit(
                 prompt,
-                dataclasses.replace(request.sampling, max_tokens=max_tokens),
+                SamplingParams(**{**request.sampling, "max_tokens": max_tokens}),
                 stop=request.stop,
                 n=request.n,
                 arrival=request.arrival,

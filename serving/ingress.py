@@ -24,8 +24,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from grokserve.serving.config import ServingConfig
-from grokserve.serving.engine import GenerateRequest
 from grokserve.serving.metrics import RequestMetrics
+from grokserve.serving.requests import GenerateRequest
 from grokserve.serving.schemas import (
     CHAT_STOP,
     ChatCompletionRequest,

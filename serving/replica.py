@@ -13,8 +13,8 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from grokserve.serving.config import ServingConfig
-from grokserve.serving.engine import GenerateRequest
 from grokserve.serving.metrics import MergedMetrics, ReplicaMetrics
+from grokserve.serving.requests import GenerateRequest
 from grokserve.serving.scheduler import AdmissionError
 from grokserve.serving.workers import ShardedExecutor
 

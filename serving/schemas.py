@@ -8,8 +8,6 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from grokserve.model.sampling import SamplingParams
-
 
 class InvalidUnicode(ValueError):
     """A string of the request holds a lone surrogate (JSON allows one; UTF-8 cannot carry it)."""
@@ -137,29 +135,23 @@ class SamplingFields(ApiRequest):
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
-    def sampling_params(self, logprobs: int | None, prompt_logprobs: bool) -> SamplingParams:
-        """The decoding this request asks for (max_tokens is resolved by the engine)."""
-        return SamplingParams(
-            temperature=self.temperature,
-            top_k=self.top_k,
-            top_p=self.top_p,
-            stop_on_eos=not self.ignore_eos,
-            seed=self.seed,
-            logit_bias={int(k): v for k, v in (self.logit_bias or {}).items()},
-            presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty,
-            repetition_penalty=self.repetition_penalty,
-            min_tokens=self.min_tokens,
-            stop_token_ids=tuple(self.stop_token_ids or ()),
-            logprobs=logprobs,
-            prompt_logprobs=prompt_logprobs,
-        )
-
-    def token_ids_used(self) -> dict[str, list[int]]:
-        """Token ids the request names, by parameter (checked against the vocabulary)."""
+    def sampling_params(self, logprobs: int | None, prompt_logprobs: bool) -> dict[str, Any]:
+        """The `SamplingParams` fields of the decoding this request asks for (the replica's
+        engine builds them, resolving max_tokens)."""
         return {
-            "logit_bias": [int(k) for k in self.logit_bias or {}],
-            "stop_token_ids": list(self.stop_token_ids or ()),
+            "temperature": self.temperature,
+            "top_k": self.top_k,
+            "top_p": self.top_p,
+            "stop_on_eos": not self.ignore_eos,
+            "seed": self.seed,
+            "logit_bias": {int(k): v for k, v in (self.logit_bias or {}).items()},
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
+            "repetition_penalty": self.repetition_penalty,
+            "min_tokens": self.min_tokens,
+            "stop_token_ids": tuple(self.stop_token_ids or ()),
+            "logprobs": logprobs,
+            "prompt_logprobs": prompt_logprobs,
         }
 
 

@@ -290,3 +290,10 @@ def test_generate_defaults_to_the_demo_checkpoint_on_one_thread(capsys):
         torch.set_num_threads(threads)
     out = capsys.readouterr()
     assert out.out.strip() and "8 generated" in out.err
+
+
+def test_the_ingress_process_does_not_load_torch():
+    """The ingress only validates and relays: torch (hundreds of MB) stays in the replicas."""
+    check = "import sys, grokserve.serving.ingress; sys.exit('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", check], env={**os.environ, "PYTHONSAFEPATH": "1"})
+    assert done.returncode == 0

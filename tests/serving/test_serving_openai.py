@@ -238,3 +238,27 @@ async def test_a_20_mib_body_is_refused_fast_while_streams_keep_flowing(base_url
     assert chunked.status_code == 413
     assert long.status_code == 400 and long.json()["error"]["param"] == "prompt"
     assert largest_gap < 2, f"a stream stalled for {largest_gap:.2f}s"
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [({"logit_bias": {"99999": 1}}, "logit_bias"), ({"stop_token_ids": [-1]}, "stop_token_ids")],
+)
+def test_token_ids_outside_the_vocabulary_are_a_400(http, extra, param):
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 2, **extra}
+    response = http.post("/v1/completions", json=body)
+    assert response.status_code == 400 and response.json()["error"]["param"] == param
+    assert complete(http, prompt="x", max_tokens=2)["choices"], "the replica still serves"
+
+
+def test_streamed_echo_and_logprobs_equal_the_whole_answer(http):
+    body = {"model": MODEL, "prompt": "Hello", "max_tokens": 5, "echo": True, "logprobs": 1}
+    whole = complete(http, **body)["choices"][0]
+    streamed = http.post("/v1/completions", json={**body, "stream": True, "temperature": 0})
+    chunks = [
+        json.loads(line[6:]) for line in streamed.text.splitlines() if line.startswith("data: {")
+    ]
+    choices = [c for chunk in chunks for c in chunk["choices"]]
+    assert "".join(c["text"] for c in choices) == whole["text"]
+    tokens = [t for c in choices if c["logprobs"] for t in c["logprobs"]["token_logprobs"]]
+    assert tokens == whole["logprobs"]["token_logprobs"]
