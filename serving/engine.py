@@ -69,6 +69,7 @@ class Engine:
                 f"the prompt has {len(text)} characters, more than fit in the context limit "
                 f"(maxSequenceLength) of {self.scheduler.max_sequence_length} tokens",
                 param="prompt",
+                code="context_length_exceeded",
             )
         if len(text) <= _INLINE_TOKENIZE_CHARS:
             return self.tokenizer.encode(text)
@@ -121,6 +122,7 @@ class Engine:
                     "status": error.status,
                     "message": str(error),
                     "param": error.param,
+                    "code": error.code,
                     "retry_after": error.retry_after if isinstance(error, QueueFull) else None,
                 }
             }

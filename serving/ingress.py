@@ -172,7 +172,9 @@ async def _validation_error(request: Request, error: RequestValidationError) -> 
     cause = first.get("ctx", {}).get("error")
     if first.get("type") == "json_invalid":
         return error_response(
-            ApiError(400, f"invalid JSON body: {first.get('ctx', {}).get('error')}")
+            ApiError(
+                400, f"invalid JSON body: {first.get('ctx', {}).get('error')}", code="invalid_json"
+            )
         )
     if isinstance(cause, InvalidUnicode):
         return error_response(ApiError(400, str(cause), param=cause.param, code="invalid_unicode"))
@@ -183,18 +185,23 @@ async def _validation_error(request: Request, error: RequestValidationError) -> 
     if not location and isinstance(cause, ValueError):
         # A check across fields: its message starts with the parameter it names.
         message = str(cause)
-        return error_response(ApiError(400, message, param=message.split(":", 1)[0]))
+        param = message.split(":", 1)[0]
+        return error_response(ApiError(400, message, param=param, code="invalid_value"))
     if not location:
-        return error_response(ApiError(400, "the request body must be a JSON object"))
-    param = ".".join(location) or None
-    message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
-    return error_response(ApiError(400, message, param=param))
+        return error_response(
+            ApiError(400, "the request body must be a JSON object", code="invalid_json")
+        )
+    param = ".".join(location)
+    code = "missing_required_parameter" if first.get("type") == "missing" else "invalid_value"
+    return error_response(ApiError(400, f"{param}: {first.get('msg')}", param=param, code=code))
 
 
 @app.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
     _count(request, error.status_code)
-    return error_response(ApiError(error.status_code, str(error.detail)))
+    codes = {404: "not_found", 405: "method_not_allowed"}
+    status = error.status_code
+    return error_response(ApiError(status, str(error.detail), code=codes.get(status)))
 
 
 @app.exception_handler(Exception)
@@ -389,7 +396,8 @@ class OpenAIIngress:
             log.warning("replica call failed: %r", error)
             raise unavailable("no model replica could answer; retry later") from error
         if isinstance(answer, dict) and "error" in answer:
-            raise ApiError(400, answer["error"]["message"], param=answer["error"]["param"])
+            error = answer["error"]
+            raise ApiError(400, error["message"], param=error["param"], code="invalid_value")
         return answer
 
     # -- generation -----------------------------------------------------------------------------
@@ -452,13 +460,11 @@ class OpenAIIngress:
             raise unavailable("no model replica is serving now; retry later") from error
         if "error" in first:
             error = first["error"]
-            status = error["status"]
-            codes = {429: "rate_limit_exceeded", 503: "service_unavailable"}
             raise ApiError(
-                status,
+                error["status"],
                 error["message"],
                 param=error["param"],
-                code=codes.get(status),
+                code=error["code"],
                 retry_after=error["retry_after"],
             )
         return _Started(stream, first)

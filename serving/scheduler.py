@@ -89,13 +89,14 @@ class Executor(Protocol):
 
 
 class AdmissionError(Exception):
-    """A request the scheduler will not take; `status` is the HTTP status the API answers."""
+    """A request the scheduler will not take; `status` and `code` are what the API answers."""
 
     status = 400
 
-    def __init__(self, message: str, param: str | None = None) -> None:
+    def __init__(self, message: str, param: str | None = None, code: str = "invalid_value") -> None:
         super().__init__(message)
         self.param = param
+        self.code = code
 
 
 class QueueFull(AdmissionError):
@@ -103,8 +104,8 @@ class QueueFull(AdmissionError):
 
     status = 429
 
-    def __init__(self, message: str, retry_after: int) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, retry_after: int, code: str = "rate_limit_exceeded") -> None:
+        super().__init__(message, code=code)
         self.retry_after = retry_after
 
 
@@ -321,12 +322,14 @@ class Scheduler:
                 f"the prompt has {prompt_tokens} tokens; the context limit (maxSequenceLength) is "
                 f"{limit} tokens, including at least one generated token",
                 param="prompt",
+                code="context_length_exceeded",
             )
         if prompt_tokens + max_tokens > limit:
             raise AdmissionError(
                 f"prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) exceeds the context "
                 f"limit (maxSequenceLength) of {limit} tokens",
                 param="max_tokens" if prompt_tokens < limit else "prompt",
+                code="context_length_exceeded",
             )
         if prompt_tokens + max_tokens > self.kv_budget:
             raise AdmissionError(
@@ -341,7 +344,9 @@ class Scheduler:
         slots' share of the KV budget in tokens (so long requests queue fewer)."""
         if self.broken:
             raise Unavailable(
-                "the model replica failed and is being replaced; retry later", retry_after=5
+                "the model replica failed and is being replaced; retry later",
+                retry_after=5,
+                code="service_unavailable",
             )
         queued_after = len(self._waiting) + n - len(self._free_slots)
         if queued_after > self.max_queued_requests:

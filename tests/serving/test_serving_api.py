@@ -80,6 +80,7 @@ def test_sse_ends_with_done(base_url):
         ({"model": MODEL, "prompt": "x", "temperature": 3}, 400, "temperature", "less than"),
         ({"model": MODEL}, 400, "prompt", "required"),
         ({"model": MODEL, "prompt": "x" * 300}, 400, "prompt", "(maxSequenceLength)"),
+        ({"model": MODEL, "prompt": [5] * 300}, 400, "prompt", "maxSequenceLength) is 128"),
         ({"model": MODEL, "prompt": "x", "max_tokens": 500}, 400, "max_tokens", "128"),
     ],
 )
@@ -88,7 +89,7 @@ def test_errors_use_the_openai_shape_and_name_the_field(base_url, body, status, 
     assert response.status_code == status
     error = response.json()["error"]
     assert error["param"] == param and message in error["message"]
-    assert error["type"] == "invalid_request_error"
+    assert error["type"] == "invalid_request_error" and error["code"]
 
 
 def test_invalid_json_is_a_400(base_url):
