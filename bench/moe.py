@@ -3,6 +3,7 @@ baselines (issues 4 and 17), and the tile sweep that fills `tuning.py`.
 
     python bench/moe.py [--tokens 1 8 64 ...] [--shapes 8x32768 8x4096 1x32768] [--json rows.json]
     python bench/moe.py --sweep --sweep-json tiles.json [--sweep-budget-s 150]
+    python bench/moe.py --precompile [--shapes …] [--tokens …]   # only the sweep's compiles
     python bench/moe.py --dry-run ...   # CPU, tiny sizes, Triton's interpreter: plumbing only
 
 A shape `ExF` is one GPU's expert stack: E experts of hidden size F (8x32768: the full layer on one
@@ -255,7 +256,8 @@ PREFILL_ROW_BLOCKS = (32, 64, 128)
 DECODE_GROUPS = (1,)  # about one row block per expert: the launch order hardly matters
 PREFILL_GROUPS = (1, 8, 16)
 DECODE_TILES = ((64, 128, 4, 4), (32, 128, 4, 4), (128, 128, 4, 3), (32, 256, 4, 3))
-PREFILL_TILES = ((128, 64, 8, 3), (64, 64, 4, 4), (256, 64, 8, 3), (128, 128, 8, 3))
+# (256-wide gate_up tiles at 128 rows spilled in the sm_90 build; 3 stages of 128 × 128 do not fit.)
+PREFILL_TILES = ((128, 64, 8, 3), (64, 64, 4, 4), (128, 128, 8, 2), (64, 128, 4, 3))
 
 
 def _with_gate_up(config: MoeTileConfig, tile: tuple[int, ...]) -> MoeTileConfig:
@@ -323,8 +325,6 @@ def _warm_compile(job: tuple) -> str:
 def start_warm_compiles(args, device: torch.device, shapes: list[Shape]):
     """Compiles the sweep space on --compile-workers processes while the sweep times what is ready
     (Triton compiles on the CPU; the machine has many cores and the sweep's time is mostly compile)."""
-    if args.compile_workers < 1:
-        return None
     # Every BLOCK_K of the space divides D and F/8 of the warm-up size as it does the real ones; one
     # token (2 pairs) specialises differently from the others (multiples of 16 pairs).
     model, ffn = (args.model, 128) if device.type == "cpu" else (256, 2048)
@@ -340,9 +340,24 @@ def start_warm_compiles(args, device: torch.device, shapes: list[Shape]):
     context = multiprocessing.get_context("spawn")
     pool = concurrent.futures.ProcessPoolExecutor(args.compile_workers, mp_context=context)
     print(f"# sweep: compiling {len(jobs)} variants on {args.compile_workers} workers", flush=True)
-    for job in jobs.values():
-        pool.submit(_warm_compile, job)
-    return pool
+    futures = [pool.submit(_warm_compile, job) for job in jobs.values()]
+    return pool, futures
+
+
+def precompile(args, device: torch.device, shapes: list[Shape]) -> int:
+    """Only the sweep's compiles (gpu_check.sh runs this beside the CUDA tests, whose compiles
+    leave most cores idle); the sweep then finds the kernels in Triton's cache."""
+    started = time.monotonic()
+    pool, futures = start_warm_compiles(args, device, shapes)
+    results = [future.result() for future in futures]
+    pool.shutdown()
+    failed = [r for r in results if r != "ok"]
+    print(
+        f"# precompiled {len(results)} variants in {time.monotonic() - started:.0f} s, "
+        f"{len(failed)} failed{': ' + failed[0] if failed else ''}",
+        flush=True,
+    )
+    return 0
 
 
 def sweep(args, device: torch.device, shapes: list[Shape]) -> int:
@@ -351,7 +366,7 @@ def sweep(args, device: torch.device, shapes: list[Shape]) -> int:
     from grokserve.model.kernels.moe_triton import fused_moe
 
     deadline = time.monotonic() + args.sweep_budget_s
-    pool = start_warm_compiles(args, device, shapes)
+    pool, _ = start_warm_compiles(args, device, shapes)
     entries, failures = [], 0
     timing = {"warmup_ms": 5, "repeat_ms": 30}
     try:
@@ -415,8 +430,7 @@ def sweep(args, device: torch.device, shapes: list[Shape]) -> int:
                                 json.dump(entries, out, indent=1)
             del layer
     finally:
-        if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
+        pool.shutdown(wait=False, cancel_futures=True)
     return failures
 
 
@@ -440,6 +454,9 @@ def main() -> int:
     parser.add_argument("--sweep-json", help="write the sweep's table entries here")
     parser.add_argument("--sweep-budget-s", type=float, default=150.0)
     parser.add_argument("--compile-workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
+    parser.add_argument(
+        "--precompile", action="store_true", help="only compile the sweep's kernels, then exit"
+    )
     parser.add_argument("--json", help="also write the rows here")
     parser.add_argument(
         "--dry-run", action="store_true", help="CPU, tiny sizes, TRITON_INTERPRET=1: plumbing only"
@@ -465,7 +482,11 @@ def main() -> int:
         parser.error("--tokens must be positive")
     if any(s.held > args.experts for s in shapes):
         parser.error("--shapes: a GPU cannot hold more experts than --experts")
+    if args.compile_workers < 1:
+        parser.error("--compile-workers must be at least 1")
     torch.manual_seed(0)
+    if args.precompile:
+        return precompile(args, device, shapes)
     if args.sweep:
         failures = sweep(args, device, shapes)
         return 1 if failures else 0
