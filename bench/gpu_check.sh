@@ -44,21 +44,21 @@ if [[ -n "$dry_run" ]]; then
   # name, seconds, command: tiny sizes on the CPU
   steps=(
     "pytest|120|$python -m pytest -q -p no:cacheprovider -m gpu tests/model/test_kernels_moe.py"
-    "moe_full|120|$python bench/moe.py --dry-run --shapes 4x128 --tokens 1 8 --json $out_dir/moe_full.json"
+    "moe_full|110|$python bench/moe.py --dry-run --shapes 4x128 --tokens 1 8 --json $out_dir/moe_full.json"
     "moe_deployed|120|$python bench/moe.py --dry-run --shapes 1x128 --tokens 8 --json $out_dir/moe_deployed.json"
     "decode|120|$python bench/decode.py --dry-run --batch 2 --context 8 --layers 1"
-    "sweep|120|$python bench/moe.py --dry-run --sweep --shapes 4x128 --tokens 8 --sweep-budget-s 1 --compile-workers 1 --sweep-json $out_dir/moe_tiles.json"
+    "sweep|120|$python bench/moe.py --dry-run --sweep --shapes 1x128 --tokens 1 --sweep-budget-s 1 --compile-workers 1 --sweep-json $out_dir/moe_tiles.json"
   )
-  beside_first="precompile|60|$python bench/moe.py --dry-run --precompile --shapes 4x128 --tokens 8 --compile-workers 1"
+  beside_first="precompile|60|$python bench/moe.py --dry-run --precompile --shapes 1x128 --tokens 1 --compile-workers 1"
 else
   all_tokens="1 8 64 256 1024 4096 16384"
   sweep_shapes="8x4096 8x32768 1x32768"  # the default deployment's slice first
   steps=(
     "pytest|90|$python -m pytest -q -p no:cacheprovider -m gpu tests/model/test_kernels_moe.py tests/model/test_kernels_attention.py"
-    "moe_full|120|$python bench/moe.py --shapes 8x32768 --tokens $all_tokens --json $out_dir/moe_full.json"
-    "moe_deployed|60|$python bench/moe.py --shapes 8x4096 1x32768 --tokens $all_tokens --json $out_dir/moe_deployed.json"
-    "decode|100|$python bench/decode.py --batch 1 8 64 --context 1024 --layers 4"
-    "sweep|95|$python bench/moe.py --sweep --shapes $sweep_shapes --tokens $all_tokens --sweep-budget-s 65 --sweep-json $out_dir/moe_tiles.json"
+    "moe_full|110|$python bench/moe.py --shapes 8x32768 --tokens $all_tokens --json $out_dir/moe_full.json"
+    "moe_deployed|75|$python bench/moe.py --shapes 8x4096 1x32768 --tokens $all_tokens --json $out_dir/moe_deployed.json"
+    "decode|95|$python bench/decode.py --batch 1 8 64 --context 1024 --layers 4"
+    "sweep|90|$python bench/moe.py --sweep --shapes $sweep_shapes --tokens $all_tokens --sweep-budget-s 60 --sweep-json $out_dir/moe_tiles.json"
   )
   # The sweep's kernels compile on the idle cores while the CUDA tests run (timing nothing).
   beside_first="precompile|150|$python bench/moe.py --precompile --shapes $sweep_shapes --tokens $all_tokens"
