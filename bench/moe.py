@@ -217,6 +217,10 @@ def run_token_count(args, ceilings: Ceilings, layer: Layer, tokens: int) -> Row:
     )
 
 
+def milliseconds(measured: float | str) -> str:
+    return f"{measured:.4f} ms" if isinstance(measured, float) else measured
+
+
 def fraction(roofline: float, measured: float | str) -> str:
     return f"{roofline / measured:.2f}" if isinstance(measured, float) else "-"
 
@@ -413,8 +417,9 @@ def sweep(args, device: torch.device, shapes: list[Shape]) -> int:
                     failures += not ok
                     default_ms = measure(pick_config(tokens))
                     print(
-                        f"sweep {shape} {dtype} tokens={tokens}: {best_ms} ms "
-                        f"(untuned table {default_ms} ms), max|Δ| {error['max_abs']:.3g}, "
+                        f"sweep {shape} {dtype} tokens={tokens}: {milliseconds(best_ms)} "
+                        f"(untuned table {milliseconds(default_ms)}), "
+                        f"max|Δ| {error['max_abs']:.3g}, "
                         f"{'ok' if ok else 'FAILED'}: {best}",
                         flush=True,
                     )
