@@ -321,6 +321,8 @@ class OpenAIIngress:
     ) -> None:
         self.config = ServingConfig.from_args(args)
         self.replica = replica
+        # One streaming handle for every request (options() builds a new handle each call).
+        self.replica_stream = replica.options(stream=True)
         self.metrics_hub = metrics_hub
         self.created = int(time.time())
         self.request_metrics = RequestMetrics(self.config.name)
@@ -444,7 +446,7 @@ class OpenAIIngress:
 
     async def _start(self, request: GenerateRequest) -> _Started:
         """Send the request to a replica; return its event stream once it was admitted."""
-        stream = self.replica.options(stream=True).generate.remote(request)
+        stream = self.replica_stream.generate.remote(request)
         try:
             first = await asyncio.wait_for(stream.__anext__(), ADMISSION_TIMEOUT_SECONDS)
         except BackPressureError as error:
