@@ -88,13 +88,18 @@ def test_bad_flags_exit_2_naming_the_setting(capsys):
         (("--preset", "grok-tiny", "--max-sequence-length", "5000"), "maxSequenceLength=5000"),
     ],
 )
-def test_settings_that_cannot_serve_are_one_line_before_ray_starts(flags, message, capsys):
-    import ray
+def test_settings_that_cannot_serve_are_one_line_before_ray_starts(
+    flags, message, capsys, monkeypatch
+):
+    from grokserve.serving.launcher import LocalServing
 
+    def start_ray(*_):
+        raise AssertionError("Ray was started for settings that cannot serve")
+
+    monkeypatch.setattr(LocalServing, "start", start_ray)
     assert serve.run(parse(*flags)) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1, err
-    assert not ray.is_initialized()
 
 
 def test_a_port_in_use_is_one_line(capsys):
