@@ -60,11 +60,13 @@ async def test_overload_gets_429_with_retry_after_and_admitted_requests_complete
     async with httpx.AsyncClient(
         base_url=base_url, timeout=120, limits=httpx.Limits(max_connections=burst + 5)
     ) as http:
+        before = (await http.get("/metrics")).text
         watcher = asyncio.create_task(_watch_waiting(http, seen, stop))
         timed = await asyncio.gather(*(_timed(http, i) for i in range(burst)))
         stop.set()
         await watcher
         idle = await _wait_idle(http)
+        after = (await http.get("/metrics")).text
     responses = [response for response, _ in timed]
     rejected = [r for r in responses if r.status_code == 429]
     admitted = [r for r in responses if r.status_code == 200]
@@ -84,6 +86,18 @@ async def test_overload_gets_429_with_retry_after_and_admitted_requests_complete
     assert max(seen) > 0, "requests_waiting never rose above 0 while the queue was full"
     assert max(seen) <= LIMITS["maxQueuedRequests"]
     assert idle, "requests were still waiting or running after every response arrived"
+
+    def counted(text, labels):
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith(labels[0] + "{") and all(label in line for label in labels[1:])
+        )
+
+    http_429 = ("grokserve_http_requests_total", 'status="429"')
+    assert counted(after, http_429) - counted(before, http_429) == len(rejected)
+    finished = ("grokserve_request_success_total", 'finish_reason="length"')
+    assert counted(after, finished) - counted(before, finished) == len(admitted)
 
 
 async def _keep_queue_busy(base_url, stop):
