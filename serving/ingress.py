@@ -28,6 +28,7 @@ from grokserve.serving.metrics import RequestMetrics
 from grokserve.serving.requests import GenerateRequest
 from grokserve.serving.schemas import (
     CHAT_STOP,
+    CHAT_TEMPLATE,
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
@@ -388,7 +389,8 @@ class OpenAIIngress:
     @app.get("/tokenizer_info")
     async def tokenizer_info(self) -> dict[str, Any]:
         info = await self._call(self.replica.tokenizer_info.remote())
-        return {**info, "model_max_length": self.config.serving.max_sequence_length}
+        limit = self.config.serving.max_sequence_length
+        return {**info, "model_max_length": limit, "chat_template": CHAT_TEMPLATE}
 
     async def _call(self, response: Any) -> Any:
         """A replica call's result, or 503 when no replica can answer; its refusals as 400s."""

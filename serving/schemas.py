@@ -246,6 +246,16 @@ def render_chat(messages: list[ChatMessage]) -> str:
     return "\n\n".join([*turns, "Assistant:"])
 
 
+# The same format as a Jinja chat template (GET /tokenizer_info), for clients that render chats
+# themselves, such as lm-evaluation-harness with --apply_chat_template.
+CHAT_TEMPLATE = (
+    "{% set names = " + repr(_ROLE_NAMES) + " %}"
+    "{% for message in messages %}{{ names[message['role']] }}: {{ message['content'] | trim }}"
+    "{% if not loop.last or add_generation_prompt %}\n\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+
 class TokenizeRequest(ApiRequest):
     """vLLM's POST /tokenize: a prompt or chat messages (`model` optional)."""
 

@@ -6,6 +6,7 @@ import json
 import time
 
 import httpx
+import jinja2
 import pytest
 import torch
 
@@ -189,6 +190,12 @@ def test_vllm_tokenizer_routes(http):
     assert http.post("/detokenize", json={"tokens": tokens["tokens"]}).json() == {"prompt": "Hi!"}
     info = http.get("/tokenizer_info").json()
     assert info["eos_token_id"] == 2 and info["model_max_length"] == 128
+    # The chat template renders what the server renders from messages.
+    messages = [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    template = jinja2.Environment().from_string(info["chat_template"])
+    rendered = template.render(messages=messages, add_generation_prompt=True)
+    as_text = http.post("/tokenize", json={"prompt": rendered}).json()["tokens"]
+    assert as_text == http.post("/tokenize", json={"messages": messages}).json()["tokens"]
     bad = http.post("/detokenize", json={"tokens": [100000]})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
 
