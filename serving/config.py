@@ -1,9 +1,10 @@
 """The serving configuration: one pydantic model for local runs and for the operator.
 
-The operator renders this object (`ServingConfig.to_args()`) into the RayService's `serveConfigV2`
-as the arguments of `grokserve.serving.app:build_app`, and `grokserve serve` builds it from command-line
-flags. It is pure pydantic on purpose: the operator image has neither ray nor torch, so this module
-must import neither.
+The operator builds this object from a GrokDeployment (`grokserve.operator.replica`), plans it with
+`ServingConfig.plan` and renders `ServingConfig.to_args()` into the RayService's `serveConfigV2` as
+the arguments of `grokserve.serving.app:build_app`; `grokserve serve` builds it from command-line
+flags. The operator image has neither ray nor torch, so this module imports neither (the model's
+config, presets and planner need no torch).
 
 Field names are snake_case in Python and camelCase on the wire (the same spelling as the
 GrokDeployment custom resource); both spellings are accepted on input.
@@ -13,8 +14,20 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.alias_generators import to_camel
+
+from grokserve.model.config import GrokConfig
+from grokserve.model.placement import (
+    Cluster,
+    Headroom,
+    Parallelism,
+    PlacementError,
+    Plan,
+    default_parallelism,
+    make_plan,
+    parse_memory,
+)
 
 PlacementStrategy = Literal["pack", "spread", "strict-spread"]
 
@@ -55,6 +68,10 @@ class ParallelismSpec(_Spec):
 
     gpus_per_node: int = Field(1, ge=1, le=64)
     nodes_per_replica: int = Field(1, ge=1, le=64)
+    gpu_memory: str = Field(
+        "80Gi",
+        description="Memory of one accelerator with its unit (80Gi, 141G): the plan's fit check.",
+    )
     tensor: int | None = Field(
         None,
         ge=1,
@@ -73,16 +90,15 @@ class ParallelismSpec(_Spec):
         """G: shard workers (and placement-group bundles) per replica."""
         return self.gpus_per_node * self.nodes_per_replica
 
-    @model_validator(mode="after")
-    def _degrees_divide_shards(self) -> ParallelismSpec:
-        for field in ("tensor", "expert"):
-            degree = getattr(self, field)
-            if degree is not None and self.shards % degree:
-                raise ValueError(
-                    f"parallelism.{field}={degree} must divide the shards per replica "
-                    f"(gpusPerNode × nodesPerReplica = {self.shards})"
-                )
-        return self
+    @field_validator("gpu_memory")
+    @classmethod
+    def _a_size(cls, value: str) -> str:
+        parse_memory(value, "parallelism.gpuMemory")
+        return value
+
+    @property
+    def gpu_memory_bytes(self) -> int:
+        return parse_memory(self.gpu_memory, "parallelism.gpuMemory")
 
     @property
     def ray_strategy(self) -> str:
@@ -102,9 +118,6 @@ class ResourceSpec(_Spec):
         None,
         description="Ray resource holding one accelerator per shard: 'GPU' on real clusters, a "
         "custom resource for simulated nodes, None on CPU-only machines.",
-    )
-    accelerator_memory_gb: float = Field(
-        80.0, gt=0, description="Memory per accelerator, for the placement plan's fit check."
     )
     replica_cpus: float = Field(
         0.5, gt=0, description="CPUs of the replica actor (scheduler), placed in bundle 0."
@@ -177,6 +190,53 @@ class ServingConfig(_Spec):
     @classmethod
     def from_args(cls, args: dict[str, Any]) -> ServingConfig:
         return cls.model_validate(args)
+
+    def degrees(self, model: GrokConfig) -> Parallelism:
+        """tensor and expert, each the planner's choice where the config leaves it out."""
+        default = default_parallelism(model, self.cluster())
+        return Parallelism(
+            tensor=self.parallelism.tensor or default.tensor,
+            expert=self.parallelism.expert or default.expert,
+        )
+
+    def resolved(self, model: GrokConfig) -> ServingConfig:
+        """This config with the degrees the planner chooses written in, so that the replica runs
+        the parallelism that was planned."""
+        degrees = self.degrees(model)
+        parallelism = self.parallelism.model_copy(
+            update={"tensor": degrees.tensor, "expert": degrees.expert}
+        )
+        return self.model_copy(update={"parallelism": parallelism})
+
+    def plan(self, model: GrokConfig) -> Plan:
+        """Which rank of a replica holds which heads and experts, and whether they fit the GPUs
+        with these serving limits; raises PlacementError naming what to change."""
+        limits = self.serving
+        headroom = Headroom(
+            cache_tokens=limits.max_batch_size * limits.max_sequence_length,
+            step_tokens=limits.max_batch_size * limits.prefill_chunk_tokens,
+        )
+        quantization = "int8" if self.model.quantization == "int8" else None
+        try:
+            return make_plan(
+                model, self.degrees(model), self.cluster(), self.model.dtype, quantization, headroom
+            )
+        except PlacementError as error:
+            raise PlacementError(
+                f"{error}. Per GPU, the KV cache holds serving.maxBatchSize × "
+                f"serving.maxSequenceLength = {headroom.cache_tokens} tokens and a step up to "
+                f"{headroom.step_tokens} tokens: lower those, add GPUs "
+                "(parallelism.nodesPerReplica), keep int8 weights (model.quantization), or state "
+                "larger GPUs (parallelism.gpuMemory)"
+            ) from None
+
+    def cluster(self) -> Cluster:
+        """One replica's accelerators as the planner sees them."""
+        return Cluster(
+            nodes=self.parallelism.nodes_per_replica,
+            gpus_per_node=self.parallelism.gpus_per_node,
+            gpu_memory=self.parallelism.gpu_memory_bytes,
+        )
 
     def placement_group_bundles(self) -> list[dict[str, float]]:
         """One bundle per shard; bundle 0 also holds the replica actor itself (Ray Serve places

@@ -12,7 +12,7 @@ from grokserve.model import GrokConfig, GrokModel, preset
 from grokserve.model.checkpoint import open_checkpoint
 from grokserve.model.checkpoint.base import CheckpointReader
 from grokserve.model.parallel import GrokShard, shard_device, start_process_group
-from grokserve.model.placement import GB, Cluster, Headroom, Parallelism, Plan, make_plan
+from grokserve.model.placement import Plan
 from grokserve.model.tokenizer import Tokenizer, beside_checkpoint
 from grokserve.serving.config import ModelSpec, ServingConfig
 from grokserve.serving.engine import Engine
@@ -84,25 +84,9 @@ def load_tokenizer(spec: ModelSpec) -> Tokenizer | ByteTokenizer:
 
 
 def placement_plan(config: ServingConfig) -> Plan:
-    """Which rank holds which heads and experts in one replica (a pure function of the config)."""
-    parallelism = config.parallelism
-    degrees = None
-    if parallelism.tensor is not None or parallelism.expert is not None:
-        degrees = Parallelism(tensor=parallelism.tensor or 1, expert=parallelism.expert or 1)
-    cluster = Cluster(
-        nodes=parallelism.nodes_per_replica,
-        gpus_per_node=parallelism.gpus_per_node,
-        gpu_memory=int(config.resources.accelerator_memory_gb * GB),
-    )
-    limits = config.serving
-    headroom = Headroom(
-        cache_tokens=limits.max_batch_size * limits.max_sequence_length,
-        step_tokens=limits.max_batch_size * limits.prefill_chunk_tokens,
-    )
-    quantization = "int8" if config.model.quantization == "int8" else None
-    return make_plan(
-        model_config(config.model), degrees, cluster, config.model.dtype, quantization, headroom
-    )
+    """Which rank holds which heads and experts in one replica, planned with the model the replica
+    serves (its checkpoint's config, or its preset's)."""
+    return config.plan(model_config(config.model))
 
 
 def load_shard(config: ServingConfig, rank: int, master: tuple[str, int]) -> GrokShard:
