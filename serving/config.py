@@ -222,12 +222,13 @@ class ServingConfig(_Spec):
                 model, self.degrees(model), self.cluster(), self.model.dtype, quantization, headroom
             )
         except PlacementError as error:
+            int8 = "" if quantization else ", keep int8 weights (model.quantization)"
             raise PlacementError(
-                f"{error}. Per GPU, the KV cache holds serving.maxBatchSize × "
-                f"serving.maxSequenceLength = {headroom.cache_tokens} tokens and a step up to "
-                f"{headroom.step_tokens} tokens: lower those, add GPUs "
-                "(parallelism.nodesPerReplica), keep int8 weights (model.quantization), or state "
-                "larger GPUs (parallelism.gpuMemory)"
+                f"{error}. Each GPU caches its kv heads for serving.maxBatchSize × "
+                f"serving.maxSequenceLength = {headroom.cache_tokens} tokens and computes steps "
+                f"of up to {headroom.step_tokens} tokens: lower those, add GPUs "
+                f"(parallelism.nodesPerReplica){int8}, or state larger GPUs "
+                "(parallelism.gpuMemory)"
             ) from None
 
     def cluster(self) -> Cluster:

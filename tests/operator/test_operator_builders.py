@@ -158,3 +158,16 @@ def test_render_reports_the_bad_document() -> None:
         render_documents("kind: Pod\n", namespace="default", with_servicemonitor=False)
     with pytest.raises(RenderError, match="not valid YAML"):
         render_documents("a: [", namespace="default", with_servicemonitor=False)
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_every_example_fits_the_hardware_it_states_with_useful_limits(path: Path) -> None:
+    for body in yaml.safe_load_all(path.read_text()):
+        spec = parse_resource(body)
+        plan = replica_plan(body["metadata"]["name"], spec)  # what the reconcile runs
+        assert plan.fits()
+        assert plan.cluster.gpu_memory == spec.parallelism.gpu_memory_bytes
+        if spec.model.preset == "grok-1":
+            # a served Grok-1 takes a real batch at the model's whole context
+            assert spec.serving.max_batch_size >= 32
+            assert spec.max_sequence_length == 8192

@@ -107,5 +107,5 @@ def test_a_replica_that_does_not_fit_names_the_serving_limits():
         config.plan(preset("grok-1"))
     message = str(error.value)
     assert "does not fit on 1 node of 8×40 GiB" in message
-    assert "maxSequenceLength = 524288 tokens" in message
+    assert "serving.maxSequenceLength = 524288 tokens" in message
     assert "parallelism.gpuMemory" in message
