@@ -11,6 +11,7 @@ import torch
 from grokserve.model import GrokConfig, GrokModel, preset
 from grokserve.model.checkpoint import open_checkpoint
 from grokserve.model.checkpoint.base import CheckpointReader
+from grokserve.model.config import SpecialTokens
 from grokserve.model.parallel import GrokShard, shard_device, start_process_group
 from grokserve.model.placement import Plan
 from grokserve.model.tokenizer import Tokenizer, beside_checkpoint
@@ -20,29 +21,28 @@ from grokserve.serving.scheduler import Executor, Scheduler, SchedulerObserver
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
-# Ids below this are Grok's special tokens ([PAD], [BOS], [EOS], [UNK]).
-_SPECIAL_IDS = 4
-
 
 class ByteTokenizer:
-    """UTF-8 bytes as ids 4..259, for models that ship without a SentencePiece file.
+    """UTF-8 bytes as the 256 ids after the config's special tokens and Grok's [UNK] (4..259 for
+    Grok's [PAD]=0, [BOS]=1, [EOS]=2, [UNK]=3), for models that ship without a SentencePiece file.
 
-    With a 256-entry vocabulary (grok-tiny) bytes 0xFC..0xFF have no id; they never occur in
-    valid UTF-8, so every text still round-trips.
+    With a 256-entry vocabulary (grok-tiny) the last bytes have no id; they never occur in valid
+    UTF-8, so every text still round-trips.
     """
 
-    def __init__(self, vocab_size: int) -> None:
+    def __init__(self, vocab_size: int, special: SpecialTokens) -> None:
         self.vocab_size = vocab_size
+        self.first = max(special) + 2  # [UNK] follows the last special id in Grok's vocabulary
 
     def encode(self, text: str) -> list[int]:
         return [
-            byte + _SPECIAL_IDS
+            byte + self.first
             for byte in text.encode("utf-8")
-            if byte + _SPECIAL_IDS < self.vocab_size
+            if byte + self.first < self.vocab_size
         ]
 
     def decode(self, ids: Sequence[int]) -> str:
-        data = bytes(i - _SPECIAL_IDS for i in ids if _SPECIAL_IDS <= i < _SPECIAL_IDS + 256)
+        data = bytes(i - self.first for i in ids if self.first <= i < self.first + 256)
         return data.decode("utf-8", errors="replace")
 
 
@@ -76,11 +76,12 @@ def local_path(location: str) -> Path:
 
 
 def load_tokenizer(spec: ModelSpec) -> Tokenizer | ByteTokenizer:
+    config = model_config(spec)
     if spec.tokenizer is not None:
-        return Tokenizer(local_path(spec.tokenizer))
+        return Tokenizer(local_path(spec.tokenizer), config.special_tokens)
     if spec.source is not None and (shipped := beside_checkpoint(local_path(spec.source))):
-        return Tokenizer(shipped)
-    return ByteTokenizer(model_config(spec).vocab_size)
+        return Tokenizer(shipped, config.special_tokens)
+    return ByteTokenizer(config.vocab_size, config.special_tokens)
 
 
 def placement_plan(config: ServingConfig) -> Plan:
@@ -127,6 +128,7 @@ def build_engine(
 ) -> Engine:
     """The request path over `executor` with the config's limits; its scheduler is not started."""
     tokenizer = load_tokenizer(config.model)
+    special = model_config(config.model).special_tokens
     limits = config.serving
     scheduler = Scheduler(
         executor,
@@ -136,7 +138,8 @@ def build_engine(
         max_queued_requests=limits.max_queued_requests,
         kv_budget=limits.kv_budget,
         prefill_chunk_tokens=limits.prefill_chunk_tokens,
-        eos_id=model_config(config.model).eos_token,
+        eos_id=special.eos,
+        pad_id=special.pad,
         observer=observer,
     )
     return Engine(scheduler, tokenizer, limits.default_max_tokens, limits.stream_interval_seconds)
