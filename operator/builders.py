@@ -100,7 +100,7 @@ def placement_summary(spec: GrokDeploymentSpec, plan: Plan) -> str:
     unit = "GPUs" if par.device == "gpu" else "CPU shards"
     return (
         f"{spec.replicas} replica(s) × {par.nodes_per_replica} node(s) × {par.gpus_per_node} "
-        f"{unit}, {par.placement}; each replica: {plan.summary()}"
+        f"{unit}, {par.strategy}; each replica: {plan.summary()}"
     )
 
 

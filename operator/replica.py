@@ -60,7 +60,7 @@ def replica_config(name: str, spec: GrokDeploymentSpec) -> ServingConfig:
             gpu_memory=par.gpu_memory,
             tensor=par.tensor,
             expert=par.expert,
-            placement=par.placement,
+            strategy=par.strategy,
         ),
         resources=ResourceSpec(
             device="cuda" if on_gpu else "cpu", accelerator_resource="GPU" if on_gpu else None

@@ -208,9 +208,10 @@ class ParallelismSpec(CamelModel):
         description="Groups of whole experts (divides the experts); unset lets the planner "
         "choose (one group per node).",
     )
-    placement: Literal["pack", "spread", "strict-spread"] = Field(
+    strategy: Literal["pack", "spread", "strict-spread"] = Field(
         "pack",
-        description="Ray placement strategy of a replica's shards (PACK, SPREAD, STRICT_SPREAD).",
+        description="Ray placement-group strategy of a replica's shards over the worker nodes "
+        "(PACK, SPREAD, STRICT_SPREAD); which shard holds what is the planner's placement.",
     )
 
     @property

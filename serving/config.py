@@ -29,10 +29,10 @@ from grokserve.model.placement import (
     parse_memory,
 )
 
-PlacementStrategy = Literal["pack", "spread", "strict-spread"]
+Strategy = Literal["pack", "spread", "strict-spread"]
 
-# Ray's names for our placement strategies (`placement_group_strategy` of a Serve deployment).
-RAY_PLACEMENT_STRATEGIES: dict[str, str] = {
+# Ray's names for our strategies (`placement_group_strategy` of a Serve deployment).
+RAY_STRATEGIES: dict[str, str] = {
     "pack": "PACK",
     "spread": "SPREAD",
     "strict-spread": "STRICT_SPREAD",
@@ -83,7 +83,9 @@ class ParallelismSpec(_Spec):
         ge=1,
         description="Groups of whole experts; None lets the planner choose (one group per node).",
     )
-    placement: PlacementStrategy = "pack"
+    strategy: Strategy = Field(
+        "pack", description="Ray placement-group strategy of the shards over the nodes."
+    )
 
     @property
     def shards(self) -> int:
@@ -102,7 +104,7 @@ class ParallelismSpec(_Spec):
 
     @property
     def ray_strategy(self) -> str:
-        return RAY_PLACEMENT_STRATEGIES[self.placement]
+        return RAY_STRATEGIES[self.strategy]
 
 
 class ResourceSpec(_Spec):
