@@ -10,9 +10,9 @@ from __future__ import annotations
 from grokserve.model.placement import PlacementError, Plan
 from grokserve.operator.spec import GrokDeploymentSpec, SpecError
 from grokserve.serving.config import (
-    ModelSpec,
-    ParallelismSpec,
-    ResourceSpec,
+    ReplicaModel,
+    ReplicaParallelism,
+    ReplicaResources,
     ServingConfig,
     ServingLimits,
 )
@@ -47,14 +47,14 @@ def replica_config(name: str, spec: GrokDeploymentSpec) -> ServingConfig:
         # Serve needs one replica to exist; at spec.replicas 0 the worker group has no pods, so
         # the replica stays pending without holding a GPU.
         replicas=max(spec.replicas, 1),
-        model=ModelSpec(
+        model=ReplicaModel(
             preset=spec.model.preset,
             source=local_location(spec.model.source),
             tokenizer=local_location(spec.model.tokenizer),
             dtype=spec.model.dtype,
             quantization=spec.model.quantization,
         ),
-        parallelism=ParallelismSpec(
+        parallelism=ReplicaParallelism(
             gpus_per_node=par.gpus_per_node,
             nodes_per_replica=par.nodes_per_replica,
             gpu_memory=par.gpu_memory,
@@ -62,7 +62,7 @@ def replica_config(name: str, spec: GrokDeploymentSpec) -> ServingConfig:
             expert=par.expert,
             strategy=par.strategy,
         ),
-        resources=ResourceSpec(
+        resources=ReplicaResources(
             device="cuda" if on_gpu else "cpu", accelerator_resource="GPU" if on_gpu else None
         ),
         serving=ServingLimits(

@@ -39,13 +39,13 @@ RAY_STRATEGIES: dict[str, str] = {
 }
 
 
-class _Spec(BaseModel):
+class _Section(BaseModel):
     model_config = ConfigDict(
         alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True
     )
 
 
-class ModelSpec(_Spec):
+class ReplicaModel(_Section):
     """Which model to serve and how to hold its weights."""
 
     preset: str = Field("grok-tiny", description="Architecture preset, e.g. grok-1, grok-mini.")
@@ -63,7 +63,7 @@ class ModelSpec(_Spec):
     seed: int = Field(0, description="Seed for random weights (used only when source is None).")
 
 
-class ParallelismSpec(_Spec):
+class ReplicaParallelism(_Section):
     """How one model replica is spread over accelerators (its G shard workers)."""
 
     gpus_per_node: int = Field(1, ge=1, le=64)
@@ -107,7 +107,7 @@ class ParallelismSpec(_Spec):
         return RAY_STRATEGIES[self.strategy]
 
 
-class ResourceSpec(_Spec):
+class ReplicaResources(_Section):
     """What each shard worker asks Ray for (one placement-group bundle per shard)."""
 
     device: Literal["cpu", "cuda"] = Field(
@@ -132,7 +132,7 @@ class ResourceSpec(_Spec):
         return bundle
 
 
-class ServingLimits(_Spec):
+class ServingLimits(_Section):
     """Per-replica limits: batch, context, queue."""
 
     max_batch_size: int = Field(16, ge=1, le=4096, description="KV-cache slots per replica.")
@@ -169,7 +169,7 @@ class ServingLimits(_Spec):
         return self.max_batch_size * self.max_sequence_length
 
 
-class ServingConfig(_Spec):
+class ServingConfig(_Section):
     """Everything `build_app` needs to deploy one served model."""
 
     name: str = Field(
@@ -180,9 +180,9 @@ class ServingConfig(_Spec):
         description="Deployment name: the model id in the API and the `deployment` metric label.",
     )
     replicas: int = Field(1, ge=1, description="Model replicas (Serve replicas of GrokReplica).")
-    model: ModelSpec = ModelSpec()
-    parallelism: ParallelismSpec = ParallelismSpec()
-    resources: ResourceSpec = ResourceSpec()
+    model: ReplicaModel = ReplicaModel()
+    parallelism: ReplicaParallelism = ReplicaParallelism()
+    resources: ReplicaResources = ReplicaResources()
     serving: ServingLimits = ServingLimits()
 
     def to_args(self) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from grokserve.model.config import SpecialTokens
 from grokserve.model.parallel import GrokShard, shard_device, start_process_group
 from grokserve.model.placement import Plan
 from grokserve.model.tokenizer import Tokenizer, beside_checkpoint
-from grokserve.serving.config import ModelSpec, ServingConfig
+from grokserve.serving.config import ReplicaModel, ServingConfig
 from grokserve.serving.engine import Engine
 from grokserve.serving.scheduler import Executor, Scheduler, SchedulerObserver
 
@@ -50,7 +50,7 @@ class ByteTokenizer:
 DEMO_CHECKPOINT = Path(__file__).resolve().parent / "demo"
 
 
-def open_source(spec: ModelSpec) -> CheckpointReader:
+def open_source(spec: ReplicaModel) -> CheckpointReader:
     """A reader for `spec.source` in any format grokserve.model reads (its own config.json +
     safetensors, Hugging Face, or xAI's released checkpoint)."""
     if spec.source is None:
@@ -58,7 +58,7 @@ def open_source(spec: ModelSpec) -> CheckpointReader:
     return open_checkpoint(local_path(spec.source))
 
 
-def model_config(spec: ModelSpec) -> GrokConfig:
+def model_config(spec: ReplicaModel) -> GrokConfig:
     return preset(spec.preset) if spec.source is None else open_source(spec).config
 
 
@@ -75,7 +75,7 @@ def local_path(location: str) -> Path:
     return Path(location)
 
 
-def load_tokenizer(spec: ModelSpec) -> Tokenizer | ByteTokenizer:
+def load_tokenizer(spec: ReplicaModel) -> Tokenizer | ByteTokenizer:
     config = model_config(spec)
     if spec.tokenizer is not None:
         return Tokenizer(local_path(spec.tokenizer), config.special_tokens)

@@ -6,7 +6,7 @@ from safetensors.torch import save_file
 
 from grokserve.model import GrokModel
 from grokserve.model.sampling import SamplingParams, generate
-from grokserve.serving.config import ModelSpec, ServingConfig
+from grokserve.serving.config import ReplicaModel, ServingConfig
 from grokserve.serving.loading import (
     DEMO_CHECKPOINT,
     ByteTokenizer,
@@ -46,11 +46,11 @@ def test_a_cpu_device_stays_on_the_cpu_beside_cuda():
 
 def test_bad_sources_are_named(tmp_path):
     with pytest.raises(ValueError, match="is not a checkpoint"):
-        model_config(ModelSpec(source=str(tmp_path)))
+        model_config(ReplicaModel(source=str(tmp_path)))
     with pytest.raises(ValueError, match="does not exist"):
-        model_config(ModelSpec(source=str(tmp_path / "nowhere")))
+        model_config(ReplicaModel(source=str(tmp_path / "nowhere")))
     with pytest.raises(ValueError, match="s3:// scheme"):
-        model_config(ModelSpec(source="s3://bucket/ckpt"))
+        model_config(ReplicaModel(source="s3://bucket/ckpt"))
 
 
 def test_byte_tokenizer_round_trips_utf8():
