@@ -48,8 +48,10 @@ def does_not_fit_message(plan: Plan) -> str:
     if nodes is not None and nodes > cluster.nodes:
         suggestions.append(f"needs ≥ {cluster.describe(nodes)} in {precision}")
     elif nodes is not None:
+        default = default_parallelism(plan.config, cluster)
         suggestions.append(
-            f"the default parallelism {default_parallelism(plan.config, cluster)} fits"
+            f"the planner's own choice (tensor {default.tensor}, expert {default.expert}, taken "
+            "when none is given) fits"
         )
     if plan.quantization is None:
         int8_nodes = minimum_nodes(plan.config, cluster, plan.dtype, "int8", plan.headroom)

@@ -195,3 +195,8 @@ def test_the_planner_offers_exactly_the_dtypes_the_loader_builds() -> None:
         parse_dtype("float16")
     with pytest.raises(PlacementError, match="dtype must be one of float32, bfloat16.*'float16'"):
         make_plan(GROK, None, Cluster(nodes=2, gpus_per_node=8, gpu_memory=H100), "float16")
+
+
+def test_a_parallelism_that_does_not_fit_is_told_the_planners_choice() -> None:
+    with pytest.raises(PlacementError, match=r"the planner's own choice \(tensor 8, expert 2"):
+        grok_plan(2, None, tensor=1, expert=8)
