@@ -197,11 +197,13 @@ class Binary(Expr):
 
 @dataclass(frozen=True)
 class Rule:
-    """`condition` must hold on the schema node at `scope` ("" is the spec itself)."""
+    """`condition` must hold on the schema node at `scope` ("" is the spec itself); the API server
+    reports a broken rule at `field` (a path below the scope), or at the scope itself."""
 
     scope: str
     condition: Expr
     message: str
+    field: str | None = None
 
     def _fields(self) -> list[Field]:
         unique: dict[str, Field] = {}
@@ -219,7 +221,10 @@ class Rule:
         rule = self.condition.cel()
         if guards:
             rule = f"!({' && '.join(guards)}) || {rule}"
-        return {"rule": rule, "message": self.message}
+        cel = {"rule": rule, "message": self.message}
+        if self.field is not None:
+            cel["fieldPath"] = f".{Field(self.field).camel}"
+        return cel
 
     def holds(self, node: Any) -> bool:
         if any(field.value(node) is None for field in self._fields()):

@@ -60,47 +60,56 @@ RULES = [
         ~Ref("preset").one_of(_NEED_SOURCE) | present("source"),
         f"model.source is required for {', '.join(_NEED_SOURCE)}: random weights of that size "
         "serve nothing useful",
+        field="source",
     ),
     Rule(
         "parallelism",
         Ref("tensor").divides(_SHARDS),
         "parallelism.tensor must divide gpusPerNode × nodesPerReplica",
+        field="tensor",
     ),
     Rule(
         "parallelism",
         Ref("expert").divides(_SHARDS),
         "parallelism.expert must divide gpusPerNode × nodesPerReplica",
+        field="expert",
     ),
     Rule(
         "autoscaling",
         Ref("min_replicas") <= Ref("max_replicas"),
         "autoscaling.minReplicas must be ≤ autoscaling.maxReplicas",
+        field="min_replicas",
     ),
     Rule(
         "autoscaling",
         ~Ref("enabled") | present("prometheus_url"),
         "autoscaling.prometheusUrl is required when autoscaling is enabled",
+        field="prometheus_url",
     ),
     Rule(
         "autoscaling",
         (Ref("min_replicas") >= 1) | present("scale_to_zero_idle_seconds"),
         "autoscaling.minReplicas 0 needs autoscaling.scaleToZeroIdleSeconds (how long the "
         "deployment must be idle before it scales to zero)",
+        field="min_replicas",
     ),
     Rule(
         "",
         Ref("parallelism.tensor").divides(_KV_HEADS),
         f"parallelism.tensor must divide the model's kv heads ({_listed(_KV_HEADS)})",
+        field="parallelism.tensor",
     ),
     Rule(
         "",
         Ref("parallelism.expert").divides(_EXPERTS),
         f"parallelism.expert must divide the model's experts ({_listed(_EXPERTS)})",
+        field="parallelism.expert",
     ),
     Rule(
         "",
         Ref("serving.max_sequence_length") <= _CONTEXT,
         f"serving.maxSequenceLength must not exceed the model's context ({_listed(_CONTEXT)})",
+        field="serving.max_sequence_length",
     ),
     Rule(
         "",
@@ -111,6 +120,7 @@ RULES = [
         ),
         "replicas must lie within autoscaling.minReplicas..maxReplicas while autoscaling is "
         "enabled",
+        field="replicas",
     ),
 ]
 
