@@ -7,6 +7,8 @@ is refused here, not found failing inside the cluster.
 
 from __future__ import annotations
 
+from pydantic import ValidationError
+
 from grokserve.model.placement import PlacementError, Plan
 from grokserve.operator.spec import GrokDeploymentSpec, SpecError
 from grokserve.serving.config import (
@@ -76,6 +78,12 @@ def replica_config(name: str, spec: GrokDeploymentSpec) -> ServingConfig:
 def replica_plan(name: str, spec: GrokDeploymentSpec) -> Plan:
     """The plan of one replica, with the preset's model; SpecError (DoesNotFit) when it cannot fit."""
     try:
-        return replica_config(name, spec).plan(spec.model.config)
+        config = replica_config(name, spec)
+    except ValidationError as error:
+        # The spec's own checks should leave nothing for the replica's config to refuse; if they
+        # ever do, the user still gets a condition naming the field instead of a retry loop.
+        raise SpecError(f"the replica's serving config refuses this spec: {error}") from None
+    try:
+        return config.plan(spec.model.config)
     except PlacementError as error:
         raise SpecError(str(error), reason=DOES_NOT_FIT) from None

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 from grokserve.model.config import GrokConfig
@@ -231,6 +231,12 @@ class ParallelismSpec(CamelModel):
     @property
     def gpus_per_replica(self) -> int:
         return self.shards if self.device == "gpu" else 0
+
+    @field_validator("gpu_memory")
+    @classmethod
+    def _positive_memory(cls, value: str) -> str:
+        parse_memory(value, "parallelism.gpuMemory")  # the pattern cannot refuse 0Gi
+        return value
 
     @property
     def gpu_memory_bytes(self) -> int:

@@ -74,6 +74,10 @@ def test_defaults_fill_a_minimal_spec() -> None:
             "spec.parallelism.gpuMemory: String should match pattern",
         ),
         (
+            with_changes(parallelism={"gpuMemory": "0Gi"}),
+            "spec.parallelism.gpuMemory: parallelism.gpuMemory must be positive, got '0Gi'",
+        ),
+        (
             with_changes(autoscaling={"minReplicas": 3, "maxReplicas": 2}),
             "spec.autoscaling: autoscaling.minReplicas must be ≤ autoscaling.maxReplicas (here "
             "minReplicas=3, maxReplicas=2)",
