@@ -20,9 +20,9 @@ from pydantic.alias_generators import to_camel
 from grokserve.model.config import GrokConfig
 from grokserve.model.placement import (
     Cluster,
+    DoesNotFitError,
     Headroom,
     Parallelism,
-    PlacementError,
     Plan,
     default_parallelism,
     make_plan,
@@ -212,7 +212,8 @@ class ServingConfig(_Section):
 
     def plan(self, model: GrokConfig) -> Plan:
         """Which rank of a replica holds which heads and experts, and whether they fit the GPUs
-        with these serving limits; raises PlacementError naming what to change."""
+        with these serving limits; raises PlacementError (DoesNotFitError naming the limits to
+        change when the layout is valid but too big)."""
         limits = self.serving
         headroom = Headroom(
             cache_tokens=limits.max_batch_size * limits.max_sequence_length,
@@ -223,9 +224,9 @@ class ServingConfig(_Section):
             return make_plan(
                 model, self.degrees(model), self.cluster(), self.model.dtype, quantization, headroom
             )
-        except PlacementError as error:
+        except DoesNotFitError as error:
             int8 = "" if quantization else ", keep int8 weights (model.quantization)"
-            raise PlacementError(
+            raise DoesNotFitError(
                 f"{error}. Each GPU caches its kv heads for serving.maxBatchSize × "
                 f"serving.maxSequenceLength = {headroom.cache_tokens} tokens and computes steps "
                 f"of up to {headroom.step_tokens} tokens: lower those, add GPUs "

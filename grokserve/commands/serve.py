@@ -82,10 +82,13 @@ def run(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from grokserve.serving.launcher import ClusterShape, LocalServing
+    from grokserve.serving.loading import placement_plan
 
     try:
         shape = ClusterShape(nodes=args.nodes, gpus_per_node=args.gpus_per_node)
         config = shape.apply(serving_config(args))
+        # Planned before Ray starts: a parallelism or limits that cannot work fail here.
+        placement_plan(config)
     except (ValidationError, ValueError) as error:
         print(f"grokserve serve: invalid settings: {error}", file=sys.stderr)
         return 2

@@ -25,7 +25,7 @@ Memory per rank = weights + KV cache + workspace + reserve (`Headroom`, the fit 
 A plan fits when every rank's total is at most the GPU memory.
 """
 
-from grokserve.model.placement.fit import make_plan, minimum_nodes
+from grokserve.model.placement.fit import DoesNotFitError, make_plan, minimum_nodes
 from grokserve.model.placement.layout import default_parallelism, layout
 from grokserve.model.placement.plan import (
     DTYPE_BYTES,
@@ -47,6 +47,7 @@ __all__ = [
     "GB",
     "Cluster",
     "DType",
+    "DoesNotFitError",
     "ExpertSlice",
     "Headroom",
     "MemorySizeError",

@@ -17,6 +17,10 @@ from grokserve.model.placement.render import model_name
 from grokserve.model.placement.units import gigabytes
 
 
+class DoesNotFitError(PlacementError):
+    """A valid layout whose ranks need more memory than the GPUs have."""
+
+
 def make_plan(
     config: GrokConfig,
     parallelism: Parallelism | None,
@@ -28,7 +32,7 @@ def make_plan(
     """The placement of `config` on `cluster`; raises PlacementError (saying what would fit) if it cannot."""
     plan = layout(config, parallelism, cluster, dtype, quantization, headroom or Headroom())
     if not plan.fits():
-        raise PlacementError(does_not_fit_message(plan))
+        raise DoesNotFitError(does_not_fit_message(plan))
     return plan
 
 
