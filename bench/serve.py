@@ -92,10 +92,7 @@ def in_process_engine(config: ServingConfig) -> Engine:
     limits = config.serving
     model = load_shard(config, rank=0, master=("127.0.0.1", 0))
     stepper = ModelStepper(
-        model,
-        max_batch_size=limits.max_batch_size,
-        max_len=limits.max_sequence_length,
-        eos_id=model.config.eos_token,
+        model, max_batch_size=limits.max_batch_size, max_len=limits.max_sequence_length
     )
     return build_engine(config, LocalExecutor(stepper))
 

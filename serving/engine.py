@@ -16,6 +16,7 @@ import asyncio
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, Protocol
 
+from grokserve.model.config import SpecialTokens
 from grokserve.model.sampling import SamplingParams
 from grokserve.serving.detokenize import token_text
 from grokserve.serving.requests import GenerateRequest
@@ -52,11 +53,13 @@ class Engine:
         self,
         scheduler: Scheduler,
         tokenizer: Tokenizer,
+        special: SpecialTokens,
         default_max_tokens: int,
         stream_interval: float = 0.0,
     ) -> None:
         self.scheduler = scheduler
         self.tokenizer = tokenizer
+        self.special = special
         self.default_max_tokens = default_max_tokens
         self.stream_interval = stream_interval
         self._max_prompt_chars = scheduler.max_sequence_length * max_chars_per_token(tokenizer)
@@ -78,11 +81,12 @@ class Engine:
     async def prompt_ids(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
             return await self.encode(prompt)
-        vocab = self.tokenizer.vocab_size
-        bad = [t for t in prompt if not 0 < t < vocab]
+        vocab, pad = self.tokenizer.vocab_size, self.special.pad
+        bad = [t for t in prompt if not 0 <= t < vocab or t == pad]
         if bad:
             raise AdmissionError(
-                f"prompt token ids must be in [1, {vocab - 1}] (0 is padding); got {bad[:5]}",
+                f"prompt token ids must be in [0, {vocab - 1}] and not {pad} (padding); "
+                f"got {bad[:5]}",
                 param="prompt",
             )
         return list(prompt)
@@ -176,15 +180,12 @@ class Engine:
 
     def tokenizer_info(self) -> dict[str, Any]:
         """vLLM's /tokenizer_info: the tokenizer's kind and special tokens (text and id)."""
-        from grokserve.model.tokenizer import BOS, EOS, PAD, UNK
-
         piece = getattr(self.tokenizer, "piece", None)
-        special = {"pad": PAD, "bos": BOS, "eos": EOS, "unk": UNK}
         info: dict[str, Any] = {
             "tokenizer_class": type(self.tokenizer).__name__,
             "vocab_size": self.tokenizer.vocab_size,
         }
-        for name, token in special.items():
+        for name, token in self.special._asdict().items():
             info[f"{name}_token"] = piece(token) if piece else f"<{name}>"
             info[f"{name}_token_id"] = token
         return info

@@ -17,14 +17,14 @@ import torch
 
 from grokserve.model.logits import adjust
 from grokserve.model.sampling import SamplingParams, sample
-from grokserve.serving.scheduler import PAD_ID, RowOutput, StepInput, TokenLogprob
+from grokserve.serving.scheduler import RowOutput, StepInput, TokenLogprob
 
 
 class ModelStepper:
-    def __init__(self, model: Any, *, max_batch_size: int, max_len: int, eos_id: int) -> None:
+    def __init__(self, model: Any, *, max_batch_size: int, max_len: int) -> None:
         self.model = model
         self.cache = model.new_cache(batch_size=max_batch_size, max_len=max_len)
-        self._eos_id = eos_id
+        self._special = model.config.special_tokens
         self._generators: dict[int, torch.Generator] = {}
         self._sampling: dict[int, SamplingParams] = {}
         self._prompt: dict[int, list[int]] = {}  # per row: its prompt (penalties)
@@ -49,7 +49,7 @@ class ModelStepper:
         fed = step.tokens or [[self._last_token[row]] for row in step.rows]
         if step.tokens:
             for row, chunk in zip(step.rows, step.tokens, strict=True):
-                self._prompt[row].extend(t for t in chunk if t != PAD_ID)
+                self._prompt[row].extend(t for t in chunk if t != self._special.pad)
         tokens = torch.tensor(fed, dtype=torch.long, device=device)
         rows = torch.tensor(step.rows, dtype=torch.long, device=device)
         logits = self.model(tokens, cache=self.cache, rows=rows)
@@ -65,7 +65,9 @@ class ModelStepper:
                 continue
             scores = last[i]
             if params.adjusts_logits:
-                scores = adjust(scores, params, self._prompt[row], self._output[row], self._eos_id)
+                scores = adjust(
+                    scores, params, self._prompt[row], self._output[row], self._special.eos
+                )
             chosen[i] = int(
                 sample(
                     scores[None],

@@ -53,14 +53,12 @@ class GrokReplica:
     # vLLM's tokenizer routes (the ingress adds the context length).
 
     async def tokenize(self, text: str, add_special_tokens: bool) -> dict[str, Any]:
-        from grokserve.model.tokenizer import BOS
-
         try:
             tokens = await self.engine.encode(text)
         except AdmissionError as error:
             return {"error": {"message": str(error), "param": error.param}}
         if add_special_tokens:
-            tokens = [BOS, *tokens]
+            tokens = [self.engine.special.bos, *tokens]
         return {"tokens": tokens, "count": len(tokens), "token_strs": None}
 
     async def detokenize(self, tokens: list[int]) -> dict[str, Any]:
@@ -79,7 +77,7 @@ class GrokReplica:
         return {
             "deployment": self.config.name,
             "replica": self.replica_id,
-            "strategy": self.config.parallelism.placement,
+            "strategy": self.config.parallelism.strategy,
             "shards": self.executor.shards,
             "nodes": len({shard["node_id"] for shard in self.executor.shards}),
             "plan": describe_plan(placement_plan(self.config)),

@@ -45,10 +45,7 @@ class ShardWorker:
         model = load_shard(self.config, self.rank, master)
         limits = self.config.serving
         self.stepper = ModelStepper(
-            model,
-            max_batch_size=limits.max_batch_size,
-            max_len=limits.max_sequence_length,
-            eos_id=model.config.eos_token,
+            model, max_batch_size=limits.max_batch_size, max_len=limits.max_sequence_length
         )
         return self.describe()
 

@@ -42,7 +42,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--tensor", type=int, help="attention shards (default: planner's choice)")
     parser.add_argument("--expert", type=int, help="expert groups (default: planner's choice)")
-    parser.add_argument("--placement", default="pack", choices=("pack", "spread", "strict-spread"))
+    parser.add_argument(
+        "--strategy",
+        default="pack",
+        choices=("pack", "spread", "strict-spread"),
+        help="Ray placement-group strategy of the shards over the nodes",
+    )
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--max-sequence-length", type=int, default=512)
     parser.add_argument("--max-queued-requests", type=int, default=64)
@@ -67,7 +72,7 @@ def serving_config(args: argparse.Namespace):
         name=name,
         replicas=args.replicas,
         model=model,
-        parallelism={"tensor": args.tensor, "expert": args.expert, "placement": args.placement},
+        parallelism={"tensor": args.tensor, "expert": args.expert, "strategy": args.strategy},
         serving={
             "maxBatchSize": args.max_batch_size,
             "maxSequenceLength": args.max_sequence_length,

@@ -77,7 +77,7 @@ def test_bad_flags_exit_2_naming_the_setting(capsys):
     assert serve.run(parse("--max-batch-size", "0")) == 2
     assert "maxBatchSize" in capsys.readouterr().err
     assert serve.run(parse("--nodes", "2", "--gpus-per-node", "2", "--tensor", "3")) == 2
-    assert "parallelism.tensor=3" in capsys.readouterr().err
+    assert "tensor 3 must divide the 4 GPUs" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -218,16 +218,12 @@ def test_lm_evaluation_harness_scores_the_demo_through_the_api(demo_server, tmp_
 
 
 def _demo_model():
-    import torch
-
     from grokserve.model import load_model
     from grokserve.model.tokenizer import Tokenizer
     from grokserve.serving.loading import DEMO_CHECKPOINT
 
-    torch.set_num_threads(1)
-    return load_model(str(DEMO_CHECKPOINT), "float32", "cpu"), Tokenizer(
-        DEMO_CHECKPOINT / "tokenizer.model"
-    )
+    model = load_model(str(DEMO_CHECKPOINT), "float32", "cpu")
+    return model, Tokenizer(DEMO_CHECKPOINT / "tokenizer.model", model.config.special_tokens)
 
 
 def _loglikelihood(model, tokenizer, context, continuation):

@@ -13,9 +13,10 @@ import torch
 from grokserve.model import GrokModel
 from grokserve.serving.loading import ByteTokenizer
 from testkit.serving import MODEL
+from testkit.tokenizers import GROK_SPECIAL
 
 pytestmark = pytest.mark.slow
-TOKENIZER = ByteTokenizer(256)
+TOKENIZER = ByteTokenizer(256, GROK_SPECIAL)
 
 
 @pytest.fixture(scope="module")

@@ -19,8 +19,9 @@ from grokserve.serving.scheduler import (
     StepInput,
 )
 from grokserve.serving.schemas import CHAT_STOP, ChatMessage, render_chat
+from testkit.tokenizers import GROK_SPECIAL
 
-TOKENIZER = ByteTokenizer(256)
+TOKENIZER = ByteTokenizer(256, GROK_SPECIAL)
 GREEDY = SamplingParams(temperature=0)
 PROMPTS = [f"{i}: {'the quick brown fox ' * (i % 4)}jumps" for i in range(12)]
 
@@ -44,10 +45,7 @@ async def make_scheduler(model):
             **overrides,
         }
         stepper = ModelStepper(
-            model,
-            max_batch_size=limits["max_batch_size"],
-            max_len=limits["max_sequence_length"],
-            eos_id=model.config.eos_token,
+            model, max_batch_size=limits["max_batch_size"], max_len=limits["max_sequence_length"]
         )
         metrics = ReplicaMetrics("test", "r0")
         executor = LocalExecutor(stepper)
@@ -55,6 +53,7 @@ async def make_scheduler(model):
             executor if record is None else RecordingExecutor(executor, record),
             TOKENIZER,
             eos_id=model.config.eos_token,
+            pad_id=model.config.pad_token,
             observer=metrics,
             **limits,
         )
@@ -227,13 +226,13 @@ async def test_the_scheduler_chooses_the_seed_of_an_unseeded_request(make_schedu
 
 
 def test_the_executor_refuses_a_row_without_a_seed(model):
-    stepper = ModelStepper(model, max_batch_size=1, max_len=16, eos_id=2)
+    stepper = ModelStepper(model, max_batch_size=1, max_len=16)
     step = StepInput(rows=[0], tokens=[[5, 6]], sample=True, start={0: SamplingParams(seed=None)})
     with pytest.raises(ValueError, match="without a seed"):
         stepper.run(step)
 
 
-def scripted_scheduler(script, eos=2):
+def scripted_scheduler(script, eos=GROK_SPECIAL.eos):
     """A one-slot scheduler whose 'model' samples `script`, then EOS."""
     return Scheduler(
         ScriptedExecutor(script, filler=eos),
@@ -244,6 +243,7 @@ def scripted_scheduler(script, eos=2):
         kv_budget=64,
         prefill_chunk_tokens=64,
         eos_id=eos,
+        pad_id=GROK_SPECIAL.pad,
     )
 
 
