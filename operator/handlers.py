@@ -17,7 +17,7 @@ import kopf
 from kubernetes import client, config
 
 from grokserve.operator import metrics
-from grokserve.operator.autoscaling.timer import register as register_autoscaler
+from grokserve.operator.autoscaling.daemon import register as register_autoscaler
 from grokserve.operator.builders import DEPLOYMENT_LABEL
 from grokserve.operator.kube import GROKDEPLOYMENT, Kube
 from grokserve.operator.reconcile import Outcome, observable, observe, reconcile

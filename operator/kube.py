@@ -1,7 +1,9 @@
-"""A small, synchronous Kubernetes client for the operator's children (kubernetes' ApiClient).
+"""The operator's one Kubernetes client: synchronous, raw paths over kubernetes' ApiClient.
 
 It speaks raw paths so that one code path covers core, policy and custom resources; `RESOURCES` is
-also the list the RBAC test checks the chart against.
+also the list the RBAC test checks the chart against. Every write names the field manager
+`grokserve-operator` (children by server-side apply, `/status` and `/scale` by patches), so that
+managedFields and apply conflicts name us rather than the client library.
 """
 
 from __future__ import annotations
@@ -44,12 +46,10 @@ RESOURCES: dict[str, Resource] = {
     "RayService": Resource("ray.io", "v1", "rayservices"),
     "ServiceMonitor": Resource("monitoring.coreos.com", "v1", "servicemonitors"),
 }
-# Replaced rather than merge-patched: a merge patch cannot delete what it does not mention, and the
-# user may remove fields from a RayService's pod templates (serviceAccountName, volumes).
-REPLACED = frozenset({"RayService"})
 GROKDEPLOYMENT = Resource(API_GROUP, API_VERSION, PLURAL)
 RAYSERVICE = RESOURCES["RayService"]
 SERVICEMONITOR = RESOURCES["ServiceMonitor"]
+FIELD_MANAGER = "grokserve-operator"
 # Guarded status writes retried while other writers keep changing the object.
 STATUS_WRITE_ATTEMPTS = 5
 
@@ -63,19 +63,31 @@ def api_message(error: ApiException) -> str:
 
 
 class Kube:
-    """create-or-patch, get and discovery over one ApiClient."""
+    """Server-side apply, scale, status writes, get and discovery over one ApiClient."""
 
     def __init__(self, api: client.ApiClient) -> None:
         self.api = api
 
     def _call(
-        self, method: str, path: str, body: Any = None, content_type: str | None = None
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        content_type: str | None = None,
+        query: list[tuple[str, str]] | None = None,
     ) -> Any:
         headers = {"Accept": "application/json"}
         if content_type:
             headers["Content-Type"] = content_type
+        if method != "GET":
+            query = [("fieldManager", FIELD_MANAGER), *(query or [])]
         request = self.api.param_serialize(
-            method, path, header_params=headers, body=body, auth_settings=["BearerToken"]
+            method,
+            path,
+            query_params=query,
+            header_params=headers,
+            body=body,
+            auth_settings=["BearerToken"],
         )
         response = self.api.call_api(*request, _request_timeout=30)
         response.read()
@@ -143,32 +155,51 @@ class Kube:
                 if error.status not in (409, 422) or attempt == STATUS_WRITE_ATTEMPTS - 1:
                     raise
 
-    def apply(self, body: dict[str, Any]) -> str:
-        """Create the object, or bring it to the desired state; returns what it did."""
-        resource = RESOURCES[body["kind"]]
+    def foreign_holder(self, body: dict[str, Any], owner_uid: str | None) -> str | None:
+        """Who holds this child's name, when it is not a child of ours: "Kind name (reason)".
+
+        Ours means a controller ownerReference to the owner's uid. Anything else (a Service
+        someone made by hand, a child of another controller, or of an earlier GrokDeployment of
+        the same name that the garbage collector has not deleted yet) is left alone: applying
+        over it would take it over, and the garbage collector would delete it with our owner.
+        """
         metadata = body["metadata"]
-        path = resource.path(metadata["namespace"], metadata["name"])
-        try:
-            self._call("POST", resource.path(metadata["namespace"]), body)
-            return "created"
-        except ApiException as error:
-            if error.status != 409:
-                raise
-        if body["kind"] in REPLACED:
-            self._call("PUT", path, _replacement(body, self._call("GET", path)))
-            return "replaced"
-        self._call("PATCH", path, body, content_type="application/merge-patch+json")
-        return "patched"
+        stored = self.get(RESOURCES[body["kind"]], metadata["namespace"], metadata["name"])
+        if stored is None:
+            return None
+        references = (stored.get("metadata") or {}).get("ownerReferences") or []
+        if any(ref.get("controller") and ref.get("uid") == owner_uid for ref in references):
+            return None
+        controller = next((ref for ref in references if ref.get("controller")), None)
+        why = (
+            f"controlled by {controller.get('kind')} {controller.get('name')}"
+            if controller
+            else "not created by this GrokDeployment"
+        )
+        return f"{body['kind']} {metadata['name']} ({why})"
 
+    def apply(self, body: dict[str, Any]) -> None:
+        """Server-side apply: create the object or bring the fields we manage to `body`.
 
-def _replacement(body: dict[str, Any], stored: dict[str, Any]) -> dict[str, Any]:
-    """`body` as a PUT of `stored`: its resourceVersion (a write in between is a 409, retried by
-    kopf), and the labels, annotations and finalizers others put there."""
-    ours, theirs = body["metadata"], stored["metadata"]
-    metadata = {
-        **theirs,
-        **ours,
-        "labels": {**(theirs.get("labels") or {}), **(ours.get("labels") or {})},
-        "annotations": {**(theirs.get("annotations") or {}), **(ours.get("annotations") or {})},
-    }
-    return {**body, "metadata": metadata}
+        Fields we applied before and no longer apply are removed (a serviceAccountName or volume
+        taken out of the spec goes from the RayService too); fields others manage stay. `force`
+        takes back fields someone else changed: the operator is their declared owner.
+        """
+        metadata = body["metadata"]
+        resource = RESOURCES[body["kind"]]
+        self._call(
+            "PATCH",
+            resource.path(metadata["namespace"], metadata["name"]),
+            body,
+            content_type="application/apply-patch+yaml",
+            query=[("force", "true")],
+        )
+
+    def scale(self, resource: Resource, namespace: str, name: str, replicas: int) -> None:
+        """Write spec.replicas through /scale, the door `kubectl scale`, an HPA and KEDA use."""
+        self._call(
+            "PATCH",
+            resource.path(namespace, name, "scale"),
+            {"spec": {"replicas": replicas}},
+            content_type="application/merge-patch+json",
+        )

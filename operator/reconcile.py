@@ -53,11 +53,12 @@ class Outcome:
         )
 
 
-# HTTP status -> Ready reason, for the API server refusing a child.
-REFUSALS = {400: "ChildRejected", 403: "Forbidden", 422: "ChildRejected"}
+# HTTP status -> Ready reason, for the API server refusing a child (413: too large for it).
+REFUSALS = {400: "ChildRejected", 403: "Forbidden", 413: "ChildRejected", 422: "ChildRejected"}
 KUBERAY_MISSING = "KubeRayMissing"
+CHILD_CONFLICT = "ChildConflict"
 # Failures that only a reconcile can find (and clear): a RayService event leaves them standing.
-RECONCILE_FAILURES = frozenset({KUBERAY_MISSING, *REFUSALS.values()})
+RECONCILE_FAILURES = frozenset({KUBERAY_MISSING, CHILD_CONFLICT, *REFUSALS.values()})
 
 
 def owner_of(body: dict[str, Any]) -> Owner:
@@ -66,7 +67,10 @@ def owner_of(body: dict[str, Any]) -> Owner:
 
 
 def reconcile(kube: Kube, body: dict[str, Any]) -> Outcome:
-    """Validate, apply every child (create, else patch or replace), then observe the RayService."""
+    """Validate, apply every child (server-side apply), then observe the RayService.
+
+    Nothing is written while any child's name is held by an object that is not ours.
+    """
     owner = owner_of(body)
     try:
         check_name(owner.name)
@@ -76,7 +80,15 @@ def reconcile(kube: Kube, body: dict[str, Any]) -> Outcome:
     if not kube.serves(RAYSERVICE):
         message = f"KubeRay's RayService CRD (ray.io/v1) is not installed; {KUBERAY_INSTALL_HINT}"
         return _failed(body, KUBERAY_MISSING, message)
-    for child in build_children(owner, spec, with_servicemonitor=kube.serves(SERVICEMONITOR)):
+    children = build_children(owner, spec, with_servicemonitor=kube.serves(SERVICEMONITOR))
+    held = [h for h in (kube.foreign_holder(c, owner.uid) for c in children) if h is not None]
+    if held:
+        message = (
+            f"{'; '.join(held)} already exist(s) and is not ours: left untouched; delete or "
+            "rename it, or give the GrokDeployment another name"
+        )
+        return _failed(body, CHILD_CONFLICT, message)
+    for child in children:
         try:
             kube.apply(child)
         except ApiException as error:

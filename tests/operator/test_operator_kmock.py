@@ -169,7 +169,7 @@ def test_a_child_refused_by_the_api_server_is_reported_not_retried(kube) -> None
     api.install_crds(kuberay=True)
 
     quota = "workerGroupSpecs[0].replicas: 8 GPUs exceed the namespace quota"
-    kuberay_webhook = refusing("POST", "rayservices", 422, quota)
+    kuberay_webhook = refusing("PATCH", "rayservices", 422, quota)
     server.call(lambda kube_api: kube_api.admission.append(kuberay_webhook))
     with running_operator():
         api.create(GD, example_body())
@@ -198,7 +198,7 @@ def test_a_rayservice_event_leaves_a_reconcile_failure_standing(kube) -> None:
     api.install_crds(kuberay=True)
 
     forbidden = "poddisruptionbudgets are forbidden in this namespace"
-    pdb_quota = refusing("POST", "poddisruptionbudgets", 403, forbidden)
+    pdb_quota = refusing("PATCH", "poddisruptionbudgets", 403, forbidden)
     server.call(lambda kube_api: kube_api.admission.append(pdb_quota))
     handled = HandledEvents()
     logging.getLogger("kopf.objects").addHandler(handled)
@@ -296,7 +296,7 @@ def test_a_condition_written_during_a_reconcile_survives_its_status_write(kube) 
     stale = api.get(f"{GD}/grok-1")
 
     class AutoscalerMeanwhile(Kube):
-        def apply(self, body: dict) -> str:
+        def apply(self, body: dict) -> None:
             conditions = [scaling_condition("ValidMetric")]
             api.merge_patch(f"{GD}/grok-1/status", {"status": {"conditions": conditions}})
             return super().apply(body)
@@ -327,3 +327,57 @@ def test_a_field_removed_from_the_spec_goes_from_the_rayservice(kube) -> None:
         wait_until(lambda: service_accounts() == {"s3-reader"}, what="the service account")
         api.merge_patch(f"{GD}/grok-1", {"spec": {"ray": {"serviceAccountName": None}}})
         wait_until(lambda: service_accounts() == {None}, what="no service account")
+
+
+def test_a_squatted_child_name_is_a_conflict_and_nothing_is_touched(kube) -> None:
+    """A Service someone else made under a child's name is neither modified nor adopted (the
+    garbage collector would delete it with the GrokDeployment), and no other child is written."""
+    _server, api = kube
+    api.install_crds(kuberay=True)
+    services = f"/api/v1/namespaces/{NS}/services"
+    theirs = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "grok-1", "namespace": NS, "labels": {"team": "web"}},
+        "spec": {"ports": [{"port": 80}]},
+    }
+    stored = api.create(services, theirs)
+    with running_operator():
+        api.create(GD, example_body())
+        got = wait_until(lambda: condition(api.get(f"{GD}/grok-1")), what="a Ready condition")
+        assert (got["status"], got["reason"]) == ("False", "ChildConflict")
+        assert "Service grok-1" in got["message"]
+        assert api.get(f"{services}/grok-1") == stored
+        assert api.get(f"{RS}/grok-1") is None
+        # Gone, the name is free: the next pass (the resync) creates the children.
+        api.delete(f"{services}/grok-1")
+        api.merge_patch(f"{GD}/grok-1", {"spec": {"replicas": 2}})
+        created = wait_until(lambda: api.get(f"{services}/grok-1"), what="our Service")
+        assert created["metadata"]["ownerReferences"][0]["kind"] == "GrokDeployment"
+
+
+def test_every_write_names_the_operator_as_field_manager(kube) -> None:
+    """Children by server-side apply, the status by patches: managedFields say grokserve-operator
+    (the Python client's default would be OpenAPI-Generator)."""
+    _server, api = kube
+    api.install_crds(kuberay=True)
+    with running_operator():
+        api.create(GD, example_body())
+        wait_until(lambda: condition(api.get(f"{GD}/grok-1")), what="a Ready condition")
+        wait_until(lambda: api.get(f"/apis/policy/v1/namespaces/{NS}/poddisruptionbudgets/grok-1"))
+    for path in (
+        f"{RS}/grok-1",
+        f"/api/v1/namespaces/{NS}/services/grok-1",
+        f"/api/v1/namespaces/{NS}/configmaps/grok-1-serving",
+        f"/apis/policy/v1/namespaces/{NS}/poddisruptionbudgets/grok-1",
+    ):
+        entries = api.get(path)["metadata"]["managedFields"]
+        assert [(e["manager"], e["operation"]) for e in entries] == [
+            ("grokserve-operator", "Apply")
+        ], path
+    status_writers = {
+        e["manager"]
+        for e in api.get(f"{GD}/grok-1")["metadata"]["managedFields"]
+        if e.get("subresource") == "status"
+    }
+    assert status_writers == {"grokserve-operator"}

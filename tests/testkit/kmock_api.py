@@ -3,9 +3,10 @@
 KMock 0.8 keeps objects and serves discovery, but as an API server for kopf it lacks: uid,
 resourceVersion and generation (kopf's JSON-patches `test` resourceVersion); 201 on create; 422 for
 a failed JSON-patch `test`; a `status` subresource separate from the object; `/api/v1/namespaces`;
-`labelSelector`; JSON-typed watch streams (kubectl refuses octet-stream); CRD registration; and the
-garbage collector (ownerReferences). `KubeApi` serves every namespaced object request itself (on
-KMock's object store and watch buses) and leaves discovery to KMock.
+`labelSelector`; JSON-typed watch streams (kubectl refuses octet-stream); CRD registration; the
+garbage collector (ownerReferences); and server-side apply with managedFields (`managed_fields.py`).
+`KubeApi` serves every namespaced object request itself (on KMock's object store and watch buses)
+and leaves discovery to KMock.
 
 `KubeApiThread` runs it on its own event loop in a thread, so that tests, kopf (KopfRunner runs in
 another thread) and kubectl (a subprocess) can block freely without starving the server.
@@ -32,6 +33,8 @@ import jsonpatch
 import kmock
 import yaml
 from kmock._internal import rendering
+
+from testkit import managed_fields
 
 CRD_RESOURCE = "apiextensions.k8s.io/v1/customresourcedefinitions"
 CORE_RESOURCES: dict[str, dict[str, Any]] = {
@@ -167,6 +170,8 @@ class KubeApi(kmock.KubernetesEmulator):
             return await self._read(request)
         if method == "POST":
             return await self._create(request)
+        if method == "PATCH" and request.name and managed_fields.is_apply(request.headers):
+            return await self._server_side_apply(request)
         if method in ("PATCH", "PUT") and request.name:
             return await self._modify(request, replace=method == "PUT")
         if method == "DELETE" and request.name:
@@ -322,11 +327,15 @@ class KubeApi(kmock.KubernetesEmulator):
                 )
             if self._has_status(request.resource):
                 body.pop("status", None)
+            metadata.pop("managedFields", None)
             metadata.update(
                 uid=str(uuid.uuid4()),
                 resourceVersion=self._next_revision(),
                 generation=1,
                 creationTimestamp=_now(),
+            )
+            managed_fields.record_update(
+                {}, body, managed_fields.manager_of(request), request.subresource, _now()
             )
             existing = self._stored(request.resource, namespace, name)
             if existing is not None:
@@ -397,6 +406,13 @@ class KubeApi(kmock.KubernetesEmulator):
             new["metadata"].update(
                 {k: current["metadata"][k] for k in ("uid", "creationTimestamp", "generation")}
             )
+            # managedFields are the server's record: what a client sends there is not taken.
+            new["metadata"]["managedFields"] = copy.deepcopy(
+                current["metadata"].get("managedFields") or []
+            )
+            managed_fields.record_update(
+                current, new, managed_fields.manager_of(request), request.subresource, _now()
+            )
             new["metadata"]["resourceVersion"] = self._next_revision()
             essence = lambda o: {k: v for k, v in o.items() if k not in ("metadata", "status")}  # noqa: E731
             if essence(new) != essence(current):
@@ -411,6 +427,67 @@ class KubeApi(kmock.KubernetesEmulator):
                 await self._publish(request.resource, "MODIFIED", new)
         if request.subresource == "scale":
             return aiohttp.web.json_response(self._scale(new))
+        return aiohttp.web.json_response(new)
+
+    async def _server_side_apply(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
+        """PATCH with application/apply-patch+yaml: create or merge the applied configuration,
+        remove what this manager applied before and applies no more, refuse (409) to change a
+        field another manager set to another value unless force=true."""
+        manager = request.params.get("fieldManager")
+        if not manager:
+            return _status(400, "BadRequest", "fieldManager is required for apply requests")
+        applied = request.data if isinstance(request.data, dict) else None
+        if applied is None:
+            return _status(400, "BadRequest", "the apply body is not a YAML/JSON object")
+        if request.subresource is not None:
+            return _status(400, "BadRequest", "this test server applies only to whole objects")
+        force = request.params.get("force") in ("true", "1")
+        async with self._lock:
+            obj = self._live(request.resource, request.namespace, request.name)
+            if obj is None:
+                body = copy.deepcopy(applied)
+                metadata = body.setdefault("metadata", {})
+                metadata["namespace"] = request.namespace
+                metadata["name"] = request.name
+                body.pop("status", None) if self._has_status(request.resource) else None
+                metadata.update(
+                    uid=str(uuid.uuid4()),
+                    resourceVersion=self._next_revision(),
+                    generation=1,
+                    creationTimestamp=_now(),
+                    managedFields=[],
+                )
+                managed_fields.record_apply({}, body, applied, manager, _now())
+                existing = self._stored(request.resource, request.namespace, request.name)
+                if existing is not None:
+                    existing.history.append(body)
+                else:
+                    self.objects[request.resource, request.namespace, request.name] = body
+                await self._publish(request.resource, "ADDED", body)
+                return aiohttp.web.json_response(body, status=201)
+            current = copy.deepcopy(obj.raw)
+            conflicts = managed_fields.conflicts(current, applied, manager)
+            if conflicts and not force:
+                return _status(
+                    409, "Conflict", "Apply failed with conflicts: " + "; ".join(conflicts)
+                )
+            new = managed_fields.applied_object(current, applied, manager)
+            if self._has_status(request.resource):
+                new["status"] = current.get("status")
+                if new["status"] is None:
+                    new.pop("status")
+            new["metadata"].update(
+                {k: current["metadata"][k] for k in ("uid", "creationTimestamp", "generation")}
+            )
+            managed_fields.record_apply(current, new, applied, manager, _now())
+            essence = lambda o: {k: v for k, v in o.items() if k not in ("metadata", "status")}  # noqa: E731
+            if new == current:
+                return aiohttp.web.json_response(current)
+            new["metadata"]["resourceVersion"] = self._next_revision()
+            if essence(new) != essence(current):
+                new["metadata"]["generation"] = current["metadata"]["generation"] + 1
+            obj.history.append(new)
+            await self._publish(request.resource, "MODIFIED", new)
         return aiohttp.web.json_response(new)
 
     def _merge_subresource(

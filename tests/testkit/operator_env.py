@@ -14,6 +14,8 @@ from typing import Any, TypeVar
 import pytest
 import yaml
 
+from grokserve.operator.spec import API_GROUP, PLURAL
+from testkit import managed_fields
 from testkit.kmock_api import KubeApi, KubeApiThread, running_kube_api
 
 REPO = Path(__file__).resolve().parents[2]
@@ -154,9 +156,20 @@ def _verb_of(method: str, params: dict[str, Any], named: bool) -> str:
     return {"POST": "create", "PATCH": "patch", "PUT": "update", "DELETE": "delete"}[method]
 
 
+def _sets_blocking_owner_reference(body: Any) -> bool:
+    metadata = body.get("metadata") if isinstance(body, dict) else None
+    references = (metadata or {}).get("ownerReferences") or []
+    return any(ref.get("blockOwnerDeletion") for ref in references)
+
+
 def operator_requests(api: KubeApi) -> set[tuple[str, str, str]]:
     """(apiGroup, resource, verb) of every request the KMock server got from anyone but the tests'
-    own `Client`: what RBAC must grant the operator. Call it through `KubeApiThread.call`."""
+    own `Client`: what RBAC must grant the operator. Call it through `KubeApiThread.call`.
+
+    Also what the real API server checks beyond the verb itself: a server-side apply needs
+    `create` as well (it creates a missing object), and setting an ownerReference with
+    blockOwnerDeletion needs `update` on the owner's finalizers (OwnerReferencesPermissionEnforcement).
+    """
     used = set()
     for request in api:
         if request.resource is None or request.resource.plural is None:
@@ -168,4 +181,8 @@ def operator_requests(api: KubeApi) -> set[tuple[str, str, str]]:
         )
         verb = _verb_of(request.method.value.upper(), request.params, request.name is not None)
         used.add((request.resource.group, resource, verb))
+        if verb == "patch" and managed_fields.is_apply(request.headers):
+            used.add((request.resource.group, resource, "create"))
+        if verb in ("create", "patch", "update") and _sets_blocking_owner_reference(request.data):
+            used.add((API_GROUP, f"{PLURAL}/finalizers", "update"))
     return used

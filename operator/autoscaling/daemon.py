@@ -18,7 +18,6 @@ from typing import Any
 import aiohttp
 import kopf
 import urllib3
-from kubernetes import client as k8s
 from kubernetes.client.rest import ApiException
 from pydantic import ValidationError
 
@@ -121,7 +120,6 @@ class Autoscaler:
         self.name = name
         self.body = body
         self.kube = kube
-        self.api = k8s.CustomObjectsApi(kube.api)
         self.logger = logger
         self.policy: ScalingPolicy | None = None
         # Kept here, not re-read from status: another writer replacing status.conditions must not
@@ -224,14 +222,7 @@ class Autoscaler:
 
     def _write_scale(self, replicas: int) -> None:
         """PATCH the /scale subresource: the same door `kubectl scale`, the HPA and KEDA use."""
-        self.api.patch_namespaced_custom_object_scale(
-            API_GROUP,
-            API_VERSION,
-            self.namespace,
-            PLURAL,
-            self.name,
-            {"spec": {"replicas": replicas}},
-        )
+        self.kube.scale(GROKDEPLOYMENT, self.namespace, self.name, replicas)
 
     def _write_status(self, condition: dict[str, Any], record: dict[str, Any] | None) -> None:
         """Set our condition (and status.autoscaling), keeping the other writers' conditions."""
