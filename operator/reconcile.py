@@ -57,8 +57,9 @@ class Outcome:
 REFUSALS = {400: "ChildRejected", 403: "Forbidden", 413: "ChildRejected", 422: "ChildRejected"}
 KUBERAY_MISSING = "KubeRayMissing"
 CHILD_CONFLICT = "ChildConflict"
+API_ERROR = "APIServerError"
 # Failures that only a reconcile can find (and clear): a RayService event leaves them standing.
-RECONCILE_FAILURES = frozenset({KUBERAY_MISSING, CHILD_CONFLICT, *REFUSALS.values()})
+RECONCILE_FAILURES = frozenset({KUBERAY_MISSING, CHILD_CONFLICT, API_ERROR, *REFUSALS.values()})
 
 
 def owner_of(body: dict[str, Any]) -> Owner:
@@ -130,6 +131,15 @@ def _observed(
     owner = owner_of(body)
     conditions, ready_replicas = serving_conditions(owner, spec, rayservice)
     return Outcome(owner, spec, conditions, ready_replicas, body["metadata"].get("generation"))
+
+
+def api_failure(body: dict[str, Any], error: ApiException, retry_in_s: float) -> Outcome:
+    """The pass failed on an error that may pass (5xx, 409, 429, no connection): say so, and when
+    the operator tries again."""
+    what = f"HTTP {error.status}: {api_message(error)}" if error.status else str(error)
+    return _failed(
+        body, API_ERROR, f"the API server failed a request ({what}); retrying in {retry_in_s:g} s"
+    )
 
 
 def _failed(body: dict[str, Any], reason: str, message: str) -> Outcome:

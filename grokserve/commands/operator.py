@@ -59,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
             clusterwide=not args.namespace,
             namespaces=args.namespace,
             liveness_endpoint=liveness,
+            memo=kopf.Memo(namespaces=args.namespace),
         )
     )
     return 0
