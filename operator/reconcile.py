@@ -18,6 +18,7 @@ from grokserve.operator.status import (
     Condition,
     build_status,
     failure_conditions,
+    observed_replicas,
     serving_conditions,
 )
 
@@ -31,6 +32,8 @@ class Outcome:
     generation: int | None
     # A Warning event worth posting (reason, message), when the deployment cannot proceed.
     warning: tuple[str, str] | None = None
+    # Replicas whose worker nodes exist (status.replicas), ready or not.
+    observed_replicas: int = 0
 
     @property
     def ready(self) -> bool:
@@ -48,6 +51,7 @@ class Outcome:
             self.spec,
             self.conditions,
             self.ready_replicas,
+            observed_replicas=self.observed_replicas,
             generation=self.generation,
             previous=stored,
         )
@@ -130,7 +134,14 @@ def _observed(
 ) -> Outcome:
     owner = owner_of(body)
     conditions, ready_replicas = serving_conditions(owner, spec, rayservice)
-    return Outcome(owner, spec, conditions, ready_replicas, body["metadata"].get("generation"))
+    return Outcome(
+        owner,
+        spec,
+        conditions,
+        ready_replicas,
+        body["metadata"].get("generation"),
+        observed_replicas=observed_replicas(spec, rayservice),
+    )
 
 
 def api_failure(body: dict[str, Any], error: ApiException, retry_in_s: float) -> Outcome:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 
 HELP = "run the GrokDeployment operator (reconciles GrokDeployments into KubeRay RayServices)"
+# --log-format -> kopf's LogFormat member name.
+LOG_FORMATS = {"plain": "FULL", "json": "JSON"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,6 +35,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="address the metrics and health endpoints bind to (default 0.0.0.0, for pods)",
     )
     parser.add_argument(
+        "--log-format",
+        choices=sorted(LOG_FORMATS),
+        default="plain",
+        help="plain: one line per record (time, logger, level, message); json: one JSON object "
+        "per record (default plain)",
+    )
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="log at DEBUG (every API request and handler step) instead of INFO",
+    )
+    parser.add_argument(
         "--peering",
         action="store_true",
         help="coordinate with other operator replicas through kopf peering (needs its CRDs)",
@@ -50,6 +64,8 @@ def run(args: argparse.Namespace) -> int:
     for port, name in ((args.metrics_port, "--metrics-port"), (args.health_port, "--health-port")):
         if not 0 <= port <= 65535:
             raise SystemExit(f"grokserve operator: {name} must be 0..65535, got {port}")
+    # kopf at INFO by default: what it handles, what succeeded, what is retried and why.
+    kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat[LOG_FORMATS[args.log_format]])
     if args.metrics_port:
         start_http_server(args.metrics_port, addr=args.listen_host)
     liveness = f"http://{args.listen_host}:{args.health_port}/healthz" if args.health_port else None

@@ -316,7 +316,7 @@ def test_a_condition_written_during_a_reconcile_survives_its_status_write(kube) 
     handlers.resync(body=stale, memo=memo)
     stored = api.get(f"{GD}/grok-1")
     assert condition(stored, "ScalingActive") == scaling_condition("ValidMetric")
-    assert condition(stored)["reason"] == "RayServiceUpdating"
+    assert condition(stored)["reason"] == "RayServicePending"
 
 
 def test_a_field_removed_from_the_spec_goes_from_the_rayservice(kube) -> None:
@@ -407,7 +407,7 @@ def ready_after_kuberay_reports(api, replicas: int) -> dict:
         lambda: (
             (b := api.get(f"{GD}/grok-1"))["status"].get("observedGeneration")
             == b["metadata"]["generation"]
-            and condition(b).get("reason") == "RayServiceUpdating"
+            and condition(b).get("reason") == "RayServicePending"
         ),
         what="the reconcile's status",
     )
