@@ -48,13 +48,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--peering",
-        action="store_true",
-        help="coordinate with other operator replicas through kopf peering (needs its CRDs)",
+        metavar="NAME",
+        default=None,
+        help="run as one of several operator replicas: coordinate through kopf's peering object "
+        "NAME (a ClusterKopfPeering, or a KopfPeering in each --namespace; the chart creates "
+        "it), where only the highest-priority live replica is active; default: standalone",
+    )
+    parser.add_argument(
+        "--priority",
+        type=int,
+        default=None,
+        help="this replica's peering priority (default: random, so that replicas differ: kopf "
+        "pauses all replicas that share the highest priority)",
     )
 
 
 def run(args: argparse.Namespace) -> int:
     import asyncio
+    import random
 
     import kopf
     from prometheus_client import start_http_server
@@ -71,7 +82,9 @@ def run(args: argparse.Namespace) -> int:
     liveness = f"http://{args.listen_host}:{args.health_port}/healthz" if args.health_port else None
     asyncio.run(
         kopf.operator(
-            standalone=not args.peering,
+            standalone=args.peering is None,
+            peering_name=args.peering,
+            priority=args.priority if args.priority is not None else random.randint(1, 2**31),
             clusterwide=not args.namespace,
             namespaces=args.namespace,
             liveness_endpoint=liveness,
