@@ -15,7 +15,7 @@ from pydantic import AfterValidator, Field
 # apimachinery/pkg/util/validation: IsDNS1123Label, IsDNS1123Subdomain, IsQualifiedName, IsValidLabelValue.
 DNS1123_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
 DNS1123_SUBDOMAIN = rf"{DNS1123_LABEL}(\.{DNS1123_LABEL})*"
-QUALIFIED_NAME_PART = r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?"
+QUALIFIED_NAME_PART = r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
 LABEL_VALUE = r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?"
 # A label key: an optional DNS-1123 subdomain prefix (≤ 253) and "/", then a name part (≤ 63).
 LABEL_KEY_PATTERN = rf"^({DNS1123_SUBDOMAIN}/)?{QUALIFIED_NAME_PART}$"
@@ -64,7 +64,19 @@ def _extended_resource(name: str) -> str:
 
 ExtendedResourceName = Annotated[
     str,
-    Field(min_length=3, max_length=LABEL_KEY_MAX, pattern=EXTENDED_RESOURCE_PATTERN),
+    Field(
+        min_length=3,
+        max_length=LABEL_KEY_MAX,
+        pattern=EXTENDED_RESOURCE_PATTERN,
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "!self.matches('^([^/]*[.])?kubernetes[.]io/')",
+                    "message": "an extended resource name is not in the kubernetes.io domain",
+                }
+            ]
+        },
+    ),
     AfterValidator(_extended_resource),
 ]
 ImageReference = Annotated[str, Field(min_length=1, max_length=512, pattern=IMAGE_PATTERN)]

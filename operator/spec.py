@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import ConfigDict, Field, ValidationError, model_validator
 
 from grokserve.operator.kube_formats import (
     CpuQuantity,
@@ -226,6 +226,28 @@ class ResourceAmounts(CamelModel):
 
 class Toleration(CamelModel):
     """A Kubernetes toleration for the Ray pods (checked as the API server checks a pod's)."""
+
+    # The same checks as `_as_kubernetes_checks_it`, for the API server to refuse at admission.
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "has(self.key) || self.operator == 'Exists'",
+                    "message": "a toleration without a key must have operator Exists",
+                },
+                {
+                    "rule": "self.operator != 'Exists' || !has(self.value) || self.value == ''",
+                    "message": "a toleration with operator Exists must not have a value",
+                },
+                {
+                    "rule": "!has(self.tolerationSeconds) || "
+                    "(has(self.effect) && self.effect == 'NoExecute')",
+                    "message": "tolerationSeconds needs effect NoExecute",
+                    "fieldPath": ".tolerationSeconds",
+                },
+            ]
+        }
+    )
 
     key: LabelKey | None = Field(
         None, description="Taint key; unset with operator Exists matches all."
