@@ -17,6 +17,7 @@ from grokserve.operator.kube import Kube
 from testkit.operator_env import (
     GROKDEPLOYMENTS,
     KUBERAY_CRD,
+    SERVICEMONITOR_CRD,
     kube,
     refusing,
     running_operator,
@@ -502,3 +503,18 @@ def test_a_transient_api_error_is_a_condition_retried_with_backoff(kube) -> None
             lambda: condition(api.get(f"{GD}/grok-1")).get("reason") != "APIServerError",
             what="the condition to clear",
         )
+
+
+def test_the_prometheus_operator_installed_later_gets_its_servicemonitor_at_the_next_pass(
+    kube,
+) -> None:
+    _server, api = kube
+    api.install_crds(kuberay=True)
+    created = api.create(GD, example_body())
+    memo = kopf.Memo(kube=Kube(handlers._api_client()))
+    handlers.resync(body=created, memo=memo)
+    monitors = f"/apis/monitoring.coreos.com/v1/namespaces/{NS}/servicemonitors"
+    assert api.get(f"/api/v1/namespaces/{NS}/services/grok-1") is not None
+    api.create(CRDS, SERVICEMONITOR_CRD)
+    handlers.resync(body=api.get(f"{GD}/grok-1"), memo=memo)
+    assert api.get(f"{monitors}/grok-1")["spec"]["endpoints"][0]["port"] == "http"

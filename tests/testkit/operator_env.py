@@ -40,6 +40,22 @@ KUBERAY_CRD = {
     },
 }
 
+SERVICEMONITOR_CRD = {
+    "apiVersion": "apiextensions.k8s.io/v1",
+    "kind": "CustomResourceDefinition",
+    "metadata": {"name": "servicemonitors.monitoring.coreos.com"},
+    "spec": {
+        "group": "monitoring.coreos.com",
+        "scope": "Namespaced",
+        "names": {
+            "kind": "ServiceMonitor",
+            "plural": "servicemonitors",
+            "singular": "servicemonitor",
+        },
+        "versions": [{"name": "v1", "served": True, "storage": True}],
+    },
+}
+
 
 def refusing(
     method: str, plural: str, status: int, message: str, subresource: str | None = None
