@@ -86,23 +86,30 @@ def reconcile(kube: Kube, body: dict[str, Any]) -> Outcome:
         message = f"KubeRay's RayService CRD (ray.io/v1) is not installed; {KUBERAY_INSTALL_HINT}"
         return _failed(body, KUBERAY_MISSING, message)
     children = build_children(owner, spec, with_servicemonitor=kube.serves(SERVICEMONITOR))
-    held = [h for h in (kube.foreign_holder(c, owner.uid) for c in children) if h is not None]
-    if held:
-        message = (
-            f"{'; '.join(held)} already exist(s) and is not ours: left untouched; delete or "
-            "rename it, or give the GrokDeployment another name"
-        )
-        return _failed(body, CHILD_CONFLICT, message)
-    for child in children:
-        try:
+    applying: dict[str, Any] | None = None
+    try:
+        held = [h for h in (kube.foreign_holder(c, owner.uid) for c in children) if h is not None]
+        if held:
+            message = (
+                f"{'; '.join(held)} already exist(s) and is not ours: left untouched; delete or "
+                "rename it, or give the GrokDeployment another name"
+            )
+            return _failed(body, CHILD_CONFLICT, message)
+        for child in children:
+            applying = child
             kube.apply(child)
-        except ApiException as error:
-            # A refusal (validation, an admission webhook, missing RBAC) will not change by
-            # retrying: report it. Anything else (5xx, 429, network) propagates and kopf retries.
-            if error.status not in REFUSALS:
-                raise
-            what = f"{child['kind']} {child['metadata']['name']}"
-            return _failed(body, REFUSALS[error.status], f"{what}: {api_message(error)}")
+    except ApiException as error:
+        # A refusal (validation, an admission webhook, missing RBAC, too large) will not change
+        # by retrying: report it. Anything else (5xx, 409, 429) propagates: the handler reports it
+        # and retries with backoff.
+        if error.status not in REFUSALS:
+            raise
+        what = (
+            "reading the children"
+            if applying is None
+            else (f"{applying['kind']} {applying['metadata']['name']}")
+        )
+        return _failed(body, REFUSALS[error.status], f"{what}: {api_message(error)}")
     return _observed(body, spec, kube.get(RAYSERVICE, owner.namespace, owner.name))
 
 

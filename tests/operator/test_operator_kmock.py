@@ -518,3 +518,19 @@ def test_the_prometheus_operator_installed_later_gets_its_servicemonitor_at_the_
     api.create(CRDS, SERVICEMONITOR_CRD)
     handlers.resync(body=api.get(f"{GD}/grok-1"), memo=memo)
     assert api.get(f"{monitors}/grok-1")["spec"]["endpoints"][0]["port"] == "http"
+
+
+@pytest.mark.parametrize(
+    ("method", "status", "reason"),
+    [("GET", 403, "Forbidden"), ("PATCH", 413, "ChildRejected")],
+)
+def test_refused_reads_and_oversized_children_are_reported(kube, method, status, reason) -> None:
+    server, api = kube
+    api.install_crds(kuberay=True)
+    refused = refusing(method, "services", status, f"{method} services: no")
+    server.call(lambda kube_api: kube_api.admission.append(refused))
+    with running_operator():
+        api.create(GD, example_body())
+        got = wait_until(lambda: condition(api.get(f"{GD}/grok-1")), what="a Ready condition")
+        assert (got["status"], got["reason"]) == ("False", reason)
+        assert f"{method} services: no" in got["message"]
