@@ -140,4 +140,4 @@ def test_custom_resources_get_their_crds_defaults(kube) -> None:
         {"spec": {"parallelism": None}},
         "application/merge-patch+json",
     )
-    assert patched["spec"]["parallelism"]["tensor"] == 1  # removed, then defaulted again
+    assert patched["spec"]["parallelism"]["gpusPerNode"] == 8  # removed, then defaulted again
