@@ -75,6 +75,11 @@ def run(args: argparse.Namespace) -> int:
     for port, name in ((args.metrics_port, "--metrics-port"), (args.health_port, "--health-port")):
         if not 0 <= port <= 65535:
             raise SystemExit(f"grokserve operator: {name} must be 0..65535, got {port}")
+    if args.metrics_port and args.metrics_port == args.health_port:
+        raise SystemExit(
+            f"grokserve operator: --metrics-port and --health-port are both {args.metrics_port}: "
+            "give them different ports"
+        )
     # kopf at INFO by default: what it handles, what succeeded, what is retried and why.
     kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat[LOG_FORMATS[args.log_format]])
     if args.metrics_port:
