@@ -24,6 +24,7 @@ from grokserve.operator import metrics
 from grokserve.operator.autoscaling.daemon import register as register_autoscaler
 from grokserve.operator.builders import DEPLOYMENT_LABEL
 from grokserve.operator.kube import GROKDEPLOYMENT, Kube
+from grokserve.operator.peering import PeeringGate
 from grokserve.operator.rayservice_watch import RayServiceWatch
 from grokserve.operator.reconcile import Outcome, api_failure, observable, observe, reconcile
 from grokserve.operator.spec import API_GROUP, API_VERSION, PLURAL
@@ -57,12 +58,16 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     )
     settings.posting.level = logging.WARNING  # only problems become Events
     memo.kube = Kube(_api_client())
-    # `grokserve operator --namespace` passes its namespaces in the memo; else all namespaces.
+    # `grokserve operator` passes its namespaces (else all) and its peering (name, identity,
+    # priority; else standalone) in the memo.
     namespaces = getattr(memo, "namespaces", None) or [None]
-    memo.rayservice_watches = [
-        RayServiceWatch(memo.kube, namespace, partial(mirror_rayservice, memo.kube)).start()
-        for namespace in namespaces
-    ]
+    peering = getattr(memo, "peering", None)
+    memo.rayservice_watches = []
+    for namespace in namespaces:
+        # kopf peers in a ClusterKopfPeering when all namespaces are watched, else per namespace.
+        gate = None if peering is None else PeeringGate(memo.kube, *peering, namespace=namespace)
+        mirror = partial(mirror_rayservice, memo.kube, gate)
+        memo.rayservice_watches.append(RayServiceWatch(memo.kube, namespace, mirror).start())
 
 
 def _timed(step: Callable[[], Outcome], body: dict[str, Any]) -> Outcome:
@@ -132,13 +137,16 @@ def resync(body: kopf.Body, memo: kopf.Memo, retry: int = 0, **_: Any) -> None:
     _reconcile(body, memo, retry)
 
 
-def mirror_rayservice(kube: Kube, rayservice: dict[str, Any]) -> None:
+def mirror_rayservice(kube: Kube, gate: PeeringGate | None, rayservice: dict[str, Any]) -> bool:
     """KubeRay wrote a RayService's status: mirror it into its owner's status right away rather
-    than at the next resync (observe only: re-applying here would feed back events)."""
+    than at the next resync (observe only: re-applying here would feed back events). Only the
+    active peer writes, as kopf lets only it reconcile. Returns whether it was this one's to do."""
+    if gate is not None and not gate.active():
+        return False
     meta = rayservice["metadata"]
     owner_name = (meta.get("labels") or {}).get(DEPLOYMENT_LABEL)
     if not owner_name:
-        return
+        return False
     controllers = {r.get("uid") for r in meta.get("ownerReferences") or [] if r.get("controller")}
 
     def observed_status(owner: dict[str, Any]) -> dict[str, Any] | None:
@@ -148,6 +156,7 @@ def mirror_rayservice(kube: Kube, rayservice: dict[str, Any]) -> None:
         return _timed(lambda: observe(owner, rayservice), owner).status(owner.get("status"))
 
     kube.update_status(GROKDEPLOYMENT, meta["namespace"], owner_name, observed_status)
+    return True
 
 
 @kopf.on.cleanup()

@@ -27,13 +27,14 @@ logger = logging.getLogger(__name__)
 
 
 class RayServiceWatch:
-    """A daemon thread that calls `mirror(rayservice)` for every RayService added or modified."""
+    """A daemon thread that calls `mirror(rayservice)` for every RayService added or modified;
+    `mirror` says whether it was its to mirror (a standby peer's is not)."""
 
     def __init__(
         self,
         kube: Kube,
         namespace: str | None,
-        mirror: Callable[[dict[str, Any]], None],
+        mirror: Callable[[dict[str, Any]], bool],
     ) -> None:
         self.kube = kube
         self.namespace = namespace
@@ -102,10 +103,11 @@ class RayServiceWatch:
     def _mirror(self, rayservice: dict[str, Any]) -> None:
         meta = rayservice.get("metadata") or {}
         try:
-            self.mirror(rayservice)
+            mirrored = self.mirror(rayservice)
         except Exception as error:  # one owner's failure must not stop the others
             logger.warning(
                 f"RayService {meta.get('namespace')}/{meta.get('name')}: status not mirrored: {error}"
             )
         else:
-            logger.debug(f"RayService {meta.get('namespace')}/{meta.get('name')} mirrored")
+            if mirrored:
+                logger.debug(f"RayService {meta.get('namespace')}/{meta.get('name')} mirrored")

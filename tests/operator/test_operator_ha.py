@@ -33,6 +33,8 @@ GD = f"{GROKDEPLOYMENTS}/namespaces/{NS}/grokdeployments"
 RS = f"/apis/ray.io/v1/namespaces/{NS}/rayservices"
 CRDS = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions"
 PEERING = "grokserve"
+GD_PATH = f"{GD}/grok-1"
+MIRRORED = f"RayService {NS}/grok-1 mirrored"
 
 
 @contextmanager
@@ -48,6 +50,7 @@ def operator_process(log: Path, priority: int) -> Iterator[subprocess.Popen]:
                 "--health-port=0",
                 f"--peering={PEERING}",
                 f"--priority={priority}",
+                "--verbose",  # the RayService watch logs each status it mirrors at DEBUG
             ],
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -98,6 +101,23 @@ def test_two_operators_one_active_and_a_takeover(kube, tmp_path: Path) -> None:
         wait_until(lambda: api.get(f"{RS}/grok-1"), what="the RayService")
         wait_until(lambda: handled(active_log) == 1, what="the active operator's handler")
         assert handled(standby_log) == 0
+        # KubeRay reports: the active operator mirrors it, the standby (also watching) does not.
+        wait_until(
+            lambda: api.get(GD_PATH).get("status", {}).get("observedGeneration") == 1,
+            what="the reconcile's status",
+        )
+        api.merge_patch(f"{RS}/grok-1/status", {"status": {"observedGeneration": 1}})
+        wait_until(
+            lambda: (
+                MIRRORED in active_log.read_text()
+                and any(
+                    c["reason"] == "ServeApplicationPending"
+                    for c in api.get(GD_PATH)["status"]["conditions"]
+                )
+            ),
+            what="the active operator to mirror KubeRay's status",
+        )
+        assert MIRRORED not in standby_log.read_text()
 
         # The active one goes (a rollout, a node drain): the standby takes over.
         first.send_signal(signal.SIGTERM)
