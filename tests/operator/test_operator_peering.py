@@ -6,11 +6,9 @@ from datetime import UTC, datetime, timedelta
 
 from grokserve.operator.peering import is_active
 
-NOW = datetime.now(UTC)
-
 
 def peer(priority: int, seconds_ago: float = 0, lifetime: int = 60) -> dict:
-    lastseen = (NOW - timedelta(seconds=seconds_ago)).isoformat()
+    lastseen = (datetime.now(UTC) - timedelta(seconds=seconds_ago)).isoformat()
     return {"priority": priority, "lastseen": lastseen, "lifetime": lifetime}
 
 
