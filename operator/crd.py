@@ -140,7 +140,10 @@ def status_schema() -> dict[str, Any]:
         "x-kubernetes-preserve-unknown-fields": True,
         "properties": {
             "observedGeneration": field("integer", "The spec generation this status describes."),
-            "replicas": field("integer", "Replicas the children are sized for (/scale)."),
+            "replicas": field(
+                "integer",
+                "Replicas whose worker nodes exist, ready or not (/scale's current size).",
+            ),
             "desiredReplicas": field("integer", "Replicas the spec asks for."),
             "readyReplicas": field("integer", "Replicas serving now."),
             "replicaSummary": field("string", "ready/desired, for kubectl get."),
