@@ -20,7 +20,13 @@ from grokserve.operator import metrics
 from grokserve.operator.autoscaling.timer import register as register_autoscaler
 from grokserve.operator.builders import DEPLOYMENT_LABEL
 from grokserve.operator.kube import GROKDEPLOYMENT, Kube
-from grokserve.operator.reconcile import Outcome, observable, observe, reconcile
+from grokserve.operator.reconcile import (
+    Outcome,
+    follow_serving_cluster,
+    observable,
+    observe,
+    reconcile,
+)
 from grokserve.operator.spec import API_GROUP, API_VERSION, PLURAL
 
 RESOURCE = (API_GROUP, API_VERSION, PLURAL)
@@ -104,7 +110,8 @@ def resync(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
 )
 def on_rayservice_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     # KubeRay writes the RayService's status; mirror it into the owner's status right away
-    # rather than at the next resync (observe only: re-applying here would feed back events).
+    # rather than at the next resync, and move the endpoint when KubeRay switches clusters
+    # (only the Service: re-applying the RayService here would feed back events).
     if event.get("type") not in ("ADDED", "MODIFIED") or not hasattr(memo, "kube"):
         return
     namespace = body["metadata"]["namespace"]
@@ -112,6 +119,9 @@ def on_rayservice_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, 
     if not owner_name:
         return
     rayservice = dict(body)
+    owner = memo.kube.get(GROKDEPLOYMENT, namespace, owner_name)
+    if owner is not None and observable(owner):
+        follow_serving_cluster(memo.kube, owner, rayservice)
 
     def observed_status(owner: dict[str, Any]) -> dict[str, Any] | None:
         if not observable(owner):
