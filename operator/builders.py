@@ -18,6 +18,7 @@ from grokserve.operator.spec import (
     GrokDeploymentSpec,
     ParallelismSpec,
 )
+from grokserve.serving.config import REPLICA_DEPLOYMENT, ServingConfig
 
 SERVE_IMPORT_PATH = "grokserve.serving.app:build_app"
 SERVE_PORT = 8000
@@ -108,8 +109,6 @@ def serving_args(owner: Owner, spec: GrokDeploymentSpec) -> dict[str, Any]:
             model[field] = location
     return {
         "name": owner.name,
-        # The replica count reaches the Ray cluster only through here (see _worker_group): at 0
-        # no replica asks for a node, and Ray's autoscaler removes the idle ones.
         "replicas": spec.replicas,
         "model": model,
         "parallelism": {
@@ -132,16 +131,26 @@ def serving_args(owner: Owner, spec: GrokDeploymentSpec) -> dict[str, Any]:
 
 
 def serve_config(owner: Owner, spec: GrokDeploymentSpec) -> dict[str, Any]:
-    return {
-        "applications": [
-            {
-                "name": owner.name,
-                "route_prefix": "/",
-                "import_path": SERVE_IMPORT_PATH,
-                "args": serving_args(owner, spec),
-            }
-        ]
+    """The Serve application; the replica count reaches the Ray cluster only through here.
+
+    Serve hashes an application's args into its code version, and a new code version restarts
+    every replica (reloading the weights): the count goes as the GrokReplica deployment's
+    options instead, which Serve changes in place, and Ray's autoscaler finds nodes for the
+    replicas it adds (see _worker_group). The args hold 0 replicas, the count when no option is
+    given: at spec.replicas 0 (Serve's config refuses num_replicas 0) no replica asks for a
+    node, and Ray's autoscaler removes the idle ones.
+    """
+    args = serving_args(owner, spec)
+    application: dict[str, Any] = {
+        "name": owner.name,
+        "route_prefix": "/",
+        "import_path": SERVE_IMPORT_PATH,
+        "args": {**args, "replicas": 0},
     }
+    if spec.replicas:
+        options = ServingConfig.from_args(args).replica_count_options()
+        application["deployments"] = [{"name": REPLICA_DEPLOYMENT, **options}]
+    return {"applications": [application]}
 
 
 def worker_nodes(spec: GrokDeploymentSpec) -> int:

@@ -14,15 +14,11 @@ from pydantic import ValidationError
 from ray import serve
 from ray.serve import Application
 
-from grokserve.serving.config import ServingConfig
+from grokserve.serving.config import ADMISSION_HEADROOM, REPLICA_DEPLOYMENT, ServingConfig
 from grokserve.serving.ingress import OpenAIIngress
 from grokserve.serving.replica import GrokReplica, MetricsHub
 
-# Requests past a replica's own queue still reach it (and get a quick 429 from its scheduler)
-# instead of waiting in Serve's router.
-_ADMISSION_HEADROOM = 8
-# The deployment of the model replicas; the launcher counts its RUNNING replicas.
-REPLICA_DEPLOYMENT = "GrokReplica"
+__all__ = ["REPLICA_DEPLOYMENT", "ServingConfigError", "build_app", "parse_args"]
 
 
 class ServingConfigError(ValueError):
@@ -52,9 +48,6 @@ def build_app(args: dict[str, Any]) -> Application:
             f"context length ({context} tokens)"
         )
     placement_plan(config)
-    limits = config.serving
-    # What one replica's scheduler holds: a full batch running and a full queue waiting.
-    admitted = limits.max_batch_size + limits.max_queued_requests
     wire_args = config.to_args()
     hub = serve.deployment(
         MetricsHub, name="MetricsHub", num_replicas=1, ray_actor_options={"num_cpus": 0}
@@ -62,15 +55,11 @@ def build_app(args: dict[str, Any]) -> Application:
     replica = serve.deployment(
         GrokReplica,
         name=REPLICA_DEPLOYMENT,
-        num_replicas=config.replicas,
         ray_actor_options={"num_cpus": config.resources.replica_cpus},
         placement_group_bundles=config.placement_group_bundles(),
         placement_group_strategy=config.parallelism.ray_strategy,
-        max_ongoing_requests=admitted + _ADMISSION_HEADROOM,
-        # Serve's router queues each request at the caller until it has picked a replica, which
-        # takes a queue-length probe: a burst that the schedulers would admit must fit there too,
-        # or Serve answers 429 before any scheduler has seen it.
-        max_queued_requests=config.replicas * admitted + _ADMISSION_HEADROOM,
+        max_ongoing_requests=config.serving.admitted + ADMISSION_HEADROOM,
+        **config.replica_count_options(),
     ).bind(wire_args, hub)
     ingress = serve.deployment(
         OpenAIIngress,

@@ -18,6 +18,12 @@ from pydantic.alias_generators import to_camel
 
 PlacementStrategy = Literal["pack", "spread", "strict-spread"]
 
+# The Serve deployment of the model replicas (its options carry the replica count).
+REPLICA_DEPLOYMENT = "GrokReplica"
+# Requests past a replica's own queue still reach it (and get a quick 429 from its scheduler)
+# instead of waiting in Serve's router.
+ADMISSION_HEADROOM = 8
+
 # Ray's names for our placement strategies (`placement_group_strategy` of a Serve deployment).
 RAY_PLACEMENT_STRATEGIES: dict[str, str] = {
     "pack": "PACK",
@@ -148,6 +154,11 @@ class ServingLimits(_Spec):
     )
 
     @property
+    def admitted(self) -> int:
+        """What one replica's scheduler holds: a full batch running and a full queue waiting."""
+        return self.max_batch_size + self.max_queued_requests
+
+    @property
     def kv_budget(self) -> int:
         if self.kv_cache_tokens is not None:
             return self.kv_cache_tokens
@@ -182,6 +193,22 @@ class ServingConfig(_Spec):
     @classmethod
     def from_args(cls, args: dict[str, Any]) -> ServingConfig:
         return cls.model_validate(args)
+
+    def replica_count_options(self) -> dict[str, int]:
+        """The options of the GrokReplica deployment that follow the replica count.
+
+        Both are options Serve changes without restarting a replica, which is why the operator
+        sends them as the application's deployment options rather than in its args (Serve hashes
+        the args into the application's code version, and a new code version restarts every
+        replica).
+        """
+        return {
+            "num_replicas": self.replicas,
+            # Serve's router queues each request at the caller until it has picked a replica,
+            # which takes a queue-length probe: a burst that the schedulers would admit must fit
+            # there too, or Serve answers 429 before any scheduler has seen it.
+            "max_queued_requests": self.replicas * self.serving.admitted + ADMISSION_HEADROOM,
+        }
 
     def placement_group_bundles(self) -> list[dict[str, float]]:
         """One bundle per shard; bundle 0 also holds the replica actor itself (Ray Serve places

@@ -40,9 +40,25 @@ def changed(path: str, value: Any, spec: dict[str, Any] | None = None) -> dict[s
     return result
 
 
-def serve_replicas(rayservice_spec: dict[str, Any]) -> int:
+def serve_application(rayservice_spec: dict[str, Any]) -> dict[str, Any]:
     (app,) = yaml.safe_load(rayservice_spec["serveConfigV2"])["applications"]
-    return app["args"]["replicas"]
+    return app
+
+
+def serve_replicas(rayservice_spec: dict[str, Any]) -> int:
+    """The GrokReplica count Serve deploys: its deployment option, else the args' count."""
+    app = serve_application(rayservice_spec)
+    options = {d["name"]: d for d in app.get("deployments", [])}.get("GrokReplica", {})
+    return options.get("num_replicas", app["args"]["replicas"])
+
+
+def code_version(rayservice_spec: dict[str, Any]) -> str:
+    """Serve's code version of the application (Ray's own function): when it changes, Serve
+    restarts every replica of the application."""
+    from ray.serve._private.deploy_utils import get_app_code_version
+    from ray.serve.schema import ServeApplicationSchema
+
+    return get_app_code_version(ServeApplicationSchema(**serve_application(rayservice_spec)))
 
 
 def test_the_port_agrees_with_kuberays_own_diff_replicas_case() -> None:
@@ -120,15 +136,20 @@ def test_autoscaled_example_runs_1_to_4_replicas_without_a_cluster_change() -> N
     # The issue's "done when": min 1, max 4; every /scale step is an in-place Serve update that
     # asks for the replica count, and the cluster KubeRay made first lets Ray's autoscaler add
     # (and later remove) the nodes: no change KubeRay's hash would ignore is needed.
-    first = rendered(base_spec())
+    spec = base_spec()
+    for path, value in TO_ZERO.items():
+        spec = changed(path, value, spec)
+    first = rendered(spec)
     running = first
-    for replicas in (2, 3, 4, 3, 1):
-        goal = rendered(changed("replicas", replicas))
+    for replicas in (2, 3, 4, 3, 1, 0, 1):
+        goal = rendered(changed("replicas", replicas, spec))
         outcome = apply_change(running, goal)
         assert outcome.cluster == "unchanged" and outcome.serve_config_submitted
         assert serve_replicas(goal) == replicas
+        # ... which Serve applies without restarting the replicas that already serve.
+        assert code_version(goal) == code_version(first)
         (group,) = outcome.running_cluster["workerGroupSpecs"]
-        assert group["minReplicas"] <= replicas * 1 <= group["maxReplicas"]
+        assert group["minReplicas"] <= replicas <= group["maxReplicas"]
         running = {**goal, "rayClusterConfig": outcome.running_cluster}
     assert running["rayClusterConfig"] == first["rayClusterConfig"]
 
@@ -141,3 +162,12 @@ def test_scale_to_zero_asks_serve_for_no_replica() -> None:
     assert serve_replicas(goal) == 0
     assert goal["rayClusterConfig"]["enableInTreeAutoscaling"] is True
     assert goal["rayClusterConfig"]["autoscalerOptions"] == {"idleTimeoutSeconds": 60}
+
+
+def test_a_serving_change_restarts_the_replicas_on_the_same_cluster() -> None:
+    before = rendered(base_spec())
+    after = rendered(changed("serving.maxBatchSize", 32))
+    assert apply_change(before, after).cluster == "unchanged"
+    # New args, new code version: Serve replaces every replica in place (weights reloaded, no
+    # extra GPUs), unlike a replica-count change.
+    assert code_version(after) != code_version(before)

@@ -60,7 +60,12 @@ def test_serve_config_deploys_grokserve_with_the_model_and_replicas() -> None:
     (app,) = yaml.safe_load(body["spec"]["serveConfigV2"])["applications"]
     assert app["import_path"] == "grokserve.serving.app:build_app"
     args = app["args"]
-    assert args["replicas"] == 1
+    # The count is a deployment option (Serve scales without restarting replicas), not an arg.
+    assert args["replicas"] == 0
+    admitted = 64 + 256  # maxBatchSize running + maxQueuedRequests waiting
+    assert app["deployments"] == [
+        {"name": "GrokReplica", "num_replicas": 1, "max_queued_requests": admitted + 8}
+    ]
     assert args["model"] == {
         "preset": "grok-1",
         "dtype": "bfloat16",
