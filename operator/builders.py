@@ -131,26 +131,31 @@ def serving_args(owner: Owner, spec: GrokDeploymentSpec) -> dict[str, Any]:
 
 
 def serve_config(owner: Owner, spec: GrokDeploymentSpec) -> dict[str, Any]:
-    """The Serve application; the replica count reaches the Ray cluster only through here.
+    """The Serve config; the replica count reaches the Ray cluster only through here.
 
     Serve hashes an application's args into its code version, and a new code version restarts
     every replica (reloading the weights): the count goes as the GrokReplica deployment's
     options instead, which Serve changes in place, and Ray's autoscaler finds nodes for the
-    replicas it adds (see _worker_group). The args hold 0 replicas, the count when no option is
-    given: at spec.replicas 0 (Serve's config refuses num_replicas 0) no replica asks for a
-    node, and Ray's autoscaler removes the idle ones.
+    replicas it adds (see _worker_group). Serve runs no deployment with 0 replicas (its API and
+    config refuse num_replicas 0): at spec.replicas 0 the target capacity 0 scales every
+    deployment of the application to none, so that no replica holds a node and Ray's
+    autoscaler removes the idle ones.
     """
     args = serving_args(owner, spec)
     application: dict[str, Any] = {
         "name": owner.name,
         "route_prefix": "/",
         "import_path": SERVE_IMPORT_PATH,
-        "args": {**args, "replicas": 0},
+        # The same args at every replica count: a change of the count never restarts a replica.
+        "args": {**args, "replicas": 1},
     }
+    config: dict[str, Any] = {"applications": [application]}
     if spec.replicas:
         options = ServingConfig.from_args(args).replica_count_options()
         application["deployments"] = [{"name": REPLICA_DEPLOYMENT, **options}]
-    return {"applications": [application]}
+    else:
+        config["target_capacity"] = 0
+    return config
 
 
 def worker_nodes(spec: GrokDeploymentSpec) -> int:

@@ -175,12 +175,7 @@ class ServingConfig(_Spec):
         pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
         description="Deployment name: the model id in the API and the `deployment` metric label.",
     )
-    replicas: int = Field(
-        1,
-        ge=0,
-        description="Model replicas (Serve replicas of GrokReplica); 0 keeps the API up with no "
-        "model replica, so that no node is held for one (scale to zero).",
-    )
+    replicas: int = Field(1, ge=1, description="Model replicas (Serve replicas of GrokReplica).")
     model: ModelSpec = ModelSpec()
     parallelism: ParallelismSpec = ParallelismSpec()
     resources: ResourceSpec = ResourceSpec()

@@ -46,8 +46,12 @@ def serve_application(rayservice_spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def serve_replicas(rayservice_spec: dict[str, Any]) -> int:
-    """The GrokReplica count Serve deploys: its deployment option, else the args' count."""
-    app = serve_application(rayservice_spec)
+    """The GrokReplica count Serve deploys: its deployment option (else the args' count), and
+    none at target capacity 0 (Serve scales every deployment by the capacity)."""
+    config = yaml.safe_load(rayservice_spec["serveConfigV2"])
+    if config.get("target_capacity") == 0:
+        return 0
+    (app,) = config["applications"]
     options = {d["name"]: d for d in app.get("deployments", [])}.get("GrokReplica", {})
     return options.get("num_replicas", app["args"]["replicas"])
 

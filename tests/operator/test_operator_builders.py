@@ -61,7 +61,7 @@ def test_serve_config_deploys_grokserve_with_the_model_and_replicas() -> None:
     assert app["import_path"] == "grokserve.serving.app:build_app"
     args = app["args"]
     # The count is a deployment option (Serve scales without restarting replicas), not an arg.
-    assert args["replicas"] == 0
+    assert args["replicas"] == 1
     admitted = 64 + 256  # maxBatchSize running + maxQueuedRequests waiting
     assert app["deployments"] == [
         {"name": "GrokReplica", "num_replicas": 1, "max_queued_requests": admitted + 8}
