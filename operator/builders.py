@@ -10,7 +10,9 @@ from typing import Any
 
 import yaml
 
+from grokserve.model.placement import Plan
 from grokserve.operator.kuberay import CLUSTER_LABEL, SERVE_LABEL
+from grokserve.operator.replica import MODEL_MOUNT_ROOT, claim_and_path, replica_config
 from grokserve.operator.spec import (
     API_GROUP,
     API_VERSION,
@@ -18,13 +20,12 @@ from grokserve.operator.spec import (
     GrokDeploymentSpec,
     ParallelismSpec,
 )
-from grokserve.serving.config import REPLICA_DEPLOYMENT, ServingConfig
+from grokserve.serving.config import REPLICA_DEPLOYMENT
 
 SERVE_IMPORT_PATH = "grokserve.serving.app:build_app"
 SERVE_PORT = 8000
 METRICS_PORT = 8080
 DEPLOYMENT_LABEL = f"{API_GROUP}/deployment"
-MODEL_MOUNT_ROOT = "/mnt/models"
 SERVING_CONFIG_KEY = "serving.yaml"
 
 
@@ -72,62 +73,15 @@ def _metadata(owner: Owner, name: str, component: str) -> dict[str, Any]:
     return metadata
 
 
-def _claim_and_path(url: str) -> tuple[str, str]:
-    claim, _, path = url.removeprefix("pvc://").partition("/")
-    return claim, path
-
-
-def _local_location(url: str | None) -> str | None:
-    """Where a model file is inside the Ray pods: pvc:// claims are mounted, file:// is a path."""
-    if url is None:
-        return None
-    if url.startswith("pvc://"):
-        claim, path = _claim_and_path(url)
-        return f"{MODEL_MOUNT_ROOT}/{claim}/{path}".rstrip("/")
-    if url.startswith("file://"):
-        return url.removeprefix("file://")
-    return url
-
-
 def _claims(spec: GrokDeploymentSpec) -> list[str]:
     urls = (spec.model.source, spec.model.tokenizer)
-    return sorted({_claim_and_path(u)[0] for u in urls if u and u.startswith("pvc://")})
+    return sorted({claim_and_path(u)[0] for u in urls if u and u.startswith("pvc://")})
 
 
 def serving_args(owner: Owner, spec: GrokDeploymentSpec) -> dict[str, Any]:
-    """The arguments of `build_app` (grokserve.serving.config.ServingConfig, camelCase)."""
-    par = spec.parallelism
-    on_gpu = par.device == "gpu"
-    model: dict[str, Any] = {
-        "preset": spec.model.preset,
-        "dtype": spec.model.dtype,
-        "quantization": spec.model.quantization,
-    }
-    for field in ("source", "tokenizer"):
-        location = _local_location(getattr(spec.model, field))
-        if location is not None:
-            model[field] = location
-    return {
-        "name": owner.name,
-        "replicas": spec.replicas,
-        "model": model,
-        "parallelism": {
-            "gpusPerNode": par.gpus_per_node,
-            "nodesPerReplica": par.nodes_per_replica,
-            "tensor": par.tensor,
-            "expert": par.expert,
-            "placement": par.placement,
-        },
-        "resources": {
-            "device": "cuda" if on_gpu else "cpu",
-            "acceleratorResource": "GPU" if on_gpu else None,
-        },
-        "serving": {
-            "maxBatchSize": spec.serving.max_batch_size,
-            "maxSequenceLength": spec.max_sequence_length,
-            "maxQueuedRequests": spec.serving.max_queued_requests,
-        },
-    }
+    """The arguments of `build_app`: the replica's ServingConfig, camelCase, with the tensor and
+    expert degrees the operator planned."""
+    return replica_config(owner.name, spec).resolved(spec.model.config).to_args()
 
 
 def serve_config(owner: Owner, spec: GrokDeploymentSpec) -> dict[str, Any]:
@@ -141,7 +95,8 @@ def serve_config(owner: Owner, spec: GrokDeploymentSpec) -> dict[str, Any]:
     deployment of the application to none, so that no replica holds a node and Ray's
     autoscaler removes the idle ones.
     """
-    args = serving_args(owner, spec)
+    config = replica_config(owner.name, spec).resolved(spec.model.config)
+    args = config.to_args()
     application: dict[str, Any] = {
         "name": owner.name,
         "route_prefix": "/",
@@ -149,13 +104,13 @@ def serve_config(owner: Owner, spec: GrokDeploymentSpec) -> dict[str, Any]:
         # The same args at every replica count: a change of the count never restarts a replica.
         "args": {**args, "replicas": 1},
     }
-    config: dict[str, Any] = {"applications": [application]}
+    serve: dict[str, Any] = {"applications": [application]}
     if spec.replicas:
-        options = ServingConfig.from_args(args).replica_count_options()
+        options = config.replica_count_options()
         application["deployments"] = [{"name": REPLICA_DEPLOYMENT, **options}]
     else:
-        config["target_capacity"] = 0
-    return config
+        serve["target_capacity"] = 0
+    return serve
 
 
 def worker_nodes(spec: GrokDeploymentSpec) -> int:
@@ -182,12 +137,13 @@ MAX_WORKER_NODES = _largest(GrokDeploymentSpec, "replicas") * _largest(
 )
 
 
-def placement_summary(spec: GrokDeploymentSpec) -> str:
+def placement_summary(spec: GrokDeploymentSpec, plan: Plan) -> str:
+    """How replicas are laid out: the Ray shape, then the plan of one replica, rank by rank."""
     par = spec.parallelism
     unit = "GPUs" if par.device == "gpu" else "CPU shards"
     return (
-        f"{spec.replicas} replica(s) × {par.nodes_per_replica} node(s) × {par.gpus_per_node} {unit}; "
-        f"tensor {par.tensor}, expert {par.expert}, {par.placement}"
+        f"{spec.replicas} replica(s) × {par.nodes_per_replica} node(s) × {par.gpus_per_node} "
+        f"{unit}, {par.strategy}; each replica: {plan.summary()}"
     )
 
 
@@ -332,7 +288,7 @@ def endpoint(owner: Owner) -> str:
     return f"http://{owner.name}.{owner.namespace}.svc:{SERVE_PORT}/v1"
 
 
-def build_configmap(owner: Owner, spec: GrokDeploymentSpec) -> dict[str, Any]:
+def build_configmap(owner: Owner, spec: GrokDeploymentSpec, plan: Plan) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
@@ -341,7 +297,7 @@ def build_configmap(owner: Owner, spec: GrokDeploymentSpec) -> dict[str, Any]:
             SERVING_CONFIG_KEY: yaml.safe_dump(
                 serving_args(owner, spec), sort_keys=False, allow_unicode=True
             ),
-            "placement": placement_summary(spec),
+            "placement": placement_summary(spec, plan),
         },
     }
 
@@ -382,13 +338,14 @@ def build_pdb(owner: Owner, spec: GrokDeploymentSpec) -> dict[str, Any]:
 def build_children(
     owner: Owner,
     spec: GrokDeploymentSpec,
+    plan: Plan,
     *,
     with_servicemonitor: bool,
     serving_cluster: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Every child of a GrokDeployment, in the order they should be applied."""
+    """Every child of a GrokDeployment whose replica has `plan`, in the order they are applied."""
     children = [
-        build_configmap(owner, spec),
+        build_configmap(owner, spec, plan),
         build_rayservice(owner, spec),
         build_service(owner, serving_cluster),
         build_pdb(owner, spec),

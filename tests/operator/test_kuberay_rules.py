@@ -91,7 +91,8 @@ CHANGES = [
     ({"model.source": "pvc://grok-weights/ckpt-1"}, "unchanged"),
     ({"parallelism.nodesPerReplica": 2}, "unchanged"),
     ({"parallelism.tensor": 4}, "unchanged"),
-    ({"parallelism.placement": "spread"}, "unchanged"),
+    ({"parallelism.strategy": "spread"}, "unchanged"),
+    ({"parallelism.gpuMemory": "141Gi"}, "unchanged"),
     ({"ray.upgradeStrategy": "None"}, "unchanged"),
     ({"model.source": "pvc://other-claim/ckpt-0"}, "new-cluster"),
     (
