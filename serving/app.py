@@ -14,9 +14,11 @@ from pydantic import ValidationError
 from ray import serve
 from ray.serve import Application
 
-from grokserve.serving.config import ADMISSION_HEADROOM, REPLICA_DEPLOYMENT, ServingConfig
+from grokserve.serving.config import CALLS_PER_REPLICA, REPLICA_DEPLOYMENT, ServingConfig
 from grokserve.serving.ingress import OpenAIIngress
 from grokserve.serving.replica import GrokReplica, MetricsHub
+
+HEALTH_CHECK_PERIOD_SECONDS = 2.0
 
 __all__ = ["REPLICA_DEPLOYMENT", "ServingConfigError", "build_app", "parse_args"]
 
@@ -36,11 +38,11 @@ def parse_args(args: dict[str, Any]) -> ServingConfig:
         raise ServingConfigError(f"invalid grokserve serving config: {problems}") from error
 
 
-def build_app(args: dict[str, Any]) -> Application:
+def check_config(config: ServingConfig) -> None:
+    """Raise (a one-line message) unless `config` can serve: its checkpoint opens, its context
+    fits the model's and its placement plan fits the accelerators. Nothing is started."""
     from grokserve.serving.loading import model_config, placement_plan
 
-    config = parse_args(args)
-    # Configs that cannot work fail here, before any replica starts.
     context = model_config(config.model).sequence_len
     if config.serving.max_sequence_length > context:
         raise ServingConfigError(
@@ -48,6 +50,12 @@ def build_app(args: dict[str, Any]) -> Application:
             f"context length ({context} tokens)"
         )
     placement_plan(config)
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    config = parse_args(args)
+    # Configs that cannot work fail here, before any replica starts.
+    check_config(config)
     wire_args = config.to_args()
     hub = serve.deployment(
         MetricsHub, name="MetricsHub", num_replicas=1, ray_actor_options={"num_cpus": 0}
@@ -58,8 +66,10 @@ def build_app(args: dict[str, Any]) -> Application:
         ray_actor_options={"num_cpus": config.resources.replica_cpus},
         placement_group_bundles=config.placement_group_bundles(),
         placement_group_strategy=config.parallelism.ray_strategy,
-        max_ongoing_requests=config.serving.admitted + ADMISSION_HEADROOM,
+        max_ongoing_requests=CALLS_PER_REPLICA,
         **config.replica_count_options(),
+        # A replica whose shard worker died answers 503 until Serve replaces it: look often.
+        health_check_period_s=HEALTH_CHECK_PERIOD_SECONDS,
     ).bind(wire_args, hub)
     ingress = serve.deployment(
         OpenAIIngress,

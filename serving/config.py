@@ -31,9 +31,11 @@ from grokserve.model.placement import (
 
 # The Serve deployment of the model replicas (its options carry the replica count).
 REPLICA_DEPLOYMENT = "GrokReplica"
-# Requests past a replica's own queue still reach it (and get a quick 429 from its scheduler)
-# instead of waiting in Serve's router.
-ADMISSION_HEADROOM = 8
+# Serve's router must never hold a request waiting for a replica's "capacity": the scheduler is
+# the only queue, and it answers admitted-or-429 at once. So a replica accepts far more calls at a
+# time than its scheduler admits (the excess are answered with 429 within milliseconds), and the
+# router's own queue only holds what is being routed right now.
+CALLS_PER_REPLICA = 10_000
 
 Strategy = Literal["pack", "spread", "strict-spread"]
 
@@ -160,6 +162,11 @@ class ServingLimits(_Section):
     default_max_tokens: int = Field(
         64, ge=1, description="max_tokens when a request does not set it."
     )
+    max_request_bytes: int = Field(
+        4 * 1024 * 1024,
+        ge=1024,
+        description="Largest request body the API reads; a larger one is refused with 413.",
+    )
     stream_interval_seconds: float = Field(
         0.0,
         ge=0,
@@ -167,11 +174,6 @@ class ServingLimits(_Section):
         description="Minimum time between a request's streamed messages after the first token "
         "(0: every step). Larger values send fewer, larger messages through Serve.",
     )
-
-    @property
-    def admitted(self) -> int:
-        """What one replica's scheduler holds: a full batch running and a full queue waiting."""
-        return self.max_batch_size + self.max_queued_requests
 
     @property
     def kv_budget(self) -> int:
@@ -214,10 +216,7 @@ class ServingConfig(_Section):
         """
         return {
             "num_replicas": self.replicas,
-            # Serve's router queues each request at the caller until it has picked a replica,
-            # which takes a queue-length probe: a burst that the schedulers would admit must fit
-            # there too, or Serve answers 429 before any scheduler has seen it.
-            "max_queued_requests": self.replicas * self.serving.admitted + ADMISSION_HEADROOM,
+            "max_queued_requests": self.replicas * CALLS_PER_REPLICA,
         }
 
     def degrees(self, model: GrokConfig) -> Parallelism:
