@@ -26,7 +26,14 @@ from grokserve.operator.builders import DEPLOYMENT_LABEL
 from grokserve.operator.kube import GROKDEPLOYMENT, Kube
 from grokserve.operator.peering import PeeringGate
 from grokserve.operator.rayservice_watch import RayServiceWatch
-from grokserve.operator.reconcile import Outcome, api_failure, observable, observe, reconcile
+from grokserve.operator.reconcile import (
+    Outcome,
+    api_failure,
+    follow_serving_cluster,
+    observable,
+    observe,
+    reconcile,
+)
 from grokserve.operator.spec import API_GROUP, API_VERSION, PLURAL
 
 RESOURCE = (API_GROUP, API_VERSION, PLURAL)
@@ -139,8 +146,9 @@ def resync(body: kopf.Body, memo: kopf.Memo, retry: int = 0, **_: Any) -> None:
 
 def mirror_rayservice(kube: Kube, gate: PeeringGate | None, rayservice: dict[str, Any]) -> bool:
     """KubeRay wrote a RayService's status: mirror it into its owner's status right away rather
-    than at the next resync (observe only: re-applying here would feed back events). Only the
-    active peer writes, as kopf lets only it reconcile. Returns whether it was this one's to do."""
+    than at the next resync, and move the endpoint when KubeRay switches clusters (only the
+    Service: re-applying the RayService here would feed back events). Only the active peer
+    writes, as kopf lets only it reconcile. Returns whether it was this one's to do."""
     if gate is not None and not gate.active():
         return False
     meta = rayservice["metadata"]
@@ -148,6 +156,9 @@ def mirror_rayservice(kube: Kube, gate: PeeringGate | None, rayservice: dict[str
     if not owner_name:
         return False
     controllers = {r.get("uid") for r in meta.get("ownerReferences") or [] if r.get("controller")}
+    owner = kube.get(GROKDEPLOYMENT, meta["namespace"], owner_name)
+    if owner is not None and owner["metadata"].get("uid") in controllers and observable(owner):
+        follow_serving_cluster(kube, owner, rayservice)
 
     def observed_status(owner: dict[str, Any]) -> dict[str, Any] | None:
         # Only the RayService this GrokDeployment controls speaks for it, not a look-alike.

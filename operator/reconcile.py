@@ -11,8 +11,9 @@ from typing import Any
 from kubernetes.client.rest import ApiException
 
 from grokserve.model.placement import Plan
-from grokserve.operator.builders import Owner, build_children
+from grokserve.operator.builders import Owner, build_children, build_service
 from grokserve.operator.kube import RAYSERVICE, SERVICEMONITOR, Kube, api_message
+from grokserve.operator.kuberay import serving_cluster
 from grokserve.operator.replica import replica_plan
 from grokserve.operator.spec import GrokDeploymentSpec, SpecError, check_name, parse_spec
 from grokserve.operator.status import (
@@ -91,10 +92,17 @@ def reconcile(kube: Kube, body: dict[str, Any]) -> Outcome:
     if not kube.serves(RAYSERVICE):
         message = f"KubeRay's RayService CRD (ray.io/v1) is not installed; {KUBERAY_INSTALL_HINT}"
         return _failed(body, KUBERAY_MISSING, message)
-    servicemonitor = kube.serves(SERVICEMONITOR)
-    children = build_children(owner, spec, plan, with_servicemonitor=servicemonitor)
     applying: dict[str, Any] | None = None
     try:
+        # The endpoint follows the cluster KubeRay routes to, as the RayService's status names it.
+        routed = serving_cluster(kube.get(RAYSERVICE, owner.namespace, owner.name))
+        children = build_children(
+            owner,
+            spec,
+            plan,
+            with_servicemonitor=kube.serves(SERVICEMONITOR),
+            serving_cluster=routed,
+        )
         held = [h for h in (kube.foreign_holder(c, owner.uid) for c in children) if h is not None]
         if held:
             message = (
@@ -132,6 +140,12 @@ def observable(body: dict[str, Any]) -> bool:
         return False
     ready = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), {})
     return ready.get("reason") not in RECONCILE_FAILURES
+
+
+def follow_serving_cluster(kube: Kube, body: dict[str, Any], rayservice: dict[str, Any]) -> None:
+    """Point the endpoint at the cluster KubeRay now routes to, as soon as KubeRay switches
+    (an upgrade's new cluster is ready), rather than at the next reconcile."""
+    kube.apply(build_service(owner_of(body), serving_cluster(rayservice)))
 
 
 def observe(body: dict[str, Any], rayservice: dict[str, Any] | None) -> Outcome:

@@ -46,8 +46,8 @@ def replica_config(name: str, spec: GrokDeploymentSpec) -> ServingConfig:
     on_gpu = par.device == "gpu"
     return ServingConfig(
         name=name,
-        # Serve needs one replica to exist; at spec.replicas 0 the worker group has no pods, so
-        # the replica stays pending without holding a GPU.
+        # Serve refuses a deployment of 0 replicas; at spec.replicas 0 the Serve config's target
+        # capacity 0 runs none (builders.serve_config).
         replicas=max(spec.replicas, 1),
         model=ReplicaModel(
             preset=spec.model.preset,

@@ -440,6 +440,12 @@ class RaySpec(CamelModel):
     service_account_name: DNS1123SubdomainName | None = Field(
         None, description="Service account of the Ray pods (e.g. for s3:// or gs:// access)."
     )
+    idle_timeout_seconds: int = Field(
+        60,
+        ge=0,
+        description="Seconds a worker node must be idle (no Serve replica on it) before Ray's "
+        "autoscaler removes it and frees its GPUs. Changing it starts a new Ray cluster.",
+    )
     # Not KubeRay's NewClusterWithIncrementalUpgrade: it needs clusterUpgradeOptions (a Gateway
     # class, step sizes) that this spec does not carry.
     upgrade_strategy: Literal["NewCluster", "None"] = Field(

@@ -29,6 +29,14 @@ from grokserve.model.placement import (
     parse_memory,
 )
 
+# The Serve deployment of the model replicas (its options carry the replica count).
+REPLICA_DEPLOYMENT = "GrokReplica"
+# Serve's router must never hold a request waiting for a replica's "capacity": the scheduler is
+# the only queue, and it answers admitted-or-429 at once. So a replica accepts far more calls at a
+# time than its scheduler admits (the excess are answered with 429 within milliseconds), and the
+# router's own queue only holds what is being routed right now.
+CALLS_PER_REPLICA = 10_000
+
 Strategy = Literal["pack", "spread", "strict-spread"]
 
 # Ray's names for our strategies (`placement_group_strategy` of a Serve deployment).
@@ -197,6 +205,19 @@ class ServingConfig(_Section):
     @classmethod
     def from_args(cls, args: dict[str, Any]) -> ServingConfig:
         return cls.model_validate(args)
+
+    def replica_count_options(self) -> dict[str, int]:
+        """The options of the GrokReplica deployment that follow the replica count.
+
+        Both are options Serve changes without restarting a replica, which is why the operator
+        sends them as the application's deployment options rather than in its args (Serve hashes
+        the args into the application's code version, and a new code version restarts every
+        replica).
+        """
+        return {
+            "num_replicas": self.replicas,
+            "max_queued_requests": self.replicas * CALLS_PER_REPLICA,
+        }
 
     def degrees(self, model: GrokConfig) -> Parallelism:
         """tensor and expert, each the planner's choice where the config leaves it out."""
