@@ -1,0 +1,159 @@
+"""Checkpoint sources against real stores on 127.0.0.1: moto's S3 server, fake-gcs-server and the
+Hub stand-in; the node cache's verify-then-publish, resume, offline and error paths."""
+
+from __future__ import annotations
+
+import shutil
+from collections import namedtuple
+from pathlib import Path
+
+import pytest
+
+from grokserve.model.checkpoint import open_checkpoint
+from grokserve.model.sources import SourceError, fetch, metadata_only, parse_location
+from grokserve.model.sources.cache import NodeCache
+from grokserve.model.sources.s3 import S3Store
+from grokserve.serving.loading import DEMO_CHECKPOINT
+from testkit.stores import HubStandIn, fake_gcs, files_of, moto_s3, upload_gcs, upload_s3
+
+
+def test_locations_parse_and_unknown_schemes_are_refused_by_name() -> None:
+    hub = parse_location("hf://xai-org/grok-1@v1.0/ckpt")
+    assert (hub.container, hub.revision, hub.prefix) == ("xai-org/grok-1", "v1.0", "ckpt")
+    assert parse_location("hf://xai-org/grok-1").revision == "main"
+    s3 = parse_location("s3://bucket/a/b/")
+    assert (s3.container, s3.prefix) == ("bucket", "a/b")
+    assert parse_location("file:///models/x").path == Path("/models/x")
+    with pytest.raises(SourceError, match=r"unknown scheme ftp://"):
+        parse_location("ftp://host/x")
+    with pytest.raises(SourceError, match="PersistentVolumeClaim"):
+        parse_location("pvc://claim/x")
+    with pytest.raises(SourceError, match="ORG/REPO"):
+        parse_location("hf://just-org")
+
+
+@pytest.fixture
+def s3_demo():
+    with moto_s3() as server:
+        upload_s3(DEMO_CHECKPOINT, "weights", "demo")
+        yield server
+
+
+def complete_files(cache: Path) -> list[str]:
+    return sorted(p.name for p in cache.rglob("complete/*"))
+
+
+def test_s3_fetches_verified_files_once_and_serves_them_with_the_store_gone(
+    s3_demo, tmp_path: Path
+) -> None:
+    first = fetch("s3://weights/demo", tmp_path)
+    assert files_of(first.path) == files_of(DEMO_CHECKPOINT)
+    assert (
+        first.fetched_bytes
+        == first.total_bytes
+        == sum(p.stat().st_size for p in DEMO_CHECKPOINT.iterdir())
+    )
+    assert open_checkpoint(first.path).config == open_checkpoint(DEMO_CHECKPOINT).config
+    assert fetch("s3://weights/demo", tmp_path).fetched_bytes == 0  # listed again, nothing fetched
+    s3_demo.stop()
+    offline = fetch("s3://weights/demo", tmp_path)
+    assert offline.path == first.path and offline.fetched_bytes == 0
+    with pytest.raises(SourceError, match=r"s3://weights/demo: the S3 endpoint does not answer"):
+        fetch("s3://weights/demo", tmp_path / "empty")
+
+
+def test_s3_single_object_and_metadata_only(s3_demo, tmp_path: Path) -> None:
+    tokenizer = fetch("s3://weights/demo/tokenizer.model", tmp_path)
+    assert tokenizer.path.read_bytes() == (DEMO_CHECKPOINT / "tokenizer.model").read_bytes()
+    meta = fetch("s3://weights/demo", tmp_path, slicer=metadata_only)
+    assert meta.fetched_bytes < meta.total_bytes / 10
+    assert open_checkpoint(meta.path).config == open_checkpoint(DEMO_CHECKPOINT).config
+    assert "model.safetensors" not in complete_files(tmp_path)  # a header is not a file
+
+
+@pytest.mark.parametrize(
+    ("url", "cause"),
+    [
+        ("s3://missing/demo", "s3://missing/demo: bucket 'missing' does not exist"),
+        ("s3://weights/nothing", "s3://weights/nothing: no objects under this prefix"),
+    ],
+)
+def test_s3_bad_locations_fail_in_one_line(s3_demo, tmp_path: Path, url: str, cause: str) -> None:
+    with pytest.raises(SourceError) as error:
+        fetch(url, tmp_path)
+    assert str(error.value) == cause
+
+
+def test_a_checksum_mismatch_publishes_nothing(s3_demo, tmp_path: Path, monkeypatch) -> None:
+    honest = S3Store.read
+
+    def corrupt(self, info, start, stop):
+        data = honest(self, info, start, stop)
+        return bytes([data[0] ^ 1]) + data[1:] if info.name == "config.json" else data
+
+    monkeypatch.setattr(S3Store, "read", corrupt)
+    with pytest.raises(
+        SourceError, match=r"s3://weights/demo \(config.json\): md5 checksum mismatch"
+    ):
+        fetch("s3://weights/demo", tmp_path)
+    assert "config.json" not in complete_files(tmp_path)
+    assert not list(tmp_path.rglob("partial/config.json*"))
+    monkeypatch.setattr(S3Store, "read", honest)
+    assert files_of(fetch("s3://weights/demo", tmp_path).path) == files_of(DEMO_CHECKPOINT)
+
+
+def test_a_killed_download_resumes_where_it_stopped(s3_demo, tmp_path: Path, monkeypatch) -> None:
+    location = parse_location("s3://weights/demo")
+    honest, calls = S3Store.read, []
+
+    def dies_after_three(self, info, start, stop):
+        calls.append(stop - start)
+        if len(calls) > 3:
+            raise SourceError("s3://weights/demo: connection reset")
+        return honest(self, info, start, stop)
+
+    monkeypatch.setattr(S3Store, "read", dies_after_three)
+    cache = NodeCache(tmp_path, location, chunk_bytes=1 << 20, parallel=1)
+    with pytest.raises(SourceError, match="connection reset"):
+        cache.fetch(S3Store(location))
+    assert complete_files(tmp_path) != sorted(p.name for p in DEMO_CHECKPOINT.iterdir())
+    monkeypatch.setattr(S3Store, "read", honest)
+    resumed = cache.fetch(S3Store(location))
+    assert resumed.fetched_bytes == resumed.total_bytes - sum(calls[:3])
+    assert files_of(resumed.path) == files_of(DEMO_CHECKPOINT)
+
+
+def test_a_full_disk_is_refused_before_fetching(s3_demo, tmp_path: Path, monkeypatch) -> None:
+    Usage = namedtuple("Usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: Usage(10**6, 10**6 - 1000, 1000))
+    with pytest.raises(
+        SourceError,
+        match=r"s3://weights/demo: the cache .* needs 5,6\d\d,\d\d\d more bytes but its disk has 1,000 free",
+    ):
+        fetch("s3://weights/demo", tmp_path)
+    assert complete_files(tmp_path) == []
+
+
+def test_gs_through_the_emulator(tmp_path: Path) -> None:
+    with fake_gcs():
+        upload_gcs(DEMO_CHECKPOINT, "weights", "demo")
+        fetched = fetch("gs://weights/demo", tmp_path)
+        assert files_of(fetched.path) == files_of(DEMO_CHECKPOINT)
+        with pytest.raises(SourceError, match=r"gs://nothere/demo: the bucket does not exist"):
+            fetch("gs://nothere/demo", tmp_path)
+
+
+def test_hf_revisions_subdirs_tokens_and_offline(tmp_path: Path, monkeypatch) -> None:
+    files = {f"weights/{name}": data for name, data in files_of(DEMO_CHECKPOINT).items()}
+    with HubStandIn("org/demo", files, revisions=("main", "v1"), token="secret"):
+        with pytest.raises(SourceError, match=r"hf://org/demo@v1/weights: repository org/demo"):
+            fetch("hf://org/demo@v1/weights", tmp_path)
+        monkeypatch.setenv("HF_TOKEN", "secret")
+        fetched = fetch("hf://org/demo@v1/weights", tmp_path)
+        assert files_of(fetched.path) == files_of(DEMO_CHECKPOINT)
+        with pytest.raises(SourceError, match=r"revision 'v2' not found in org/demo"):
+            fetch("hf://org/demo@v2/weights", tmp_path)
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        assert fetch("hf://org/demo@v1/weights", tmp_path).path == fetched.path
+        with pytest.raises(SourceError, match="HF_HUB_OFFLINE is set; the cache"):
+            fetch("hf://org/demo@main/weights", tmp_path)
