@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ from grokserve.model.checkpoint import open_checkpoint
 from grokserve.model.checkpoint.base import CheckpointReader
 from grokserve.model.parallel import GrokShard, shard_device, start_process_group
 from grokserve.model.placement import GB, Cluster, Headroom, Parallelism, Plan, make_plan
+from grokserve.model.sources import Fetched, fetch, metadata_only, rank_experts, rank_slicer
 from grokserve.model.tokenizer import Tokenizer, beside_checkpoint
 from grokserve.serving.config import ModelSpec, ServingConfig
 from grokserve.serving.engine import Engine
@@ -51,36 +53,39 @@ DEMO_CHECKPOINT = Path(__file__).resolve().parent / "demo"
 
 
 def open_source(spec: ModelSpec) -> CheckpointReader:
-    """A reader for `spec.source` in any format grokserve.model reads (its own config.json +
-    safetensors, Hugging Face, or xAI's released checkpoint)."""
+    """A reader for `spec.source`'s config and headers in any format grokserve.model reads (its own
+    config.json + safetensors, Hugging Face, or xAI's released checkpoint); a remote source
+    fetches only its metadata into the node cache."""
     if spec.source is None:
         raise ValueError("the model spec has no source (it serves random preset weights)")
-    return open_checkpoint(local_path(spec.source))
+    return open_checkpoint(metadata_path(spec.source, spec.cache_dir))
+
+
+@cache
+def metadata_path(source: str, cache_dir: str | None) -> Path:
+    """Config, index, tokenizer and safetensors headers, fetched once per process."""
+    return fetch(source, cache_dir, slicer=metadata_only).path
 
 
 def model_config(spec: ModelSpec) -> GrokConfig:
     return preset(spec.preset) if spec.source is None else open_source(spec).config
 
 
-def local_path(location: str) -> Path:
-    """A checkpoint or tokenizer location as a local path (plain paths and file:// URLs)."""
-    if location.startswith("file://"):
-        return Path(location.removeprefix("file://"))
-    if "://" in location:
-        scheme = location.split("://", 1)[0]
-        raise ValueError(
-            f"{location}: the {scheme}:// scheme must be mounted or downloaded to a local path "
-            "before the replica starts (the operator mounts pvc:// sources)"
-        )
-    return Path(location)
-
-
 def load_tokenizer(spec: ModelSpec) -> Tokenizer | ByteTokenizer:
     if spec.tokenizer is not None:
-        return Tokenizer(local_path(spec.tokenizer))
-    if spec.source is not None and (shipped := beside_checkpoint(local_path(spec.source))):
+        return Tokenizer(fetch(spec.tokenizer, spec.cache_dir).path)
+    if spec.source is not None and (
+        shipped := beside_checkpoint(metadata_path(spec.source, spec.cache_dir))
+    ):
         return Tokenizer(shipped)
     return ByteTokenizer(model_config(spec).vocab_size)
+
+
+def fetch_shard_weights(spec: ModelSpec, plan: Plan, rank: int) -> Fetched:
+    """The files and byte ranges of `spec.source` that `rank` holds in `plan`, in the node cache
+    (a local source as it is)."""
+    assert spec.source is not None
+    return fetch(spec.source, spec.cache_dir, slicer=rank_slicer(rank_experts(plan, rank)))
 
 
 def placement_plan(config: ServingConfig) -> Plan:
@@ -118,7 +123,8 @@ def load_shard(config: ServingConfig, rank: int, master: tuple[str, int]) -> Gro
         device = start_process_group(plan, rank, *master, kind=kind)
     spec = config.model
     if spec.source is not None:
-        return GrokShard.from_source(open_source(spec), plan, rank, device)
+        weights = fetch_shard_weights(spec, plan, rank)
+        return GrokShard.from_source(open_checkpoint(weights.path), plan, rank, device)
     model = GrokModel.from_preset(spec.preset, seed=spec.seed, dtype=DTYPES[spec.dtype])
     if spec.quantization == "int8":
         model = model.quantized()

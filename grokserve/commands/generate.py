@@ -6,12 +6,19 @@ import argparse
 import sys
 import time
 
+from grokserve.commands.serve import add_cache_dir
+
 HELP = "print the continuation of a prompt by a checkpoint or a random preset model"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", metavar="PATH", help="checkpoint directory (any format)")
+    source.add_argument(
+        "--checkpoint",
+        metavar="URL",
+        help="checkpoint: a directory (any format), file://, s3://BUCKET/PREFIX, gs://BUCKET/PREFIX "
+        "or hf://ORG/REPO[@REVISION][/SUBDIR]",
+    )
     source.add_argument(
         "--preset", metavar="NAME", help="random weights of a preset, e.g. grok-tiny"
     )
@@ -19,8 +26,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tokenizer",
         metavar="PATH",
-        help="SentencePiece tokenizer.model (default: the checkpoint's own, if it has one)",
+        help="SentencePiece tokenizer.model, same locations as --checkpoint (default: the "
+        "checkpoint's own, if it has one)",
     )
+    add_cache_dir(parser)
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
     parser.add_argument("--top-k", type=int, default=0)
@@ -73,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
     from grokserve.model.config import ConfigError
     from grokserve.model.loading import parse_dtype
     from grokserve.model.sampling import SamplingParams, generate
+    from grokserve.model.sources import fetch
     from grokserve.model.tokenizer import Tokenizer, TokenizerError, beside_checkpoint
 
     started = time.perf_counter()
@@ -83,14 +93,19 @@ def run(args: argparse.Namespace) -> int:
             top_p=args.top_p,
             max_tokens=args.max_tokens,
         )
-        tokenizer_path = args.tokenizer or (
-            beside_checkpoint(args.checkpoint) if args.checkpoint else None
+        checkpoint = (
+            fetch(args.checkpoint, args.cache_dir, progress=True).path if args.checkpoint else None
+        )
+        tokenizer_path = (
+            fetch(args.tokenizer, args.cache_dir, progress=True).path
+            if args.tokenizer
+            else (beside_checkpoint(checkpoint) if checkpoint else None)
         )
         tokenizer = Tokenizer(tokenizer_path) if tokenizer_path else None
         quantization = "int8" if args.int8 else None
-        if args.checkpoint:
+        if checkpoint:
             model = load_model(
-                args.checkpoint, args.dtype, args.device, args.config, quantization=quantization
+                checkpoint, args.dtype, args.device, args.config, quantization=quantization
             )
         else:
             model = GrokModel.from_preset(args.preset, args.seed, parse_dtype(args.dtype))

@@ -17,10 +17,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--preset", help="serve random weights of this preset (e.g. grok-tiny)")
     model.add_argument(
         "--checkpoint",
-        help="checkpoint directory (config.json + model.safetensors [+ tokenizer.model]); "
-        "default: the demo checkpoint that ships with grokserve",
+        help="checkpoint: a directory (any format), file://, s3://BUCKET/PREFIX, gs://BUCKET/PREFIX "
+        "or hf://ORG/REPO[@REVISION][/SUBDIR]; default: the demo checkpoint shipped with grokserve",
     )
-    parser.add_argument("--tokenizer", help="SentencePiece model (default: the checkpoint's)")
+    parser.add_argument(
+        "--tokenizer", help="SentencePiece model, same locations (default: the checkpoint's)"
+    )
+    add_cache_dir(parser)
     parser.add_argument(
         "--name", help="model id in the API (default: the preset, 'grok-demo' or 'grok')"
     )
@@ -54,7 +57,7 @@ def serving_config(args: argparse.Namespace):
         model = {"preset": args.preset, "seed": args.seed}
         name = args.name or args.preset
     elif args.checkpoint:
-        model = {"source": args.checkpoint}
+        model = {"source": args.checkpoint, "cache_dir": args.cache_dir}
         name = args.name or "grok"
     else:
         model = {"source": str(DEMO_CHECKPOINT)}
@@ -73,6 +76,28 @@ def serving_config(args: argparse.Namespace):
     )
 
 
+def add_cache_dir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--cache-dir",
+        metavar="DIR",
+        help="node-local cache of s3://, gs:// and hf:// weights (default: ~/.cache/grokserve)",
+    )
+
+
+def prefetch(config) -> None:
+    """Fetches a remote checkpoint here, where a person watches its progress bar, so that bad
+    locations fail before Ray starts: all of it for one shard, else its metadata (each shard
+    worker then fetches only its own share into the same node cache)."""
+    from grokserve.model.sources import fetch, metadata_only
+
+    spec = config.model
+    if spec.source is not None:
+        whole = config.parallelism.shards == 1
+        fetch(spec.source, spec.cache_dir, None if whole else metadata_only, progress=True)
+    if spec.tokenizer is not None:
+        fetch(spec.tokenizer, spec.cache_dir, progress=True)
+
+
 def run(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
@@ -84,6 +109,11 @@ def run(args: argparse.Namespace) -> int:
     except (ValidationError, ValueError) as error:
         print(f"grokserve serve: invalid settings: {error}", file=sys.stderr)
         return 2
+    try:
+        prefetch(config)
+    except ValueError as error:  # SourceError, CheckpointError: one line naming source and cause
+        print(f"grokserve serve: {error}", file=sys.stderr)
+        return 1
     print(f"starting Ray and deploying {config.name!r} ({config.parallelism.shards} shard(s))...")
     local = LocalServing(config, host=args.host, port=args.port, shape=shape)
     try:

@@ -16,7 +16,7 @@ from pathlib import Path
 from grokserve.model.sources.cache import DEFAULT_CACHE_DIR, Fetched, NodeCache, Slicer
 from grokserve.model.sources.errors import SourceError, StoreUnreachable
 from grokserve.model.sources.location import Location, parse_location
-from grokserve.model.sources.slices import metadata_only, rank_slicer
+from grokserve.model.sources.slices import metadata_only, rank_experts, rank_slicer
 from grokserve.model.sources.store import open_store
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "fetch",
     "metadata_only",
     "parse_location",
+    "rank_experts",
     "rank_slicer",
 ]
 

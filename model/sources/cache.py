@@ -121,12 +121,14 @@ class NodeCache:
         self.directory = root.expanduser() / location.cache_key
         self.chunk_bytes = chunk_bytes
         self.parallel = parallel
+        self.fetched_bytes = 0  # by this object, headers included
+        self.count_lock = threading.Lock()
 
     # -- the public entry ---------------------------------------------------------------------------
 
     def fetch(self, store: Store, slicer: Slicer | None = None, progress: bool = False) -> Fetched:
         """Makes the checkpoint (or the caller's slice of it) local; see the module docstring."""
-        started = time.perf_counter()
+        started, fetched_before = time.perf_counter(), self.fetched_bytes
         self.directory.mkdir(parents=True, exist_ok=True)
         with FileLock(self.directory / ".lock"):
             objects, reachable = self.listing(store)
@@ -134,7 +136,7 @@ class NodeCache:
             partials: dict[str, PartialFile] = {}
             try:
                 wanted = self.wanted_ranges(objects, done, partials, store, reachable, slicer)
-                fetched = self.fetch_missing(wanted, partials, store, reachable, progress)
+                self.fetch_missing(wanted, partials, store, reachable, progress)
                 self.publish(partials, done)
                 path = self.view(objects, wanted, done)
             finally:
@@ -143,7 +145,7 @@ class NodeCache:
                         partial.close()
         return Fetched(
             path,
-            fetched,
+            self.fetched_bytes - fetched_before,
             sum(total(ranges) for ranges in wanted.values()),
             sum(o.size for o in objects),
             time.perf_counter() - started,
@@ -213,7 +215,7 @@ class NodeCache:
         store: Store,
         reachable: bool,
         progress: bool,
-    ) -> int:
+    ) -> None:
         missing = {
             name: subtract(ranges, partials[name].have)
             for name, ranges in wanted.items()
@@ -238,7 +240,6 @@ class NodeCache:
             ]
             for job in jobs:
                 job.result()
-        return need
 
     def fetch_ranges(
         self,
@@ -267,6 +268,8 @@ class NodeCache:
                     partial.write(start, data)
                 except OSError as error:
                     raise self.disk_error(error) from error
+                with self.count_lock:
+                    self.fetched_bytes += len(data)
                 if bar is not None:
                     bar.update(len(data))
 

@@ -12,6 +12,7 @@ import json
 import re
 import struct
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
 from grokserve.model.checkpoint.names import HF_NAMINGS
 from grokserve.model.sources.cache import Slicer
@@ -31,7 +32,18 @@ PER_EXPERT = [
 ]
 STACKED = re.compile(r"layers\.(?P<layer>\d+)\.moe\.(?:w_gate|w_up|w_down)(?:\.weight|\.scales)?")
 
+if TYPE_CHECKING:
+    from grokserve.model.placement import Plan
+
 Read = Callable[[int, int], bytes]
+
+
+def rank_experts(plan: Plan, rank: int) -> dict[int, frozenset[int]]:
+    """Layer -> the experts `rank` holds (any slice of) in `plan`."""
+    return {
+        layer: frozenset(piece.expert for piece in plan.shard(layer, rank).experts)
+        for layer in range(len(plan.layers))
+    }
 
 
 def safetensors_header(info: ObjectInfo, read: Read) -> tuple[int, dict]:

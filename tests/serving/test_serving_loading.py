@@ -48,8 +48,8 @@ def test_bad_sources_are_named(tmp_path):
         model_config(ModelSpec(source=str(tmp_path)))
     with pytest.raises(ValueError, match="does not exist"):
         model_config(ModelSpec(source=str(tmp_path / "nowhere")))
-    with pytest.raises(ValueError, match="s3:// scheme"):
-        model_config(ModelSpec(source="s3://bucket/ckpt"))
+    with pytest.raises(ValueError, match=r"ftp://bucket/ckpt: unknown scheme ftp://"):
+        model_config(ModelSpec(source="ftp://bucket/ckpt"))
 
 
 def test_byte_tokenizer_round_trips_utf8():
