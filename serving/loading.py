@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -110,12 +110,18 @@ def placement_plan(config: ServingConfig) -> Plan:
     )
 
 
-def load_shard(config: ServingConfig, rank: int, master: tuple[str, int]) -> GrokShard:
+def load_shard(
+    config: ServingConfig,
+    rank: int,
+    master: tuple[str, int],
+    on_fetched: Callable[[Fetched], None] | None = None,
+) -> GrokShard:
     """This rank's shard of the replica's plan (the whole model when G = 1), its process group
     joined first when G > 1. Every rank of the replica calls this at the same time.
 
-    From a checkpoint, each rank reads only its own slices; with quantization int8 the checkpoint
-    must hold 8-bit weights (as xAI's release does)."""
+    From a checkpoint, each rank fetches and reads only its own slices (`on_fetched` hears what
+    the fetch cost); with quantization int8 the checkpoint must hold 8-bit weights (as xAI's
+    release does)."""
     plan = placement_plan(config)
     kind = config.resources.device
     device = shard_device(plan, rank, kind)
@@ -124,6 +130,8 @@ def load_shard(config: ServingConfig, rank: int, master: tuple[str, int]) -> Gro
     spec = config.model
     if spec.source is not None:
         weights = fetch_shard_weights(spec, plan, rank)
+        if on_fetched is not None:
+            on_fetched(weights)
         return GrokShard.from_source(open_checkpoint(weights.path), plan, rank, device)
     model = GrokModel.from_preset(spec.preset, seed=spec.seed, dtype=DTYPES[spec.dtype])
     if spec.quantization == "int8":

@@ -1,17 +1,12 @@
 """`grokserve serve` flags -> ServingConfig, and bad flags fail before anything starts."""
 
 import argparse
-import os
-import shutil
-import signal
-import subprocess
-import time
 
 import httpx
 import pytest
 
 from grokserve.commands import serve
-from testkit.serving import free_port
+from testkit.serving import ServeProcess
 
 
 def parse(*argv):
@@ -56,44 +51,6 @@ def test_bad_flags_exit_2_naming_the_setting(capsys):
     assert "maxBatchSize" in capsys.readouterr().err
     assert serve.run(parse("--nodes", "2", "--gpus-per-node", "2", "--tensor", "3")) == 2
     assert "parallelism.tensor=3" in capsys.readouterr().err
-
-
-class ServeProcess:
-    """`grokserve serve FLAGS` as a user runs it, its output in a log file."""
-
-    def __init__(self, tmp_path, *flags):
-        executable = shutil.which("grokserve")
-        assert executable, "the grokserve console script is not installed (pip install -e .)"
-        port = free_port()
-        self.url = f"http://127.0.0.1:{port}"
-        self.log = tmp_path / "serve.log"
-        environment = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-        with self.log.open("w") as output:
-            self.process = subprocess.Popen(
-                [executable, "serve", "--port", str(port), *flags],
-                env={**environment, "PYTHONUNBUFFERED": "1"},
-                stdout=output,
-                stderr=subprocess.STDOUT,
-            )
-
-    def wait_serving(self, timeout_s: float) -> None:
-        """Until it says Ctrl-C stops it: from then on, Ctrl-C is a clean stop."""
-        deadline = time.monotonic() + timeout_s
-        while "Ctrl-C to stop" not in self.log.read_text():
-            assert self.process.poll() is None, self.log.read_text()
-            assert time.monotonic() < deadline, (
-                f"not serving in {timeout_s} s:\n{self.log.read_text()}"
-            )
-            time.sleep(0.5)
-
-    def ctrl_c(self, timeout_s: float) -> int:
-        self.process.send_signal(signal.SIGINT)
-        return self.process.wait(timeout=timeout_s)
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
 
 
 def test_readme_command_serves_the_demo_and_stops_on_ctrl_c(tmp_path):
