@@ -17,6 +17,9 @@ SERVE_PORT = 8000
 METRICS_PORT = 8080
 DEPLOYMENT_LABEL = f"{API_GROUP}/deployment"
 MODEL_MOUNT_ROOT = "/mnt/models"
+WEIGHTS_CACHE_MOUNT = "/var/cache/grokserve"  # the serving config's model.cacheDir
+WEIGHTS_CACHE_VOLUME = "weights-cache"
+REMOTE_SCHEMES = ("s3", "gs", "hf")  # fetched by the pods; pvc:// is mounted, file:// is a path
 WORKER_GROUP = "gpu-workers"
 SERVING_CONFIG_KEY = "serving.yaml"
 
@@ -82,6 +85,34 @@ def _local_location(url: str | None) -> str | None:
     return url
 
 
+def _fetches_weights(spec: GrokDeploymentSpec) -> bool:
+    """Whether the pods fetch the source or tokenizer from an object store (into the cache)."""
+    urls = (spec.model.source, spec.model.tokenizer)
+    return any(url and url.split("://", 1)[0] in REMOTE_SCHEMES for url in urls)
+
+
+def _with_weights_access(
+    pod: dict[str, Any], container: dict[str, Any], spec: GrokDeploymentSpec
+) -> None:
+    """The credentials Secret as environment, and the weights cache volume where one is used."""
+    model = spec.model
+    if model.credentials_secret:
+        container["envFrom"] = [{"secretRef": {"name": model.credentials_secret}}]
+    if not _fetches_weights(spec):
+        return
+    cache = model.cache
+    if cache.type == "hostPath":
+        source: dict[str, Any] = {"hostPath": {"path": cache.path, "type": "DirectoryOrCreate"}}
+    elif cache.type == "pvc":
+        source = {"persistentVolumeClaim": {"claimName": cache.claim}}
+    else:
+        source = {"emptyDir": {"sizeLimit": cache.size_limit} if cache.size_limit else {}}
+    pod.setdefault("volumes", []).append({"name": WEIGHTS_CACHE_VOLUME, **source})
+    container.setdefault("volumeMounts", []).append(
+        {"name": WEIGHTS_CACHE_VOLUME, "mountPath": WEIGHTS_CACHE_MOUNT}
+    )
+
+
 def _claims(spec: GrokDeploymentSpec) -> list[str]:
     urls = (spec.model.source, spec.model.tokenizer)
     return sorted({_claim_and_path(u)[0] for u in urls if u and u.startswith("pvc://")})
@@ -100,6 +131,8 @@ def serving_args(owner: Owner, spec: GrokDeploymentSpec) -> dict[str, Any]:
         location = _local_location(getattr(spec.model, field))
         if location is not None:
             model[field] = location
+    if _fetches_weights(spec):
+        model["cacheDir"] = WEIGHTS_CACHE_MOUNT
     return {
         "name": owner.name,
         # Serve needs one replica to exist; at spec.replicas 0 the worker group has no pods, so the
@@ -192,6 +225,7 @@ def _head_group(owner: Owner, spec: GrokDeploymentSpec, claims: list[str]) -> di
     ]
     pod: dict[str, Any] = {"containers": [container]}
     _with_model_volumes(pod, container, claims)
+    _with_weights_access(pod, container, spec)
     if spec.ray.service_account_name:
         pod["serviceAccountName"] = spec.ray.service_account_name
     return {
@@ -214,6 +248,7 @@ def _worker_group(owner: Owner, spec: GrokDeploymentSpec, claims: list[str]) -> 
     container["ports"] = [{"name": "metrics", "containerPort": METRICS_PORT}]
     pod: dict[str, Any] = {"containers": [container]}
     _with_model_volumes(pod, container, claims)
+    _with_weights_access(pod, container, spec)
     if spec.ray.node_selector:
         pod["nodeSelector"] = dict(spec.ray.node_selector)
     if spec.ray.tolerations:

@@ -91,6 +91,20 @@ def spec_schema() -> dict[str, Any]:
             "message": "autoscaling.minReplicas 0 needs autoscaling.scaleToZeroIdleSeconds",
         },
     ]
+    props["model"]["properties"]["cache"]["x-kubernetes-validations"] = [
+        {
+            "rule": "self.type == 'emptyDir' || !has(self.sizeLimit)",
+            "message": "model.cache.sizeLimit applies to type emptyDir only",
+        },
+        {
+            "rule": "(self.type == 'hostPath') == has(self.path)",
+            "message": "model.cache.path is required with type hostPath and applies to it only",
+        },
+        {
+            "rule": "(self.type == 'pvc') == has(self.claim)",
+            "message": "model.cache.claim is required with type pvc and applies to it only",
+        },
+    ]
     shards = "(self.gpusPerNode * self.nodesPerReplica)"
     props["parallelism"]["x-kubernetes-validations"] = [
         {

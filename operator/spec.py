@@ -37,6 +37,35 @@ class SpecError(ValueError):
         self.message = message
 
 
+class ModelCacheSpec(CamelModel):
+    """Where the Ray pods keep s3://, gs:// and hf:// weights they fetch: one copy per node,
+    shared by the ranks on it (mounted only when the source or tokenizer is remote)."""
+
+    type: Literal["emptyDir", "hostPath", "pvc"] = Field(
+        "emptyDir",
+        description="emptyDir: the pod's scratch disk, fetched again by every new pod; hostPath: a "
+        "node directory that outlives pods (a warm cache); pvc: a claim (ReadWriteMany when pods "
+        "on several nodes share it).",
+    )
+    size_limit: str | None = Field(
+        None,
+        pattern=r"^[0-9]+(\.[0-9]+)?([KMGTPE]i?)?$",
+        description="emptyDir only: its size limit, e.g. 700Gi (the checkpoint, or a rank's share).",
+    )
+    path: str | None = Field(None, pattern=r"^/", description="hostPath only: the node directory.")
+    claim: str | None = Field(None, min_length=1, description="pvc only: the claim's name.")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> ModelCacheSpec:
+        for field, owner in (("size_limit", "emptyDir"), ("path", "hostPath"), ("claim", "pvc")):
+            name = type(self).model_fields[field].alias or field
+            if self.type == owner and owner != "emptyDir" and getattr(self, field) is None:
+                raise ValueError(f"model.cache.type {owner} needs model.cache.{name}")
+            if self.type != owner and getattr(self, field) is not None:
+                raise ValueError(f"model.cache.{name} applies to type {owner}, not {self.type}")
+        return self
+
+
 class ModelSpec(CamelModel):
     """Which model to serve and how its weights are held on the GPUs."""
 
@@ -60,6 +89,17 @@ class ModelSpec(CamelModel):
     quantization: Literal["none", "int8"] = Field(
         "none",
         description="int8 keeps the released 8-bit weights on the GPU (half the memory of bf16).",
+    )
+    cache: ModelCacheSpec = Field(
+        default_factory=ModelCacheSpec,
+        description="Node-local cache of s3://, gs:// and hf:// weights.",
+    )
+    credentials_secret: str | None = Field(
+        None,
+        min_length=1,
+        description="Secret whose keys become environment variables of the Ray pods, e.g. "
+        "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, HF_TOKEN; unset: the pods' "
+        "ServiceAccount (IRSA, Workload Identity) or public access.",
     )
 
     @property

@@ -90,6 +90,22 @@ def test_examples_pass_every_rule(path: Path) -> None:
             "replicas must lie within autoscaling.minReplicas..maxReplicas while autoscaling is enabled",
         ),
         (changed(name="Grok-1"), "metadata.name must be at most 40 characters"),
+        (
+            changed(model={"preset": "grok-1", "cache": {"type": "hostPath"}}),
+            "model.cache.path is required with type hostPath and applies to it only",
+        ),
+        (
+            changed(model={"preset": "grok-1", "cache": {"path": "/mnt/nvme"}}),
+            "model.cache.path is required with type hostPath and applies to it only",
+        ),
+        (
+            changed(model={"preset": "grok-1", "cache": {"type": "pvc", "sizeLimit": "1Ti"}}),
+            "model.cache.sizeLimit applies to type emptyDir only",
+        ),
+        (
+            changed(model={"preset": "grok-1", "cache": {"type": "pvc"}}),
+            "model.cache.claim is required with type pvc and applies to it only",
+        ),
     ],
 )
 def test_rules_reject_what_the_operator_rejects(body: dict, message: str) -> None:
