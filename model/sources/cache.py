@@ -22,7 +22,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -191,7 +191,7 @@ class NodeCache:
 
             def read(start: int, stop: int) -> bytes:
                 partial = self.partial(info, partials)
-                self.fetch_ranges(partial, [(start, stop)], store, reachable, None)
+                self.fetch_ranges(partial, [(start, stop)], store, reachable)
                 return partial.read(start, stop)
 
             sliced = slicer(info, read)
@@ -216,12 +216,14 @@ class NodeCache:
         reachable: bool,
         progress: bool,
     ) -> None:
-        missing = {
-            name: subtract(ranges, partials[name].have)
+        """Every missing range of every file, in chunks, `parallel` requests at a time."""
+        chunks = [
+            (partials[name], start, stop)
             for name, ranges in wanted.items()
             if name in partials
-        }
-        need = sum(total(ranges) for ranges in missing.values())
+            for start, stop in split(subtract(ranges, partials[name].have), self.chunk_bytes)
+        ]
+        need = sum(stop - start for _, start, stop in chunks)
         if need and not reachable:
             raise StoreUnreachable(
                 f"{self.location.url}: the store does not answer and the cache {self.directory} "
@@ -233,45 +235,41 @@ class NodeCache:
             total=need, unit="B", unit_scale=True, desc=self.location.url, disable=not progress
         )
         with bar, ThreadPoolExecutor(self.parallel) as pool:
-            jobs = [
-                pool.submit(self.fetch_ranges, partials[name], ranges, store, reachable, bar)
-                for name, ranges in missing.items()
-                if ranges
-            ]
-            for job in jobs:
-                job.result()
+            jobs = [pool.submit(self.fetch_chunk, *chunk, store) for chunk in chunks]
+            try:
+                for job in as_completed(jobs):
+                    bar.update(job.result())
+            except BaseException:
+                pool.shutdown(cancel_futures=True)  # what is written stays journalled
+                raise
 
     def fetch_ranges(
-        self,
-        partial: PartialFile,
-        ranges: Ranges,
-        store: Store,
-        reachable: bool,
-        bar: tqdm | None,
+        self, partial: PartialFile, ranges: Ranges, store: Store, reachable: bool
     ) -> None:
+        """The missing parts of `ranges` of one file, one request after the other (headers)."""
         todo = split(subtract(merge(ranges), partial.have), self.chunk_bytes)
         if todo and not reachable:
             raise StoreUnreachable(
                 f"{self.location.url} ({partial.info.name}): the store does not answer and the "
                 f"cache {self.directory} does not hold the bytes needed"
             )
-        with ThreadPoolExecutor(self.parallel) as pool:
-            for (start, stop), data in zip(
-                todo, pool.map(lambda r: store.read(partial.info, *r), todo), strict=True
-            ):
-                if len(data) != stop - start:
-                    raise SourceError(
-                        f"{self.location.url} ({partial.info.name}): asked for bytes "
-                        f"{start}-{stop - 1}, got {len(data)} bytes"
-                    )
-                try:
-                    partial.write(start, data)
-                except OSError as error:
-                    raise self.disk_error(error) from error
-                with self.count_lock:
-                    self.fetched_bytes += len(data)
-                if bar is not None:
-                    bar.update(len(data))
+        for start, stop in todo:
+            self.fetch_chunk(partial, start, stop, store)
+
+    def fetch_chunk(self, partial: PartialFile, start: int, stop: int, store: Store) -> int:
+        data = store.read(partial.info, start, stop)
+        if len(data) != stop - start:
+            raise SourceError(
+                f"{self.location.url} ({partial.info.name}): asked for bytes {start}-{stop - 1}, "
+                f"got {len(data)} bytes"
+            )
+        try:
+            partial.write(start, data)
+        except OSError as error:
+            raise self.disk_error(error) from error
+        with self.count_lock:
+            self.fetched_bytes += len(data)
+        return len(data)
 
     def publish(self, partials: dict[str, PartialFile], done: dict[str, str]) -> None:
         """Verifies each fully fetched file and renames it into complete/."""

@@ -3,7 +3,12 @@ Hub stand-in; the node cache's verify-then-publish, resume, offline and error pa
 
 from __future__ import annotations
 
+import errno
+import os
 import shutil
+import subprocess
+import sys
+import time
 from collections import namedtuple
 from pathlib import Path
 
@@ -11,7 +16,8 @@ import pytest
 
 from grokserve.model.checkpoint import open_checkpoint
 from grokserve.model.sources import SourceError, fetch, metadata_only, parse_location
-from grokserve.model.sources.cache import NodeCache
+from grokserve.model.sources.cache import NodeCache, PartialFile
+from grokserve.model.sources.ranges import merge, total
 from grokserve.model.sources.s3 import S3Store
 from grokserve.serving.loading import DEMO_CHECKPOINT
 from testkit.stores import HubStandIn, fake_gcs, files_of, moto_s3, upload_gcs, upload_s3
@@ -121,6 +127,60 @@ def test_a_killed_download_resumes_where_it_stopped(s3_demo, tmp_path: Path, mon
     resumed = cache.fetch(S3Store(location))
     assert resumed.fetched_bytes == resumed.total_bytes - sum(calls[:3])
     assert files_of(resumed.path) == files_of(DEMO_CHECKPOINT)
+
+
+SLOW_FETCH = """
+import sys, time
+from pathlib import Path
+from grokserve.model.sources.cache import NodeCache
+from grokserve.model.sources.location import parse_location
+from grokserve.model.sources.s3 import S3Store
+
+class Slow(S3Store):
+    def read(self, info, start, stop):
+        time.sleep(0.05)
+        return super().read(info, start, stop)
+
+location = parse_location(sys.argv[1])
+NodeCache(Path(sys.argv[2]), location, chunk_bytes=1 << 16, parallel=1).fetch(Slow(location))
+"""
+
+
+def test_a_fetch_killed_with_sigkill_resumes_without_refetching(s3_demo, tmp_path: Path) -> None:
+    url = "s3://weights/demo"
+    fetcher = subprocess.Popen(
+        [sys.executable, "-c", SLOW_FETCH, url, str(tmp_path)],
+        env={**os.environ, "PYTHONSAFEPATH": "1"},
+    )
+    journal = tmp_path / "s3/weights/demo/partial/model.safetensors.ranges"
+    deadline = time.monotonic() + 60
+    while not (journal.is_file() and len(journal.read_text().splitlines()) > 5):
+        assert fetcher.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    fetcher.kill()
+    fetcher.wait()
+    partial = tmp_path / "s3/weights/demo/partial"
+    held = sum(
+        total(merge(tuple(map(int, line.split())) for line in j.read_text().splitlines()[1:]))
+        for j in partial.glob("*.ranges")
+    ) + sum(p.stat().st_size for p in tmp_path.rglob("complete/*"))
+    assert held > 0
+    location = parse_location(url)
+    resumed = NodeCache(tmp_path, location, chunk_bytes=1 << 16).fetch(S3Store(location))
+    assert resumed.fetched_bytes == resumed.total_bytes - held
+    assert files_of(resumed.path) == files_of(DEMO_CHECKPOINT)
+
+
+def test_a_disk_filling_up_midway_fails_naming_the_cache(
+    s3_demo, tmp_path: Path, monkeypatch
+) -> None:
+    def full(self, start, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(PartialFile, "write", full)
+    with pytest.raises(SourceError, match=r"s3://weights/demo: the cache .* ran out of disk space"):
+        fetch("s3://weights/demo", tmp_path)
+    assert complete_files(tmp_path) == []
 
 
 def test_a_full_disk_is_refused_before_fetching(s3_demo, tmp_path: Path, monkeypatch) -> None:
