@@ -85,9 +85,8 @@ class PartialFile:
         ranges = []
         for line in lines:
             parts = line.split()
-            if len(parts) == 2 and all(
-                p.isdigit() for p in parts
-            ):  # a line cut by a kill is skipped
+            # A line cut by a kill is skipped, or (its stop cut short) claims less than was written.
+            if len(parts) == 2 and all(p.isdigit() for p in parts):
                 ranges.append((int(parts[0]), int(parts[1])))
         return merge(ranges)
 
