@@ -12,6 +12,7 @@ import time
 from collections import namedtuple
 from pathlib import Path
 
+import httpx
 import pytest
 
 from grokserve.model.checkpoint import open_checkpoint
@@ -88,6 +89,21 @@ def test_s3_bad_locations_fail_in_one_line(s3_demo, tmp_path: Path, url: str, ca
     with pytest.raises(SourceError) as error:
         fetch(url, tmp_path)
     assert str(error.value) == cause
+
+
+def test_wrong_s3_credentials_fail_in_one_line(s3_demo, tmp_path: Path) -> None:
+    endpoint = os.environ["AWS_ENDPOINT_URL"]
+    # moto checks credentials against its IAM once asked to; "testing" is no key it issued.
+    httpx.post(f"{endpoint}/moto-api/reset-auth", content=b"0").raise_for_status()
+    try:
+        with pytest.raises(SourceError) as error:
+            fetch("s3://weights/demo", tmp_path)
+    finally:
+        httpx.post(f"{endpoint}/moto-api/reset-auth", content=b"inf").raise_for_status()
+    assert str(error.value) == (
+        "s3://weights/demo: access denied (InvalidAccessKeyId): wrong credentials, or they lack "
+        "s3:ListBucket/s3:GetObject on this bucket"
+    )
 
 
 def test_a_checksum_mismatch_publishes_nothing(s3_demo, tmp_path: Path, monkeypatch) -> None:
