@@ -8,11 +8,26 @@ import base64
 import google.api_core.exceptions as api_errors
 import google.auth.exceptions
 import requests
+from google.api_core.retry import Retry, if_exception_type
 from google.cloud import storage
 
 from grokserve.model.sources.errors import SourceError, StoreUnreachable
 from grokserve.model.sources.location import Location
 from grokserve.model.sources.store import ObjectInfo, relative_name
+
+# The client's default retries a refused connection for two minutes; here a store that does not
+# answer fails at once (and a complete cache serves), while throttling and 5xx are retried.
+RETRY = Retry(
+    predicate=if_exception_type(
+        api_errors.TooManyRequests,
+        api_errors.InternalServerError,
+        api_errors.BadGateway,
+        api_errors.ServiceUnavailable,
+        api_errors.GatewayTimeout,
+        requests.exceptions.Timeout,
+    ),
+    timeout=120,
+)
 
 
 def hex_of(encoded: str | None) -> str | None:
@@ -34,7 +49,9 @@ class GCSStore:
     def list(self) -> list[ObjectInfo]:
         objects = []
         try:
-            for blob in self.client.list_blobs(self.bucket, prefix=self.location.prefix):
+            for blob in self.client.list_blobs(
+                self.bucket, prefix=self.location.prefix, retry=RETRY
+            ):
                 name = relative_name(blob.name, self.location.prefix)
                 if name and not name.endswith("/"):
                     if md5 := hex_of(blob.md5_hash):
@@ -53,7 +70,7 @@ class GCSStore:
     def read(self, info: ObjectInfo, start: int, stop: int) -> bytes:
         blob = self.bucket.blob(info.key, generation=int(info.version))
         try:
-            return blob.download_as_bytes(start=start, end=stop - 1, checksum=None)
+            return blob.download_as_bytes(start=start, end=stop - 1, checksum=None, retry=RETRY)
         except Exception as error:
             raise self.error(error, info.name) from error
 

