@@ -165,14 +165,20 @@ class NodeCache:
             return [ObjectInfo.from_json(o) for o in listed], False
         if not objects:
             raise SourceError(f"{self.location.url}: no objects under this prefix")
-        write_atomically(manifest, json.dumps([o.to_json() for o in objects], indent=1))
+        listed = json.dumps([o.to_json() for o in objects], indent=1)
+        if manifest.is_file() and manifest.read_text() != listed:
+            # Views of the old listing would keep its replaced files' disk space alive.
+            shutil.rmtree(self.directory / "views", ignore_errors=True)
+        write_atomically(manifest, listed)
         return objects, True
 
     def complete_versions(self) -> dict[str, str]:
+        """Name -> version of the verified files in complete/ (a file deleted by hand is not)."""
         try:
-            return json.loads((self.directory / "complete.json").read_text())
+            versions = json.loads((self.directory / "complete.json").read_text())
         except (OSError, ValueError):
             return {}
+        return {n: v for n, v in versions.items() if (self.directory / "complete" / n).is_file()}
 
     def wanted_ranges(
         self,

@@ -106,6 +106,19 @@ def test_wrong_s3_credentials_fail_in_one_line(s3_demo, tmp_path: Path) -> None:
     )
 
 
+def test_an_object_replaced_during_a_fetch_is_refused(s3_demo, tmp_path, monkeypatch) -> None:
+    honest = S3Store.read
+
+    def replaced_first(self, info, start, stop):
+        monkeypatch.setattr(S3Store, "read", honest)
+        self.client.put_object(Bucket="weights", Key=info.key, Body=b"another version")
+        return honest(self, info, start, stop)
+
+    monkeypatch.setattr(S3Store, "read", replaced_first)
+    with pytest.raises(SourceError, match=r"s3://weights/demo \(\S+\): the object changed while"):
+        fetch("s3://weights/demo", tmp_path)
+
+
 def test_a_checksum_mismatch_publishes_nothing(s3_demo, tmp_path: Path, monkeypatch) -> None:
     honest = S3Store.read
 

@@ -59,6 +59,7 @@ def expected() -> str:
     return demo_greedy_completion()
 
 
+@pytest.mark.slow
 def test_serve_from_s3_then_from_the_cache_with_the_store_gone(tmp_path, expected):
     cache = tmp_path / "cache"
     with moto_s3() as store:
