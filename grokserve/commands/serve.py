@@ -57,12 +57,17 @@ def serving_config(args: argparse.Namespace):
         model = {"preset": args.preset, "seed": args.seed}
         name = args.name or args.preset
     elif args.checkpoint:
-        model = {"source": args.checkpoint, "cache_dir": args.cache_dir}
+        model = {"source": args.checkpoint}
         name = args.name or "grok"
     else:
         model = {"source": str(DEMO_CHECKPOINT)}
         name = args.name or "grok-demo"
-    model |= {"tokenizer": args.tokenizer, "dtype": args.dtype, "quantization": args.quantization}
+    model |= {
+        "tokenizer": args.tokenizer,
+        "cache_dir": args.cache_dir,
+        "dtype": args.dtype,
+        "quantization": args.quantization,
+    }
     return ServingConfig(
         name=name,
         replicas=args.replicas,

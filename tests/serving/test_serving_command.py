@@ -26,6 +26,22 @@ def test_flags_become_the_serving_config():
     assert args.host == "127.0.0.1" and args.port == 9000
 
 
+def test_checkpoint_tokenizer_and_cache_dir_reach_the_model_spec():
+    args = parse(
+        "--checkpoint", "s3://b/grok", "--tokenizer", "hf://o/r/t.model", "--cache-dir", "/c"
+    )
+    model = serve.serving_config(args).model
+    assert (model.source, model.tokenizer, model.cache_dir) == (
+        "s3://b/grok",
+        "hf://o/r/t.model",
+        "/c",
+    )
+    assert (
+        serve.serving_config(parse("--preset", "grok-tiny", "--cache-dir", "/c")).model.cache_dir
+        == "/c"
+    )
+
+
 def test_the_local_cluster_fits_every_replica():
     from grokserve.serving.launcher import ClusterShape
 

@@ -110,3 +110,19 @@ def test_a_replica_loads_gs_and_hf_sources_then_serves_them_from_the_cache(
         # A fresh process fetches the metadata again: with the store gone, from the cache.
         metadata_path.cache_clear()
         assert demo_greedy_completion(url, tmp_path) == expected
+
+
+def test_serve_refuses_a_bad_location_in_one_line_before_ray_starts(tmp_path, capsys):
+    import argparse
+
+    from grokserve.commands import serve
+
+    parser = argparse.ArgumentParser()
+    serve.add_arguments(parser)
+    with moto_s3():
+        upload_s3(DEMO_CHECKPOINT, "weights", "demo")
+        args = parser.parse_args(["--checkpoint", "s3://absent/demo", "--cache-dir", str(tmp_path)])
+        assert serve.run(args) == 1
+    assert capsys.readouterr().err.strip() == (
+        "grokserve serve: s3://absent/demo: bucket 'absent' does not exist"
+    )
