@@ -15,7 +15,7 @@ from grokserve.model.parallel import shard_tensors
 from grokserve.model.placement import Cluster, Parallelism, make_plan
 from grokserve.model.sources import fetch, rank_experts, rank_slicer
 from testkit.checkpoints import TWELVE_LAYERS, Checkpoints, write_all
-from testkit.stores import moto_s3, upload_s3
+from testkit.stores import HubStandIn, files_of, moto_s3, upload_s3
 
 FORMATS = ("xai", "hf-model", "hf-transformer-sharded", "grokserve", "grokserve-int8")
 
@@ -114,3 +114,12 @@ def test_ranks_sharing_a_node_fetch_each_range_once_and_complete_the_file(
     assert (fetched[-1].path / "model.safetensors").read_bytes() == (
         store.paths["grokserve"] / "model.safetensors"
     ).read_bytes()
+
+
+def test_the_released_layout_reads_from_the_hub_as_hf_xai_org_grok_1(
+    store: Checkpoints, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    local = summary(["inspect", str(store.paths["xai"]), "--json"], capsys)
+    with HubStandIn("xai-org/grok-1", files_of(store.paths["xai"])):
+        remote = ["inspect", "hf://xai-org/grok-1", "--json", "--cache-dir", str(tmp_path)]
+        assert summary(remote, capsys) == local
