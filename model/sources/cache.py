@@ -307,15 +307,21 @@ class NodeCache:
             return complete / objects[0].name if single else complete
         key = hashlib.sha256(json.dumps(sorted(wanted.items())).encode()).hexdigest()[:16]
         view = self.directory / "views" / key
-        staging = view.with_name(f"{key}.{os.getpid()}.tmp")
-        shutil.rmtree(staging, ignore_errors=True)
-        for info in objects:
-            link = staging / info.name
-            link.parent.mkdir(parents=True, exist_ok=True)
-            folder = "complete" if done.get(info.name) == info.version else "partial"
-            os.link(self.directory / folder / info.name, link)
-        shutil.rmtree(view, ignore_errors=True)
-        os.replace(staging, view)
+        targets = {
+            info.name: self.directory
+            / ("complete" if done.get(info.name) == info.version else "partial")
+            / info.name
+            for info in objects
+        }
+        # Another rank with the same share may be opening this view now: rebuild it only if stale.
+        if not all(same_file(view / name, target) for name, target in targets.items()):
+            staging = view.with_name(f"{key}.{os.getpid()}.tmp")
+            shutil.rmtree(staging, ignore_errors=True)
+            for name, target in targets.items():
+                (staging / name).parent.mkdir(parents=True, exist_ok=True)
+                os.link(target, staging / name)
+            shutil.rmtree(view, ignore_errors=True)
+            os.replace(staging, view)
         return view / objects[0].name if single else view
 
     # -- disk ---------------------------------------------------------------------------------------
@@ -335,6 +341,13 @@ class NodeCache:
                 "partial copy is kept and resumes once space is freed"
             )
         return SourceError(f"{self.location.url}: cannot write the cache {self.directory}: {error}")
+
+
+def same_file(link: Path, target: Path) -> bool:
+    try:
+        return os.path.samefile(link, target)
+    except OSError:
+        return False
 
 
 def write_atomically(path: Path, text: str) -> None:
