@@ -5,6 +5,7 @@ import httpx
 import pytest
 import torch
 
+from grokserve.model.checkpoint import open_checkpoint
 from grokserve.model.sampling import SamplingParams, generate
 from grokserve.serving.config import ServingConfig
 from grokserve.serving.loading import (
@@ -126,3 +127,25 @@ def test_serve_refuses_a_bad_location_in_one_line_before_ray_starts(tmp_path, ca
     assert capsys.readouterr().err.strip() == (
         "grokserve serve: s3://absent/demo: bucket 'absent' does not exist"
     )
+
+
+def test_each_shard_worker_of_an_expert_parallel_replica_fetches_its_share(tmp_path):
+    from grokserve.serving.loading import fetch_shard_weights, placement_plan
+
+    with moto_s3():
+        upload_s3(DEMO_CHECKPOINT, "weights", "demo")
+        config = ServingConfig(
+            model={"source": "s3://weights/demo", "cacheDir": str(tmp_path / "replica")},
+            parallelism={"gpusPerNode": 4, "tensor": 1, "expert": 4},
+        )
+        plan = placement_plan(config)
+        fetched = [
+            fetch_shard_weights(
+                config.model.model_copy(update={"cache_dir": str(tmp_path / f"node{r}")}), plan, r
+            )
+            for r in range(4)
+        ]
+    demo = open_checkpoint(DEMO_CHECKPOINT)
+    experts = sum(demo.info(n).nbytes for n in demo.names() if ".moe.w_" in n)
+    # Every byte (embeddings, attention, tokenizer, headers) but three quarters of the experts'.
+    assert [f.fetched_bytes for f in fetched] == [fetched[0].total_bytes - experts * 3 // 4] * 4
