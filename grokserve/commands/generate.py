@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     from grokserve.model.config import ConfigError
     from grokserve.model.loading import parse_dtype
     from grokserve.model.sampling import SamplingParams, generate
-    from grokserve.model.sources import fetch
+    from grokserve.model.sources import checkpoint_files, fetch
     from grokserve.model.tokenizer import Tokenizer, TokenizerError, beside_checkpoint
 
     started = time.perf_counter()
@@ -94,7 +94,9 @@ def run(args: argparse.Namespace) -> int:
             max_tokens=args.max_tokens,
         )
         checkpoint = (
-            fetch(args.checkpoint, args.cache_dir, progress=True).path if args.checkpoint else None
+            fetch(args.checkpoint, args.cache_dir, checkpoint_files, progress=True).path
+            if args.checkpoint
+            else None
         )
         tokenizer_path = (
             fetch(args.tokenizer, args.cache_dir, progress=True).path

@@ -84,7 +84,13 @@ def print_text(summary: dict[str, Any], tensors: bool) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from grokserve.model.checkpoint import CheckpointError, open_checkpoint
-    from grokserve.model.sources import SourceError, fetch, metadata_only, parse_location
+    from grokserve.model.sources import (
+        SourceError,
+        checkpoint_files,
+        fetch,
+        metadata_only,
+        parse_location,
+    )
 
     try:
         remote = parse_location(args.path).is_remote
@@ -92,9 +98,8 @@ def run(args: argparse.Namespace) -> int:
         reader = open_checkpoint(fetched.path, args.config)
         if remote and reader.format == "xai":
             # The release's pickles hold their headers at offsets known only once read.
-            reader = open_checkpoint(
-                fetch(args.path, args.cache_dir, progress=True).path, args.config
-            )
+            whole = fetch(args.path, args.cache_dir, checkpoint_files, progress=True)
+            reader = open_checkpoint(whole.path, args.config)
         summary = summarise(reader)
         if remote:
             summary["path"] = args.path

@@ -93,12 +93,13 @@ def prefetch(config) -> None:
     """Fetches a remote checkpoint here, where a person watches its progress bar, so that bad
     locations fail before Ray starts: all of it for one shard, else its metadata (each shard
     worker then fetches only its own share into the same node cache)."""
-    from grokserve.model.sources import fetch, metadata_only
+    from grokserve.model.sources import checkpoint_files, fetch, metadata_only
 
     spec = config.model
     if spec.source is not None:
         whole = config.parallelism.shards == 1
-        fetch(spec.source, spec.cache_dir, None if whole else metadata_only, progress=True)
+        slicer = checkpoint_files if whole else metadata_only
+        fetch(spec.source, spec.cache_dir, slicer, progress=True)
     if spec.tokenizer is not None:
         fetch(spec.tokenizer, spec.cache_dir, progress=True)
 

@@ -2,7 +2,8 @@
 cache (no module here imports torch).
 
 ```python
-fetched = fetch("s3://bucket/grok-1", cache_dir="~/.cache/grokserve")  # whole, verified
+fetched = fetch("s3://bucket/grok-1", cache_dir="~/.cache/grokserve")  # every file, verified
+fetched = fetch(url, cache_dir, slicer=checkpoint_files)                # what readers read
 fetched = fetch(url, cache_dir, slicer=metadata_only)                   # config, headers, tokenizer
 fetched = fetch(url, cache_dir, slicer=rank_slicer(experts))            # one rank's share
 open_checkpoint(fetched.path)
@@ -16,7 +17,12 @@ from pathlib import Path
 from grokserve.model.sources.cache import DEFAULT_CACHE_DIR, Fetched, NodeCache, Slicer
 from grokserve.model.sources.errors import SourceError, StoreUnreachable
 from grokserve.model.sources.location import Location, parse_location
-from grokserve.model.sources.slices import metadata_only, rank_experts, rank_slicer
+from grokserve.model.sources.slices import (
+    checkpoint_files,
+    metadata_only,
+    rank_experts,
+    rank_slicer,
+)
 from grokserve.model.sources.store import open_store
 
 __all__ = [
@@ -25,6 +31,7 @@ __all__ = [
     "Location",
     "SourceError",
     "StoreUnreachable",
+    "checkpoint_files",
     "fetch",
     "metadata_only",
     "parse_location",

@@ -52,8 +52,8 @@ class Fetched:
 
 
 # Given a file and a way to read its bytes [start, stop) (fetched through the cache), the ranges a
-# caller needs of it, or None for the whole file.
-Slicer = Callable[[ObjectInfo, Callable[[int, int], bytes]], Ranges | None]
+# caller needs of it. Without a slicer every file is fetched whole.
+Slicer = Callable[[ObjectInfo, Callable[[int, int], bytes]], Ranges]
 
 
 class PartialFile:
@@ -199,8 +199,7 @@ class NodeCache:
                 self.fetch_ranges(partial, [(start, stop)], store, reachable)
                 return partial.read(start, stop)
 
-            sliced = slicer(info, read)
-            return info, whole if sliced is None else merge(sliced)
+            return info, merge(slicer(info, read))
 
         for info in objects:  # opened here, one thread, so that lookups below never race
             if done.get(info.name) != info.version:

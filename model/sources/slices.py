@@ -21,6 +21,9 @@ from grokserve.model.sources.ranges import Ranges
 from grokserve.model.sources.store import ObjectInfo
 
 METADATA_SUFFIXES = (".json", ".model")  # config, index, tokenizer: always whole
+# What the checkpoint readers read: safetensors, JSON, the tokenizer and the release's pickles. Other
+# files of a repository (README, pytorch_model.bin beside the safetensors, images) are never fetched.
+READABLE = re.compile(r".*\.(?:safetensors|json|model)|(?:.*/)?tensor\d{5}_000")
 EXPERT_KINDS = "(?:linear|linear_v|linear_1)"
 PER_EXPERT = [
     re.compile(
@@ -59,6 +62,11 @@ def safetensors_header(info: ObjectInfo, read: Read) -> tuple[int, dict]:
         raise SourceError(f"{info.name}: not a safetensors header ({error})") from error
 
 
+def checkpoint_files(info: ObjectInfo, read: Read) -> Ranges:
+    """Every file a checkpoint reader reads, whole."""
+    return [(0, info.size)] if READABLE.fullmatch(info.name) else []
+
+
 def metadata_only(info: ObjectInfo, read: Read) -> Ranges:
     """Enough to open a checkpoint and read its config: JSON and tokenizer files, safetensors
     headers."""
@@ -73,9 +81,9 @@ def rank_slicer(experts: Mapping[int, frozenset[int]]) -> Slicer:
     """A rank's share: every tensor whole, except other ranks' experts (`experts`: layer -> the
     experts this rank holds)."""
 
-    def slicer(info: ObjectInfo, read: Read) -> Ranges | None:
+    def slicer(info: ObjectInfo, read: Read) -> Ranges:
         if not info.name.endswith(".safetensors"):
-            return None
+            return checkpoint_files(info, read)
         base, header = safetensors_header(info, read)
         ranges = [(0, base)]
         for name, entry in header.items():

@@ -16,7 +16,13 @@ import httpx
 import pytest
 
 from grokserve.model.checkpoint import open_checkpoint
-from grokserve.model.sources import SourceError, fetch, metadata_only, parse_location
+from grokserve.model.sources import (
+    SourceError,
+    checkpoint_files,
+    fetch,
+    metadata_only,
+    parse_location,
+)
 from grokserve.model.sources.cache import NodeCache, PartialFile
 from grokserve.model.sources.ranges import merge, total
 from grokserve.model.sources.s3 import S3Store
@@ -76,6 +82,17 @@ def test_s3_single_object_and_metadata_only(s3_demo, tmp_path: Path) -> None:
     assert meta.fetched_bytes < meta.total_bytes / 10
     assert open_checkpoint(meta.path).config == open_checkpoint(DEMO_CHECKPOINT).config
     assert "model.safetensors" not in complete_files(tmp_path)  # a header is not a file
+
+
+def test_files_no_reader_reads_are_not_fetched(s3_demo, tmp_path: Path) -> None:
+    extras = tmp_path / "extras"
+    extras.mkdir()
+    (extras / "README.md").write_text("# the demo\n")
+    (extras / "pytorch_model.bin").write_bytes(b"\0" * 100_000)
+    upload_s3(extras, "weights", "demo")
+    fetched = fetch("s3://weights/demo", tmp_path / "cache", slicer=checkpoint_files)
+    assert fetched.fetched_bytes == fetched.total_bytes - 100_000 - len("# the demo\n")
+    assert open_checkpoint(fetched.path).config == open_checkpoint(DEMO_CHECKPOINT).config
 
 
 @pytest.mark.parametrize(
