@@ -27,7 +27,6 @@ from grokserve.serving.detokenize import Decoder, TextStream
 
 log = logging.getLogger(__name__)
 
-PAD_ID = 0
 _DETOKENIZE_PREFIX = 4  # prompt tokens decoded in front of the generated ones (see TextStream)
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 
@@ -194,6 +193,7 @@ class Scheduler:
         kv_budget: int,
         prefill_chunk_tokens: int,
         eos_id: int | None,
+        pad_id: int,
         observer: SchedulerObserver | None = None,
     ) -> None:
         self._executor = executor
@@ -204,6 +204,7 @@ class Scheduler:
         self.kv_budget = kv_budget
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self._eos_id = eos_id
+        self._pad_id = pad_id
         self._observer = observer
         self._free_slots = list(range(max_batch_size - 1, -1, -1))
         self._waiting: deque[SequenceHandle] = deque()
@@ -379,7 +380,7 @@ class Scheduler:
         for handle in group:
             handle.slot = self._free_slots.pop()
             handle.padded_length = length
-            padded[id(handle)] = [PAD_ID] * (length - len(handle.prompt)) + handle.prompt
+            padded[id(handle)] = [self._pad_id] * (length - len(handle.prompt)) + handle.prompt
             if self._observer:
                 self._observer.on_prompt(len(handle.prompt))
         self._prefilling.append(_PrefillGroup(group, padded, length))

@@ -64,15 +64,15 @@ def test_mounted_sources_need_no_cache_but_keep_the_credentials() -> None:
     for pod in pods(body):
         assert all(v["name"] != "weights-cache" for v in pod.get("volumes", []))
         assert pod["containers"][0]["envFrom"] == [{"secretRef": {"name": "grok-weights-s3"}}]
-    assert "cacheDir" not in serving_args(OWNER, parse_spec(body["spec"]))["model"]
+    assert serving_args(OWNER, parse_spec(body["spec"]))["model"].get("cacheDir") is None
 
 
 @pytest.mark.parametrize(
     ("cache", "message"),
     [
-        ({"type": "hostPath"}, "model.cache.type hostPath needs model.cache.path"),
-        ({"type": "pvc", "path": "/x", "claim": "c"}, "model.cache.path applies to type hostPath"),
-        ({"type": "pvc"}, "model.cache.type pvc needs model.cache.claim"),
+        ({"type": "hostPath"}, "model.cache.path is required with type hostPath"),
+        ({"type": "pvc", "path": "/x", "claim": "c"}, "model.cache.path is required with type"),
+        ({"type": "pvc"}, "model.cache.claim is required with type pvc"),
         ({"type": "hostPath", "path": "/x", "sizeLimit": "1Gi"}, "model.cache.sizeLimit applies"),
     ],
 )
