@@ -123,9 +123,9 @@ def test_serve_refuses_a_bad_location_in_one_line_before_ray_starts(tmp_path, ca
     with moto_s3():
         upload_s3(DEMO_CHECKPOINT, "weights", "demo")
         args = parser.parse_args(["--checkpoint", "s3://absent/demo", "--cache-dir", str(tmp_path)])
-        assert serve.run(args) == 1
+        assert serve.run(args) == 2
     assert capsys.readouterr().err.strip() == (
-        "grokserve serve: s3://absent/demo: bucket 'absent' does not exist"
+        "grokserve serve: invalid settings: s3://absent/demo: bucket 'absent' does not exist"
     )
 
 
