@@ -12,7 +12,13 @@ import yaml
 
 from grokserve.model.placement import Plan
 from grokserve.operator.kuberay import CLUSTER_LABEL, SERVE_LABEL
-from grokserve.operator.replica import MODEL_MOUNT_ROOT, claim_and_path, replica_config
+from grokserve.operator.replica import (
+    MODEL_MOUNT_ROOT,
+    WEIGHTS_CACHE_MOUNT,
+    claim_and_path,
+    fetches_weights,
+    replica_config,
+)
 from grokserve.operator.spec import (
     API_GROUP,
     API_VERSION,
@@ -26,6 +32,7 @@ SERVE_IMPORT_PATH = "grokserve.serving.app:build_app"
 SERVE_PORT = 8000
 METRICS_PORT = 8080
 DEPLOYMENT_LABEL = f"{API_GROUP}/deployment"
+WEIGHTS_CACHE_VOLUME = "weights-cache"
 SERVING_CONFIG_KEY = "serving.yaml"
 
 
@@ -71,6 +78,28 @@ def _metadata(owner: Owner, name: str, component: str) -> dict[str, Any]:
             }
         ]
     return metadata
+
+
+def _with_weights_access(
+    pod: dict[str, Any], container: dict[str, Any], spec: GrokDeploymentSpec
+) -> None:
+    """The credentials Secret as environment, and the weights cache volume where one is used."""
+    model = spec.model
+    if model.credentials_secret:
+        container["envFrom"] = [{"secretRef": {"name": model.credentials_secret}}]
+    if not fetches_weights(spec):
+        return
+    cache = model.cache
+    if cache.type == "hostPath":
+        source: dict[str, Any] = {"hostPath": {"path": cache.path, "type": "DirectoryOrCreate"}}
+    elif cache.type == "pvc":
+        source = {"persistentVolumeClaim": {"claimName": cache.claim}}
+    else:
+        source = {"emptyDir": {"sizeLimit": cache.size_limit} if cache.size_limit else {}}
+    pod.setdefault("volumes", []).append({"name": WEIGHTS_CACHE_VOLUME, **source})
+    container.setdefault("volumeMounts", []).append(
+        {"name": WEIGHTS_CACHE_VOLUME, "mountPath": WEIGHTS_CACHE_MOUNT}
+    )
 
 
 def _claims(spec: GrokDeploymentSpec) -> list[str]:
@@ -189,6 +218,7 @@ def _head_group(owner: Owner, spec: GrokDeploymentSpec, claims: list[str]) -> di
     ]
     pod: dict[str, Any] = {"containers": [container]}
     _with_model_volumes(pod, container, claims)
+    _with_weights_access(pod, container, spec)
     if spec.ray.service_account_name:
         pod["serviceAccountName"] = spec.ray.service_account_name
     return {
@@ -212,6 +242,7 @@ def _worker_group(owner: Owner, spec: GrokDeploymentSpec, claims: list[str]) -> 
     container["ports"] = [{"name": "metrics", "containerPort": METRICS_PORT}]
     pod: dict[str, Any] = {"containers": [container]}
     _with_model_volumes(pod, container, claims)
+    _with_weights_access(pod, container, spec)
     if spec.ray.node_selector:
         pod["nodeSelector"] = dict(spec.ray.node_selector)
     if spec.ray.tolerations:

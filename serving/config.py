@@ -59,12 +59,18 @@ class ReplicaModel(_Section):
     preset: str = Field("grok-tiny", description="Architecture preset, e.g. grok-1, grok-mini.")
     source: str | None = Field(
         None,
-        description="Checkpoint location: a local path or file:// URL; None serves random weights.",
+        description="Checkpoint location: a local path, file://, s3://BUCKET/PREFIX, "
+        "gs://BUCKET/PREFIX or hf://ORG/REPO[@REVISION][/SUBDIR]; None serves random weights.",
     )
     tokenizer: str | None = Field(
         None,
-        description="SentencePiece model: a local path or file:// URL; None uses the "
+        description="SentencePiece model, same locations as source; None uses the "
         "tokenizer.model beside the checkpoint, or byte-level tokens where there is none.",
+    )
+    cache_dir: str | None = Field(
+        None,
+        description="Node-local cache of s3://, gs:// and hf:// weights, shared by the ranks on a "
+        "node; None is ~/.cache/grokserve.",
     )
     dtype: Literal["float32", "bfloat16"] = "float32"
     quantization: Literal["none", "int8"] = "none"

@@ -9,7 +9,8 @@ per replica is the autoscaling signal).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.metrics_core import Metric
@@ -129,6 +130,19 @@ class ReplicaMetrics:
             (*labels, "layer", "expert"),
             registry=reg,
         )
+        self._weights_fetched = Counter(
+            "grokserve_weights_bytes_fetched",
+            "Checkpoint bytes each shard fetched from its store (0 when served from the node cache "
+            "or a local path).",
+            (*labels, "rank"),
+            registry=reg,
+        )
+        self._weights_seconds = Gauge(
+            "grokserve_weights_load_seconds",
+            "Seconds each shard took to fetch and load its weights.",
+            (*labels, "rank"),
+            registry=reg,
+        )
         self._values = values
         self._expert_seen: list[list[int]] | None = None
 
@@ -172,6 +186,14 @@ class ReplicaMetrics:
                         total - seen[layer][expert]
                     )
         self._expert_seen = [list(row) for row in counts]
+
+    def record_weights_load(self, shards: Sequence[Mapping[str, Any]]) -> None:
+        """What each shard worker reported when it loaded (its `describe()["weights"]`)."""
+        for shard in shards:
+            rank, weights = str(shard["rank"]), shard["weights"]
+            labelled = {**self._values, "rank": rank}
+            self._weights_fetched.labels(**labelled).inc(weights.get("fetched_bytes", 0))
+            self._weights_seconds.labels(**labelled).set(weights["load_seconds"])
 
     def snapshot(self) -> list[Metric]:
         return list(self.registry.collect())

@@ -78,6 +78,7 @@ def test_serve_config_deploys_grokserve_with_the_model_and_replicas() -> None:
         "quantization": "int8",
         "source": "/mnt/models/grok-weights/ckpt-0",
         "tokenizer": "/mnt/models/grok-weights/tokenizer.model",
+        "cacheDir": None,  # pvc:// is mounted: nothing is fetched into a cache
         "seed": 0,
     }
     # the degrees the planner chose, written in: the replica runs what the operator planned

@@ -3,8 +3,6 @@
 import argparse
 import json
 import os
-import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -14,7 +12,7 @@ import httpx
 import pytest
 
 from grokserve.commands import serve
-from testkit.serving import free_port
+from testkit.serving import ServeProcess
 
 LM_EVAL_DATA = Path(__file__).parent / "lm_eval" / "demo_docstrings.jsonl"
 # A multiple-choice task over lines of scripts/demo_data/corpus.txt (the demo's training text):
@@ -51,6 +49,22 @@ def test_flags_become_the_serving_config():
     assert config.parallelism.shards == 4
     assert config.resources.accelerator_resource == "simulated_gpu"
     assert args.host == "127.0.0.1" and args.port == 9000
+
+
+def test_checkpoint_tokenizer_and_cache_dir_reach_the_model_spec():
+    args = parse(
+        "--checkpoint", "s3://b/grok", "--tokenizer", "hf://o/r/t.model", "--cache-dir", "/c"
+    )
+    model = serve.serving_config(args).model
+    assert (model.source, model.tokenizer, model.cache_dir) == (
+        "s3://b/grok",
+        "hf://o/r/t.model",
+        "/c",
+    )
+    assert (
+        serve.serving_config(parse("--preset", "grok-tiny", "--cache-dir", "/c")).model.cache_dir
+        == "/c"
+    )
 
 
 def test_the_local_cluster_fits_every_replica():
@@ -124,44 +138,6 @@ def test_missing_dependencies_name_the_extra_to_install(monkeypatch, capsys):
     monkeypatch.setattr(operator, "run", missing)
     assert cli.main(["operator"]) == 2
     assert "pip install 'grokserve[operator]'" in capsys.readouterr().err
-
-
-class ServeProcess:
-    """`grokserve serve FLAGS` as a user runs it, its output in a log file."""
-
-    def __init__(self, tmp_path, *flags):
-        executable = shutil.which("grokserve")
-        assert executable, "the grokserve console script is not installed (pip install -e .)"
-        port = free_port()
-        self.url = f"http://127.0.0.1:{port}"
-        self.log = tmp_path / "serve.log"
-        environment = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-        with self.log.open("w") as output:
-            self.process = subprocess.Popen(
-                [executable, "serve", "--port", str(port), *flags],
-                env={**environment, "PYTHONUNBUFFERED": "1"},
-                stdout=output,
-                stderr=subprocess.STDOUT,
-            )
-
-    def wait_serving(self, timeout_s: float) -> None:
-        """Until it says Ctrl-C stops it: from then on, Ctrl-C is a clean stop."""
-        deadline = time.monotonic() + timeout_s
-        while "Ctrl-C to stop" not in self.log.read_text():
-            assert self.process.poll() is None, self.log.read_text()
-            assert time.monotonic() < deadline, (
-                f"not serving in {timeout_s} s:\n{self.log.read_text()}"
-            )
-            time.sleep(0.5)
-
-    def ctrl_c(self, timeout_s: float) -> int:
-        self.process.send_signal(signal.SIGINT)
-        return self.process.wait(timeout=timeout_s)
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
 
 
 @pytest.fixture(scope="module")

@@ -49,8 +49,8 @@ def test_bad_sources_are_named(tmp_path):
         model_config(ReplicaModel(source=str(tmp_path)))
     with pytest.raises(ValueError, match="does not exist"):
         model_config(ReplicaModel(source=str(tmp_path / "nowhere")))
-    with pytest.raises(ValueError, match="s3:// scheme"):
-        model_config(ReplicaModel(source="s3://bucket/ckpt"))
+    with pytest.raises(ValueError, match=r"ftp://bucket/ckpt: unknown scheme ftp://"):
+        model_config(ReplicaModel(source="ftp://bucket/ckpt"))
 
 
 def test_byte_tokenizer_round_trips_utf8():
