@@ -127,6 +127,31 @@ def moe(
     return out
 
 
+def moe_dense(
+    x: torch.Tensor,
+    gates: torch.Tensor,
+    experts: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    expert_ids: Sequence[int] | None = None,
+) -> torch.Tensor:
+    """`moe` with shapes that do not depend on the routing: every expert runs on every token and
+    unselected experts get gate 0. The same numbers as `moe` (the zero terms add exactly, the two
+    selected terms are summed in one rounding either way); E/k times the expert FLOPs, which small
+    decode batches on the CPU do not notice."""
+    expert_ids = list(expert_ids if expert_ids is not None else range(w_gate.shape[0]))
+    ids = torch.tensor(expert_ids, device=experts.device)
+    # [N, E_local]: the gate of each local expert for each token, 0 where it was not selected.
+    chosen = experts[:, :, None] == ids[None, None, :]
+    weights = (gates[:, :, None] * chosen).sum(dim=1).to(x.dtype)
+    hidden = gelu_tanh(torch.einsum("nd,edf->enf", x, w_gate)) * torch.einsum(
+        "nd,edf->enf", x, w_up
+    )
+    y = torch.einsum("enf,efd->end", hidden, w_down)
+    return (y * weights.T[:, :, None]).sum(dim=0)
+
+
 def rounded(value: float, dtype: torch.dtype) -> torch.Tensor:
     """A multiplier as a 0-d tensor of the compute dtype: in bf16, 78.38… becomes 78.5, as in the reference."""
     return torch.tensor(value, dtype=dtype)

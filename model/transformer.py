@@ -24,6 +24,7 @@ from torch import nn
 from grokserve.model import kernels, layers
 from grokserve.model.cache import KVCache
 from grokserve.model.config import GrokConfig
+from grokserve.model.paged import DEFAULT_BLOCK_SIZE, PagedKVCache, PagedStep
 from grokserve.model.presets import preset
 from grokserve.model.quantization import QuantizedWeight, dense, quantize
 
@@ -92,17 +93,8 @@ class Attention(nn.Module):
         v = (x @ dense(self.wv, dtype)).view(batch, steps, self.kv_heads, key_size)
         q = layers.apply_rope(q, step.positions, self.config.rope_theta)
         k = layers.apply_rope(k, step.positions, self.config.rope_theta)
-        if step.cache is not None:
-            k, v = step.cache.write(layer, step.rows, step.positions, k, v, step.span)
-        out = kernels.attention(
-            q,
-            k,
-            v,
-            step.positions,
-            step.key_valid,
-            self.config.attn_output_multiplier,
-            self.config.max_attn_value,
-        )
+        config = self.config
+        out = step.attend(layer, q, k, v, config.attn_output_multiplier, config.max_attn_value)
         return out.reshape(batch, steps, self.q_heads * key_size) @ dense(self.wo, dtype)
 
 
@@ -145,11 +137,19 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor, step: Step) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         gates, experts = layers.route(flat, self.router, self.config.num_selected_experts)
-        counted = experts[step.token_valid.reshape(-1)]
-        self.routed_tokens += torch.bincount(counted.reshape(-1), minlength=self.config.num_experts)
+        # Counted by scatter, not by selecting the real tokens: no shape depends on the data.
+        real = step.token_valid.reshape(-1, 1).expand_as(experts)
+        self.routed_tokens.scatter_add_(0, experts.reshape(-1), real.reshape(-1).long())
         # The weights go as they are (int8 ones included): the fused kernel dequantises on the fly.
         out = kernels.moe(
-            flat, gates, experts, self.w_gate, self.w_up, self.w_down, self.expert_ids
+            flat,
+            gates,
+            experts,
+            self.w_gate,
+            self.w_up,
+            self.w_down,
+            self.expert_ids,
+            static_shapes=step.static_shapes,
         )
         return out.view_as(x)
 
@@ -174,7 +174,11 @@ class DecoderLayer(nn.Module):
 
 
 class Step:
-    """Where one forward call's tokens sit: positions, visible keys, and the cache rows they extend."""
+    """Where one forward call's tokens sit: positions, visible keys, and the cache rows they extend.
+
+    (`paged.PagedStep` is the same interface over a paged cache, with no host sync.)"""
+
+    static_shapes = False
 
     def __init__(
         self, tokens: torch.Tensor, pad_token: int, cache: KVCache | None, rows: torch.Tensor | None
@@ -200,6 +204,19 @@ class Step:
         self.positions = cache.begin_append(self.rows, self.token_valid)
         self.span = int(self.positions.max()) + 1
         self.key_valid = cache.visible_keys(self.rows, self.span)
+
+    def attend(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        logit_multiplier: float,
+        cap: float,
+    ) -> torch.Tensor:
+        if self.cache is not None:
+            k, v = self.cache.write(layer, self.rows, self.positions, k, v, self.span)
+        return kernels.attention(q, k, v, self.positions, self.key_valid, logit_multiplier, cap)
 
     def finish(self) -> None:
         if self.cache is not None:
@@ -317,13 +334,54 @@ class GrokModel(nn.Module):
         """tokens [B, T] -> float32 logits [B, T, vocab]; with a cache, appends the tokens to its rows."""
         self.check_tokens(tokens)
         step = Step(tokens, self.config.pad_token, cache, rows)
-        dtype = self.dtype
-        x = self.embed(tokens) * layers.rounded(self.config.embedding_multiplier_scale, dtype)
+        x = self.hidden_states(tokens, step)
+        step.finish()
+        return self.logits(x)
+
+    def hidden_states(self, tokens: torch.Tensor, step: Step | PagedStep) -> torch.Tensor:
+        x = self.embed(tokens) * layers.rounded(self.config.embedding_multiplier_scale, self.dtype)
         for index, layer in enumerate(self.layers):
             x = layer(x, step, index)
-        step.finish()
+        return x
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Final norm and the tied output projection: [..., D] -> float32 [..., vocab]."""
         z = self.final_norm(x)
         logits = (z @ self.embed.weight.T) * layers.rounded(
-            self.config.output_multiplier_scale, dtype
+            self.config.output_multiplier_scale, self.dtype
         )
         return logits.float()
+
+    def new_paged_cache(
+        self, num_blocks: int, block_size: int = DEFAULT_BLOCK_SIZE
+    ) -> PagedKVCache:
+        """A paged cache of `num_blocks` usable blocks (plus the null block) on the model's device."""
+        return PagedKVCache(
+            self.config.num_layers,
+            num_blocks,
+            block_size,
+            self.layers[0].attn.kv_heads,
+            self.config.key_size,
+            self.dtype,
+            self.embed.weight.device,
+        )
+
+    def forward_paged(
+        self,
+        cache: PagedKVCache,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        block_tables: torch.Tensor,
+        lengths: torch.Tensor,
+    ) -> torch.Tensor:
+        """One step over a paged cache -> float32 logits [B, vocab] of each row's LAST column.
+
+        Rows are left-padded (pad id) to the step's width T: tokens, positions [B, T];
+        block_tables [B, max_blocks]; lengths [B] (cached tokens per row after the step). The tokens'
+        keys and values are written to their blocks. Only the last column reaches the output
+        projection, in prefill too. No host sync and no data-dependent shape: this is the step that
+        `torch.compile(fullgraph=True)` and CUDA graphs take whole (see `grokserve.model.engine_step`).
+        Token ids are not range-checked here (that would read them back): the caller checks them."""
+        step = PagedStep(cache, tokens, positions, block_tables, lengths, self.config.pad_token)
+        x = self.hidden_states(tokens, step)
+        return self.logits(x[:, -1])
