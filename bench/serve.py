@@ -61,12 +61,8 @@ async def http_run(url: str, name: str, texts: list[str], max_tokens: int) -> tu
 
 
 def in_process_engine(config: ServingConfig) -> Engine:
-    limits = config.serving
     model = load_shard(config, rank=0, master=("127.0.0.1", 0))
-    stepper = ModelStepper(
-        model, max_batch_size=limits.max_batch_size, max_len=limits.max_sequence_length
-    )
-    return build_engine(config, LocalExecutor(stepper))
+    return build_engine(config, LocalExecutor(ModelStepper.from_limits(model, config.serving)))
 
 
 async def engine_run(

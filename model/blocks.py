@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 NULL_BLOCK = 0
+DEFAULT_BLOCK_SIZE = 16  # tokens per block, as in vLLM
 
 
 def blocks_for(tokens: int, block_size: int) -> int:

@@ -110,7 +110,7 @@ class CudaGraphDecode:
         device, pad = self.cache.device, self.model.config.pad_token
         inputs = [
             torch.full((batch, 1), pad, dtype=torch.long, device=device),  # tokens
-            torch.zeros(batch, 1, dtype=torch.long, device=device),  # positions
+            torch.full((batch, 1), -1, dtype=torch.long, device=device),  # positions: padding
             torch.full((batch, self.max_blocks), NULL_BLOCK, dtype=torch.long, device=device),
             torch.zeros(batch, dtype=torch.long, device=device),  # lengths
             *StepSampling.greedy(batch, device).tensors(),
@@ -140,7 +140,7 @@ class CudaGraphDecode:
         lengths: torch.Tensor,
         sampling: StepSampling,
     ) -> torch.Tensor:
-        batch = tokens.shape[0]
+        batch, pad = tokens.shape[0], self.model.config.pad_token
         size = self.bucket(batch)
         if size not in self._graphs:
             self._capture(size)
@@ -148,9 +148,9 @@ class CudaGraphDecode:
         given = [tokens, positions, block_tables, lengths, *sampling.tensors()]
         for static, value in zip(inputs, given, strict=True):
             static[:batch].copy_(value)
-        # Rows past the batch: a pad token at position 0 into the null block, nothing visible.
-        inputs[0][batch:] = self.model.config.pad_token
-        inputs[1][batch:] = 0
+        # Rows past the batch: padding (position -1) into the null block, nothing visible.
+        inputs[0][batch:] = pad
+        inputs[1][batch:] = -1
         inputs[2][batch:] = NULL_BLOCK
         inputs[3][batch:] = 0
         graph.replay()

@@ -12,8 +12,6 @@ import torch
 from grokserve.model import layers
 from grokserve.model.blocks import NULL_BLOCK
 
-DEFAULT_BLOCK_SIZE = 16
-
 
 class PagedKVCache:
     def __init__(
@@ -41,9 +39,9 @@ class PagedKVCache:
 class PagedStep:
     """Where one step's tokens sit in a paged cache, with the interface `transformer.Step` has.
 
-    tokens [B, T] (pad id where a row has fewer tokens; pads write to the null block and their
-    outputs are discarded); positions [B, T] (absolute); block_tables [B, max_blocks]; lengths [B]:
-    each row's cached tokens after this step (keys at positions >= length are invisible).
+    tokens [B, T]; positions [B, T]: absolute, -1 where a row has fewer tokens than T (padding:
+    written to the null block, outputs discarded); block_tables [B, max_blocks]; lengths [B]: each
+    row's cached tokens after this step (keys at positions >= length are invisible).
     """
 
     static_shapes = True
@@ -55,10 +53,11 @@ class PagedStep:
         positions: torch.Tensor,
         block_tables: torch.Tensor,
         lengths: torch.Tensor,
-        pad_token: int,
     ) -> None:
         self.cache = cache
-        self.token_valid = tokens != pad_token
+        # Padding is marked by its position, not its id: a generated pad id is a real token.
+        self.token_valid = positions >= 0
+        positions = positions.clamp(min=0)
         self.positions = positions
         self.block_tables = block_tables
         size = cache.block_size

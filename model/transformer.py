@@ -22,9 +22,10 @@ import torch
 from torch import nn
 
 from grokserve.model import kernels, layers
+from grokserve.model.blocks import DEFAULT_BLOCK_SIZE
 from grokserve.model.cache import KVCache
 from grokserve.model.config import GrokConfig
-from grokserve.model.paged import DEFAULT_BLOCK_SIZE, PagedKVCache, PagedStep
+from grokserve.model.paged import PagedKVCache, PagedStep
 from grokserve.model.presets import preset
 from grokserve.model.quantization import QuantizedWeight, dense, quantize
 
@@ -376,12 +377,13 @@ class GrokModel(nn.Module):
     ) -> torch.Tensor:
         """One step over a paged cache -> float32 logits [B, vocab] of each row's LAST column.
 
-        Rows are left-padded (pad id) to the step's width T: tokens, positions [B, T];
+        Rows are left-padded to the step's width T: tokens, positions [B, T] (position -1 marks
+        padding);
         block_tables [B, max_blocks]; lengths [B] (cached tokens per row after the step). The tokens'
         keys and values are written to their blocks. Only the last column reaches the output
         projection, in prefill too. No host sync and no data-dependent shape: this is the step that
         `torch.compile(fullgraph=True)` and CUDA graphs take whole (see `grokserve.model.engine_step`).
         Token ids are not range-checked here (that would read them back): the caller checks them."""
-        step = PagedStep(cache, tokens, positions, block_tables, lengths, self.config.pad_token)
+        step = PagedStep(cache, tokens, positions, block_tables, lengths)
         x = self.hidden_states(tokens, step)
         return self.logits(x[:, -1])

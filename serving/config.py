@@ -130,7 +130,8 @@ class ServingLimits(_Spec):
     kv_cache_tokens: int | None = Field(
         None,
         ge=1,
-        description="Token budget for admission (prompt + max_tokens of running requests); "
+        description="Paged KV-cache capacity in tokens (16-token blocks, shared prefixes); "
+        "requests are admitted by the blocks of their prompts and preempted when blocks run out. "
         "None means maxBatchSize × maxSequenceLength.",
     )
     prefill_chunk_tokens: int = Field(

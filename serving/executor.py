@@ -1,9 +1,9 @@
-"""Model steps over a KV cache: the code every shard worker runs, and its in-process async wrapper.
+"""Model steps over a paged KV cache: the code every shard worker runs, and its in-process async wrapper.
 
-`ModelStepper` owns one model (full or one SPMD shard), its KV cache and one sampler generator per
-cache row. For G > 1 every rank runs the same `run` with the same input; the sharded model returns
-the full logits on every rank and the generators are seeded identically, so every rank samples the
-same tokens and the replica reads rank 0's.
+`ModelStepper` owns one model (full or one SPMD shard), its paged KV cache and each row's state
+(block table, cached length, sampling parameters, last sampled token). Sampling runs on the model's
+device, a pure function of each row's seed and position, so for G > 1 every rank (same input, same
+full logits) samples the same tokens and the replica reads rank 0's.
 """
 
 from __future__ import annotations
@@ -15,53 +15,93 @@ from typing import Any
 
 import torch
 
-from grokserve.model.sampling import sample
-from grokserve.serving.scheduler import SamplingParams, StepInput
+from grokserve.model.blocks import DEFAULT_BLOCK_SIZE, NULL_BLOCK, blocks_for
+from grokserve.model.engine_step import CudaGraphDecode, StepSampling, engine_step
+from grokserve.serving.config import ServingLimits
+from grokserve.serving.scheduler import PAD_ID, SamplingParams, StepInput
 
 
 class ModelStepper:
-    def __init__(self, model: Any, *, max_batch_size: int, max_len: int) -> None:
+    def __init__(
+        self,
+        model: Any,
+        *,
+        max_batch_size: int,
+        max_len: int,
+        kv_cache_tokens: int,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+    ) -> None:
         self.model = model
-        self.cache = model.new_cache(batch_size=max_batch_size, max_len=max_len)
-        self._generators: dict[int, torch.Generator] = {}
+        self.cache = model.new_paged_cache(blocks_for(kv_cache_tokens, block_size), block_size)
+        self.max_blocks = blocks_for(max_len, block_size)
+        self._lengths = [0] * max_batch_size  # tokens each row has in the cache
+        self._tables: list[list[int]] = [[] for _ in range(max_batch_size)]
         self._sampling: dict[int, SamplingParams] = {}
-        self._last_token: dict[int, int] = {}  # per row: fed to the row's next decode step
+        self._last_token = [PAD_ID] * max_batch_size  # fed to the row's next decode step
+        # Rows that have had no token since they started: only their leading pad ids are padding
+        # (a generated id 0 recomputed after a preemption is a real token).
+        self._unfed: set[int] = set()
+        on_gpu = self.cache.device.type == "cuda"
+        self._graphs = CudaGraphDecode(model, self.cache, self.max_blocks) if on_gpu else None
+
+    @classmethod
+    def from_limits(cls, model: Any, limits: ServingLimits) -> ModelStepper:
+        return cls(
+            model,
+            max_batch_size=limits.max_batch_size,
+            max_len=limits.max_sequence_length,
+            kv_cache_tokens=limits.kv_budget,
+        )
 
     @torch.inference_mode()
     def run(self, step: StepInput) -> list[int]:
-        if step.start:
-            self.cache.reset(torch.tensor(list(step.start), dtype=torch.long))
-            for row, params in step.start.items():
-                if params.seed is None:
-                    # A seed drawn here would differ between the ranks of a sharded replica.
-                    raise ValueError(f"row {row} starts without a seed; the scheduler sets one")
-                generator = torch.Generator()
-                generator.manual_seed(params.seed)
-                self._generators[row] = generator
-                self._sampling[row] = params
-        device = self.cache.lengths.device
+        for row, params in step.start.items():
+            if params.seed is None:
+                # A seed drawn here would differ between the ranks of a sharded replica.
+                raise ValueError(f"row {row} starts without a seed; the scheduler sets one")
+            self._sampling[row] = params
+            self._lengths[row] = step.cached.get(row, 0)
+            self._unfed.add(row)
+        for row, blocks in step.blocks.items():
+            self._tables[row] = blocks
         fed = step.tokens or [[self._last_token[row]] for row in step.rows]
-        tokens = torch.tensor(fed, dtype=torch.long, device=device)
-        rows = torch.tensor(step.rows, dtype=torch.long, device=device)
-        logits = self.model(tokens, cache=self.cache, rows=rows)
+        positions, lengths = [], []
+        for row, tokens in zip(step.rows, fed, strict=True):
+            pads = 0
+            if row in self._unfed:
+                while pads < len(tokens) and tokens[pads] == PAD_ID:
+                    pads += 1
+                if pads < len(tokens):
+                    self._unfed.discard(row)
+            real = len(tokens) - pads
+            start = self._lengths[row]
+            positions.append([-1] * pads + list(range(start, start + real)))
+            lengths.append(start + real)
+            self._lengths[row] = start + real
+        device = self.cache.device
+        used = blocks_for(max(lengths), self.cache.block_size)
+        width = self.max_blocks if self._graphs else max(1, used)
+        tables = [(self._tables[row] + [NULL_BLOCK] * width)[:width] for row in step.rows]
+        inputs = [
+            torch.tensor(value, dtype=torch.long, device=device)
+            for value in (fed, positions, tables, lengths)
+        ]
+        sampling = StepSampling.of(
+            [
+                (p.temperature, p.top_k, p.top_p, p.seed)
+                for p in (self._sampling[row] for row in step.rows)
+            ],
+            device,
+        )
+        if self._graphs is not None and step.tokens is None:
+            chosen = self._graphs(*inputs, sampling)
+        else:
+            chosen = engine_step(self.model, self.cache, *inputs, sampling)
         if not step.sample:
             return []
-        last = logits[:, -1, :].cpu()
-        # One argmax for all greedy rows; sampled rows each use their own seeded generator.
-        chosen = sample(last, temperature=0).tolist()
-        for i, row in enumerate(step.rows):
-            params = self._sampling[row]
-            if params.temperature > 0:
-                chosen[i] = int(
-                    sample(
-                        last[i : i + 1],
-                        temperature=params.temperature,
-                        top_k=params.top_k,
-                        top_p=params.top_p,
-                        generator=self._generators[row],
-                    )[0]
-                )
-        self._last_token.update(zip(step.rows, chosen, strict=True))
+        chosen = chosen.tolist()
+        for row, token in zip(step.rows, chosen, strict=True):
+            self._last_token[row] = token
         return chosen
 
     def expert_token_counts(self) -> list[list[int]] | None:

@@ -96,7 +96,7 @@ def placement_plan(config: ServingConfig) -> Plan:
     )
     limits = config.serving
     headroom = Headroom(
-        cache_tokens=limits.max_batch_size * limits.max_sequence_length,
+        cache_tokens=limits.kv_budget,
         step_tokens=limits.max_batch_size * limits.prefill_chunk_tokens,
     )
     quantization = "int8" if config.model.quantization == "int8" else None

@@ -1,14 +1,21 @@
-"""Continuous batching over KV-cache slots, with no Ray dependency (tested in-process).
+"""Continuous batching over a paged KV cache, with no Ray dependency (tested in-process).
 
-Every running sequence owns one row ("slot") of the executor's KV cache. The engine loop works in
-steps: at each step boundary it drops cancelled sequences, admits waiting ones into free slots (FIFO,
-within the KV-token budget), runs one prefill chunk for each group of newly admitted sequences and one
-decode step for every sequence already generating. So requests join and leave the running batch
-between steps, prefills of requests that arrive together are one batched forward, and a long prompt is
-prefilled in chunks interleaved with the decode steps of everybody else.
+Every running sequence owns one row ("slot") of the executor's step batch and a block table of the
+paged KV cache (`grokserve.model.blocks`: 16-token blocks, shared prefixes). The engine loop works in
+steps: at each step boundary it drops cancelled sequences, admits waiting ones (FIFO) while free
+slots and the blocks of their prompts allow, runs one prefill chunk for each group of newly admitted
+sequences and one decode step for every sequence already generating. So requests join and leave the
+running batch between steps, prefills of requests that arrive together are one batched forward, and a
+long prompt is prefilled in chunks interleaved with the decode steps of everybody else.
 
-Prompts of one prefill group are LEFT-padded to a common length (the model masks pad keys), so pads
-only ever sit at the start of a row and a row's positions stay contiguous.
+A prompt's leading full blocks that the prefix cache holds are not computed again: only the rest is
+prefilled. A decoding sequence takes a new block when it fills its last one; when none is left the
+latest-admitted sequence is preempted (its blocks freed, itself queued first again) and later
+recomputed from its prompt and the tokens it had generated, which the counter-based sampler draws
+again identically.
+
+The uncached parts of one prefill group are LEFT-padded to a common length (pads take no cache),
+so every row ends at the last column, whose logits the step samples.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
+from grokserve.model.blocks import DEFAULT_BLOCK_SIZE, BlockPool, BlockTable, blocks_for
 from grokserve.serving.detokenize import Decoder, TextStream
 
 log = logging.getLogger(__name__)
@@ -46,18 +54,22 @@ class StepInput:
     `tokens` None (a decode step) each row is fed the token the executor last sampled for it.
 
     `start` lists the rows that begin a new sequence at this step (reset them first, and seed their
-    sampler with the params' seed, which the scheduler always sets). When `sample` is set the
-    executor returns one next token per row, from the last position.
+    sampler with the params' seed, which the scheduler always sets); `cached` gives such a row's
+    tokens already in the KV cache (prefix-cache hits), which its `tokens` follow. `blocks` is the
+    new block table of every row whose table changed. When `sample` is set the executor returns one
+    next token per row, from the last position.
     """
 
     rows: list[int]
     tokens: list[list[int]] | None
     sample: bool
     start: dict[int, SamplingParams] = field(default_factory=dict)
+    cached: dict[int, int] = field(default_factory=dict)
+    blocks: dict[int, list[int]] = field(default_factory=dict)
 
 
 class Executor(Protocol):
-    """Runs model steps over a KV cache of `max_batch_size` rows of `max_len` tokens each.
+    """Runs model steps for up to `max_batch_size` rows over a paged KV cache of `kvCacheTokens`.
 
     `submit` queues the step at once (steps run in submission order) and returns an awaitable of
     its sampled tokens, so the scheduler can queue step n + 1 before it reads step n.
@@ -102,6 +114,8 @@ class SchedulerObserver(Protocol):
     def on_next_token(self, seconds: float) -> None: ...
     def on_decode_batch(self, size: int) -> None: ...
     def on_state(self, waiting: int, running: int, kv_usage: float) -> None: ...
+    def on_prefix_cache(self, queried_tokens: int, hit_tokens: int) -> None: ...
+    def on_preemption(self) -> None: ...
 
 
 class SequenceHandle:
@@ -123,7 +137,9 @@ class SequenceHandle:
         self.sampling = sampling
         self.text = text
         self.slot: int | None = None
-        self.padded_length = 0
+        self.blocks: BlockTable | None = None
+        self.output: list[int] = []  # generated ids: recomputed with the prompt after a preemption
+        self.epoch = 0  # bumped by each preemption: results of steps from before it are dropped
         self.generated = 0
         self.pending = 0  # decode steps submitted for this sequence but not read yet
         self.cancelled = False
@@ -134,6 +150,12 @@ class SequenceHandle:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def context(self) -> list[int]:
+        """The tokens its KV cache holds once prefilled: the prompt, and after a preemption the
+        tokens generated before it."""
+        return self.prompt + self.output
 
     def emit(self, text: str, finish_reason: FinishReason | None = None) -> None:
         self.generation.deltas.put_nowait(Delta(self.index, text, self.generated, finish_reason))
@@ -195,6 +217,7 @@ class Scheduler:
         prefill_chunk_tokens: int,
         eos_id: int | None,
         observer: SchedulerObserver | None = None,
+        block_size: int = DEFAULT_BLOCK_SIZE,
     ) -> None:
         self._executor = executor
         self._decoder = decoder
@@ -205,11 +228,12 @@ class Scheduler:
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self._eos_id = eos_id
         self._observer = observer
+        self._blocks = BlockPool(blocks_for(kv_budget, block_size), block_size)
         self._free_slots = list(range(max_batch_size - 1, -1, -1))
         self._waiting: deque[SequenceHandle] = deque()
         self._prefilling: list[_PrefillGroup] = []
         self._decoding: list[SequenceHandle] = []
-        self._in_flight: tuple[list[SequenceHandle], Awaitable[list[int]]] | None = None
+        self._in_flight: tuple[list[tuple[SequenceHandle, int]], Awaitable[list[int]]] | None = None
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._seconds_per_request = 1.0  # running mean, for Retry-After
@@ -245,7 +269,7 @@ class Scheduler:
                 f"limit (maxSequenceLength) of {limit} tokens",
                 param="max_tokens",
             )
-        if len(prompt) + max_tokens > self.kv_budget:
+        if blocks_for(len(prompt) + max_tokens, self._blocks.block_size) > self._blocks.num_blocks:
             raise AdmissionError(
                 f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) exceeds this "
                 f"replica's KV-cache budget (kvCacheTokens) of {self.kv_budget} tokens",
@@ -350,48 +374,45 @@ class Scheduler:
             self._decoding.remove(handle)
             self._finish(handle, "cancelled")
 
-    def _reserved_tokens(self) -> int:
-        running = [h for g in self._prefilling for h in g.sequences] + self._decoding
-        return sum(h.padded_length + h.max_tokens for h in running)
-
     def _admit(self) -> None:
-        """Move waiting sequences (FIFO) into free slots as ONE new prefill group."""
+        """Move waiting sequences (FIFO) into free slots as ONE new prefill group, each with the
+        blocks of its context and its first generated token (prefix-cache hits shared)."""
         group: list[SequenceHandle] = []
-        length = 0
-        reserved = self._reserved_tokens()
         while self._waiting and len(group) < len(self._free_slots):
             candidate = self._waiting[0]
-            new_length = max(length, len(candidate.prompt))
-            longest_output = max(h.max_tokens for h in [*group, candidate])
-            growth = (new_length - length) * len(group) + new_length + candidate.max_tokens
-            if (
-                new_length + longest_output > self.max_sequence_length
-                or reserved + growth > self.kv_budget
-            ):
+            context = candidate.context
+            table = self._blocks.allocate(context, len(context) + 1)
+            if table is None:
                 break
             self._waiting.popleft()
+            candidate.blocks = table
             group.append(candidate)
-            length = new_length
-            reserved += growth
+            if self._observer:
+                self._observer.on_prefix_cache(len(context), table.cached_tokens)
         if not group:
             return
+        suffixes = {id(h): h.context[h.blocks.cached_tokens :] for h in group}
+        length = max(len(suffix) for suffix in suffixes.values())
         padded = {}
         for handle in group:
             handle.slot = self._free_slots.pop()
-            handle.padded_length = length
-            padded[id(handle)] = [PAD_ID] * (length - len(handle.prompt)) + handle.prompt
-            if self._observer:
+            suffix = suffixes[id(handle)]
+            padded[id(handle)] = [PAD_ID] * (length - len(suffix)) + suffix
+            if self._observer and not handle.output:
                 self._observer.on_prompt(len(handle.prompt))
         self._prefilling.append(_PrefillGroup(group, padded, length))
 
     async def _prefill_chunk(self, group: _PrefillGroup) -> None:
         chunk = min(self.prefill_chunk_tokens, group.length - group.done)
         last = group.done + chunk == group.length
+        first = group.done == 0
         step = StepInput(
             rows=[h.slot for h in group.sequences],
             tokens=[group.padded[id(h)][group.done : group.done + chunk] for h in group.sequences],
             sample=last,
-            start={h.slot: h.sampling for h in group.sequences} if group.done == 0 else {},
+            start={h.slot: h.sampling for h in group.sequences} if first else {},
+            cached={h.slot: h.blocks.cached_tokens for h in group.sequences} if first else {},
+            blocks={h.slot: list(h.blocks.blocks) for h in group.sequences} if first else {},
         )
         tokens = await self._executor.submit(step)
         group.done += chunk
@@ -399,6 +420,7 @@ class Scheduler:
             return
         self._prefilling.remove(group)
         for handle, token in zip(group.sequences, tokens, strict=True):
+            self._blocks.cache_full_blocks(handle.blocks, handle.context)
             self._decoding.append(handle)
             self._accept(handle, token)
 
@@ -408,22 +430,57 @@ class Scheduler:
         wastes its row's step n + 1 (discarded); none is submitted past its max_tokens, so a row
         never outgrows the cache."""
         batch = [h for h in self._decoding if h.generated + h.pending < h.max_tokens]
+        grown = self._grow_blocks(batch)
+        batch = [h for h in batch if h.slot is not None]  # some may have been preempted
         submitted = None
         if batch:
             for handle in batch:
                 handle.pending += 1
-            step = StepInput(rows=[h.slot for h in batch], tokens=None, sample=True)
+            step = StepInput(
+                rows=[h.slot for h in batch],
+                tokens=None,
+                sample=True,
+                blocks={h.slot: list(h.blocks.blocks) for h in batch if h in grown},
+            )
             if self._observer:
                 self._observer.on_decode_batch(len(batch))
-            submitted = (batch, self._executor.submit(step))
+            submitted = ([(h, h.epoch) for h in batch], self._executor.submit(step))
         previous, self._in_flight = self._in_flight, submitted
         if previous is not None:
             done, result = previous
             tokens = await result
-            for handle, token in zip(done, tokens, strict=True):
+            for (handle, epoch), token in zip(done, tokens, strict=True):
+                if handle.epoch != epoch:
+                    continue  # preempted since: this token is drawn again after its recompute
                 handle.pending -= 1
                 if not handle.finished:
                     self._accept(handle, token)
+
+    def _grow_blocks(self, batch: list[SequenceHandle]) -> list[SequenceHandle]:
+        """Blocks for the token each sequence of `batch` writes at this step; when they run out,
+        the latest-admitted sequences are preempted. Returns the sequences whose tables grew."""
+        grown = []
+        for handle in batch:
+            if handle.slot is None:
+                continue
+            before = len(handle.blocks.blocks)
+            # The step writes the last sampled token: the cache then holds prompt + generated.
+            tokens = len(handle.prompt) + handle.generated + handle.pending
+            while handle.slot is not None and not self._blocks.grow(handle.blocks, tokens):
+                self._preempt(self._decoding[-1])
+            if handle.slot is not None and len(handle.blocks.blocks) > before:
+                grown.append(handle)
+        return grown
+
+    def _preempt(self, handle: SequenceHandle) -> None:
+        """Free its blocks and slot and queue it first, to be recomputed when blocks allow."""
+        self._decoding.remove(handle)
+        self._release(handle)
+        handle.pending = 0
+        handle.epoch += 1
+        self._waiting.appendleft(handle)
+        if self._observer:
+            self._observer.on_preemption()
 
     def _accept(self, handle: SequenceHandle, token: int) -> None:
         """A sampled token for `handle`: emit its text, finish it at EOS, a stop string or a limit."""
@@ -435,6 +492,7 @@ class Scheduler:
                 self._observer.on_next_token(now - handle.last_token_at)
         handle.last_token_at = now
         handle.generated += 1
+        handle.output.append(token)
         if token == self._eos_id:
             # Text held back as the possible start of a stop string is final now.
             self._retire(handle, handle.text.flush(), "stop")
@@ -444,7 +502,7 @@ class Scheduler:
             self._retire(handle, text, "stop")
         elif (
             handle.generated >= handle.max_tokens
-            or handle.padded_length + handle.generated >= self.max_sequence_length
+            or len(handle.prompt) + handle.generated >= self.max_sequence_length
         ):
             self._retire(handle, text + handle.text.flush(), "length")
         else:
@@ -457,11 +515,17 @@ class Scheduler:
     def _finish(self, handle: SequenceHandle, reason: FinishReason, text: str = "") -> None:
         handle.emit(text, reason)
         handle.finish_reason = reason
+        self._release(handle)
+        elapsed = time.monotonic() - handle.submitted_at
+        self._seconds_per_request = 0.9 * self._seconds_per_request + 0.1 * elapsed
+
+    def _release(self, handle: SequenceHandle) -> None:
         if handle.slot is not None:
             self._free_slots.append(handle.slot)
             handle.slot = None
-        elapsed = time.monotonic() - handle.submitted_at
-        self._seconds_per_request = 0.9 * self._seconds_per_request + 0.1 * elapsed
+        if handle.blocks is not None:
+            self._blocks.free(handle.blocks)
+            handle.blocks = None
 
     def _fail_running(self) -> None:
         self._in_flight = None
@@ -476,6 +540,5 @@ class Scheduler:
     def _report_state(self) -> None:
         if self._observer is None:
             return
-        used = sum(h.padded_length + h.generated for h in self._decoding)
-        used += sum(g.done * len(g.sequences) for g in self._prefilling)
-        self._observer.on_state(self.waiting, self.running, used / self.kv_budget)
+        blocks = self._blocks
+        self._observer.on_state(self.waiting, self.running, blocks.used / blocks.num_blocks)

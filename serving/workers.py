@@ -43,10 +43,7 @@ class ShardWorker:
 
         torch.set_num_threads(max(1, int(self.config.resources.cpus_per_shard)))
         model = load_shard(self.config, self.rank, master)
-        limits = self.config.serving
-        self.stepper = ModelStepper(
-            model, max_batch_size=limits.max_batch_size, max_len=limits.max_sequence_length
-        )
+        self.stepper = ModelStepper.from_limits(model, self.config.serving)
         return self.describe()
 
     def describe(self) -> dict[str, Any]:

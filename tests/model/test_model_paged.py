@@ -17,12 +17,12 @@ def tiny() -> GrokModel:
 
 
 def paged(model, cache, rows, tables, start):
-    """Appends `rows` (left-padded with 0 to one width) to the cache at `start` tokens per row."""
+    """Appends `rows` (left-padded to one width) to the cache at `start` tokens per row."""
     width = max(len(r) for r in rows)
     tokens = torch.tensor([[0] * (width - len(r)) + r for r in rows])
     positions = torch.tensor(
         [
-            [0] * (width - len(r)) + list(range(s, s + len(r)))
+            [-1] * (width - len(r)) + list(range(s, s + len(r)))
             for r, s in zip(rows, start, strict=True)
         ]
     )
