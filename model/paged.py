@@ -44,8 +44,6 @@ class PagedStep:
     row's cached tokens after this step (keys at positions >= length are invisible).
     """
 
-    static_shapes = True
-
     def __init__(
         self,
         cache: PagedKVCache,

@@ -150,7 +150,6 @@ class MoE(nn.Module):
             self.w_up,
             self.w_down,
             self.expert_ids,
-            static_shapes=step.static_shapes,
         )
         return out.view_as(x)
 
@@ -178,8 +177,6 @@ class Step:
     """Where one forward call's tokens sit: positions, visible keys, and the cache rows they extend.
 
     (`paged.PagedStep` is the same interface over a paged cache, with no host sync.)"""
-
-    static_shapes = False
 
     def __init__(
         self, tokens: torch.Tensor, pad_token: int, cache: KVCache | None, rows: torch.Tensor | None

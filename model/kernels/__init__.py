@@ -47,19 +47,19 @@ def moe(
     w_up: Weight,
     w_down: Weight,
     expert_ids: Sequence[int] | None = None,
-    static_shapes: bool = False,
 ) -> torch.Tensor:
     """`layers.moe` with the fused Triton kernel where it applies (see the module docstring).
 
-    With `static_shapes` the reference path is `layers.moe_dense` (every expert on every token, no
-    shape that depends on the routing), for steps that are compiled or captured whole; the fused
-    kernel already sizes everything from the shapes alone."""
+    Under `torch.compile` the reference path is `layers.moe_dense` (every expert on every token, no
+    shape that depends on the routing), so that a whole step compiles as one graph; eager, it loops
+    over the experts that have tokens (E/k times fewer expert FLOPs). The fused kernel sizes
+    everything from the shapes alone either way."""
     if wants_fast_path(x.device) and fast_moe_supported(x, w_gate, w_up, w_down):
         from grokserve.model.kernels.moe_triton import fused_moe
 
         return fused_moe(x, gates, experts, w_gate, w_up, w_down, expert_ids)
     dtype = x.dtype
-    reference = layers.moe_dense if static_shapes else layers.moe
+    reference = layers.moe_dense if torch.compiler.is_compiling() else layers.moe
     return reference(
         x,
         gates,

@@ -177,3 +177,17 @@ def test_cuda_graph_decode_equals_eager_per_bucket() -> None:
             )
             captured = graphs(token[:, None], lengths[:, None], tables, lengths + 1, sampling)
         assert torch.equal(captured, eager)
+
+
+def test_dense_moe_computes_what_the_expert_loop_computes() -> None:
+    from grokserve.model import layers
+
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(10, 16, generator=generator).bfloat16()
+    w_gate, w_up = (torch.randn(4, 16, 24, generator=generator).bfloat16() for _ in range(2))
+    w_down = torch.randn(4, 24, 16, generator=generator).bfloat16()
+    gates, experts = layers.route(x, torch.randn(16, 6, generator=generator), 2)
+    ids = [5, 0, 2, 3]  # a shard's experts, in its own order; tokens routed elsewhere get nothing
+    dense = layers.moe_dense(x, gates, experts, w_gate, w_up, w_down, ids)
+    loop = layers.moe(x, gates, experts, w_gate, w_up, w_down, ids)
+    torch.testing.assert_close(dense, loop, atol=0, rtol=1 / 128)
