@@ -15,11 +15,13 @@ import torch.nn.functional as F
 MASKED_LOGIT = -1e30
 
 
-def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
-    """scale · x · rsqrt(mean(x²) + eps), computed in float32, returned in x's dtype."""
+def rms_norm(
+    x: torch.Tensor, scale: torch.Tensor, eps: float, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """scale · x · rsqrt(mean(x²) + eps), computed in float32, returned in `dtype` (x's by default)."""
     x32 = x.float()
     normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + eps)
-    return (normed * scale.float()).to(x.dtype)
+    return (normed * scale.float()).to(dtype or x.dtype)
 
 
 def rope_inverse_frequencies(
@@ -115,6 +117,7 @@ def moe(
     a shard passes its own ids, in any order, and gets the partial sum of its experts). As in the
     reference, the float32 gate is rounded to x's dtype and the product and the sum run in x's dtype
     (with Grok's two experts per token the sum is one rounding, whatever order the experts are added in).
+    The fused GPU kernel makes the same roundings.
     """
     expert_ids = expert_ids if expert_ids is not None else range(w_gate.shape[0])
     out = torch.zeros(x.shape[0], w_down.shape[-1], dtype=x.dtype, device=x.device)

@@ -59,8 +59,8 @@ class RMSNorm(nn.Module):
             torch.ones(size, dtype=torch.float32, device=device), requires_grad=False
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return layers.rms_norm(x, self.scale, self.eps)
+    def forward(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return layers.rms_norm(x, self.scale, self.eps, dtype)
 
 
 class Attention(nn.Module):
@@ -168,9 +168,13 @@ class DecoderLayer(nn.Module):
         self.post_moe_norm = RMSNorm(config.emb_size, eps, device)
 
     def forward(self, x: torch.Tensor, step: Step, layer: int) -> torch.Tensor:
-        # Grok normalises each branch's output as well as its input: four norms per layer.
-        x = x + self.post_attn_norm(self.attn(self.pre_attn_norm(x), step, layer))
-        return x + self.post_moe_norm(self.moe(self.pre_moe_norm(x), step))
+        # Grok normalises each branch's output as well as its input: four norms per layer. A branch's
+        # output norm stays float32 into the residual sum, rounded once (no bf16 round trip).
+        dtype = x.dtype
+        branch = self.post_attn_norm(self.attn(self.pre_attn_norm(x), step, layer), torch.float32)
+        x = (x + branch).to(dtype)
+        branch = self.post_moe_norm(self.moe(self.pre_moe_norm(x), step), torch.float32)
+        return (x + branch).to(dtype)
 
 
 class Step:
@@ -345,10 +349,9 @@ class GrokModel(nn.Module):
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm and the tied output projection: [..., D] -> float32 [..., vocab]."""
         z = self.final_norm(x)
-        logits = (z @ self.embed.weight.T) * layers.rounded(
-            self.config.output_multiplier_scale, self.dtype
-        )
-        return logits.float()
+        # The multiplier applies to the rounded product in float32: no bf16 round trip of the logits.
+        multiplier = layers.rounded(self.config.output_multiplier_scale, self.dtype).float()
+        return (z @ self.embed.weight.T).float() * multiplier
 
     def new_paged_cache(
         self, num_blocks: int, block_size: int = DEFAULT_BLOCK_SIZE
