@@ -143,10 +143,10 @@ def moe_dense(
     unselected experts get gate 0. The same numbers as `moe` (the zero terms add exactly, the two
     selected terms are summed in one rounding either way); E/k times the expert FLOPs, which small
     decode batches on the CPU do not notice."""
-    expert_ids = list(expert_ids if expert_ids is not None else range(w_gate.shape[0]))
-    ids = torch.tensor(expert_ids, device=experts.device)
-    # [N, E_local]: the gate of each local expert for each token, 0 where it was not selected.
-    chosen = experts[:, :, None] == ids[None, None, :]
+    expert_ids = expert_ids if expert_ids is not None else range(w_gate.shape[0])
+    # [N, k, E_local] -> [N, E_local]: each local expert's gate for each token, 0 where not selected.
+    # Compared with Python ints, not a tensor of ids: no host-to-device copy inside a CUDA graph.
+    chosen = torch.stack([experts == expert for expert in expert_ids], dim=-1)
     weights = (gates[:, :, None] * chosen).sum(dim=1).to(x.dtype)
     hidden = gelu_tanh(torch.einsum("nd,edf->enf", x, w_gate)) * torch.einsum(
         "nd,edf->enf", x, w_up
