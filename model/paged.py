@@ -105,7 +105,8 @@ def paged_attention(
 
     The blocks are gathered into one [B, S, Hkv, K] span per row (what the CPU needs for its batched
     matmuls); a GPU kernel that reads the blocks in place computes the same numbers."""
-    batch = block_tables.shape[0]
-    k = keys[block_tables].reshape(batch, -1, *keys.shape[2:])
-    v = values[block_tables].reshape(batch, -1, *values.shape[2:])
+    batch, listed = block_tables.shape[0], block_tables.reshape(-1)
+    # index_select copies whole blocks; advanced indexing (keys[block_tables]) is ~5x slower on the CPU.
+    k = keys.index_select(0, listed).view(batch, -1, *keys.shape[2:])
+    v = values.index_select(0, listed).view(batch, -1, *values.shape[2:])
     return layers.attention(q, k, v, query_positions, key_valid, logit_multiplier, cap)
