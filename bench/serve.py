@@ -62,7 +62,7 @@ async def http_run(url: str, name: str, texts: list[str], max_tokens: int) -> tu
 
 def in_process_engine(config: ServingConfig) -> Engine:
     model = load_shard(config, rank=0, master=("127.0.0.1", 0))
-    return build_engine(config, LocalExecutor(ModelStepper.from_limits(model, config.serving)))
+    return build_engine(config, LocalExecutor(ModelStepper.for_config(model, config)))
 
 
 async def engine_run(

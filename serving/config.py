@@ -132,7 +132,8 @@ class ServingLimits(_Spec):
         ge=1,
         description="Paged KV-cache capacity in tokens (16-token blocks, shared prefixes); "
         "requests are admitted by the blocks of their prompts and preempted when blocks run out. "
-        "None means maxBatchSize × maxSequenceLength.",
+        "None means: on CUDA, the memory the placement plan leaves after weights, workspace and "
+        "reserve; on the CPU, maxBatchSize × maxSequenceLength.",
     )
     prefill_chunk_tokens: int = Field(
         256, ge=1, description="Prompt tokens per prefill step; longer prompts are chunked."

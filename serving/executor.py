@@ -17,7 +17,8 @@ import torch
 
 from grokserve.model.blocks import DEFAULT_BLOCK_SIZE, NULL_BLOCK, blocks_for
 from grokserve.model.engine_step import CudaGraphDecode, StepSampling, engine_step
-from grokserve.serving.config import ServingLimits
+from grokserve.serving.config import ServingConfig
+from grokserve.serving.loading import kv_cache_tokens
 from grokserve.serving.scheduler import PAD_ID, SamplingParams, StepInput
 
 
@@ -45,12 +46,13 @@ class ModelStepper:
         self._graphs = CudaGraphDecode(model, self.cache, self.max_blocks) if on_gpu else None
 
     @classmethod
-    def from_limits(cls, model: Any, limits: ServingLimits) -> ModelStepper:
+    def for_config(cls, model: Any, config: ServingConfig) -> ModelStepper:
+        limits = config.serving
         return cls(
             model,
             max_batch_size=limits.max_batch_size,
             max_len=limits.max_sequence_length,
-            kv_cache_tokens=limits.kv_budget,
+            kv_cache_tokens=kv_cache_tokens(config),
         )
 
     @torch.inference_mode()

@@ -96,12 +96,31 @@ def placement_plan(config: ServingConfig) -> Plan:
     )
     limits = config.serving
     headroom = Headroom(
-        cache_tokens=limits.kv_budget,
+        # Sized from memory, the cache must hold at least one full-length sequence.
+        cache_tokens=limits.max_sequence_length if cache_from_memory(config) else limits.kv_budget,
         step_tokens=limits.max_batch_size * limits.prefill_chunk_tokens,
     )
     quantization = "int8" if config.model.quantization == "int8" else None
     return make_plan(
         model_config(config.model), degrees, cluster, config.model.dtype, quantization, headroom
+    )
+
+
+def cache_from_memory(config: ServingConfig) -> bool:
+    return config.serving.kv_cache_tokens is None and config.resources.device == "cuda"
+
+
+def kv_cache_tokens(config: ServingConfig) -> int:
+    """The replica's paged KV-cache capacity: `kvCacheTokens` when set; on CUDA, what the placement
+    plan leaves on its fullest rank after weights, workspace and reserve; elsewhere
+    maxBatchSize × maxSequenceLength."""
+    if not cache_from_memory(config):
+        return config.serving.kv_budget
+    plan = placement_plan(config)
+    planned = config.serving.max_sequence_length
+    return min(
+        (plan.cluster.gpu_memory - rank.total + rank.kv_cache) // (rank.kv_cache // planned)
+        for rank in plan.ranks
     )
 
 
@@ -150,7 +169,7 @@ def build_engine(
         max_batch_size=limits.max_batch_size,
         max_sequence_length=limits.max_sequence_length,
         max_queued_requests=limits.max_queued_requests,
-        kv_budget=limits.kv_budget,
+        kv_budget=kv_cache_tokens(config),
         prefill_chunk_tokens=limits.prefill_chunk_tokens,
         eos_id=model_config(config.model).eos_token,
         observer=observer,

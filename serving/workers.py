@@ -43,7 +43,7 @@ class ShardWorker:
 
         torch.set_num_threads(max(1, int(self.config.resources.cpus_per_shard)))
         model = load_shard(self.config, self.rank, master)
-        self.stepper = ModelStepper.from_limits(model, self.config.serving)
+        self.stepper = ModelStepper.for_config(model, self.config)
         return self.describe()
 
     def describe(self) -> dict[str, Any]:
