@@ -62,6 +62,10 @@ class BlockPool:
     def used(self) -> int:
         return self.num_blocks - self.available
 
+    def could_hold(self, tokens: int) -> bool:
+        """Whether one sequence of `tokens` fits the whole pool."""
+        return blocks_for(tokens, self.block_size) <= self.num_blocks
+
     def prefix_keys(self, tokens: Sequence[int]) -> list[int]:
         """The chained key of every full block of `tokens`."""
         keys, parent = [], 0

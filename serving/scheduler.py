@@ -28,10 +28,12 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
-from grokserve.model.blocks import DEFAULT_BLOCK_SIZE, BlockPool, BlockTable, blocks_for
 from grokserve.serving.detokenize import Decoder, TextStream
+
+if TYPE_CHECKING:
+    from grokserve.model.blocks import BlockTable
 
 log = logging.getLogger(__name__)
 
@@ -217,8 +219,12 @@ class Scheduler:
         prefill_chunk_tokens: int,
         eos_id: int | None,
         observer: SchedulerObserver | None = None,
-        block_size: int = DEFAULT_BLOCK_SIZE,
+        block_size: int | None = None,
     ) -> None:
+        # Imported here: the ingress imports this module for its types, and importing the model
+        # package would load torch into the ingress process.
+        from grokserve.model.blocks import DEFAULT_BLOCK_SIZE, BlockPool, blocks_for
+
         self._executor = executor
         self._decoder = decoder
         self.max_batch_size = max_batch_size
@@ -228,6 +234,7 @@ class Scheduler:
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self._eos_id = eos_id
         self._observer = observer
+        block_size = block_size or DEFAULT_BLOCK_SIZE
         self._blocks = BlockPool(blocks_for(kv_budget, block_size), block_size)
         self._free_slots = list(range(max_batch_size - 1, -1, -1))
         self._waiting: deque[SequenceHandle] = deque()
@@ -269,7 +276,7 @@ class Scheduler:
                 f"limit (maxSequenceLength) of {limit} tokens",
                 param="max_tokens",
             )
-        if blocks_for(len(prompt) + max_tokens, self._blocks.block_size) > self._blocks.num_blocks:
+        if not self._blocks.could_hold(len(prompt) + max_tokens):
             raise AdmissionError(
                 f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) exceeds this "
                 f"replica's KV-cache budget (kvCacheTokens) of {self.kv_budget} tokens",

@@ -320,3 +320,15 @@ async def test_running_out_of_blocks_preempts_and_recomputes_the_same_outputs(
     assert sample_value(metrics, "grokserve_preemptions_total") > 0
     assert together == alone
     assert [g[0][0] for g in greedy] == [reference(model, p, max_tokens=20) for p in prompts]
+
+
+def test_the_ingress_side_imports_no_torch():
+    # The ingress imports the scheduler's types; the block pool (and torch) load with a Scheduler.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, grokserve.serving.engine, grokserve.serving.ingress; "
+        "assert 'torch' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
