@@ -16,7 +16,12 @@ from typing import Any
 import torch
 
 from grokserve.model.blocks import DEFAULT_BLOCK_SIZE, NULL_BLOCK, blocks_for
-from grokserve.model.engine_step import CudaGraphDecode, StepSampling, engine_step
+from grokserve.model.engine_step import (
+    DEFAULT_BUCKETS,
+    CudaGraphDecode,
+    StepSampling,
+    engine_step,
+)
 from grokserve.serving.config import ServingConfig
 from grokserve.serving.loading import kv_cache_tokens
 from grokserve.serving.scheduler import PAD_ID, SamplingParams, StepInput
@@ -42,8 +47,12 @@ class ModelStepper:
         # Rows that have had no token since they started: only their leading pad ids are padding
         # (a generated id 0 recomputed after a preemption is a real token).
         self._unfed: set[int] = set()
-        on_gpu = self.cache.device.type == "cuda"
-        self._graphs = CudaGraphDecode(model, self.cache, self.max_blocks) if on_gpu else None
+        self._graphs = None
+        if self.cache.device.type == "cuda":
+            # Buckets up to the batch limit, which is the last one: every decode batch has a graph.
+            buckets = [size for size in DEFAULT_BUCKETS if size < max_batch_size]
+            buckets.append(max_batch_size)
+            self._graphs = CudaGraphDecode(model, self.cache, self.max_blocks, buckets)
 
     @classmethod
     def for_config(cls, model: Any, config: ServingConfig) -> ModelStepper:
