@@ -117,7 +117,7 @@ async def prefill_tokens_with_shared_prefix(
 
     stepper = ModelStepper(model, max_batch_size=4, max_len=2048, kv_cache_tokens=4096)
     executor = Counting(stepper)
-    tokenizer = ByteTokenizer(model.config.vocab_size)
+    tokenizer = ByteTokenizer(model.config.vocab_size, model.config.special_tokens)
     scheduler = Scheduler(
         executor,
         tokenizer,
@@ -127,6 +127,7 @@ async def prefill_tokens_with_shared_prefix(
         kv_budget=4096,
         prefill_chunk_tokens=512,
         eos_id=None,
+        pad_id=model.config.pad_token,
     )
     rng = random.Random(1)
     prefix = [rng.randrange(4, model.config.vocab_size) for _ in range(1024)]

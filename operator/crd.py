@@ -2,8 +2,9 @@
 
 `python -m grokserve.operator.crd` prints it; `manifests/crd/grokdeployments.yaml` and
 `charts/grokserve/crds/grokdeployments.yaml` hold that output, and a test keeps them identical.
-Cross-field rules the schema cannot state are CEL rules here; rules that need more than CEL can
-see stay in the pydantic model (and surface as a Ready=False condition).
+Cross-field rules the schema cannot state are CEL rules, rendered from the spec's rule table
+(`spec.RULES`); whether a replica fits its GPUs needs the planner, which the operator runs (a
+spec that does not fit gets Ready=False, reason DoesNotFit).
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ import sys
 from typing import Any
 
 import yaml
+from pydantic.alias_generators import to_camel
 
-from grokserve.operator.presets import PRESET_SHAPES
 from grokserve.operator.spec import (
     API_GROUP,
     API_VERSION,
@@ -21,18 +22,12 @@ from grokserve.operator.spec import (
     MAX_NAME_LENGTH,
     NAME_PATTERN,
     PLURAL,
+    RULES,
     GrokDeploymentSpec,
 )
 
 SHORT_NAMES = ["gd", "grokdep"]
 _DROPPED_KEYS = {"title", "additionalProperties", "$defs"}
-
-
-def _preset_map(field: str) -> str:
-    entries = ", ".join(
-        f"'{name}': {getattr(shape, field)}" for name, shape in PRESET_SHAPES.items()
-    )
-    return "{" + entries + "}"
 
 
 def _structural(node: Any, defs: dict[str, Any]) -> Any:
@@ -76,48 +71,11 @@ def _structural(node: Any, defs: dict[str, Any]) -> Any:
 def spec_schema() -> dict[str, Any]:
     raw = GrokDeploymentSpec.model_json_schema(by_alias=True)
     schema = _structural(raw, raw.get("$defs", {}))
-    props = schema["properties"]
-    props["autoscaling"]["x-kubernetes-validations"] = [
-        {
-            "rule": "self.minReplicas <= self.maxReplicas",
-            "message": "autoscaling.minReplicas must be ≤ autoscaling.maxReplicas",
-        },
-        {
-            "rule": "!self.enabled || has(self.prometheusUrl)",
-            "message": "autoscaling.prometheusUrl is required when autoscaling is enabled",
-        },
-        {
-            "rule": "self.minReplicas > 0 || has(self.scaleToZeroIdleSeconds)",
-            "message": "autoscaling.minReplicas 0 needs autoscaling.scaleToZeroIdleSeconds",
-        },
-    ]
-    shards = "(self.gpusPerNode * self.nodesPerReplica)"
-    props["parallelism"]["x-kubernetes-validations"] = [
-        {
-            "rule": f"{shards} % self.tensor == 0",
-            "message": "parallelism.tensor must divide gpusPerNode × nodesPerReplica",
-        },
-        {
-            "rule": f"{shards} % self.expert == 0",
-            "message": "parallelism.expert must divide gpusPerNode × nodesPerReplica",
-        },
-    ]
-    schema["x-kubernetes-validations"] = [
-        {
-            "rule": f"{_preset_map('num_kv_heads')}[self.model.preset] % self.parallelism.tensor == 0",
-            "message": "parallelism.tensor must divide the model's kv heads (8 for grok-1)",
-        },
-        {
-            "rule": f"{_preset_map('num_experts')}[self.model.preset] % self.parallelism.expert == 0",
-            "message": "parallelism.expert must divide the model's experts (8 for grok-1)",
-        },
-        {
-            "rule": "!self.autoscaling.enabled || (self.replicas >= self.autoscaling.minReplicas"
-            " && self.replicas <= self.autoscaling.maxReplicas)",
-            "message": "replicas must lie within autoscaling.minReplicas..maxReplicas while "
-            "autoscaling is enabled",
-        },
-    ]
+    for rule in RULES:
+        node = schema
+        for part in filter(None, rule.scope.split(".")):
+            node = node["properties"][to_camel(part)]
+        node.setdefault("x-kubernetes-validations", []).append(rule.cel())
     return schema
 
 

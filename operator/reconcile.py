@@ -10,8 +10,10 @@ from typing import Any
 
 from kubernetes.client.rest import ApiException
 
+from grokserve.model.placement import Plan
 from grokserve.operator.builders import Owner, build_children
 from grokserve.operator.kube import RAYSERVICE, SERVICEMONITOR, Kube, api_message
+from grokserve.operator.replica import replica_plan
 from grokserve.operator.spec import GrokDeploymentSpec, SpecError, check_name, parse_spec
 from grokserve.operator.status import (
     KUBERAY_INSTALL_HINT,
@@ -26,6 +28,7 @@ from grokserve.operator.status import (
 class Outcome:
     owner: Owner
     spec: GrokDeploymentSpec | None  # None when the deployment cannot proceed
+    plan: Plan | None  # one replica's plan; None when the deployment cannot proceed
     conditions: list[Condition]
     ready_replicas: int
     generation: int | None
@@ -46,6 +49,7 @@ class Outcome:
         return build_status(
             self.owner,
             self.spec,
+            self.plan,
             self.conditions,
             self.ready_replicas,
             generation=self.generation,
@@ -66,17 +70,20 @@ def owner_of(body: dict[str, Any]) -> Owner:
 
 
 def reconcile(kube: Kube, body: dict[str, Any]) -> Outcome:
-    """Validate, apply every child (create, else patch or replace), then observe the RayService."""
+    """Validate and plan, apply every child (create, else patch or replace), then observe the
+    RayService. A spec that is invalid or whose replica does not fit its GPUs changes no child."""
     owner = owner_of(body)
     try:
         check_name(owner.name)
         spec = parse_spec(body.get("spec"))
+        plan = replica_plan(owner.name, spec)
     except SpecError as error:
         return _failed(body, error.reason, error.message)
     if not kube.serves(RAYSERVICE):
         message = f"KubeRay's RayService CRD (ray.io/v1) is not installed; {KUBERAY_INSTALL_HINT}"
         return _failed(body, KUBERAY_MISSING, message)
-    for child in build_children(owner, spec, with_servicemonitor=kube.serves(SERVICEMONITOR)):
+    servicemonitor = kube.serves(SERVICEMONITOR)
+    for child in build_children(owner, spec, plan, with_servicemonitor=servicemonitor):
         try:
             kube.apply(child)
         except ApiException as error:
@@ -86,7 +93,7 @@ def reconcile(kube: Kube, body: dict[str, Any]) -> Outcome:
                 raise
             what = f"{child['kind']} {child['metadata']['name']}"
             return _failed(body, REFUSALS[error.status], f"{what}: {api_message(error)}")
-    return _observed(body, spec, kube.get(RAYSERVICE, owner.namespace, owner.name))
+    return _observed(body, spec, plan, kube.get(RAYSERVICE, owner.namespace, owner.name))
 
 
 def observable(body: dict[str, Any]) -> bool:
@@ -107,17 +114,22 @@ def observe(body: dict[str, Any], rayservice: dict[str, Any] | None) -> Outcome:
     """The status for a RayService state that KubeRay reported, without touching the children."""
     try:
         spec = parse_spec(body.get("spec"))
+        plan = replica_plan(owner_of(body).name, spec)
     except SpecError as error:
         return _failed(body, error.reason, error.message)
-    return _observed(body, spec, rayservice)
+    return _observed(body, spec, plan, rayservice)
 
 
 def _observed(
-    body: dict[str, Any], spec: GrokDeploymentSpec, rayservice: dict[str, Any] | None
+    body: dict[str, Any],
+    spec: GrokDeploymentSpec,
+    plan: Plan,
+    rayservice: dict[str, Any] | None,
 ) -> Outcome:
     owner = owner_of(body)
     conditions, ready_replicas = serving_conditions(owner, spec, rayservice)
-    return Outcome(owner, spec, conditions, ready_replicas, body["metadata"].get("generation"))
+    generation = body["metadata"].get("generation")
+    return Outcome(owner, spec, plan, conditions, ready_replicas, generation)
 
 
 def _failed(body: dict[str, Any], reason: str, message: str) -> Outcome:
@@ -127,6 +139,7 @@ def _failed(body: dict[str, Any], reason: str, message: str) -> Outcome:
     repeated = before.get("reason") == reason and before.get("message") == message
     return Outcome(
         owner_of(body),
+        None,
         None,
         failure_conditions(reason, message),
         0,

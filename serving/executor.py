@@ -24,7 +24,7 @@ from grokserve.model.engine_step import (
 )
 from grokserve.serving.config import ServingConfig
 from grokserve.serving.loading import kv_cache_tokens
-from grokserve.serving.scheduler import PAD_ID, SamplingParams, StepInput
+from grokserve.serving.scheduler import SamplingParams, StepInput
 
 
 class ModelStepper:
@@ -43,7 +43,8 @@ class ModelStepper:
         self._lengths = [0] * max_batch_size  # tokens each row has in the cache
         self._tables: list[list[int]] = [[] for _ in range(max_batch_size)]
         self._sampling: dict[int, SamplingParams] = {}
-        self._last_token = [PAD_ID] * max_batch_size  # fed to the row's next decode step
+        self._pad_id = model.config.pad_token  # what the scheduler left-pads prefill rows with
+        self._last_token = [self._pad_id] * max_batch_size  # fed to the row's next decode step
         # Rows that have had no token since they started: only their leading pad ids are padding
         # (a generated id 0 recomputed after a preemption is a real token).
         self._unfed: set[int] = set()
@@ -80,7 +81,7 @@ class ModelStepper:
         for row, tokens in zip(step.rows, fed, strict=True):
             pads = 0
             if row in self._unfed:
-                while pads < len(tokens) and tokens[pads] == PAD_ID:
+                while pads < len(tokens) and tokens[pads] == self._pad_id:
                     pads += 1
                 if pads < len(tokens):
                     self._unfed.discard(row)

@@ -53,7 +53,7 @@ class GrokReplica:
         return {
             "deployment": self.config.name,
             "replica": self.replica_id,
-            "strategy": self.config.parallelism.placement,
+            "strategy": self.config.parallelism.strategy,
             "shards": self.executor.shards,
             "nodes": len({shard["node_id"] for shard in self.executor.shards}),
             "plan": describe_plan(placement_plan(self.config)),

@@ -37,7 +37,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PAD_ID = 0
 _DETOKENIZE_PREFIX = 4  # prompt tokens decoded in front of the generated ones (see TextStream)
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 
@@ -218,6 +217,7 @@ class Scheduler:
         kv_budget: int,
         prefill_chunk_tokens: int,
         eos_id: int | None,
+        pad_id: int,
         observer: SchedulerObserver | None = None,
         block_size: int | None = None,
     ) -> None:
@@ -233,6 +233,7 @@ class Scheduler:
         self.kv_budget = kv_budget
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self._eos_id = eos_id
+        self._pad_id = pad_id
         self._observer = observer
         block_size = block_size or DEFAULT_BLOCK_SIZE
         self._blocks = BlockPool(blocks_for(kv_budget, block_size), block_size)
@@ -404,7 +405,7 @@ class Scheduler:
         for handle in group:
             handle.slot = self._free_slots.pop()
             suffix = suffixes[id(handle)]
-            padded[id(handle)] = [PAD_ID] * (length - len(suffix)) + suffix
+            padded[id(handle)] = [self._pad_id] * (length - len(suffix)) + suffix
             if self._observer and not handle.output:
                 self._observer.on_prompt(len(handle.prompt))
         self._prefilling.append(_PrefillGroup(group, padded, length))

@@ -86,7 +86,6 @@ def run(args: argparse.Namespace) -> int:
         tokenizer_path = args.tokenizer or (
             beside_checkpoint(args.checkpoint) if args.checkpoint else None
         )
-        tokenizer = Tokenizer(tokenizer_path) if tokenizer_path else None
         quantization = "int8" if args.int8 else None
         if args.checkpoint:
             model = load_model(
@@ -95,6 +94,8 @@ def run(args: argparse.Namespace) -> int:
         else:
             model = GrokModel.from_preset(args.preset, args.seed, parse_dtype(args.dtype))
             model = (model.quantized() if quantization else model).to(args.device)
+        special = model.config.special_tokens
+        tokenizer = Tokenizer(tokenizer_path, special) if tokenizer_path else None
         if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
             raise ValueError(
                 f"the tokenizer has {tokenizer.vocab_size} pieces but the model only "

@@ -39,7 +39,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--tensor", type=int, help="attention shards (default: planner's choice)")
     parser.add_argument("--expert", type=int, help="expert groups (default: planner's choice)")
-    parser.add_argument("--placement", default="pack", choices=("pack", "spread", "strict-spread"))
+    parser.add_argument(
+        "--strategy",
+        default="pack",
+        choices=("pack", "spread", "strict-spread"),
+        help="Ray placement-group strategy of the shards over the nodes",
+    )
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--max-sequence-length", type=int, default=512)
     parser.add_argument("--max-queued-requests", type=int, default=64)
@@ -69,7 +74,7 @@ def serving_config(args: argparse.Namespace):
         name=name,
         replicas=args.replicas,
         model=model,
-        parallelism={"tensor": args.tensor, "expert": args.expert, "placement": args.placement},
+        parallelism={"tensor": args.tensor, "expert": args.expert, "strategy": args.strategy},
         serving={
             "maxBatchSize": args.max_batch_size,
             "maxSequenceLength": args.max_sequence_length,
@@ -83,10 +88,13 @@ def run(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from grokserve.serving.launcher import ClusterShape, LocalServing
+    from grokserve.serving.loading import placement_plan
 
     try:
         shape = ClusterShape(nodes=args.nodes, gpus_per_node=args.gpus_per_node)
         config = shape.apply(serving_config(args))
+        # Planned before Ray starts: a parallelism or limits that cannot work fail here.
+        placement_plan(config)
     except (ValidationError, ValueError) as error:
         print(f"grokserve serve: invalid settings: {error}", file=sys.stderr)
         return 2

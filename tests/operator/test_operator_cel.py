@@ -22,7 +22,10 @@ BASE = {
     "apiVersion": "grokserve.io/v1alpha1",
     "kind": "GrokDeployment",
     "metadata": {"name": "grok-1", "namespace": "llm"},
-    "spec": {"model": {"preset": "grok-1"}, "parallelism": {"tensor": 8, "expert": 8}},
+    "spec": {
+        "model": {"preset": "grok-1", "source": "pvc://weights/grok-1"},
+        "parallelism": {"tensor": 8, "expert": 8},
+    },
 }
 
 
@@ -34,6 +37,8 @@ def changed(name: str | None = None, **spec: dict) -> dict:
         body["spec"][key] = (
             {**body["spec"].get(key, {}), **value} if isinstance(value, dict) else value
         )
+        if isinstance(value, dict):  # None removes a field
+            body["spec"][key] = {k: v for k, v in body["spec"][key].items() if v is not None}
     return body
 
 
@@ -60,15 +65,15 @@ def test_examples_pass_every_rule(path: Path) -> None:
         ),
         (
             changed(parallelism={"tensor": 16, "nodesPerReplica": 2}),
-            "parallelism.tensor must divide the model's kv heads (8 for grok-1)",
+            "parallelism.tensor must divide the model's kv heads (grok-1: 8, grok-tiny: 4",
         ),
         (
             changed(model={"preset": "grok-tiny"}, parallelism={"tensor": 8, "expert": 1}),
-            "parallelism.tensor must divide the model's kv heads (8 for grok-1)",
+            "parallelism.tensor must divide the model's kv heads (grok-1: 8, grok-tiny: 4",
         ),
         (
             changed(parallelism={"expert": 16, "nodesPerReplica": 2}),
-            "parallelism.expert must divide the model's experts (8 for grok-1)",
+            "parallelism.expert must divide the model's experts (grok-1: 8",
         ),
         (
             changed(autoscaling={"minReplicas": 3, "maxReplicas": 2}),
@@ -90,6 +95,14 @@ def test_examples_pass_every_rule(path: Path) -> None:
             "replicas must lie within autoscaling.minReplicas..maxReplicas while autoscaling is enabled",
         ),
         (changed(name="Grok-1"), "metadata.name must be at most 40 characters"),
+        (changed(model={"source": None}), "model.source is required for grok-1"),
+        (
+            changed(
+                model={"preset": "grok-tiny", "source": None}, serving={"maxSequenceLength": 2048}
+            ),
+            "serving.maxSequenceLength must not exceed the model's context (grok-1: 8192, "
+            "grok-tiny: 1024",
+        ),
     ],
 )
 def test_rules_reject_what_the_operator_rejects(body: dict, message: str) -> None:
@@ -100,8 +113,31 @@ def test_rules_reject_what_the_operator_rejects(body: dict, message: str) -> Non
 
 
 def test_defaults_make_a_minimal_object_valid() -> None:
-    body = {**BASE, "spec": {"model": {"preset": "grok-1"}}}
+    body = {**BASE, "spec": {"model": {"preset": "grok-tiny"}}}
     defaulted = apply_defaults(SCHEMA, body)
     assert defaulted["spec"]["parallelism"]["gpusPerNode"] == 8
     assert defaulted["spec"]["autoscaling"]["enabled"] is False
     assert cel(body) == []
+
+
+def _nodes_with_defaults(schema: dict, path: str = "spec"):
+    for name, child in (schema.get("properties") or {}).items():
+        if "default" in child:
+            yield f"{path}.{name}", child
+        yield from _nodes_with_defaults(child, f"{path}.{name}")
+
+
+def test_every_rule_holds_on_its_nodes_raw_default() -> None:
+    # The API server evaluates a node's rules on its raw `default` when the CRD is created, without
+    # nested defaults: a rule reading an absent key there makes the whole CRD invalid.
+    checked = 0
+    for path, node in _nodes_with_defaults(SCHEMA["properties"]["spec"]):
+        if node.get("x-kubernetes-validations"):
+            assert (
+                rule_failures(
+                    {"x-kubernetes-validations": node["x-kubernetes-validations"]}, node["default"]
+                )
+                == []
+            ), path
+            checked += 1
+    assert checked >= 2  # parallelism and autoscaling

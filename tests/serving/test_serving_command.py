@@ -56,7 +56,7 @@ def test_bad_flags_exit_2_naming_the_setting(capsys):
     assert serve.run(parse("--max-batch-size", "0")) == 2
     assert "maxBatchSize" in capsys.readouterr().err
     assert serve.run(parse("--nodes", "2", "--gpus-per-node", "2", "--tensor", "3")) == 2
-    assert "parallelism.tensor=3" in capsys.readouterr().err
+    assert "tensor 3 must divide the 4 GPUs" in capsys.readouterr().err
 
 
 class ServeProcess:

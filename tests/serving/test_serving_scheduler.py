@@ -18,8 +18,9 @@ from grokserve.serving.scheduler import (
     StepInput,
 )
 from grokserve.serving.schemas import CHAT_STOP, ChatMessage, render_chat
+from testkit.tokenizers import GROK_SPECIAL
 
-TOKENIZER = ByteTokenizer(256)
+TOKENIZER = ByteTokenizer(256, GROK_SPECIAL)
 GREEDY = SamplingParams(temperature=0)
 PROMPTS = [f"{i}: {'the quick brown fox ' * (i % 4)}jumps" for i in range(12)]
 
@@ -54,6 +55,7 @@ async def make_scheduler(model):
             executor if record is None else RecordingExecutor(executor, record),
             TOKENIZER,
             eos_id=model.config.eos_token,
+            pad_id=model.config.pad_token,
             observer=metrics,
             **limits,
         )
@@ -226,7 +228,7 @@ def test_the_executor_refuses_a_row_without_a_seed(model):
         stepper.run(step)
 
 
-def scripted_scheduler(script, eos=2):
+def scripted_scheduler(script, eos=GROK_SPECIAL.eos):
     """A one-slot scheduler whose 'model' samples `script`, then EOS."""
     return Scheduler(
         ScriptedExecutor(script, filler=eos),
@@ -237,6 +239,7 @@ def scripted_scheduler(script, eos=2):
         kv_budget=64,
         prefill_chunk_tokens=64,
         eos_id=eos,
+        pad_id=GROK_SPECIAL.pad,
     )
 
 
