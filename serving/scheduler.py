@@ -28,12 +28,10 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import Literal, Protocol
 
+from grokserve.model.blocks import DEFAULT_BLOCK_SIZE, BlockPool, BlockTable, blocks_for
 from grokserve.serving.detokenize import Decoder, TextStream
-
-if TYPE_CHECKING:
-    from grokserve.model.blocks import BlockTable
 
 log = logging.getLogger(__name__)
 
@@ -219,12 +217,8 @@ class Scheduler:
         eos_id: int | None,
         pad_id: int,
         observer: SchedulerObserver | None = None,
-        block_size: int | None = None,
+        block_size: int = DEFAULT_BLOCK_SIZE,
     ) -> None:
-        # Imported here: the ingress imports this module for its types, and importing the model
-        # package would load torch into the ingress process.
-        from grokserve.model.blocks import DEFAULT_BLOCK_SIZE, BlockPool, blocks_for
-
         self._executor = executor
         self._decoder = decoder
         self.max_batch_size = max_batch_size
@@ -235,7 +229,6 @@ class Scheduler:
         self._eos_id = eos_id
         self._pad_id = pad_id
         self._observer = observer
-        block_size = block_size or DEFAULT_BLOCK_SIZE
         self._blocks = BlockPool(blocks_for(kv_budget, block_size), block_size)
         self._free_slots = list(range(max_batch_size - 1, -1, -1))
         self._waiting: deque[SequenceHandle] = deque()

@@ -326,7 +326,7 @@ async def test_running_out_of_blocks_preempts_and_recomputes_the_same_outputs(
 
 
 def test_the_ingress_side_imports_no_torch():
-    # The ingress imports the scheduler's types; the block pool (and torch) load with a Scheduler.
+    # The ingress imports the scheduler (its types), which imports the block pool: pure Python.
     import subprocess
     import sys
 
