@@ -26,9 +26,10 @@ import torch
 
 from grokserve.model import GrokModel
 from grokserve.model.blocks import DEFAULT_BLOCK_SIZE, BlockPool, blocks_for
+from grokserve.model.sampling import SamplingParams
 from grokserve.serving.executor import LocalExecutor, ModelStepper
 from grokserve.serving.loading import ByteTokenizer
-from grokserve.serving.scheduler import SamplingParams, Scheduler
+from grokserve.serving.scheduler import Scheduler
 
 
 def median_ms(steps, repeats: int) -> list[float]:
@@ -137,9 +138,7 @@ async def prefill_tokens_with_shared_prefix(
     try:
         for prompt in prompts:
             before = computed
-            generation = scheduler.submit(
-                prompt, max_tokens=4, sampling=SamplingParams(temperature=0)
-            )
+            generation = scheduler.submit(prompt, SamplingParams(temperature=0, max_tokens=4))
             async for _ in generation:
                 pass
             counts.append((len(prompt), computed - before))

@@ -26,16 +26,9 @@ repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo" || exit 1
 python=${PYTHON:-python3}
 
-# grokserve's subpackages live in model/, serving/, operator/ (pyproject's package-dir).
 shim=$(mktemp -d)
 trap 'rm -rf "$shim"' EXIT
-mkdir "$shim/grokserve"
-for entry in "$repo"/grokserve/*.py "$repo"/grokserve/commands; do
-  ln -s "$entry" "$shim/grokserve/"
-done
-for sub in model serving operator; do
-  ln -s "$repo/$sub" "$shim/grokserve/$sub"
-done
+bash "$repo/scripts/package_tree.sh" "$shim"
 export PYTHONPATH="$shim${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONSAFEPATH=1 PYTHONUNBUFFERED=1  # operator/ must not shadow the stdlib's operator
 

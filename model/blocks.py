@@ -75,13 +75,16 @@ class BlockPool:
             keys.append(parent)
         return keys
 
-    def allocate(self, tokens: Sequence[int], total_tokens: int) -> BlockTable | None:
+    def allocate(
+        self, tokens: Sequence[int], total_tokens: int, shared: bool = True
+    ) -> BlockTable | None:
         """Blocks for a sequence whose cache will hold `total_tokens`, starting with `tokens`:
-        its leading full blocks from the prefix cache where present (never the block of the last
-        token, whose logits must be computed), new blocks for the rest. None when they do not fit
-        (nothing changes then, and nothing is counted)."""
+        its leading full blocks from the prefix cache where present and `shared` (never the block
+        of the last token, whose logits must be computed), new blocks for the rest. None when they
+        do not fit (nothing changes then, and nothing is counted)."""
         table = BlockTable()
-        if self.prefix_caching:
+        shared = shared and self.prefix_caching
+        if shared:
             for key in self.prefix_keys(tokens[:-1]):
                 block = self._by_key.get(key)
                 if block is None:
@@ -96,7 +99,7 @@ class BlockPool:
             self._take(block)
         table.blocks.extend(self._new_block() for _ in range(needed))
         table.cached_tokens = len(table.keys) * self.block_size
-        if self.prefix_caching:
+        if shared:
             self.query_tokens += len(tokens)
             self.hit_tokens += table.cached_tokens
         return table

@@ -375,8 +375,10 @@ class GrokModel(nn.Module):
         positions: torch.Tensor,
         block_tables: torch.Tensor,
         lengths: torch.Tensor,
+        every_position: bool = False,
     ) -> torch.Tensor:
-        """One step over a paged cache -> float32 logits [B, vocab] of each row's LAST column.
+        """One step over a paged cache -> float32 logits [B, vocab] of each row's LAST column
+        ([B, T, vocab] of every column with `every_position`, for prompt logprobs).
 
         Rows are left-padded to the step's width T: tokens, positions [B, T] (position -1 marks
         padding);
@@ -387,4 +389,4 @@ class GrokModel(nn.Module):
         Token ids are not range-checked here (that would read them back): the caller checks them."""
         step = PagedStep(cache, tokens, positions, block_tables, lengths)
         x = self.hidden_states(tokens, step)
-        return self.logits(x[:, -1])
+        return self.logits(x if every_position else x[:, -1])

@@ -156,6 +156,11 @@ class ServingLimits(_Section):
     default_max_tokens: int = Field(
         64, ge=1, description="max_tokens when a request does not set it."
     )
+    max_request_bytes: int = Field(
+        4 * 1024 * 1024,
+        ge=1024,
+        description="Largest request body the API reads; a larger one is refused with 413.",
+    )
     stream_interval_seconds: float = Field(
         0.0,
         ge=0,

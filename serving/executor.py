@@ -1,9 +1,13 @@
 """Model steps over a paged KV cache: the code every shard worker runs, and its in-process async wrapper.
 
 `ModelStepper` owns one model (full or one SPMD shard), its paged KV cache and each row's state
-(block table, cached length, sampling parameters, last sampled token). Sampling runs on the model's
-device, a pure function of each row's seed and position, so for G > 1 every rank (same input, same
-full logits) samples the same tokens and the replica reads rank 0's.
+(block table, cached length, tokens, sampling parameters). Sampling runs on the model's device, a
+pure function of each row's seed and position, so for G > 1 every rank (same input, same full
+logits) samples the same tokens and the replica reads rank 0's.
+
+Steps whose rows ask for nothing but tokens run `grokserve.model.engine_step` (on CUDA, decode
+steps replay CUDA graphs); rows with logit adjustments (bias, penalties, min_tokens), logprobs or
+prompt logprobs take their logits to the host for those, and still draw with the device sampler.
 """
 
 from __future__ import annotations
@@ -22,9 +26,11 @@ from grokserve.model.engine_step import (
     StepSampling,
     engine_step,
 )
+from grokserve.model.logits import adjust
+from grokserve.model.sampling import SamplingParams, sample_on_device
 from grokserve.serving.config import ServingConfig
 from grokserve.serving.loading import kv_cache_tokens
-from grokserve.serving.scheduler import SamplingParams, StepInput
+from grokserve.serving.scheduler import RowOutput, StepInput, TokenLogprob
 
 
 class ModelStepper:
@@ -40,13 +46,14 @@ class ModelStepper:
         self.model = model
         self.cache = model.new_paged_cache(blocks_for(kv_cache_tokens, block_size), block_size)
         self.max_blocks = blocks_for(max_len, block_size)
+        self._special = model.config.special_tokens
         self._lengths = [0] * max_batch_size  # tokens each row has in the cache
         self._tables: list[list[int]] = [[] for _ in range(max_batch_size)]
         self._sampling: dict[int, SamplingParams] = {}
-        self._pad_id = model.config.pad_token  # what the scheduler left-pads prefill rows with
-        self._last_token = [self._pad_id] * max_batch_size  # fed to the row's next decode step
+        self._tokens: list[list[int]] = [[] for _ in range(max_batch_size)]  # prompt, then output
+        self._prompt_tokens = [0] * max_batch_size
         # Rows that have had no token since they started: only their leading pad ids are padding
-        # (a generated id 0 recomputed after a preemption is a real token).
+        # (a generated pad id recomputed after a preemption is a real token).
         self._unfed: set[int] = set()
         self._graphs = None
         if self.cache.device.type == "cuda":
@@ -66,30 +73,35 @@ class ModelStepper:
         )
 
     @torch.inference_mode()
-    def run(self, step: StepInput) -> list[int]:
+    def run(self, step: StepInput) -> list[RowOutput]:
         for row, params in step.start.items():
             if params.seed is None:
                 # A seed drawn here would differ between the ranks of a sharded replica.
                 raise ValueError(f"row {row} starts without a seed; the scheduler sets one")
             self._sampling[row] = params
-            self._lengths[row] = step.cached.get(row, 0)
+            cached = step.cached.get(row, [])
+            self._lengths[row] = len(cached)
+            self._tokens[row] = list(cached)
+            self._prompt_tokens[row] = step.prompt_tokens.get(row, 0)
             self._unfed.add(row)
         for row, blocks in step.blocks.items():
             self._tables[row] = blocks
-        fed = step.tokens or [[self._last_token[row]] for row in step.rows]
+        fed = step.tokens or [[self._tokens[row][-1]] for row in step.rows]
         positions, lengths = [], []
         for row, tokens in zip(step.rows, fed, strict=True):
             pads = 0
             if row in self._unfed:
-                while pads < len(tokens) and tokens[pads] == self._pad_id:
+                while pads < len(tokens) and tokens[pads] == self._special.pad:
                     pads += 1
                 if pads < len(tokens):
                     self._unfed.discard(row)
-            real = len(tokens) - pads
             start = self._lengths[row]
+            real = len(tokens) - pads
             positions.append([-1] * pads + list(range(start, start + real)))
             lengths.append(start + real)
             self._lengths[row] = start + real
+            if step.tokens is not None:
+                self._tokens[row].extend(tokens[pads:])
         device = self.cache.device
         used = blocks_for(max(lengths), self.cache.block_size)
         width = self.max_blocks if self._graphs else max(1, used)
@@ -98,23 +110,74 @@ class ModelStepper:
             torch.tensor(value, dtype=torch.long, device=device)
             for value in (fed, positions, tables, lengths)
         ]
+        params = [self._sampling[row] for row in step.rows]
         sampling = StepSampling.of(
-            [
-                (p.temperature, p.top_k, p.top_p, p.seed)
-                for p in (self._sampling[row] for row in step.rows)
-            ],
-            device,
+            [(p.temperature, p.top_k, p.top_p, p.seed) for p in params], device
         )
-        if self._graphs is not None and step.tokens is None:
-            chosen = self._graphs(*inputs, sampling)
-        else:
-            chosen = engine_step(self.model, self.cache, *inputs, sampling)
+        wants_prompt = step.tokens is not None and any(p.prompt_logprobs for p in params)
+        on_host = wants_prompt or any(p.adjusts_logits or p.logprobs is not None for p in params)
+        if not on_host:
+            if self._graphs is not None and step.tokens is None:
+                chosen = self._graphs(*inputs, sampling)
+            else:
+                chosen = engine_step(self.model, self.cache, *inputs, sampling)
+            if not step.sample:
+                return [RowOutput() for _ in step.rows]
+            tokens = chosen.tolist()
+            return [self._sampled(row, token) for row, token in zip(step.rows, tokens, strict=True)]
+        logits = self.model.forward_paged(self.cache, *inputs, every_position=wants_prompt)
+        prompt = [
+            self._prompt_logprobs(step, i, logits[i]) if wants_prompt else ()
+            for i in range(len(step.rows))
+        ]
         if not step.sample:
-            return []
-        chosen = chosen.tolist()
-        for row, token in zip(step.rows, chosen, strict=True):
-            self._last_token[row] = token
-        return chosen
+            return [RowOutput(prompt=p) for p in prompt]
+        last = (logits[:, -1] if wants_prompt else logits).float()
+        scores = last.clone()
+        for i, row in enumerate(step.rows):
+            if params[i].adjusts_logits:
+                history, cut = self._tokens[row], self._prompt_tokens[row]
+                adjusted = adjust(
+                    scores[i].cpu(), params[i], history[:cut], history[cut:], self._special.eos
+                )
+                scores[i] = adjusted.to(device)
+        chosen = sample_on_device(
+            scores, sampling.temperature, sampling.top_k, sampling.top_p, sampling.seeds, inputs[3]
+        ).tolist()
+        outputs = []
+        for i, row in enumerate(step.rows):
+            logprob = None
+            if params[i].logprobs is not None:
+                # The model's own distribution (vLLM's raw logprobs), before any adjustment.
+                distribution = torch.log_softmax(last[i], dim=-1).cpu()
+                logprob = _token_logprob(distribution, chosen[i], params[i].logprobs)
+            outputs.append(self._sampled(row, chosen[i], logprob, prompt[i]))
+        return outputs
+
+    def _sampled(
+        self,
+        row: int,
+        token: int,
+        logprob: TokenLogprob | None = None,
+        prompt: tuple[TokenLogprob | None, ...] = (),
+    ) -> RowOutput:
+        self._tokens[row].append(token)  # fed to the row's next decode step
+        return RowOutput(token, logprob, prompt)
+
+    def _prompt_logprobs(
+        self, step: StepInput, index: int, logits: torch.Tensor
+    ) -> tuple[TokenLogprob | None, ...]:
+        """Row `index`'s prompt logprobs for this chunk (empty unless its params ask for them)."""
+        params = self._sampling[step.rows[index]]
+        if not params.prompt_logprobs or step.tokens is None:
+            return ()
+        lookahead = step.lookahead[index] if step.lookahead else None
+        targets = [*step.tokens[index][1:], lookahead]
+        logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
+        return tuple(
+            None if target is None else _token_logprob(logprobs[p], target, params.logprobs or 0)
+            for p, target in enumerate(targets)
+        )
 
     def expert_token_counts(self) -> list[list[int]] | None:
         counts = getattr(self.model, "expert_token_counts", None)
@@ -129,7 +192,7 @@ class LocalExecutor:
         self.stepper = stepper
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-step")
 
-    def submit(self, step: StepInput) -> Awaitable[list[int]]:
+    def submit(self, step: StepInput) -> Awaitable[list[RowOutput]]:
         return asyncio.get_running_loop().run_in_executor(self._thread, self.stepper.run, step)
 
     async def expert_token_counts(self) -> list[list[int]] | None:
@@ -137,3 +200,12 @@ class LocalExecutor:
 
     def close(self) -> None:
         self._thread.shutdown(wait=False, cancel_futures=True)
+
+
+def _token_logprob(logprobs: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    """`token`'s entry of one position's log-softmax [V], with the `top` most likely tokens."""
+    best = torch.topk(logprobs, top) if top else None
+    alternatives = (
+        () if best is None else tuple(zip(best.indices.tolist(), best.values.tolist(), strict=True))
+    )
+    return TokenLogprob(token, float(logprobs[token]), alternatives)

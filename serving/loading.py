@@ -156,4 +156,6 @@ def build_engine(
         pad_id=special.pad,
         observer=observer,
     )
-    return Engine(scheduler, tokenizer, limits.default_max_tokens, limits.stream_interval_seconds)
+    return Engine(
+        scheduler, tokenizer, special, limits.default_max_tokens, limits.stream_interval_seconds
+    )

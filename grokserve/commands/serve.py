@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import signal
+import socket
 import sys
 import threading
 
@@ -84,24 +87,51 @@ def serving_config(args: argparse.Namespace):
     )
 
 
-def run(args: argparse.Namespace) -> int:
+def check_port(host: str, port: int) -> None:
+    with socket.socket() as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            raise ValueError(
+                f"--port {port}: cannot listen on {host}:{port} ({error.strerror})"
+            ) from None
+
+
+def one_line(error: Exception) -> str:
+    """A pydantic error names each bad field on one line; others are one line already."""
     from pydantic import ValidationError
 
-    from grokserve.serving.launcher import ClusterShape, LocalServing
-    from grokserve.serving.loading import placement_plan
+    if isinstance(error, ValidationError):
+        return "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}" for e in error.errors()
+        )
+    return " ".join(str(error).split())
 
+
+def run(args: argparse.Namespace) -> int:
+    from grokserve.serving.app import check_config
+    from grokserve.serving.launcher import ClusterShape, LocalServing
+
+    # Everything a user can get wrong is checked before Ray starts, and said in one line.
     try:
         shape = ClusterShape(nodes=args.nodes, gpus_per_node=args.gpus_per_node)
         config = shape.apply(serving_config(args))
-        # Planned before Ray starts: a parallelism or limits that cannot work fail here.
-        placement_plan(config)
-    except (ValidationError, ValueError) as error:
-        print(f"grokserve serve: invalid settings: {error}", file=sys.stderr)
+        check_port(args.host, args.port)
+        check_config(config)
+    except Exception as error:  # the checks open files and plan memory: any failure is the input's
+        print(f"grokserve serve: invalid settings: {one_line(error)}", file=sys.stderr)
         return 2
+    # Serve's INFO lines on a fresh start ("Connecting to existing Serve app ... will not be
+    # applied") describe its internals, not a problem.
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
     print(f"starting Ray and deploying {config.name!r} ({config.parallelism.shards} shard(s))...")
     local = LocalServing(config, host=args.host, port=args.port, shape=shape)
     try:
-        local.start()
+        try:
+            local.start()
+        except (RuntimeError, TimeoutError) as error:
+            print(f"grokserve serve: {one_line(error)}", file=sys.stderr)
+            return 1
         # Installed after ray.init, which replaces the SIGTERM handler with one that just dies.
         stop = threading.Event()
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -118,4 +148,8 @@ def run(args: argparse.Namespace) -> int:
         print("shutting down...")
     finally:
         local.close()
-    return 0
+    # Everything is stopped; what is left is Ray's core worker finalising itself at interpreter
+    # exit, which takes seconds: a Ctrl-C should not.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -37,7 +37,16 @@ def test_same_seed_same_draws() -> None:
 
 
 @pytest.mark.parametrize(
-    ("field", "value"), [("temperature", -1.0), ("top_k", -1), ("top_p", 0.0), ("max_tokens", 0)]
+    ("field", "value"),
+    [
+        ("temperature", -1.0),
+        ("top_k", -1),
+        ("top_p", 0.0),
+        ("max_tokens", -1),
+        ("repetition_penalty", 0.0),
+        ("min_tokens", -1),
+        ("logprobs", -1),
+    ],
 )
 def test_invalid_sampling_params_are_refused(field: str, value: float) -> None:
     with pytest.raises(ValueError, match=field):
