@@ -48,6 +48,8 @@ def _structural(node: Any, defs: dict[str, Any]) -> Any:
         if rest.get("default", 0) is None:
             del rest["default"]
         return _structural({**options[0], **rest}, defs)
+    if "patternProperties" in node:
+        node = _map_with_checked_keys(node)
     out: dict[str, Any] = {}
     for key, value in node.items():
         if key in _DROPPED_KEYS and not (key == "additionalProperties" and isinstance(value, dict)):
@@ -65,7 +67,28 @@ def _structural(node: Any, defs: dict[str, Any]) -> Any:
         for name, child in out["properties"].items():
             if "properties" in child and "default" not in child and name not in required:
                 child["default"] = {}
+    if out.get("type") == "string" and "enum" in out and "maxLength" not in out:
+        out["maxLength"] = max(len(value) for value in out["enum"])
     return out
+
+
+def _map_with_checked_keys(node: dict[str, Any]) -> dict[str, Any]:
+    """pydantic's patternProperties/propertyNames (not allowed in a structural schema) as
+    additionalProperties plus a CEL rule on the keys."""
+    ((pattern, values),) = node["patternProperties"].items()
+    names = node.get("propertyNames") or {}
+    rest = {k: v for k, v in node.items() if k not in ("patternProperties", "propertyNames")}
+    # In a CEL string literal a backslash is an escape: double it.
+    literal = pattern.replace("\\", "\\\\")
+    check = f"k.matches('{literal}')"
+    if "maxLength" in names:
+        check = f"size(k) <= {names['maxLength']} && {check}"
+    rule = {
+        "rule": f"self.all(k, {check})",
+        "message": "every key must be a Kubernetes label key ([prefix/]name: a DNS subdomain of "
+        "at most 253 characters, then at most 63 of letters, digits, '-', '_', '.')",
+    }
+    return {**rest, "additionalProperties": values, "x-kubernetes-validations": [rule]}
 
 
 def spec_schema() -> dict[str, Any]:
@@ -117,7 +140,10 @@ def status_schema() -> dict[str, Any]:
         "x-kubernetes-preserve-unknown-fields": True,
         "properties": {
             "observedGeneration": field("integer", "The spec generation this status describes."),
-            "replicas": field("integer", "Replicas the children are sized for (/scale)."),
+            "replicas": field(
+                "integer",
+                "Replicas whose worker nodes exist, ready or not (/scale's current size).",
+            ),
             "desiredReplicas": field("integer", "Replicas the spec asks for."),
             "readyReplicas": field("integer", "Replicas serving now."),
             "replicaSummary": field("string", "ready/desired, for kubectl get."),
@@ -188,19 +214,25 @@ def build_crd() -> dict[str, Any]:
                             "type": "object",
                             "description": "A served Grok model (Ray Serve on KubeRay).",
                             "required": ["spec"],
-                            "x-kubernetes-validations": [
-                                {
-                                    "rule": f"size(self.metadata.name) <= {MAX_NAME_LENGTH} && "
-                                    f"self.metadata.name.matches('{NAME_PATTERN}')",
-                                    "message": f"metadata.name must be at most {MAX_NAME_LENGTH} "
-                                    "characters of lowercase letters, digits and '-', starting "
-                                    "with a letter (it names the Service and RayService)",
-                                }
-                            ],
                             "properties": {
                                 "apiVersion": {"type": "string", "description": "API version."},
                                 "kind": {"type": "string", "description": "GrokDeployment."},
-                                "metadata": {"type": "object"},
+                                # The one restriction a CRD may put on metadata (no CEL rule at
+                                # the root, whose errors the API server reports at <nil>).
+                                "metadata": {
+                                    "type": "object",
+                                    "properties": {
+                                        "name": {
+                                            "type": "string",
+                                            "maxLength": MAX_NAME_LENGTH,
+                                            "pattern": NAME_PATTERN,
+                                            "description": "At most "
+                                            f"{MAX_NAME_LENGTH} characters of lowercase letters, "
+                                            "digits and '-', starting with a letter (it names "
+                                            "the Service and RayService).",
+                                        }
+                                    },
+                                },
                                 "spec": spec_schema(),
                                 "status": status_schema(),
                             },

@@ -1,13 +1,15 @@
-"""A small, synchronous Kubernetes client for the operator's children (kubernetes' ApiClient).
+"""The operator's one Kubernetes client: synchronous, raw paths over kubernetes' ApiClient.
 
 It speaks raw paths so that one code path covers core, policy and custom resources; `RESOURCES` is
-also the list the RBAC test checks the chart against.
+also the list the RBAC test checks the chart against. Every write names the field manager
+`grokserve-operator` (children by server-side apply, `/status` and `/scale` by patches), so that
+managedFields and apply conflicts name us rather than the client library.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,9 +29,16 @@ class Resource:
     def api_version(self) -> str:
         return f"{self.group}/{self.version}" if self.group else self.version
 
-    def path(self, namespace: str, name: str | None = None, subresource: str | None = None) -> str:
+    def path(
+        self, namespace: str | None, name: str | None = None, subresource: str | None = None
+    ) -> str:
+        """The object's path, or its collection's (all namespaces when `namespace` is None)."""
         base = f"/apis/{self.group}/{self.version}" if self.group else f"/api/{self.version}"
-        path = f"{base}/namespaces/{namespace}/{self.plural}"
+        path = (
+            f"{base}/{self.plural}"
+            if namespace is None
+            else (f"{base}/namespaces/{namespace}/{self.plural}")
+        )
         if name:
             path += f"/{name}"
         if subresource:
@@ -44,12 +53,10 @@ RESOURCES: dict[str, Resource] = {
     "RayService": Resource("ray.io", "v1", "rayservices"),
     "ServiceMonitor": Resource("monitoring.coreos.com", "v1", "servicemonitors"),
 }
-# Replaced rather than merge-patched: a merge patch cannot delete what it does not mention, and the
-# user may remove fields from a RayService's pod templates (serviceAccountName, volumes).
-REPLACED = frozenset({"RayService"})
 GROKDEPLOYMENT = Resource(API_GROUP, API_VERSION, PLURAL)
 RAYSERVICE = RESOURCES["RayService"]
 SERVICEMONITOR = RESOURCES["ServiceMonitor"]
+FIELD_MANAGER = "grokserve-operator"
 # Guarded status writes retried while other writers keep changing the object.
 STATUS_WRITE_ATTEMPTS = 5
 
@@ -63,19 +70,31 @@ def api_message(error: ApiException) -> str:
 
 
 class Kube:
-    """create-or-patch, get and discovery over one ApiClient."""
+    """Server-side apply, scale, status writes, get and discovery over one ApiClient."""
 
     def __init__(self, api: client.ApiClient) -> None:
         self.api = api
 
     def _call(
-        self, method: str, path: str, body: Any = None, content_type: str | None = None
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        content_type: str | None = None,
+        query: list[tuple[str, str]] | None = None,
     ) -> Any:
         headers = {"Accept": "application/json"}
         if content_type:
             headers["Content-Type"] = content_type
+        if method != "GET":
+            query = [("fieldManager", FIELD_MANAGER), *(query or [])]
         request = self.api.param_serialize(
-            method, path, header_params=headers, body=body, auth_settings=["BearerToken"]
+            method,
+            path,
+            query_params=query,
+            header_params=headers,
+            body=body,
+            auth_settings=["BearerToken"],
         )
         response = self.api.call_api(*request, _request_timeout=30)
         response.read()
@@ -100,6 +119,42 @@ class Kube:
             if error.status == 404:
                 return None
             raise
+
+    def list(
+        self, resource: Resource, namespace: str | None, label_selector: str
+    ) -> dict[str, Any]:
+        """The objects (a List: `items`, `metadata.resourceVersion`) matching the selector."""
+        query = [("labelSelector", label_selector)]
+        return self._call("GET", resource.path(namespace), query=query)
+
+    def watch(
+        self,
+        resource: Resource,
+        namespace: str | None,
+        label_selector: str,
+        resource_version: str,
+        timeout_s: int,
+    ) -> WatchStream:
+        """The watch events after `resource_version`, until the server ends the stream (at
+        `timeout_s`, or when the resource stops being served). An HTTP error raises ApiException."""
+        query = [
+            ("watch", "true"),
+            ("labelSelector", label_selector),
+            ("resourceVersion", resource_version),
+            ("timeoutSeconds", str(timeout_s)),
+        ]
+        request = self.api.param_serialize(
+            "GET",
+            resource.path(namespace),
+            query_params=query,
+            header_params={"Accept": "application/json"},
+            auth_settings=["BearerToken"],
+        )
+        response = self.api.call_api(*request, _request_timeout=(10, timeout_s + 10))
+        if not 200 <= response.status < 300:
+            response.read()
+            raise ApiException(http_resp=response)
+        return WatchStream(response.response)
 
     def update_status(
         self,
@@ -143,32 +198,76 @@ class Kube:
                 if error.status not in (409, 422) or attempt == STATUS_WRITE_ATTEMPTS - 1:
                     raise
 
-    def apply(self, body: dict[str, Any]) -> str:
-        """Create the object, or bring it to the desired state; returns what it did."""
-        resource = RESOURCES[body["kind"]]
+    def foreign_holder(self, body: dict[str, Any], owner_uid: str | None) -> str | None:
+        """Who holds this child's name, when it is not a child of ours: "Kind name (reason)".
+
+        Ours means a controller ownerReference to the owner's uid. Anything else (a Service
+        someone made by hand, a child of another controller, or of an earlier GrokDeployment of
+        the same name that the garbage collector has not deleted yet) is left alone: applying
+        over it would take it over, and the garbage collector would delete it with our owner.
+        """
         metadata = body["metadata"]
-        path = resource.path(metadata["namespace"], metadata["name"])
+        stored = self.get(RESOURCES[body["kind"]], metadata["namespace"], metadata["name"])
+        if stored is None:
+            return None
+        references = (stored.get("metadata") or {}).get("ownerReferences") or []
+        if any(ref.get("controller") and ref.get("uid") == owner_uid for ref in references):
+            return None
+        controller = next((ref for ref in references if ref.get("controller")), None)
+        why = (
+            f"controlled by {controller.get('kind')} {controller.get('name')}"
+            if controller
+            else "not created by this GrokDeployment"
+        )
+        return f"{body['kind']} {metadata['name']} ({why})"
+
+    def apply(self, body: dict[str, Any]) -> None:
+        """Server-side apply: create the object or bring the fields we manage to `body`.
+
+        Fields we applied before and no longer apply are removed (a serviceAccountName or volume
+        taken out of the spec goes from the RayService too); fields others manage stay. `force`
+        takes back fields someone else changed: the operator is their declared owner.
+        """
+        metadata = body["metadata"]
+        resource = RESOURCES[body["kind"]]
+        self._call(
+            "PATCH",
+            resource.path(metadata["namespace"], metadata["name"]),
+            body,
+            content_type="application/apply-patch+yaml",
+            query=[("force", "true")],
+        )
+
+    def scale(self, resource: Resource, namespace: str, name: str, replicas: int) -> None:
+        """Write spec.replicas through /scale, the door `kubectl scale`, an HPA and KEDA use."""
+        self._call(
+            "PATCH",
+            resource.path(namespace, name, "scale"),
+            {"spec": {"replicas": replicas}},
+            content_type="application/merge-patch+json",
+        )
+
+
+class WatchStream:
+    """The events of one watch request, one JSON object per line; `close()` from another thread
+    ends a read in progress (the operator stopping)."""
+
+    def __init__(self, response: Any) -> None:
+        self._response = response
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        pending = b""
         try:
-            self._call("POST", resource.path(metadata["namespace"]), body)
-            return "created"
-        except ApiException as error:
-            if error.status != 409:
-                raise
-        if body["kind"] in REPLACED:
-            self._call("PUT", path, _replacement(body, self._call("GET", path)))
-            return "replaced"
-        self._call("PATCH", path, body, content_type="application/merge-patch+json")
-        return "patched"
+            # read1: whatever has arrived (up to 64 KiB), not a full 64 KiB, so that each event
+            # is handled when it comes.
+            while chunk := self._response.read1(64 * 1024):
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                for line in lines:
+                    if line.strip():
+                        yield json.loads(line)
+        finally:
+            self._response.release_conn()
 
-
-def _replacement(body: dict[str, Any], stored: dict[str, Any]) -> dict[str, Any]:
-    """`body` as a PUT of `stored`: its resourceVersion (a write in between is a 409, retried by
-    kopf), and the labels, annotations and finalizers others put there."""
-    ours, theirs = body["metadata"], stored["metadata"]
-    metadata = {
-        **theirs,
-        **ours,
-        "labels": {**(theirs.get("labels") or {}), **(ours.get("labels") or {})},
-        "annotations": {**(theirs.get("annotations") or {}), **(ours.get("annotations") or {})},
-    }
-    return {**body, "metadata": metadata}
+    def close(self) -> None:
+        self._response.shutdown()

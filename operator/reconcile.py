@@ -20,6 +20,7 @@ from grokserve.operator.status import (
     Condition,
     build_status,
     failure_conditions,
+    observed_replicas,
     serving_conditions,
 )
 
@@ -34,6 +35,8 @@ class Outcome:
     generation: int | None
     # A Warning event worth posting (reason, message), when the deployment cannot proceed.
     warning: tuple[str, str] | None = None
+    # Replicas whose worker nodes exist (status.replicas), ready or not.
+    observed_replicas: int = 0
 
     @property
     def ready(self) -> bool:
@@ -52,16 +55,19 @@ class Outcome:
             self.plan,
             self.conditions,
             self.ready_replicas,
+            observed_replicas=self.observed_replicas,
             generation=self.generation,
             previous=stored,
         )
 
 
-# HTTP status -> Ready reason, for the API server refusing a child.
-REFUSALS = {400: "ChildRejected", 403: "Forbidden", 422: "ChildRejected"}
+# HTTP status -> Ready reason, for the API server refusing a child (413: too large for it).
+REFUSALS = {400: "ChildRejected", 403: "Forbidden", 413: "ChildRejected", 422: "ChildRejected"}
 KUBERAY_MISSING = "KubeRayMissing"
+CHILD_CONFLICT = "ChildConflict"
+API_ERROR = "APIServerError"
 # Failures that only a reconcile can find (and clear): a RayService event leaves them standing.
-RECONCILE_FAILURES = frozenset({KUBERAY_MISSING, *REFUSALS.values()})
+RECONCILE_FAILURES = frozenset({KUBERAY_MISSING, CHILD_CONFLICT, API_ERROR, *REFUSALS.values()})
 
 
 def owner_of(body: dict[str, Any]) -> Owner:
@@ -70,8 +76,11 @@ def owner_of(body: dict[str, Any]) -> Owner:
 
 
 def reconcile(kube: Kube, body: dict[str, Any]) -> Outcome:
-    """Validate and plan, apply every child (create, else patch or replace), then observe the
-    RayService. A spec that is invalid or whose replica does not fit its GPUs changes no child."""
+    """Validate and plan, apply every child (server-side apply), then observe the RayService.
+
+    A spec that is invalid or whose replica does not fit its GPUs changes no child, and nothing is
+    written while any child's name is held by an object that is not ours.
+    """
     owner = owner_of(body)
     try:
         check_name(owner.name)
@@ -83,16 +92,31 @@ def reconcile(kube: Kube, body: dict[str, Any]) -> Outcome:
         message = f"KubeRay's RayService CRD (ray.io/v1) is not installed; {KUBERAY_INSTALL_HINT}"
         return _failed(body, KUBERAY_MISSING, message)
     servicemonitor = kube.serves(SERVICEMONITOR)
-    for child in build_children(owner, spec, plan, with_servicemonitor=servicemonitor):
-        try:
+    children = build_children(owner, spec, plan, with_servicemonitor=servicemonitor)
+    applying: dict[str, Any] | None = None
+    try:
+        held = [h for h in (kube.foreign_holder(c, owner.uid) for c in children) if h is not None]
+        if held:
+            message = (
+                f"{'; '.join(held)} already exist(s) and is not ours: left untouched; delete or "
+                "rename it, or give the GrokDeployment another name"
+            )
+            return _failed(body, CHILD_CONFLICT, message)
+        for child in children:
+            applying = child
             kube.apply(child)
-        except ApiException as error:
-            # A refusal (validation, an admission webhook, missing RBAC) will not change by
-            # retrying: report it. Anything else (5xx, 429, network) propagates and kopf retries.
-            if error.status not in REFUSALS:
-                raise
-            what = f"{child['kind']} {child['metadata']['name']}"
-            return _failed(body, REFUSALS[error.status], f"{what}: {api_message(error)}")
+    except ApiException as error:
+        # A refusal (validation, an admission webhook, missing RBAC, too large) will not change
+        # by retrying: report it. Anything else (5xx, 409, 429) propagates: the handler reports it
+        # and retries with backoff.
+        if error.status not in REFUSALS:
+            raise
+        what = (
+            "reading the children"
+            if applying is None
+            else (f"{applying['kind']} {applying['metadata']['name']}")
+        )
+        return _failed(body, REFUSALS[error.status], f"{what}: {api_message(error)}")
     return _observed(body, spec, plan, kube.get(RAYSERVICE, owner.namespace, owner.name))
 
 
@@ -128,8 +152,24 @@ def _observed(
 ) -> Outcome:
     owner = owner_of(body)
     conditions, ready_replicas = serving_conditions(owner, spec, rayservice)
-    generation = body["metadata"].get("generation")
-    return Outcome(owner, spec, plan, conditions, ready_replicas, generation)
+    return Outcome(
+        owner,
+        spec,
+        plan,
+        conditions,
+        ready_replicas,
+        body["metadata"].get("generation"),
+        observed_replicas=observed_replicas(spec, rayservice),
+    )
+
+
+def api_failure(body: dict[str, Any], error: ApiException, retry_in_s: float) -> Outcome:
+    """The pass failed on an error that may pass (5xx, 409, 429, no connection): say so, and when
+    the operator tries again."""
+    what = f"HTTP {error.status}: {api_message(error)}" if error.status else str(error)
+    return _failed(
+        body, API_ERROR, f"the API server failed a request ({what}); retrying in {retry_in_s:g} s"
+    )
 
 
 def _failed(body: dict[str, Any], reason: str, message: str) -> Outcome:

@@ -27,6 +27,10 @@ class Reason(StrEnum):
     AT_MAX_REPLICAS = "AtMaxReplicas"
     AT_MIN_REPLICAS = "AtMinReplicas"
     IDLE_AT_ZERO = "IdleAtZero"
+    # Held: the numbers cannot be acted on (a NaN or infinite sample, a load/target ratio that
+    # overflows, e.g. with a target of 1e-320).
+    INVALID_METRIC = "InvalidMetric"
+    UNREPRESENTABLE_LOAD = "UnrepresentableLoad"
 
 
 @dataclass(frozen=True)
@@ -53,11 +57,11 @@ class PolicyConfig:
                 f"max_replicas must be >= max(min_replicas, 1), got min={self.min_replicas} "
                 f"max={self.max_replicas}"
             )
-        if not self.target_queue_per_replica > 0:
+        if not 0 < self.target_queue_per_replica < math.inf:
             raise ValueError(
                 f"target_queue_per_replica must be > 0, got {self.target_queue_per_replica}"
             )
-        if not 0 <= self.tolerance <= 1:
+        if not 0 <= self.tolerance <= 1:  # NaN fails too
             raise ValueError(f"tolerance must be in [0, 1], got {self.tolerance}")
         if self.scale_up_stabilization_s < 0 or self.scale_down_stabilization_s < 0:
             raise ValueError("stabilization windows must be >= 0 seconds")
@@ -131,18 +135,29 @@ class ScalingPolicy:
         """Decide the size for `current` replicas of which `ready` are serving (the rest load)."""
         if current < 0 or ready < 0:
             raise ValueError(f"replica counts must be >= 0, got current={current} ready={ready}")
+        if isinstance(sample, QueueSample) and not _usable(sample):
+            sample = MetricFailure(
+                Reason.INVALID_METRIC,
+                f"the queue sample must be finite non-negative numbers, got {sample}",
+            )
+        elif isinstance(sample, QueueSample) and not _representable(
+            sample.waiting / self.config.target_queue_per_replica
+        ):
+            sample = MetricFailure(
+                Reason.UNREPRESENTABLE_LOAD,
+                f"{sample.waiting:g} waiting against a target of "
+                f"{self.config.target_queue_per_replica:g} per replica is not a usable ratio",
+            )
         if isinstance(sample, MetricFailure):
             # An unseen stretch of time is not idle time: restart the idle clock.
             self._idle_since = None
             return Decision(
                 current=current,
                 replicas=current,
-                reason=sample.reason,
+                reason=str(sample.reason),
                 message=f"holding {current} replicas: {sample.message}",
                 scaling_active=False,
             )
-        if not sample.waiting >= 0 or (sample.running is not None and not sample.running >= 0):
-            raise ValueError(f"queue sample must be non-negative numbers, got {sample}")
         self._track_idle(now, sample)
         if current == 0:
             return self._decide_from_zero(sample)
@@ -322,3 +337,16 @@ class ScalingPolicy:
             and self._idle_since is not None
             and now - self._idle_since >= window
         )
+
+
+# Beyond this, a replica count is no count (and math.ceil of an infinity raises).
+LARGEST_RECOMMENDATION = 1e15
+
+
+def _usable(sample: QueueSample) -> bool:
+    values = [sample.waiting] if sample.running is None else [sample.waiting, sample.running]
+    return all(0 <= value < math.inf for value in values)
+
+
+def _representable(replicas: float) -> bool:
+    return 0 <= replicas <= LARGEST_RECOMMENDATION

@@ -93,6 +93,7 @@ def test_queue_scales_the_rayservice_through_the_whole_operator(
             what="ScalingActive ScaleFailed",
         )
         assert refused["status"] == "False"
+        assert refused["observedGeneration"] == api.get(GD)["metadata"]["generation"]
         assert FORBIDDEN in refused["message"] and "HTTP 403" in refused["message"]
         assert api.get(GD)["spec"]["replicas"] == 1
 

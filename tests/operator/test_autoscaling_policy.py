@@ -280,9 +280,32 @@ def test_bad_configuration_is_rejected_with_the_field_named(
         config(**overrides)
 
 
-def test_garbage_samples_are_rejected() -> None:
+def test_garbage_samples_hold_the_size_with_a_reason() -> None:
     policy = ScalingPolicy(config())
-    with pytest.raises(ValueError, match="non-negative"):
-        policy.decide(0, 1, 1, QueueSample(waiting=float("nan")))
+    for value in (float("nan"), float("inf"), float("-inf"), -1.0):
+        for sample in (QueueSample(waiting=value), QueueSample(waiting=1, running=value)):
+            decision = policy.decide(0, 2, 2, sample)
+            assert (decision.replicas, decision.scaling_active) == (2, False)
+            assert decision.reason == Reason.INVALID_METRIC
     with pytest.raises(ValueError, match="replica counts"):
         policy.decide(0, -1, 0, waiting(1))
+
+
+@pytest.mark.parametrize("target", [1e-320, 5e-324, 1e-300])
+@pytest.mark.parametrize("current", [0, 1, 3])
+def test_a_ratio_that_overflows_holds_the_size_with_a_reason(target: float, current: int) -> None:
+    """A subnormal target (or a huge answer) makes waiting/target infinite: held, not a crash."""
+    policy = ScalingPolicy(
+        config(target_queue_per_replica=target, min_replicas=0, idle_window_s=60)
+    )
+    for waiting_now in (5.0, 1e308):
+        decision = policy.decide(0, current, current, waiting(waiting_now))
+        assert (decision.replicas, decision.scaling_active) == (current, False)
+        assert decision.reason == Reason.UNREPRESENTABLE_LOAD
+    assert policy.decide(0, current, current, waiting(0)).scaling_active
+
+
+@pytest.mark.parametrize("target", [float("nan"), float("inf")])
+def test_a_target_that_is_no_number_is_refused(target: float) -> None:
+    with pytest.raises(ValueError, match="target_queue_per_replica"):
+        config(target_queue_per_replica=target)

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import kopf
 
+from grokserve.operator.autoscaling.daemon import autoscaling_enabled, policy_config
 from grokserve.operator.autoscaling.policy import PolicyConfig
-from grokserve.operator.autoscaling.timer import autoscaling_enabled, policy_config
 from grokserve.operator.spec import AutoscalingSpec
 
 

@@ -3,6 +3,7 @@ metrics and /healthz, stops on SIGTERM."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -50,6 +51,7 @@ def test_operator_command_reconciles_and_exports_metrics(kube, tmp_path: Path) -
             f"--health-port={health_port}",
             "--listen-host=127.0.0.1",
             "--namespace=llm",
+            "--log-format=json",
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -83,4 +85,28 @@ def test_operator_command_reconciles_and_exports_metrics(kube, tmp_path: Path) -
             process.kill()
             process.wait(timeout=10)
         log.close()
-    assert "Traceback" not in (tmp_path / "operator.log").read_text()
+    lines = (tmp_path / "operator.log").read_text().splitlines()
+    assert "Traceback" not in "\n".join(lines)
+    # Logging is on by default (INFO, no --verbose), one JSON object per record.
+    records = [json.loads(line) for line in lines if line.startswith("{")]
+    assert any("Creation is processed" in r["message"] for r in records), lines[-20:]
+    assert not any(r.get("severity") == "debug" for r in records)
+
+
+def test_colliding_ports_are_refused_naming_both() -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "grokserve.cli",
+            "operator",
+            "--metrics-port=9100",
+            "--health-port=9100",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONSAFEPATH": "1"},
+        timeout=60,
+    )
+    assert done.returncode != 0
+    assert "--metrics-port and --health-port are both 9100" in done.stderr

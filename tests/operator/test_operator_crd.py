@@ -78,7 +78,7 @@ def test_the_crd_schema_rejects_bad_fields() -> None:
     body = {
         "apiVersion": "grokserve.io/v1alpha1",
         "kind": "GrokDeployment",
-        "metadata": {"name": "x"},
+        "metadata": {"name": "Grok-1"},
         "spec": {
             "model": {"preset": "grok-9", "dtype": "float16"},
             "replicas": -2,
@@ -90,6 +90,7 @@ def test_the_crd_schema_rejects_bad_fields() -> None:
     assert any(e.startswith("spec.model.preset:") for e in errors)
     assert any(e.startswith("spec.model.dtype:") for e in errors)
     assert any(e.startswith("spec.replicas:") for e in errors)
+    assert any(e.startswith("metadata.name:") for e in errors)
 
 
 def test_kubernetes_validate_accepts_the_crd() -> None:
@@ -107,10 +108,13 @@ def _rules_with_nodes(schema: dict, path: str = "spec"):
 def test_every_generated_rule_is_reported_at_a_field_of_its_node() -> None:
     # The API server refuses a CRD whose fieldPath names no property, and reports a rule without
     # one at its node (`<nil>` for the spec's own rules).
-    spec = build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
-    rules = list(_rules_with_nodes(spec))
+    root = build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    assert "x-kubernetes-validations" not in root  # metadata.name is a schema restriction
+    rules = list(_rules_with_nodes(root["properties"]["spec"]))
     assert len(rules) >= 10
     for path, node, rule in rules:
+        if "properties" not in node:
+            continue  # a rule on one field (a string, a map's keys) is reported at that field
         assert "fieldPath" in rule, (path, rule["message"])
         target = node
         for part in rule["fieldPath"].removeprefix(".").split("."):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import time
 from pathlib import Path
 
 import kopf
@@ -13,7 +14,15 @@ from prometheus_client import REGISTRY
 
 from grokserve.operator import handlers
 from grokserve.operator.kube import Kube
-from testkit.operator_env import GROKDEPLOYMENTS, kube, refusing, running_operator, wait_until
+from testkit.operator_env import (
+    GROKDEPLOYMENTS,
+    KUBERAY_CRD,
+    SERVICEMONITOR_CRD,
+    kube,
+    refusing,
+    running_operator,
+    wait_until,
+)
 
 __all__ = ["kube"]  # the fixture, re-exported for pytest
 
@@ -224,7 +233,7 @@ def test_a_child_refused_by_the_api_server_is_reported_not_retried(kube) -> None
     api.install_crds(kuberay=True)
 
     quota = "workerGroupSpecs[0].replicas: 8 GPUs exceed the namespace quota"
-    kuberay_webhook = refusing("POST", "rayservices", 422, quota)
+    kuberay_webhook = refusing("PATCH", "rayservices", 422, quota)
     server.call(lambda kube_api: kube_api.admission.append(kuberay_webhook))
     with running_operator():
         api.create(GD, example_body())
@@ -237,14 +246,14 @@ def test_a_child_refused_by_the_api_server_is_reported_not_retried(kube) -> None
 
 
 class HandledEvents(logging.Handler):
-    """Counts RayService events the operator has finished handling (kopf logs each one)."""
+    """Counts RayService events the operator has finished handling (its watch logs each one)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.count = 0
 
     def emit(self, record: logging.LogRecord) -> None:
-        if record.getMessage() == "Handler 'on_rayservice_event' succeeded.":
+        if record.getMessage() == f"RayService {NS}/grok-1 mirrored":
             self.count += 1
 
 
@@ -253,10 +262,12 @@ def test_a_rayservice_event_leaves_a_reconcile_failure_standing(kube) -> None:
     api.install_crds(kuberay=True)
 
     forbidden = "poddisruptionbudgets are forbidden in this namespace"
-    pdb_quota = refusing("POST", "poddisruptionbudgets", 403, forbidden)
+    pdb_quota = refusing("PATCH", "poddisruptionbudgets", 403, forbidden)
     server.call(lambda kube_api: kube_api.admission.append(pdb_quota))
     handled = HandledEvents()
-    logging.getLogger("kopf.objects").addHandler(handled)
+    watch_log = logging.getLogger("grokserve.operator.rayservice_watch")
+    watch_log.addHandler(handled)
+    watch_log.setLevel(logging.DEBUG)
     try:
         with running_operator():
             api.create(GD, example_body())
@@ -278,7 +289,8 @@ def test_a_rayservice_event_leaves_a_reconcile_failure_standing(kube) -> None:
             wait_until(lambda: handled.count > seen, what="the RayService event to be handled")
             body = api.get(f"{GD}/grok-1")
     finally:
-        logging.getLogger("kopf.objects").removeHandler(handled)
+        watch_log.removeHandler(handled)
+        watch_log.setLevel(logging.NOTSET)
     assert condition(body) == condition(failed)
     assert condition(body, "Degraded")["status"] == "True"
     assert body["status"]["readyReplicas"] == 0
@@ -351,7 +363,7 @@ def test_a_condition_written_during_a_reconcile_survives_its_status_write(kube) 
     stale = api.get(f"{GD}/grok-1")
 
     class AutoscalerMeanwhile(Kube):
-        def apply(self, body: dict) -> str:
+        def apply(self, body: dict) -> None:
             conditions = [scaling_condition("ValidMetric")]
             api.merge_patch(f"{GD}/grok-1/status", {"status": {"conditions": conditions}})
             return super().apply(body)
@@ -360,7 +372,7 @@ def test_a_condition_written_during_a_reconcile_survives_its_status_write(kube) 
     handlers.resync(body=stale, memo=memo)
     stored = api.get(f"{GD}/grok-1")
     assert condition(stored, "ScalingActive") == scaling_condition("ValidMetric")
-    assert condition(stored)["reason"] == "RayServiceUpdating"
+    assert condition(stored)["reason"] == "RayServicePending"
 
 
 def test_a_field_removed_from_the_spec_goes_from_the_rayservice(kube) -> None:
@@ -382,3 +394,198 @@ def test_a_field_removed_from_the_spec_goes_from_the_rayservice(kube) -> None:
         wait_until(lambda: service_accounts() == {"s3-reader"}, what="the service account")
         api.merge_patch(f"{GD}/grok-1", {"spec": {"ray": {"serviceAccountName": None}}})
         wait_until(lambda: service_accounts() == {None}, what="no service account")
+
+
+def test_a_squatted_child_name_is_a_conflict_and_nothing_is_touched(kube) -> None:
+    """A Service someone else made under a child's name is neither modified nor adopted (the
+    garbage collector would delete it with the GrokDeployment), and no other child is written."""
+    _server, api = kube
+    api.install_crds(kuberay=True)
+    services = f"/api/v1/namespaces/{NS}/services"
+    theirs = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "grok-1", "namespace": NS, "labels": {"team": "web"}},
+        "spec": {"ports": [{"port": 80}]},
+    }
+    stored = api.create(services, theirs)
+    with running_operator():
+        api.create(GD, example_body())
+        got = wait_until(lambda: condition(api.get(f"{GD}/grok-1")), what="a Ready condition")
+        assert (got["status"], got["reason"]) == ("False", "ChildConflict")
+        assert "Service grok-1" in got["message"]
+        assert api.get(f"{services}/grok-1") == stored
+        assert api.get(f"{RS}/grok-1") is None
+        # Gone, the name is free: the next pass (the resync) creates the children.
+        api.delete(f"{services}/grok-1")
+        api.merge_patch(f"{GD}/grok-1", {"spec": {"replicas": 2}})
+        created = wait_until(lambda: api.get(f"{services}/grok-1"), what="our Service")
+        assert created["metadata"]["ownerReferences"][0]["kind"] == "GrokDeployment"
+
+
+def test_every_write_names_the_operator_as_field_manager(kube) -> None:
+    """Children by server-side apply, the status by patches: managedFields say grokserve-operator
+    (the Python client's default would be OpenAPI-Generator)."""
+    _server, api = kube
+    api.install_crds(kuberay=True)
+    with running_operator():
+        api.create(GD, example_body())
+        wait_until(lambda: condition(api.get(f"{GD}/grok-1")), what="a Ready condition")
+        wait_until(lambda: api.get(f"/apis/policy/v1/namespaces/{NS}/poddisruptionbudgets/grok-1"))
+    for path in (
+        f"{RS}/grok-1",
+        f"/api/v1/namespaces/{NS}/services/grok-1",
+        f"/api/v1/namespaces/{NS}/configmaps/grok-1-serving",
+        f"/apis/policy/v1/namespaces/{NS}/poddisruptionbudgets/grok-1",
+    ):
+        entries = api.get(path)["metadata"]["managedFields"]
+        assert [(e["manager"], e["operation"]) for e in entries] == [
+            ("grokserve-operator", "Apply")
+        ], path
+    status_writers = {
+        e["manager"]
+        for e in api.get(f"{GD}/grok-1")["metadata"]["managedFields"]
+        if e.get("subresource") == "status"
+    }
+    assert status_writers == {"grokserve-operator"}
+
+
+CRDS = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions"
+
+
+def ready_after_kuberay_reports(api, replicas: int) -> dict:
+    """KubeRay reports the RayService serving; the owner's status follows through the watch.
+
+    (After the reconcile has written its status: a RayService event during a reconcile pass is
+    left to the pass, which may have read the RayService before, and then to the resync.)"""
+    rayservice = wait_until(lambda: api.get(f"{RS}/grok-1"), what="the RayService")
+    wait_until(
+        lambda: (
+            (b := api.get(f"{GD}/grok-1"))["status"].get("observedGeneration")
+            == b["metadata"]["generation"]
+            and condition(b).get("reason") == "RayServicePending"
+        ),
+        what="the reconcile's status",
+    )
+    api.merge_patch(
+        f"{RS}/grok-1/status",
+        {"status": rayservice_status(rayservice["metadata"]["generation"], replicas)},
+    )
+    return wait_until(
+        lambda: condition(api.get(f"{GD}/grok-1")).get("status") == "True",
+        timeout=5,  # well under the resync: the watch, not the periodic pass, brought it
+        what="Ready=True from the RayService's status",
+    )
+
+
+def reconcile_now(api, replicas: int) -> None:
+    """A spec change: the reconcile that the periodic resync (30 s) would otherwise run."""
+    api.merge_patch(f"{GD}/grok-1", {"spec": {"replicas": replicas}})
+
+
+def test_kuberay_installed_after_the_operator_is_picked_up(kube, monkeypatch) -> None:
+    _server, api = kube
+    api.install_crds(kuberay=False)
+    monkeypatch.setattr("grokserve.operator.rayservice_watch.ABSENT_POLL_S", 0.2)
+    with running_operator():
+        api.create(GD, example_body())
+        wait_until(
+            lambda: condition(api.get(f"{GD}/grok-1")).get("reason") == "KubeRayMissing",
+            what="KubeRayMissing",
+        )
+        api.create(CRDS, KUBERAY_CRD)
+        reconcile_now(api, 2)
+        ready_after_kuberay_reports(api, 2)
+
+
+def test_kuberay_crd_deleted_and_recreated_while_the_operator_runs(kube, monkeypatch) -> None:
+    """Deleting KubeRay's CRD ends its watch, and watching it again gets 404s: the operator keeps
+    running, reports KubeRayMissing, and re-creates the RayService once the CRD is back."""
+    _server, api = kube
+    api.install_crds(kuberay=True)
+    monkeypatch.setattr("grokserve.operator.rayservice_watch.ABSENT_POLL_S", 0.2)
+    monkeypatch.setattr("grokserve.operator.rayservice_watch.RETRY_MIN_S", 0.2)
+    with running_operator() as runner:
+        api.create(GD, example_body())
+        ready_after_kuberay_reports(api, 1)
+        api.delete(f"{CRDS}/rayservices.ray.io")
+        reconcile_now(api, 2)
+        wait_until(
+            lambda: condition(api.get(f"{GD}/grok-1")).get("reason") == "KubeRayMissing",
+            what="KubeRayMissing after the CRD's deletion",
+        )
+        api.create(CRDS, KUBERAY_CRD)
+        reconcile_now(api, 1)
+        ready_after_kuberay_reports(api, 1)
+    assert runner.exception is None
+    assert "Traceback" not in runner.output
+
+
+def test_a_transient_api_error_is_a_condition_retried_with_backoff(kube) -> None:
+    server, api = kube
+    api.install_crds(kuberay=True)
+    unavailable = refusing("PATCH", "rayservices", 503, "etcdserver: leader changed")
+    server.call(lambda kube_api: kube_api.admission.append(unavailable))
+
+    def rayservice_writes() -> int:
+        return server.call(
+            lambda kube_api: sum(
+                1
+                for r in kube_api
+                if r.resource is not None
+                and r.resource.plural == "rayservices"
+                and r.method.value.upper() == "PATCH"
+            )
+        )
+
+    with running_operator():
+        api.create(GD, example_body())
+        got = wait_until(
+            lambda: (
+                condition(api.get(f"{GD}/grok-1")).get("reason") == "APIServerError"
+                and condition(api.get(f"{GD}/grok-1"))
+            ),
+            what="Ready APIServerError",
+        )
+        assert "etcdserver: leader changed" in got["message"] and "HTTP 503" in got["message"]
+        assert "retrying in 5 s" in got["message"]
+        writes = rayservice_writes()
+        time.sleep(2)
+        assert rayservice_writes() == writes  # no tight loop: the next try waits its backoff
+        server.call(lambda kube_api: kube_api.admission.remove(unavailable))
+        wait_until(lambda: api.get(f"{RS}/grok-1"), timeout=15, what="the RayService after it")
+        wait_until(
+            lambda: condition(api.get(f"{GD}/grok-1")).get("reason") != "APIServerError",
+            what="the condition to clear",
+        )
+
+
+def test_the_prometheus_operator_installed_later_gets_its_servicemonitor_at_the_next_pass(
+    kube,
+) -> None:
+    _server, api = kube
+    api.install_crds(kuberay=True)
+    created = api.create(GD, example_body())
+    memo = kopf.Memo(kube=Kube(handlers._api_client()))
+    handlers.resync(body=created, memo=memo)
+    monitors = f"/apis/monitoring.coreos.com/v1/namespaces/{NS}/servicemonitors"
+    assert api.get(f"/api/v1/namespaces/{NS}/services/grok-1") is not None
+    api.create(CRDS, SERVICEMONITOR_CRD)
+    handlers.resync(body=api.get(f"{GD}/grok-1"), memo=memo)
+    assert api.get(f"{monitors}/grok-1")["spec"]["endpoints"][0]["port"] == "http"
+
+
+@pytest.mark.parametrize(
+    ("method", "status", "reason"),
+    [("GET", 403, "Forbidden"), ("PATCH", 413, "ChildRejected")],
+)
+def test_refused_reads_and_oversized_children_are_reported(kube, method, status, reason) -> None:
+    server, api = kube
+    api.install_crds(kuberay=True)
+    refused = refusing(method, "services", status, f"{method} services: no")
+    server.call(lambda kube_api: kube_api.admission.append(refused))
+    with running_operator():
+        api.create(GD, example_body())
+        got = wait_until(lambda: condition(api.get(f"{GD}/grok-1")), what="a Ready condition")
+        assert (got["status"], got["reason"]) == ("False", reason)
+        assert f"{method} services: no" in got["message"]

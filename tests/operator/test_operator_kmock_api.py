@@ -92,3 +92,52 @@ def test_api_server_semantics(kube) -> None:
 def test_unknown_resources_are_404(kube, path: str) -> None:
     server, _ = kube
     assert call(server.url, "POST", path, {"metadata": {"name": "a"}})[0] == 404
+
+
+def test_server_side_apply(kube) -> None:
+    """Apply creates, removes what the same manager stops applying, keeps other managers' fields,
+    and conflicts (409) on a field another manager set, unless forced."""
+    server, _api = kube
+    cms = "/api/v1/namespaces/llm/configmaps"
+    apply = "application/apply-patch+yaml"
+    config = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"}}
+    first = {**config, "data": {"a": "1", "b": "2"}}
+    assert call(server.url, "PATCH", f"{cms}/c", first, apply)[0] == 400  # no fieldManager
+    code, created = call(server.url, "PATCH", f"{cms}/c?fieldManager=me", first, apply)
+    assert code == 201 and created["data"] == {"a": "1", "b": "2"}
+    call(
+        server.url,
+        "PATCH",
+        f"{cms}/c?fieldManager=other",
+        {"data": {"o": "x"}},
+        "application/merge-patch+json",
+    )
+    code, second = call(
+        server.url, "PATCH", f"{cms}/c?fieldManager=me", {**config, "data": {"a": "1"}}, apply
+    )
+    assert code == 200 and second["data"] == {"a": "1", "o": "x"}
+    taken = {**config, "data": {"a": "1", "o": "mine"}}
+    code, conflict = call(server.url, "PATCH", f"{cms}/c?fieldManager=me", taken, apply)
+    assert code == 409 and '"other"' in conflict["message"]
+    code, forced = call(server.url, "PATCH", f"{cms}/c?fieldManager=me&force=true", taken, apply)
+    assert code == 200 and forced["data"] == {"a": "1", "o": "mine"}
+    managers = {(e["manager"], e["operation"]) for e in forced["metadata"]["managedFields"]}
+    assert managers == {("me", "Apply")}
+    _, plain = call(server.url, "POST", cms, {**first, "metadata": {"name": "d"}})
+    assert plain["metadata"]["managedFields"][0]["manager"] == "Python-urllib"
+
+
+def test_custom_resources_get_their_crds_defaults(kube) -> None:
+    server, api = kube
+    api.install_crds(kuberay=False)
+    code, created = call(server.url, "POST", GD, {**BODY, "spec": {"model": {"preset": "grok-1"}}})
+    assert code == 201
+    assert created["spec"]["replicas"] == 1 and created["spec"]["parallelism"]["gpusPerNode"] == 8
+    _, patched = call(
+        server.url,
+        "PATCH",
+        f"{GD}/g",
+        {"spec": {"parallelism": None}},
+        "application/merge-patch+json",
+    )
+    assert patched["spec"]["parallelism"]["gpusPerNode"] == 8  # removed, then defaulted again

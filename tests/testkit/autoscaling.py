@@ -17,7 +17,7 @@ import yaml
 from kubernetes import client as k8s
 from prometheus_client import Gauge
 
-from grokserve.operator.autoscaling import timer
+from grokserve.operator.autoscaling import daemon
 from grokserve.operator.kube import Kube
 from grokserve.operator.spec import API_GROUP, API_VERSION, PLURAL
 from testkit.kmock_api import KubeApi
@@ -85,7 +85,7 @@ async def running_operator(api: KubeApi) -> AsyncIterator[None]:
     def login(**_: Any) -> kopf.ConnectionInfo:
         return kopf.ConnectionInfo(server=url, insecure=True)
 
-    timer.register(registry)
+    daemon.register(registry)
     # The autoscaler writes /scale and /status through the operator's client, as in production.
     memo = kopf.Memo(kube=Kube(k8s.ApiClient(k8s.Configuration(host=url))))
     settings = kopf.OperatorSettings()

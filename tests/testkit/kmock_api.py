@@ -3,9 +3,11 @@
 KMock 0.8 keeps objects and serves discovery, but as an API server for kopf it lacks: uid,
 resourceVersion and generation (kopf's JSON-patches `test` resourceVersion); 201 on create; 422 for
 a failed JSON-patch `test`; a `status` subresource separate from the object; `/api/v1/namespaces`;
-`labelSelector`; JSON-typed watch streams (kubectl refuses octet-stream); CRD registration; and the
-garbage collector (ownerReferences). `KubeApi` serves every namespaced object request itself (on
-KMock's object store and watch buses) and leaves discovery to KMock.
+`labelSelector`; JSON-typed watch streams (kubectl refuses octet-stream); CRD registration; the
+garbage collector (ownerReferences); server-side apply with managedFields (`managed_fields.py`); and
+the defaults of a CRD's schema, applied to its objects on every write.
+`KubeApi` serves every namespaced object request itself (on KMock's object store and watch buses)
+and leaves discovery to KMock.
 
 `KubeApiThread` runs it on its own event loop in a thread, so that tests, kopf (KopfRunner runs in
 another thread) and kubectl (a subprocess) can block freely without starving the server.
@@ -33,6 +35,9 @@ import kmock
 import yaml
 from kmock._internal import rendering
 
+from testkit import managed_fields
+from testkit.crd_cel import apply_defaults
+
 CRD_RESOURCE = "apiextensions.k8s.io/v1/customresourcedefinitions"
 CORE_RESOURCES: dict[str, dict[str, Any]] = {
     "v1/configmaps": {"kind": "ConfigMap", "singular": "configmap", "shortnames": {"cm"}},
@@ -46,6 +51,8 @@ CORE_RESOURCES: dict[str, dict[str, Any]] = {
     "events.k8s.io/v1/events": {"kind": "Event", "singular": "event"},
 }
 VERBS = {"get", "list", "watch", "create", "update", "patch", "delete"}
+# Put on a resource's watch bus when its CRD is deleted: the server ends those watches.
+RESOURCE_GONE = {"type": "GONE"}
 
 
 def _now() -> str:
@@ -94,6 +101,8 @@ class KubeApi(kmock.KubernetesEmulator):
         # (code, message) refuses the request.
         self.admission: list[Callable[[str, Any, str | None, Any], tuple[int, str] | None]] = []
         self._printer_columns: dict[Any, list[dict[str, Any]]] = {}
+        # openAPIV3Schema of each CRD-served resource: its defaults are applied on every write.
+        self._schemas: dict[Any, dict[str, Any]] = {}
         # Every event with its revision, so that a watch from resourceVersion N replays what
         # happened after N (as the API server does) instead of re-sending everything as ADDED.
         self._events: list[tuple[int, Any, dict[str, Any]]] = []
@@ -158,15 +167,16 @@ class KubeApi(kmock.KubernetesEmulator):
         for hook in self.admission:
             verdict = hook(method, request.resource, request.subresource, request.data)
             if verdict is not None:
-                return _status(
-                    verdict[0], "Invalid" if verdict[0] == 422 else "Forbidden", verdict[1]
-                )
+                reasons = {422: "Invalid", 413: "RequestEntityTooLarge", 503: "ServiceUnavailable"}
+                return _status(verdict[0], reasons.get(verdict[0], "Forbidden"), verdict[1])
         if method == "GET" and request.params.get("watch") in ("true", "1"):
             return await self._watch(request)
         if method == "GET":
             return await self._read(request)
         if method == "POST":
             return await self._create(request)
+        if method == "PATCH" and request.name and managed_fields.is_apply(request.headers):
+            return await self._server_side_apply(request)
         if method in ("PATCH", "PUT") and request.name:
             return await self._modify(request, replace=method == "PUT")
         if method == "DELETE" and request.name:
@@ -322,11 +332,17 @@ class KubeApi(kmock.KubernetesEmulator):
                 )
             if self._has_status(request.resource):
                 body.pop("status", None)
+            body = self._defaulted(request.resource, body)
+            metadata = body["metadata"]
+            metadata.pop("managedFields", None)
             metadata.update(
                 uid=str(uuid.uuid4()),
                 resourceVersion=self._next_revision(),
                 generation=1,
                 creationTimestamp=_now(),
+            )
+            managed_fields.record_update(
+                {}, body, managed_fields.manager_of(request), request.subresource, _now()
             )
             existing = self._stored(request.resource, namespace, name)
             if existing is not None:
@@ -342,9 +358,9 @@ class KubeApi(kmock.KubernetesEmulator):
         spec = crd["spec"]
         names = spec["names"]
         for version in spec["versions"]:
-            self._printer_columns[
-                kmock.resource(f"{spec['group']}/{version['name']}/{names['plural']}")
-            ] = version.get("additionalPrinterColumns", [])
+            resource = kmock.resource(f"{spec['group']}/{version['name']}/{names['plural']}")
+            self._printer_columns[resource] = version.get("additionalPrinterColumns", [])
+            self._schemas[resource] = (version.get("schema") or {}).get("openAPIV3Schema") or {}
             self.resources[f"{spec['group']}/{version['name']}/{names['plural']}"] = (
                 kmock.ResourceInfo(
                     namespaced=spec.get("scope", "Namespaced") == "Namespaced",
@@ -390,12 +406,21 @@ class KubeApi(kmock.KubernetesEmulator):
                 ValueError,
             ) as error:
                 return _status(422, "Invalid", f"cannot apply the patch: {error}")
-            new = self._merge_subresource(request, current, patched)
+            new = self._defaulted(
+                request.resource, self._merge_subresource(request, current, patched)
+            )
             rv_sent = (patched.get("metadata") or {}).get("resourceVersion")
             if replace and rv_sent and rv_sent != current["metadata"]["resourceVersion"]:
                 return _status(409, "Conflict", "the object has been modified")
             new["metadata"].update(
                 {k: current["metadata"][k] for k in ("uid", "creationTimestamp", "generation")}
+            )
+            # managedFields are the server's record: what a client sends there is not taken.
+            new["metadata"]["managedFields"] = copy.deepcopy(
+                current["metadata"].get("managedFields") or []
+            )
+            managed_fields.record_update(
+                current, new, managed_fields.manager_of(request), request.subresource, _now()
             )
             new["metadata"]["resourceVersion"] = self._next_revision()
             essence = lambda o: {k: v for k, v in o.items() if k not in ("metadata", "status")}  # noqa: E731
@@ -412,6 +437,76 @@ class KubeApi(kmock.KubernetesEmulator):
         if request.subresource == "scale":
             return aiohttp.web.json_response(self._scale(new))
         return aiohttp.web.json_response(new)
+
+    async def _server_side_apply(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
+        """PATCH with application/apply-patch+yaml: create or merge the applied configuration,
+        remove what this manager applied before and applies no more, refuse (409) to change a
+        field another manager set to another value unless force=true."""
+        manager = request.params.get("fieldManager")
+        if not manager:
+            return _status(400, "BadRequest", "fieldManager is required for apply requests")
+        applied = request.data if isinstance(request.data, dict) else None
+        if applied is None:
+            return _status(400, "BadRequest", "the apply body is not a YAML/JSON object")
+        if request.subresource is not None:
+            return _status(400, "BadRequest", "this test server applies only to whole objects")
+        force = request.params.get("force") in ("true", "1")
+        async with self._lock:
+            obj = self._live(request.resource, request.namespace, request.name)
+            if obj is None:
+                body = copy.deepcopy(applied)
+                metadata = body.setdefault("metadata", {})
+                metadata["namespace"] = request.namespace
+                metadata["name"] = request.name
+                body.pop("status", None) if self._has_status(request.resource) else None
+                body = self._defaulted(request.resource, body)
+                metadata = body["metadata"]
+                metadata.update(
+                    uid=str(uuid.uuid4()),
+                    resourceVersion=self._next_revision(),
+                    generation=1,
+                    creationTimestamp=_now(),
+                    managedFields=[],
+                )
+                managed_fields.record_apply({}, body, applied, manager, _now())
+                existing = self._stored(request.resource, request.namespace, request.name)
+                if existing is not None:
+                    existing.history.append(body)
+                else:
+                    self.objects[request.resource, request.namespace, request.name] = body
+                await self._publish(request.resource, "ADDED", body)
+                return aiohttp.web.json_response(body, status=201)
+            current = copy.deepcopy(obj.raw)
+            conflicts = managed_fields.conflicts(current, applied, manager)
+            if conflicts and not force:
+                return _status(
+                    409, "Conflict", "Apply failed with conflicts: " + "; ".join(conflicts)
+                )
+            new = self._defaulted(
+                request.resource, managed_fields.applied_object(current, applied, manager)
+            )
+            if self._has_status(request.resource):
+                new["status"] = current.get("status")
+                if new["status"] is None:
+                    new.pop("status")
+            new["metadata"].update(
+                {k: current["metadata"][k] for k in ("uid", "creationTimestamp", "generation")}
+            )
+            managed_fields.record_apply(current, new, applied, manager, _now())
+            essence = lambda o: {k: v for k, v in o.items() if k not in ("metadata", "status")}  # noqa: E731
+            if new == current:
+                return aiohttp.web.json_response(current)
+            new["metadata"]["resourceVersion"] = self._next_revision()
+            if essence(new) != essence(current):
+                new["metadata"]["generation"] = current["metadata"]["generation"] + 1
+            obj.history.append(new)
+            await self._publish(request.resource, "MODIFIED", new)
+        return aiohttp.web.json_response(new)
+
+    def _defaulted(self, resource: Any, body: dict[str, Any]) -> dict[str, Any]:
+        """What the API server does to a custom resource before storing it: its CRD's defaults."""
+        schema = self._schemas.get(resource)
+        return apply_defaults(schema, body) if schema else body
 
     def _merge_subresource(
         self, request: rendering.Request, current: dict[str, Any], patched: dict[str, Any]
@@ -446,7 +541,29 @@ class KubeApi(kmock.KubernetesEmulator):
             obj.delete()
             await self._publish(request.resource, "DELETED", raw)
             await self._collect_garbage(raw["metadata"]["uid"])
+            if request.resource == kmock.resource(CRD_RESOURCE):
+                await self._unregister_crd(raw)
         return aiohttp.web.json_response(raw)
+
+    async def _unregister_crd(self, crd: dict[str, Any]) -> None:
+        """What deleting a CRD does: its objects go, its resource is no longer served (404), and
+        watches on it end."""
+        spec = crd["spec"]
+        for version in spec["versions"]:
+            key = f"{spec['group']}/{version['name']}/{spec['names']['plural']}"
+            resource = kmock.resource(key)
+            for (r, namespace, name), obj in list(self.objects.items()):
+                if r == resource:
+                    if not obj.deleted:
+                        raw = copy.deepcopy(obj.raw)
+                        obj.delete()
+                        await self._publish(resource, "DELETED", raw)
+                    # Gone from the store too: KMock's discovery lists every stored resource.
+                    del self.objects[r, namespace, name]
+            self.resources.pop(key, None)
+            self._printer_columns.pop(resource, None)
+            self._schemas.pop(resource, None)
+            await self._buses[resource].put(RESOURCE_GONE)
 
     async def _collect_garbage(self, owner_uid: str) -> None:
         """What the garbage collector does: delete the dependents of a deleted owner."""
@@ -497,6 +614,8 @@ class KubeApi(kmock.KubernetesEmulator):
                     if visible(event):
                         await response.write(json.dumps(event).encode() + b"\n")
                 async for event in bus.stream(since=marker):
+                    if event == RESOURCE_GONE:
+                        break
                     if visible(event):
                         await response.write(json.dumps(event).encode() + b"\n")
             finally:

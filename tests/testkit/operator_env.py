@@ -14,12 +14,18 @@ from typing import Any, TypeVar
 import pytest
 import yaml
 
+from grokserve.operator.spec import API_GROUP, PLURAL
+from testkit import managed_fields
 from testkit.kmock_api import KubeApi, KubeApiThread, running_kube_api
 
 REPO = Path(__file__).resolve().parents[2]
 GROKDEPLOYMENTS = "/apis/grokserve.io/v1alpha1"
 CLUSTERROLE = REPO / "manifests" / "rbac" / "clusterrole.yaml"
 T = TypeVar("T")
+# What kopf peering needs (the chart's peering ClusterRole; test_operator_chart.py checks it).
+PEERING_GRANTS = {
+    ("kopf.dev", "clusterkopfpeerings", verb) for verb in ("get", "list", "watch", "patch")
+}
 
 # Enough of KubeRay's CRD for discovery: the operator only needs ray.io/v1 rayservices served.
 KUBERAY_CRD = {
@@ -33,6 +39,22 @@ KUBERAY_CRD = {
         "versions": [
             {"name": "v1", "served": True, "storage": True, "subresources": {"status": {}}}
         ],
+    },
+}
+
+SERVICEMONITOR_CRD = {
+    "apiVersion": "apiextensions.k8s.io/v1",
+    "kind": "CustomResourceDefinition",
+    "metadata": {"name": "servicemonitors.monitoring.coreos.com"},
+    "spec": {
+        "group": "monitoring.coreos.com",
+        "scope": "Namespaced",
+        "names": {
+            "kind": "ServiceMonitor",
+            "plural": "servicemonitors",
+            "singular": "servicemonitor",
+        },
+        "versions": [{"name": "v1", "served": True, "storage": True}],
     },
 }
 
@@ -154,9 +176,20 @@ def _verb_of(method: str, params: dict[str, Any], named: bool) -> str:
     return {"POST": "create", "PATCH": "patch", "PUT": "update", "DELETE": "delete"}[method]
 
 
+def _sets_blocking_owner_reference(body: Any) -> bool:
+    metadata = body.get("metadata") if isinstance(body, dict) else None
+    references = (metadata or {}).get("ownerReferences") or []
+    return any(ref.get("blockOwnerDeletion") for ref in references)
+
+
 def operator_requests(api: KubeApi) -> set[tuple[str, str, str]]:
     """(apiGroup, resource, verb) of every request the KMock server got from anyone but the tests'
-    own `Client`: what RBAC must grant the operator. Call it through `KubeApiThread.call`."""
+    own `Client`: what RBAC must grant the operator. Call it through `KubeApiThread.call`.
+
+    Also what the real API server checks beyond the verb itself: a server-side apply needs
+    `create` as well (it creates a missing object), and setting an ownerReference with
+    blockOwnerDeletion needs `update` on the owner's finalizers (OwnerReferencesPermissionEnforcement).
+    """
     used = set()
     for request in api:
         if request.resource is None or request.resource.plural is None:
@@ -168,4 +201,8 @@ def operator_requests(api: KubeApi) -> set[tuple[str, str, str]]:
         )
         verb = _verb_of(request.method.value.upper(), request.params, request.name is not None)
         used.add((request.resource.group, resource, verb))
+        if verb == "patch" and managed_fields.is_apply(request.headers):
+            used.add((request.resource.group, resource, "create"))
+        if verb in ("create", "patch", "update") and _sets_blocking_owner_reference(request.data):
+            used.add((API_GROUP, f"{PLURAL}/finalizers", "update"))
     return used

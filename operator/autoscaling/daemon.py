@@ -18,7 +18,6 @@ from typing import Any
 import aiohttp
 import kopf
 import urllib3
-from kubernetes import client as k8s
 from kubernetes.client.rest import ApiException
 from pydantic import ValidationError
 
@@ -38,6 +37,7 @@ from grokserve.operator.status import now_rfc3339
 CONDITION = "ScalingActive"
 DISABLED = "AutoscalingDisabled"
 SCALE_FAILED = "ScaleFailed"
+INVALID_INPUT = "InvalidScalingInput"
 # Prometheus gets this share of the evaluation interval (at most 10 s) to answer both queries.
 QUERY_TIMEOUT_SHARE, QUERY_TIMEOUT_MAX_S = 0.5, 10.0
 # How long to wait before looking again at a spec.autoscaling that does not validate.
@@ -121,7 +121,6 @@ class Autoscaler:
         self.name = name
         self.body = body
         self.kube = kube
-        self.api = k8s.CustomObjectsApi(kube.api)
         self.logger = logger
         self.policy: ScalingPolicy | None = None
         # Kept here, not re-read from status: another writer replacing status.conditions must not
@@ -139,18 +138,30 @@ class Autoscaler:
             # The reconcile handler reports an invalid spec in the Ready condition; wait for a fix.
             self.logger.warning(f"autoscaler idle: invalid spec.autoscaling: {error}")
             return INVALID_SPEC_RETRY_S
-        config = policy_config(spec)
-        if self.policy is None:
-            self.policy = ScalingPolicy(config)
-        self.policy.config = config
         interval = float(spec.evaluation_interval_seconds)
-        sample = await self._sample(
-            session, spec, min(interval * QUERY_TIMEOUT_SHARE, QUERY_TIMEOUT_MAX_S)
-        )
-        current = int(self.body["spec"].get("replicas", 1))
-        # Without a status yet there is no evidence of loading replicas: count them all as ready.
-        ready = int((self.body.get("status") or {}).get("readyReplicas", current))
-        decision = self.policy.decide(asyncio.get_running_loop().time(), current, ready, sample)
+        current = int(self.body["spec"].get("replicas", 1))  # the CRD's schema: an integer
+        try:
+            # Without a status yet there is no evidence of loading replicas: count them all as
+            # ready. (The status is not schema-checked: a readyReplicas that is no count is held.)
+            ready = int((self.body.get("status") or {}).get("readyReplicas", current))
+            config = policy_config(spec)
+            if self.policy is None:
+                self.policy = ScalingPolicy(config)
+            self.policy.config = config
+            sample = await self._sample(
+                session, spec, min(interval * QUERY_TIMEOUT_SHARE, QUERY_TIMEOUT_MAX_S)
+            )
+            decision = self.policy.decide(asyncio.get_running_loop().time(), current, ready, sample)
+        except (ValueError, ArithmeticError) as error:
+            # Numbers the policy cannot act on: hold the size and say why, rather than let the
+            # daemon fail and be restarted into the same error.
+            decision = Decision(
+                current=current,
+                replicas=current,
+                reason=INVALID_INPUT,
+                message=f"holding {current} replicas: {error}",
+                scaling_active=False,
+            )
         try:
             await self._apply(decision)
         except (ApiException, urllib3.exceptions.HTTPError) as error:
@@ -183,7 +194,7 @@ class Autoscaler:
                 kopf.info(self.body, reason=decision.reason, message=decision.message)
         # Metrics describe the decision, so they are recorded even if the status write fails.
         metrics.record(self.namespace, self.name, decision)
-        condition = _next_condition(self.condition, decision, now)
+        condition = _next_condition(self.condition, decision, now, self._generation())
         if (condition["status"], condition["reason"]) != (
             self.condition.get("status"),
             self.condition.get("reason"),
@@ -213,6 +224,7 @@ class Autoscaler:
             "status": "False",
             "reason": DISABLED,
             "message": message,
+            "observedGeneration": self._generation(),
             "lastTransitionTime": now_rfc3339(),
         }
         try:
@@ -222,16 +234,13 @@ class Autoscaler:
             return
         kopf.info(self.body, reason=DISABLED, message=message)
 
+    def _generation(self) -> int | None:
+        """The generation of the spec this evaluation read (kopf keeps the daemon's body fresh)."""
+        return self.body["metadata"].get("generation")
+
     def _write_scale(self, replicas: int) -> None:
         """PATCH the /scale subresource: the same door `kubectl scale`, the HPA and KEDA use."""
-        self.api.patch_namespaced_custom_object_scale(
-            API_GROUP,
-            API_VERSION,
-            self.namespace,
-            PLURAL,
-            self.name,
-            {"spec": {"replicas": replicas}},
-        )
+        self.kube.scale(GROKDEPLOYMENT, self.namespace, self.name, replicas)
 
     def _write_status(self, condition: dict[str, Any], record: dict[str, Any] | None) -> None:
         """Set our condition (and status.autoscaling), keeping the other writers' conditions."""
@@ -274,13 +283,16 @@ def _find_condition(status: Mapping[str, Any]) -> Mapping[str, Any]:
     return {}
 
 
-def _next_condition(previous: Mapping[str, Any], decision: Decision, now: str) -> dict[str, Any]:
+def _next_condition(
+    previous: Mapping[str, Any], decision: Decision, now: str, generation: int | None
+) -> dict[str, Any]:
     status = "True" if decision.scaling_active else "False"
     return {
         "type": CONDITION,
         "status": status,
         "reason": "ValidMetric" if decision.scaling_active else decision.reason,
         "message": decision.message,
+        "observedGeneration": generation,
         "lastTransitionTime": (
             previous["lastTransitionTime"]
             if previous.get("status") == status and "lastTransitionTime" in previous
