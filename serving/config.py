@@ -159,8 +159,10 @@ class ServingLimits(_Section):
     kv_cache_tokens: int | None = Field(
         None,
         ge=1,
-        description="Token budget for admission (prompt + max_tokens of running requests); "
-        "None means maxBatchSize × maxSequenceLength.",
+        description="Paged KV-cache capacity in tokens (16-token blocks, shared prefixes); "
+        "requests are admitted by the blocks of their prompts and preempted when blocks run out. "
+        "None means: on CUDA, the memory the placement plan leaves after weights, workspace and "
+        "reserve; on the CPU, maxBatchSize × maxSequenceLength.",
     )
     prefill_chunk_tokens: int = Field(
         256, ge=1, description="Prompt tokens per prefill step; longer prompts are chunked."
@@ -247,9 +249,14 @@ class ServingConfig(_Section):
         with these serving limits; raises PlacementError (DoesNotFitError naming the limits to
         change when the layout is valid but too big)."""
         limits = self.serving
+        if self.cache_from_memory:  # the cache takes what is left; it must hold one sequence
+            cache, cached = limits.max_sequence_length, "one serving.maxSequenceLength"
+        elif limits.kv_cache_tokens is not None:
+            cache, cached = limits.kv_cache_tokens, "serving.kvCacheTokens"
+        else:
+            cache, cached = limits.kv_budget, "serving.maxBatchSize × serving.maxSequenceLength"
         headroom = Headroom(
-            cache_tokens=limits.max_batch_size * limits.max_sequence_length,
-            step_tokens=limits.max_batch_size * limits.prefill_chunk_tokens,
+            cache_tokens=cache, step_tokens=limits.max_batch_size * limits.prefill_chunk_tokens
         )
         quantization = "int8" if self.model.quantization == "int8" else None
         try:
@@ -259,12 +266,17 @@ class ServingConfig(_Section):
         except DoesNotFitError as error:
             int8 = "" if quantization else ", keep int8 weights (model.quantization)"
             raise DoesNotFitError(
-                f"{error}. Each GPU caches its kv heads for serving.maxBatchSize × "
-                f"serving.maxSequenceLength = {headroom.cache_tokens} tokens and computes steps "
+                f"{error}. Each GPU caches its kv heads for {cached} = "
+                f"{headroom.cache_tokens} tokens and computes steps "
                 f"of up to {headroom.step_tokens} tokens: lower those, add GPUs "
                 f"(parallelism.nodesPerReplica){int8}, or state larger GPUs "
                 "(parallelism.gpuMemory)"
             ) from None
+
+    @property
+    def cache_from_memory(self) -> bool:
+        """The KV cache is sized from the GPU memory the plan leaves (no kvCacheTokens, CUDA)."""
+        return self.serving.kv_cache_tokens is None and self.resources.device == "cuda"
 
     def cluster(self) -> Cluster:
         """One replica's accelerators as the planner sees them."""

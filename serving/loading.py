@@ -95,6 +95,20 @@ def placement_plan(config: ServingConfig) -> Plan:
     return config.plan(model_config(config.model))
 
 
+def kv_cache_tokens(config: ServingConfig) -> int:
+    """The replica's paged KV-cache capacity: `kvCacheTokens` when set; on CUDA, what the placement
+    plan leaves on its fullest rank after weights, workspace and reserve; elsewhere
+    maxBatchSize × maxSequenceLength."""
+    if not config.cache_from_memory:
+        return config.serving.kv_budget
+    plan = placement_plan(config)
+    planned = config.serving.max_sequence_length
+    return min(
+        (plan.cluster.gpu_memory - rank.total + rank.kv_cache) // (rank.kv_cache // planned)
+        for rank in plan.ranks
+    )
+
+
 def load_shard(
     config: ServingConfig,
     rank: int,
@@ -150,7 +164,7 @@ def build_engine(
         max_batch_size=limits.max_batch_size,
         max_sequence_length=limits.max_sequence_length,
         max_queued_requests=limits.max_queued_requests,
-        kv_budget=limits.kv_budget,
+        kv_budget=kv_cache_tokens(config),
         prefill_chunk_tokens=limits.prefill_chunk_tokens,
         eos_id=special.eos,
         pad_id=special.pad,

@@ -44,7 +44,31 @@ class ReplicaMetrics:
         self.kv_usage = labelled(
             Gauge(
                 "grokserve_kv_cache_usage_ratio",
-                "Filled KV-cache tokens / KV-cache token budget.",
+                "KV-cache blocks in use / KV-cache blocks (kvCacheTokens / 16).",
+                labels,
+                registry=reg,
+            )
+        )
+        self.prefix_queries = labelled(
+            Counter(
+                "grokserve_prefix_cache_queries",
+                "Prompt tokens looked up in the prefix cache (as vLLM counts them).",
+                labels,
+                registry=reg,
+            )
+        )
+        self.prefix_hits = labelled(
+            Counter(
+                "grokserve_prefix_cache_hits",
+                "Prompt tokens found in the prefix cache (not computed again).",
+                labels,
+                registry=reg,
+            )
+        )
+        self.preemptions = labelled(
+            Counter(
+                "grokserve_preemptions",
+                "Sequences preempted (to be recomputed) because the KV cache ran out of blocks.",
                 labels,
                 registry=reg,
             )
@@ -173,6 +197,13 @@ class ReplicaMetrics:
         self.waiting.set(waiting)
         self.running.set(running)
         self.kv_usage.set(kv_usage)
+
+    def on_prefix_cache(self, queried_tokens: int, hit_tokens: int) -> None:
+        self.prefix_queries.inc(queried_tokens)
+        self.prefix_hits.inc(hit_tokens)
+
+    def on_preemption(self) -> None:
+        self.preemptions.inc()
 
     # -- expert routing -------------------------------------------------------------------------
 

@@ -55,10 +55,7 @@ class ShardWorker:
 
         model = load_shard(self.config, self.rank, master, on_fetched=fetched)
         self.weights["load_seconds"] = time.perf_counter() - started
-        limits = self.config.serving
-        self.stepper = ModelStepper(
-            model, max_batch_size=limits.max_batch_size, max_len=limits.max_sequence_length
-        )
+        self.stepper = ModelStepper.for_config(model, self.config)
         return self.describe()
 
     def describe(self) -> dict[str, Any]:

@@ -54,6 +54,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--max-sequence-length", type=int, default=512)
     parser.add_argument("--max-queued-requests", type=int, default=64)
+    parser.add_argument(
+        "--kv-cache-tokens",
+        type=int,
+        help="paged KV-cache capacity in tokens (default: max batch size × max sequence length)",
+    )
 
 
 def serving_config(args: argparse.Namespace):
@@ -85,6 +90,7 @@ def serving_config(args: argparse.Namespace):
             "maxBatchSize": args.max_batch_size,
             "maxSequenceLength": args.max_sequence_length,
             "maxQueuedRequests": args.max_queued_requests,
+            "kvCacheTokens": args.kv_cache_tokens,
         },
     )
 
