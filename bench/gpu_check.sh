@@ -47,7 +47,7 @@ else
   all_tokens="1 8 64 256 1024 4096 16384"
   sweep_shapes="8x4096 8x32768 1x32768"  # the default deployment's slice first
   steps=(
-    "pytest|90|$python -m pytest -q -p no:cacheprovider -m gpu tests/model/test_kernels_moe.py tests/model/test_kernels_attention.py"
+    "pytest|90|$python -m pytest -q -p no:cacheprovider -m gpu tests/model/test_kernels_moe.py tests/model/test_kernels_attention.py tests/model/test_model_paged.py"
     "moe_full|110|$python bench/moe.py --shapes 8x32768 --tokens $all_tokens --json $out_dir/moe_full.json"
     "moe_deployed|75|$python bench/moe.py --shapes 8x4096 1x32768 --tokens $all_tokens --json $out_dir/moe_deployed.json"
     "decode|95|$python bench/decode.py --batch 1 8 64 --context 1024 --layers 4"
