@@ -1,130 +1,88 @@
-"""kopf handlers: reconcile GrokDeployments on create, update, resume and periodically.
+"""kopf handlers: watch GrokDeployments and their children, and reconcile on change.
 
-Run with `grokserve operator` (or `kopf run -m grokserve.operator.handlers`). Every pass is
-idempotent: children have fixed names and are created or updated in place, so a restarted operator
-adopts what it made before instead of duplicating it.
+Run with `grokserve operator` (or `kopf run -m grokserve.operator.handlers`). kopf's watches feed
+the operator's cache and its reconcile queue (`controller.py`): a GrokDeployment is reconciled when
+it changes, when one of its children changes (KubeRay writing the RayService's status, a child
+deleted or edited by someone else), and once per resync period, which makes no request when
+nothing differs. Every pass is idempotent: children have fixed names and are applied in place, so a
+restarted operator finds what it made before instead of duplicating it.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import time
-from collections.abc import Callable
 from typing import Any
 
 import kopf
 from kubernetes import client, config
 
-from grokserve.operator import metrics
 from grokserve.operator.autoscaling.daemon import register as register_autoscaler
-from grokserve.operator.builders import DEPLOYMENT_LABEL
-from grokserve.operator.kube import GROKDEPLOYMENT, Kube
-from grokserve.operator.reconcile import Outcome, observable, observe, reconcile
+from grokserve.operator.cache import CachedKube, ObjectCache
+from grokserve.operator.controller import MANAGED_LABELS, Controller
+from grokserve.operator.kube import RESOURCES
 from grokserve.operator.spec import API_GROUP, API_VERSION, PLURAL
 
 RESOURCE = (API_GROUP, API_VERSION, PLURAL)
-# Periodic passes repair deleted children, notice KubeRay being installed later, and refresh the
-# status from the RayService's (KubeRay updates it without touching our object).
-RESYNC_SECONDS = float(os.environ.get("GROKSERVE_RESYNC_SECONDS", "30"))
+# The resync repairs what no event announces (KubeRay installed later, a write lost to an
+# operator restart); events carry everything else, so it can be rare.
+RESYNC_SECONDS = float(os.environ.get("GROKSERVE_RESYNC_SECONDS", "300"))
+# Passes that run at once (threads: the kubernetes client is synchronous). Mostly waiting for
+# the API server, so more than the cores; the client's connection pool is sized to match.
+RECONCILE_WORKERS = int(os.environ.get("GROKSERVE_RECONCILE_WORKERS", "8"))
+# Connections beyond the workers' own: the autoscaler daemons' writes.
+SPARE_CONNECTIONS = 4
 
 
 def _api_client() -> client.ApiClient:
     # The kubernetes client reads $KUBECONFIG only when it is imported; pass it explicitly.
+    configuration = client.Configuration()
     try:
-        config.load_incluster_config()
-        return client.ApiClient()
+        config.load_incluster_config(client_configuration=configuration)
     except config.ConfigException:
-        configuration = client.Configuration()
         config.load_kube_config(
             config_file=os.environ.get("KUBECONFIG"), client_configuration=configuration
         )
-        return client.ApiClient(configuration)
+    configuration.connection_pool_maxsize = RECONCILE_WORKERS + SPARE_CONNECTIONS
+    return client.ApiClient(configuration)
 
 
 @kopf.on.startup()
-def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=API_GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=API_GROUP, key="last-handled-configuration"
     )
     settings.posting.level = logging.WARNING  # only problems become Events
-    memo.kube = Kube(_api_client())
+    memo.kube = CachedKube(_api_client(), ObjectCache())
+    memo.controller = Controller(memo.kube, RECONCILE_WORKERS, RESYNC_SECONDS)
+    await memo.controller.start()
 
 
-def _timed(step: Callable[[], Outcome], body: dict[str, Any]) -> Outcome:
-    started = time.perf_counter()
-    try:
-        outcome = step()
-    except Exception:
-        metrics.RECONCILE_SECONDS.labels("error").observe(time.perf_counter() - started)
-        raise
-    metrics.RECONCILE_SECONDS.labels("ok").observe(time.perf_counter() - started)
-    meta = body["metadata"]
-    metrics.record(
-        meta["namespace"],
-        meta["name"],
-        outcome.desired_replicas,
-        outcome.ready_replicas,
-        outcome.ready,
-    )
-    if outcome.warning is not None:
-        reason, message = outcome.warning
-        kopf.warn(body, reason=reason, message=message)
-    return outcome
+@kopf.on.cleanup()
+async def stop(memo: kopf.Memo, **_: Any) -> None:
+    if hasattr(memo, "controller"):
+        await memo.controller.stop()
 
 
-def _reconcile(body: kopf.Body, memo: kopf.Memo) -> None:
-    meta = body["metadata"]
-    outcome = _timed(lambda: reconcile(memo.kube, dict(body)), body)
-    # Written from the object as stored when the pass ends, not from kopf's body: the autoscaler
-    # may have set its ScalingActive condition in the same conditions list meanwhile.
-    memo.kube.update_status(
-        GROKDEPLOYMENT,
-        meta["namespace"],
-        meta["name"],
-        lambda stored: outcome.status(stored.get("status")),
-    )
+@kopf.on.event(*RESOURCE)
+async def on_grokdeployment(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    memo.controller.grokdeployment_event(event)
 
 
-@kopf.on.resume(*RESOURCE)
-@kopf.on.create(*RESOURCE)
-@kopf.on.update(*RESOURCE)
-def on_change(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    _reconcile(body, memo)
+def _watch_children(kind: str) -> None:
+    resource = RESOURCES[kind]
+
+    async def on_child(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+        memo.controller.child_event(kind, event)
+
+    kopf.on.event(
+        resource.group, resource.version, resource.plural, id=f"on_{kind}", labels=MANAGED_LABELS
+    )(on_child)
 
 
-@kopf.timer(*RESOURCE, interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS)
-def resync(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    _reconcile(body, memo)
-
-
-@kopf.on.event(
-    "ray.io", "v1", "rayservices", labels={"app.kubernetes.io/managed-by": "grokserve-operator"}
-)
-def on_rayservice_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    # KubeRay writes the RayService's status; mirror it into the owner's status right away
-    # rather than at the next resync (observe only: re-applying here would feed back events).
-    if event.get("type") not in ("ADDED", "MODIFIED") or not hasattr(memo, "kube"):
-        return
-    namespace = body["metadata"]["namespace"]
-    owner_name = (body["metadata"].get("labels") or {}).get(DEPLOYMENT_LABEL)
-    if not owner_name:
-        return
-    rayservice = dict(body)
-
-    def observed_status(owner: dict[str, Any]) -> dict[str, Any] | None:
-        if not observable(owner):
-            return None
-        return _timed(lambda: observe(owner, rayservice), owner).status(owner.get("status"))
-
-    memo.kube.update_status(GROKDEPLOYMENT, namespace, owner_name, observed_status)
-
-
-@kopf.on.delete(*RESOURCE, optional=True)
-def on_delete(meta: kopf.Meta, **_: Any) -> None:
-    # Children carry ownerReferences: the garbage collector deletes them with their owner.
-    metrics.forget(meta["namespace"], meta["name"])
+for _kind in RESOURCES:
+    _watch_children(_kind)
 
 
 @kopf.on.login()

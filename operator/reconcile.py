@@ -57,8 +57,6 @@ class Outcome:
 REFUSALS = {400: "ChildRejected", 403: "Forbidden", 413: "ChildRejected", 422: "ChildRejected"}
 KUBERAY_MISSING = "KubeRayMissing"
 CHILD_CONFLICT = "ChildConflict"
-# Failures that only a reconcile can find (and clear): a RayService event leaves them standing.
-RECONCILE_FAILURES = frozenset({KUBERAY_MISSING, CHILD_CONFLICT, *REFUSALS.values()})
 
 
 def owner_of(body: dict[str, Any]) -> Owner:
@@ -99,29 +97,6 @@ def reconcile(kube: Kube, body: dict[str, Any]) -> Outcome:
             what = f"{child['kind']} {child['metadata']['name']}"
             return _failed(body, REFUSALS[error.status], f"{what}: {api_message(error)}")
     return _observed(body, spec, kube.get(RAYSERVICE, owner.namespace, owner.name))
-
-
-def observable(body: dict[str, Any]) -> bool:
-    """Whether a RayService event may rewrite this GrokDeployment's status through `observe`.
-
-    Not where the status is the reconcile's to write: it has not reconciled the current generation
-    yet (observing would claim that generation observed), or it failed on it (a child refused,
-    KubeRay missing), a failure the RayService's state cannot clear.
-    """
-    status = body.get("status") or {}
-    if status.get("observedGeneration") != body["metadata"].get("generation"):
-        return False
-    ready = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), {})
-    return ready.get("reason") not in RECONCILE_FAILURES
-
-
-def observe(body: dict[str, Any], rayservice: dict[str, Any] | None) -> Outcome:
-    """The status for a RayService state that KubeRay reported, without touching the children."""
-    try:
-        spec = parse_spec(body.get("spec"))
-    except SpecError as error:
-        return _failed(body, error.reason, error.message)
-    return _observed(body, spec, rayservice)
 
 
 def _observed(

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import copy
-import logging
 from pathlib import Path
 
-import kopf
 import pytest
 import yaml
 from prometheus_client import REGISTRY
 
 from grokserve.operator import handlers
+from grokserve.operator.controller import run_pass
 from grokserve.operator.kube import Kube
 from testkit.operator_env import GROKDEPLOYMENTS, kube, refusing, running_operator, wait_until
 
@@ -181,16 +180,10 @@ def test_a_child_refused_by_the_api_server_is_reported_not_retried(kube) -> None
         )
 
 
-class HandledEvents(logging.Handler):
-    """Counts RayService events the operator has finished handling (kopf logs each one)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.getMessage() == "Handler 'on_rayservice_event' succeeded.":
-            self.count += 1
+def passes() -> float:
+    """Reconcile passes the operator (in this process) has finished, status write included."""
+    labels = {"outcome": "ok"}
+    return REGISTRY.get_sample_value("grokdeployment_reconcile_duration_seconds_count", labels) or 0
 
 
 def test_a_rayservice_event_leaves_a_reconcile_failure_standing(kube) -> None:
@@ -200,30 +193,23 @@ def test_a_rayservice_event_leaves_a_reconcile_failure_standing(kube) -> None:
     forbidden = "poddisruptionbudgets are forbidden in this namespace"
     pdb_quota = refusing("PATCH", "poddisruptionbudgets", 403, forbidden)
     server.call(lambda kube_api: kube_api.admission.append(pdb_quota))
-    handled = HandledEvents()
-    logging.getLogger("kopf.objects").addHandler(handled)
-    try:
-        with running_operator():
-            api.create(GD, example_body())
-            failed = wait_until(
-                lambda: (
-                    (b := api.get(f"{GD}/grok-1"))
-                    and condition(b).get("reason") == "Forbidden"
-                    and b
-                ),
-                what="Ready Forbidden",
-            )
-            # The RayService was applied before the PDB was refused; KubeRay reports it serving.
-            rayservice = api.get(f"{RS}/grok-1")
-            seen = handled.count
-            api.merge_patch(
-                f"{RS}/grok-1/status",
-                {"status": rayservice_status(rayservice["metadata"]["generation"], 1)},
-            )
-            wait_until(lambda: handled.count > seen, what="the RayService event to be handled")
-            body = api.get(f"{GD}/grok-1")
-    finally:
-        logging.getLogger("kopf.objects").removeHandler(handled)
+    with running_operator():
+        api.create(GD, example_body())
+        failed = wait_until(
+            lambda: (
+                (b := api.get(f"{GD}/grok-1")) and condition(b).get("reason") == "Forbidden" and b
+            ),
+            what="Ready Forbidden",
+        )
+        # The RayService was applied before the PDB was refused; KubeRay reports it serving.
+        rayservice = api.get(f"{RS}/grok-1")
+        seen = passes()
+        api.merge_patch(
+            f"{RS}/grok-1/status",
+            {"status": rayservice_status(rayservice["metadata"]["generation"], 1)},
+        )
+        wait_until(lambda: passes() > seen, what="the pass the RayService event started")
+        body = api.get(f"{GD}/grok-1")
     assert condition(body) == condition(failed)
     assert condition(body, "Degraded")["status"] == "True"
     assert body["status"]["readyReplicas"] == 0
@@ -301,8 +287,7 @@ def test_a_condition_written_during_a_reconcile_survives_its_status_write(kube) 
             api.merge_patch(f"{GD}/grok-1/status", {"status": {"conditions": conditions}})
             return super().apply(body)
 
-    memo = kopf.Memo(kube=AutoscalerMeanwhile(handlers._api_client()))
-    handlers.resync(body=stale, memo=memo)
+    run_pass(AutoscalerMeanwhile(handlers._api_client()), stale)
     stored = api.get(f"{GD}/grok-1")
     assert condition(stored, "ScalingActive") == scaling_condition("ValidMetric")
     assert condition(stored)["reason"] == "RayServiceUpdating"
