@@ -18,8 +18,9 @@ from collections.abc import Callable
 from typing import Any
 
 from grokserve.operator import metrics
+from grokserve.operator.builders import Owner, build_children
 from grokserve.operator.kube import GROKDEPLOYMENT, RESOURCES, Kube, Resource
-from grokserve.operator.spec import API_GROUP, KIND
+from grokserve.operator.spec import API_GROUP, KIND, GrokDeploymentSpec
 
 # The hash of the configuration the operator last applied to a child. Server-side apply removes
 # the fields we applied before and apply no more: without this record, a child that holds every
@@ -112,6 +113,33 @@ def annotated(body: dict[str, Any]) -> dict[str, Any]:
     return {**body, "metadata": {**metadata, "annotations": annotations}}
 
 
+class ChildrenMemo:
+    """`build_children`, remembered per owner for the spec it was last built from: a resync
+    pass over an unchanged object compares instead of rendering serve configs again."""
+
+    def __init__(self) -> None:
+        self._built: dict[Owner, tuple[str, bool, list[dict[str, Any]]]] = {}
+        self._lock = threading.Lock()
+
+    def __call__(
+        self, owner: Owner, spec: GrokDeploymentSpec, *, with_servicemonitor: bool
+    ) -> list[dict[str, Any]]:
+        rendered = spec.model_dump_json()
+        with self._lock:
+            built = self._built.get(owner)
+        if built is not None and built[:2] == (rendered, with_servicemonitor):
+            return built[2]
+        children = build_children(owner, spec, with_servicemonitor=with_servicemonitor)
+        with self._lock:
+            self._built[owner] = (rendered, with_servicemonitor, children)
+        return children
+
+    def forget(self, namespace: str, name: str) -> None:
+        with self._lock:
+            for owner in [o for o in self._built if (o.namespace, o.name) == (namespace, name)]:
+                del self._built[owner]
+
+
 class CachedKube(Kube):
     """The Kube client, reading children and discovery from the cache and skipping writes that
     would change nothing (counted in grokserve_operator_writes_skipped_total)."""
@@ -123,15 +151,18 @@ class CachedKube(Kube):
         self.cache = cache
         self._clock = clock
         self._served: dict[Resource, tuple[float, bool]] = {}
+        self._discovering = threading.Lock()
 
     def serves(self, resource: Resource) -> bool:
-        now = self._clock()
-        known = self._served.get(resource)
-        if known is not None and now - known[0] < DISCOVERY_SECONDS:
-            return known[1]
-        served = super().serves(resource)
-        self._served[resource] = (now, served)
-        return served
+        # One worker asks when the answer is due; the others wait for it rather than ask too.
+        with self._discovering:
+            now = self._clock()
+            known = self._served.get(resource)
+            if known is not None and now - known[0] < DISCOVERY_SECONDS:
+                return known[1]
+            served = super().serves(resource)
+            self._served[resource] = (now, served)
+            return served
 
     def get(self, resource: Resource, namespace: str, name: str) -> dict[str, Any] | None:
         kind = KINDS.get(resource)

@@ -19,10 +19,10 @@ from typing import Any
 import kopf
 
 from grokserve.operator import metrics
-from grokserve.operator.builders import DEPLOYMENT_LABEL
-from grokserve.operator.cache import CachedKube, ObjectCache, key_of
+from grokserve.operator.builders import DEPLOYMENT_LABEL, build_children
+from grokserve.operator.cache import CachedKube, ChildrenMemo, ObjectCache, key_of
 from grokserve.operator.kube import GROKDEPLOYMENT, RESOURCES, Kube
-from grokserve.operator.reconcile import Outcome, reconcile
+from grokserve.operator.reconcile import BuildChildren, Outcome, reconcile
 from grokserve.operator.spec import KIND
 from grokserve.operator.workqueue import Key, ReconcileQueue, resync
 
@@ -30,7 +30,7 @@ LOG = logging.getLogger("grokserve.operator")
 MANAGED_LABELS = {"app.kubernetes.io/managed-by": "grokserve-operator"}
 
 
-def run_pass(kube: Kube, body: dict[str, Any]) -> Outcome:
+def run_pass(kube: Kube, body: dict[str, Any], build: BuildChildren = build_children) -> Outcome:
     """One reconcile pass over `body`, the GrokDeployment as last seen: children, then status.
 
     The status is written from the object as stored at write time, not from `body`: the
@@ -39,7 +39,7 @@ def run_pass(kube: Kube, body: dict[str, Any]) -> Outcome:
     meta = body["metadata"]
     started = time.perf_counter()
     try:
-        outcome = reconcile(kube, body)
+        outcome = reconcile(kube, body, build)
         kube.update_status(
             GROKDEPLOYMENT,
             meta["namespace"],
@@ -81,6 +81,7 @@ class Controller:
         self.kube = kube
         self.cache: ObjectCache = kube.cache
         self.queue = ReconcileQueue()
+        self.children = ChildrenMemo()
         self.workers = workers
         self.resync_s = resync_s
         self._executor = ThreadPoolExecutor(workers, thread_name_prefix="reconcile")
@@ -120,6 +121,7 @@ class Controller:
         if event.get("type") == "DELETED":
             self.cache.remove(kind, namespace, name)
             self.queue.forget((namespace, name))
+            self.children.forget(namespace, name)
             metrics.forget(namespace, name)
             return
         # Children carry ownerReferences: the garbage collector deletes them with their owner.
@@ -165,7 +167,7 @@ class Controller:
         body = self.cache.get(KIND, *key)
         if body is None or body["metadata"].get("deletionTimestamp"):
             return None
-        return run_pass(self.kube, body)
+        return run_pass(self.kube, body, self.children)
 
     def _warn(self, key: Key, warning: tuple[str, str]) -> None:
         body = self.cache.get(KIND, *key)

@@ -5,6 +5,7 @@ Free of kopf so that it can be read and tested on its own; `handlers.py` wires i
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +21,8 @@ from grokserve.operator.status import (
     failure_conditions,
     serving_conditions,
 )
+
+BuildChildren = Callable[..., list[dict[str, Any]]]
 
 
 @dataclass(frozen=True)
@@ -64,10 +67,11 @@ def owner_of(body: dict[str, Any]) -> Owner:
     return Owner(name=meta["name"], namespace=meta["namespace"], uid=meta.get("uid"))
 
 
-def reconcile(kube: Kube, body: dict[str, Any]) -> Outcome:
+def reconcile(kube: Kube, body: dict[str, Any], build: BuildChildren = build_children) -> Outcome:
     """Validate, apply every child (server-side apply), then observe the RayService.
 
-    Nothing is written while any child's name is held by an object that is not ours.
+    Nothing is written while any child's name is held by an object that is not ours. `build`
+    turns the spec into the children (the operator passes a memo of `build_children`).
     """
     owner = owner_of(body)
     try:
@@ -78,7 +82,7 @@ def reconcile(kube: Kube, body: dict[str, Any]) -> Outcome:
     if not kube.serves(RAYSERVICE):
         message = f"KubeRay's RayService CRD (ray.io/v1) is not installed; {KUBERAY_INSTALL_HINT}"
         return _failed(body, KUBERAY_MISSING, message)
-    children = build_children(owner, spec, with_servicemonitor=kube.serves(SERVICEMONITOR))
+    children = build(owner, spec, with_servicemonitor=kube.serves(SERVICEMONITOR))
     held = [h for h in (kube.foreign_holder(c, owner.uid) for c in children) if h is not None]
     if held:
         message = (
