@@ -139,7 +139,9 @@ class KubeApi(kmock.KubernetesEmulator):
                 event = {"type": "ADDED", "object": item}
                 await response.write(json.dumps(event).encode() + b"\n")
         with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.sleep(float(raw_request.query.get("timeoutSeconds") or 60))
+            await asyncio.sleep(
+                float(raw_request.query.get("timeoutSeconds") or self.watch_timeout_s)
+            )
         with contextlib.suppress(ConnectionResetError):
             await response.write_eof()
         return response
