@@ -145,8 +145,10 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor, step: Step) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         gates, experts = layers.route(flat, self.router, self.config.num_selected_experts)
-        counted = experts[step.token_valid.reshape(-1)]
-        self.routed_tokens += torch.bincount(counted.reshape(-1), minlength=self.config.num_experts)
+        # scatter_add_ rather than boolean indexing and bincount: no host sync, so a decode step can
+        # be captured in a CUDA graph.
+        valid = step.token_valid.reshape(-1, 1).expand_as(experts).to(torch.long)
+        self.routed_tokens.scatter_add_(0, experts.reshape(-1), valid.reshape(-1))
         # The weights go as they are (int8 ones included): the fused kernel dequantises on the fly.
         out = kernels.moe(
             flat, gates, experts, self.w_gate, self.w_up, self.w_down, self.expert_ids

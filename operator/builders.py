@@ -310,8 +310,9 @@ def build_servicemonitor(owner: Owner) -> dict[str, Any]:
 
 def build_pdb(owner: Owner, spec: GrokDeploymentSpec) -> dict[str, Any]:
     # Evicting any node of a multi-node replica stops that replica, so drains may take down at most
-    # one replica's worth of nodes, and none while a single replica serves alone.
-    unavailable = spec.parallelism.nodes_per_replica if spec.replicas > 1 else 0
+    # one replica's worth of nodes at a time. Also with a single replica: a budget of 0 would block
+    # every node drain (and cluster upgrades) for as long as the deployment exists.
+    unavailable = spec.parallelism.nodes_per_replica
     return {
         "apiVersion": "policy/v1",
         "kind": "PodDisruptionBudget",

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -26,11 +26,10 @@ from grokserve.operator.spec import API_GROUP, KIND, GrokDeploymentSpec
 # the fields we applied before and apply no more: without this record, a child that holds every
 # field we apply now could still hold one we stopped applying.
 APPLIED_ANNOTATION = f"{API_GROUP}/applied-configuration"
-# How long an answer of discovery (is KubeRay's / the Prometheus Operator's CRD served?) is reused.
-DISCOVERY_SECONDS = 60.0
 KINDS: dict[Resource, str] = {GROKDEPLOYMENT: KIND} | {r: k for k, r in RESOURCES.items()}
 
 Key = tuple[str, str, str]  # kind, namespace, name
+LOG = logging.getLogger("grokserve.operator")
 
 
 def key_of(body: dict[str, Any]) -> Key:
@@ -144,25 +143,28 @@ class CachedKube(Kube):
     """The Kube client, reading children and discovery from the cache and skipping writes that
     would change nothing (counted in grokserve_operator_writes_skipped_total)."""
 
-    def __init__(
-        self, api: Any, cache: ObjectCache, clock: Callable[[], float] = time.monotonic
-    ) -> None:
+    def __init__(self, api: Any, cache: ObjectCache) -> None:
         super().__init__(api)
         self.cache = cache
-        self._clock = clock
-        self._served: dict[Resource, tuple[float, bool]] = {}
+        self._served: dict[Resource, bool] = {}
         self._discovering = threading.Lock()
 
     def serves(self, resource: Resource) -> bool:
-        # One worker asks when the answer is due; the others wait for it rather than ask too.
+        """As last found: the children's watches report when their resource starts or stops
+        being served; until one has, the API server is asked."""
+        # One worker asks; the others wait for its answer rather than ask too.
         with self._discovering:
-            now = self._clock()
             known = self._served.get(resource)
-            if known is not None and now - known[0] < DISCOVERY_SECONDS:
-                return known[1]
-            served = super().serves(resource)
-            self._served[resource] = (now, served)
-            return served
+            if known is None:
+                known = self._served[resource] = super().serves(resource)
+            return known
+
+    def discovered(self, resource: Resource, served: bool) -> bool:
+        """Record whether `resource` is served; whether that is news."""
+        with self._discovering:
+            news = self._served.get(resource) != served
+            self._served[resource] = served
+            return news
 
     def get(self, resource: Resource, namespace: str, name: str) -> dict[str, Any] | None:
         kind = KINDS.get(resource)
@@ -177,6 +179,7 @@ class CachedKube(Kube):
             return observed
         stored = super().apply(desired)
         self.cache.put({"kind": body["kind"], **stored})
+        LOG.info("%s %s/%s applied", body["kind"], *key_of(body)[1:])
         return stored
 
     def update_status(
@@ -192,4 +195,5 @@ class CachedKube(Kube):
         written = super().update_status(resource, namespace, name, status_for, known)
         if written is not None:
             self.cache.put({"kind": kind, **written})
+            LOG.info("%s %s/%s: status written", kind, namespace, name)
         return written

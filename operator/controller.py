@@ -17,17 +17,21 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import kopf
+import urllib3
+from kubernetes.client.rest import ApiException
 
 from grokserve.operator import metrics
 from grokserve.operator.builders import DEPLOYMENT_LABEL, build_children
 from grokserve.operator.cache import CachedKube, ChildrenMemo, ObjectCache, key_of
-from grokserve.operator.kube import GROKDEPLOYMENT, RESOURCES, Kube
-from grokserve.operator.reconcile import BuildChildren, Outcome, reconcile
+from grokserve.operator.child_watch import ChildWatch
+from grokserve.operator.kube import GROKDEPLOYMENT, RESOURCES, Kube, Resource
+from grokserve.operator.reconcile import BuildChildren, Outcome, api_failure, reconcile
 from grokserve.operator.spec import KIND
 from grokserve.operator.workqueue import Key, ReconcileQueue, resync
 
 LOG = logging.getLogger("grokserve.operator")
-MANAGED_LABELS = {"app.kubernetes.io/managed-by": "grokserve-operator"}
+# How long the start waits for the watches' first listings before working without them.
+SYNC_TIMEOUT_S = 30.0
 
 
 def run_pass(kube: Kube, body: dict[str, Any], build: BuildChildren = build_children) -> Outcome:
@@ -77,8 +81,15 @@ class Controller:
     """The reconcile queue, its workers (threads of one executor: the client is synchronous) and
     the resync loop of one operator."""
 
-    def __init__(self, kube: CachedKube, workers: int, resync_s: float) -> None:
+    def __init__(
+        self,
+        kube: CachedKube,
+        workers: int,
+        resync_s: float,
+        namespaces: list[str] | None = None,
+    ) -> None:
         self.kube = kube
+        self.namespaces: list[str | None] = list(namespaces or [None])
         self.cache: ObjectCache = kube.cache
         self.queue = ReconcileQueue()
         self.children = ChildrenMemo()
@@ -86,31 +97,52 @@ class Controller:
         self.resync_s = resync_s
         self._executor = ThreadPoolExecutor(workers, thread_name_prefix="reconcile")
         self._tasks: list[asyncio.Task[None]] = []
+        self._watches: list[ChildWatch] = []
         # The context of a kopf event handler: kopf.warn posts Events through a queue it sets
         # there, and the workers post theirs from it.
         self._posting: contextvars.Context | None = None
 
     async def start(self) -> None:
-        """Load the children as they are (one list per kind), then start working: a pass that
-        ran before would take every existing child for a missing one."""
+        """Watch the children (one thread per kind and namespace), wait for their first listings,
+        then start working: a pass that ran before would take every existing child for a missing
+        one."""
         loop = asyncio.get_running_loop()
-        selector = ",".join(f"{k}={v}" for k, v in MANAGED_LABELS.items())
-        for resource in RESOURCES.values():
-            listed = await loop.run_in_executor(self._executor, self.kube.list, resource, selector)
-            for child in listed or []:
-                self.cache.put(child)
+        for kind, resource in RESOURCES.items():
+            for namespace in self.namespaces:
+                watch = ChildWatch(
+                    Kube(self.kube.api),  # discovery asked afresh: the watch reports it
+                    kind,
+                    resource,
+                    namespace,
+                    lambda event, kind=kind: loop.call_soon_threadsafe(
+                        self.child_event, kind, event
+                    ),
+                    lambda served, r=resource: loop.call_soon_threadsafe(self.served, r, served),
+                )
+                self._watches.append(watch.start())
+        for watch in self._watches:
+            await loop.run_in_executor(None, watch.synced.wait, SYNC_TIMEOUT_S)
         self._tasks = [asyncio.create_task(self._work()) for _ in range(self.workers)]
         self._tasks.append(
             asyncio.create_task(resync(self.queue, lambda: self.cache.names(KIND), self.resync_s))
         )
 
     async def stop(self) -> None:
+        for watch in self._watches:
+            watch.stop()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def served(self, resource: Resource, served: bool) -> None:
+        """A watch found whether its resource is served: a CRD installed (KubeRay after the
+        operator) or deleted concerns every GrokDeployment."""
+        if self.kube.discovered(resource, served):
+            for namespace, name in self.cache.names(KIND):
+                self.queue.add((namespace, name))
 
     # -- events (from kopf's watches, on the event loop) ---------------------------------------
 
@@ -152,16 +184,36 @@ class Controller:
             key = await self.queue.take()
             try:
                 outcome = await loop.run_in_executor(self._executor, self._pass, key)
-            except Exception as error:
+            except (ApiException, urllib3.exceptions.HTTPError) as error:
+                # Transient (refusals are outcomes already): record it where users look, and
+                # try again after a backoff rather than at once.
                 retry_in = self.queue.done(key, failed=True)
-                LOG.error(
-                    "reconciling %s/%s failed (retry in %s s): %r", *key, retry_in, error,
-                    exc_info=not isinstance(error, OSError),
-                )  # fmt: skip
+                LOG.warning("reconciling %s/%s failed, retrying in %s s: %s", *key, retry_in, error)
+                await loop.run_in_executor(
+                    self._executor, self._record_failure, key, error, retry_in
+                )
+                continue
+            except Exception:
+                retry_in = self.queue.done(key, failed=True)
+                LOG.exception("reconciling %s/%s failed, retrying in %s s", *key, retry_in)
                 continue
             self.queue.done(key)
             if outcome is not None and outcome.warning is not None:
                 self._warn(key, outcome.warning)
+
+    def _record_failure(self, key: Key, error: Exception, retry_in: float | None) -> None:
+        body = self.cache.get(KIND, *key)
+        if body is None:
+            return
+        api_error = error if isinstance(error, ApiException) else ApiException(reason=str(error))
+        outcome = api_failure(body, api_error, retry_in or 0)
+        with contextlib.suppress(ApiException, urllib3.exceptions.HTTPError):
+            self.kube.update_status(
+                GROKDEPLOYMENT,
+                *key,
+                lambda stored: outcome.status(stored.get("status")),
+                known=body,
+            )
 
     def _pass(self, key: Key) -> Outcome | None:
         body = self.cache.get(KIND, *key)

@@ -53,6 +53,8 @@ def _structural(node: Any, defs: dict[str, Any]) -> Any:
         if rest.get("default", 0) is None:
             del rest["default"]
         return _structural({**options[0], **rest}, defs)
+    if "patternProperties" in node:
+        node = _map_with_checked_keys(node)
     out: dict[str, Any] = {}
     for key, value in node.items():
         if key in _DROPPED_KEYS and not (key == "additionalProperties" and isinstance(value, dict)):
@@ -64,13 +66,47 @@ def _structural(node: Any, defs: dict[str, Any]) -> Any:
             out[key] = {name: _structural(child, defs) for name, child in value.items()}
         else:
             out[key] = _structural(value, defs)
+    if out.get("type") == "string" and "enum" in out and "maxLength" not in out:
+        out["maxLength"] = max(len(value) for value in out["enum"])
     if out.get("type") == "object" and "properties" in out:
-        # default_factory objects: an empty default lets the API server fill in nested defaults.
+        # default_factory objects get their nested defaults spelled out: at CRD creation the API
+        # server checks each node's rules against its raw `default`, without applying the nested
+        # defaults first (an empty `{}` fails every rule that reads a field).
         required = out.get("required", [])
         for name, child in out["properties"].items():
             if "properties" in child and "default" not in child and name not in required:
-                child["default"] = {}
+                child["default"] = materialised_default(child)
     return out
+
+
+def materialised_default(schema: dict[str, Any]) -> dict[str, Any]:
+    """The object an empty `{}` becomes once the API server has applied every nested default."""
+    value: dict[str, Any] = {}
+    for name, child in (schema.get("properties") or {}).items():
+        if "default" in child:
+            value[name] = child["default"]
+        elif "properties" in child and name not in schema.get("required", []):
+            value[name] = materialised_default(child)
+    return value
+
+
+def _map_with_checked_keys(node: dict[str, Any]) -> dict[str, Any]:
+    """pydantic's patternProperties/propertyNames (not allowed in a structural schema) as
+    additionalProperties plus a CEL rule on the keys."""
+    ((pattern, values),) = node["patternProperties"].items()
+    names = node.get("propertyNames") or {}
+    rest = {k: v for k, v in node.items() if k not in ("patternProperties", "propertyNames")}
+    # In a CEL string literal a backslash is an escape: double it.
+    literal = pattern.replace("\\", "\\\\")
+    check = f"k.matches('{literal}')"
+    if "maxLength" in names:
+        check = f"size(k) <= {names['maxLength']} && {check}"
+    rule = {
+        "rule": f"self.all(k, {check})",
+        "message": "every key must be a Kubernetes label key ([prefix/]name: a DNS subdomain of "
+        "at most 253 characters, then at most 63 of letters, digits, '-', '_', '.')",
+    }
+    return {**rest, "additionalProperties": values, "x-kubernetes-validations": [rule]}
 
 
 def spec_schema() -> dict[str, Any]:
@@ -102,20 +138,27 @@ def spec_schema() -> dict[str, Any]:
             "message": "parallelism.expert must divide gpusPerNode × nodesPerReplica",
         },
     ]
+    # Guarded: an unknown preset is the enum's error alone, not also a CEL `no such key`.
+    known = "self.model.preset in " + _preset_map("num_kv_heads")
     schema["x-kubernetes-validations"] = [
         {
-            "rule": f"{_preset_map('num_kv_heads')}[self.model.preset] % self.parallelism.tensor == 0",
+            "rule": f"!({known}) || "
+            f"{_preset_map('num_kv_heads')}[self.model.preset] % self.parallelism.tensor == 0",
             "message": "parallelism.tensor must divide the model's kv heads (8 for grok-1)",
+            "fieldPath": ".parallelism.tensor",
         },
         {
-            "rule": f"{_preset_map('num_experts')}[self.model.preset] % self.parallelism.expert == 0",
+            "rule": f"!({known}) || "
+            f"{_preset_map('num_experts')}[self.model.preset] % self.parallelism.expert == 0",
             "message": "parallelism.expert must divide the model's experts (8 for grok-1)",
+            "fieldPath": ".parallelism.expert",
         },
         {
             "rule": "!self.autoscaling.enabled || (self.replicas >= self.autoscaling.minReplicas"
             " && self.replicas <= self.autoscaling.maxReplicas)",
             "message": "replicas must lie within autoscaling.minReplicas..maxReplicas while "
             "autoscaling is enabled",
+            "fieldPath": ".replicas",
         },
     ]
     return schema
@@ -230,19 +273,25 @@ def build_crd() -> dict[str, Any]:
                             "type": "object",
                             "description": "A served Grok model (Ray Serve on KubeRay).",
                             "required": ["spec"],
-                            "x-kubernetes-validations": [
-                                {
-                                    "rule": f"size(self.metadata.name) <= {MAX_NAME_LENGTH} && "
-                                    f"self.metadata.name.matches('{NAME_PATTERN}')",
-                                    "message": f"metadata.name must be at most {MAX_NAME_LENGTH} "
-                                    "characters of lowercase letters, digits and '-', starting "
-                                    "with a letter (it names the Service and RayService)",
-                                }
-                            ],
                             "properties": {
                                 "apiVersion": {"type": "string", "description": "API version."},
                                 "kind": {"type": "string", "description": "GrokDeployment."},
-                                "metadata": {"type": "object"},
+                                # The one restriction a CRD may put on metadata (no CEL rule at
+                                # the root, whose errors the API server reports at <nil>).
+                                "metadata": {
+                                    "type": "object",
+                                    "properties": {
+                                        "name": {
+                                            "type": "string",
+                                            "maxLength": MAX_NAME_LENGTH,
+                                            "pattern": NAME_PATTERN,
+                                            "description": "At most "
+                                            f"{MAX_NAME_LENGTH} characters of lowercase letters, "
+                                            "digits and '-', starting with a letter (it names "
+                                            "the Service and RayService).",
+                                        }
+                                    },
+                                },
                                 "spec": spec_schema(),
                                 "status": status_schema(),
                             },

@@ -1,7 +1,8 @@
 """kopf handlers: watch GrokDeployments and their children, and reconcile on change.
 
-Run with `grokserve operator` (or `kopf run -m grokserve.operator.handlers`). kopf's watches feed
-the operator's cache and its reconcile queue (`controller.py`): a GrokDeployment is reconciled when
+Run with `grokserve operator` (or `kopf run -m grokserve.operator.handlers`). kopf's watch of
+GrokDeployments and the operator's own watches of their children (`child_watch.py`) feed its cache
+and its reconcile queue (`controller.py`): a GrokDeployment is reconciled when
 it changes, when one of its children changes (KubeRay writing the RayService's status, a child
 deleted or edited by someone else), and once per resync period, which makes no request when
 nothing differs. Every pass is idempotent: children have fixed names and are applied in place, so a
@@ -19,8 +20,7 @@ from kubernetes import client, config
 
 from grokserve.operator.autoscaling.daemon import register as register_autoscaler
 from grokserve.operator.cache import CachedKube, ObjectCache
-from grokserve.operator.controller import MANAGED_LABELS, Controller
-from grokserve.operator.kube import RESOURCES
+from grokserve.operator.controller import Controller
 from grokserve.operator.spec import API_GROUP, API_VERSION, PLURAL
 
 RESOURCE = (API_GROUP, API_VERSION, PLURAL)
@@ -30,8 +30,9 @@ RESYNC_SECONDS = float(os.environ.get("GROKSERVE_RESYNC_SECONDS", "300"))
 # Passes that run at once (threads: the kubernetes client is synchronous). Mostly waiting for
 # the API server, so more than the cores; the client's connection pool is sized to match.
 RECONCILE_WORKERS = int(os.environ.get("GROKSERVE_RECONCILE_WORKERS", "8"))
-# Connections beyond the workers' own: the autoscaler daemons' writes.
-SPARE_CONNECTIONS = 4
+# Connections beyond the workers' own: the children's watches (one each per kind and namespace)
+# and the autoscaler daemons' writes.
+SPARE_CONNECTIONS = 8
 
 
 def _api_client() -> client.ApiClient:
@@ -55,7 +56,9 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     )
     settings.posting.level = logging.WARNING  # only problems become Events
     memo.kube = CachedKube(_api_client(), ObjectCache())
-    memo.controller = Controller(memo.kube, RECONCILE_WORKERS, RESYNC_SECONDS)
+    # `grokserve operator --namespace` passes its namespaces in the memo; else all namespaces.
+    namespaces = getattr(memo, "namespaces", None)
+    memo.controller = Controller(memo.kube, RECONCILE_WORKERS, RESYNC_SECONDS, namespaces)
     await memo.controller.start()
 
 
@@ -68,21 +71,6 @@ async def stop(memo: kopf.Memo, **_: Any) -> None:
 @kopf.on.event(*RESOURCE)
 async def on_grokdeployment(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     memo.controller.grokdeployment_event(event)
-
-
-def _watch_children(kind: str) -> None:
-    resource = RESOURCES[kind]
-
-    async def on_child(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
-        memo.controller.child_event(kind, event)
-
-    kopf.on.event(
-        resource.group, resource.version, resource.plural, id=f"on_{kind}", labels=MANAGED_LABELS
-    )(on_child)
-
-
-for _kind in RESOURCES:
-    _watch_children(_kind)
 
 
 @kopf.on.login()

@@ -9,7 +9,7 @@ managedFields and apply conflicts name us rather than the client library.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,9 +30,16 @@ class Resource:
     def api_version(self) -> str:
         return f"{self.group}/{self.version}" if self.group else self.version
 
-    def path(self, namespace: str, name: str | None = None, subresource: str | None = None) -> str:
+    def path(
+        self, namespace: str | None, name: str | None = None, subresource: str | None = None
+    ) -> str:
+        """The object's path, or its collection's (all namespaces when `namespace` is None)."""
         base = f"/apis/{self.group}/{self.version}" if self.group else f"/api/{self.version}"
-        path = f"{base}/namespaces/{namespace}/{self.plural}"
+        path = (
+            f"{base}/{self.plural}"
+            if namespace is None
+            else (f"{base}/namespaces/{namespace}/{self.plural}")
+        )
         if name:
             path += f"/{name}"
         if subresource:
@@ -108,21 +115,6 @@ class Kube:
         # Any 2xx is success: some API servers answer a create with 200 rather than 201.
         return self.api.response_deserialize(response, {"2XX": "object"}).data
 
-    def list(self, resource: Resource, label_selector: str) -> list[dict[str, Any]] | None:
-        """Every object of `resource` in all namespaces with these labels; None when the API
-        server does not serve the resource (its CRD is not installed)."""
-        path = resource.path("-").replace("/namespaces/-", "")
-        try:
-            listing = self._call(
-                "GET", path, query=[("labelSelector", label_selector)], verb="list"
-            )
-        except ApiException as error:
-            if error.status == 404:
-                return None
-            raise
-        kind = listing.get("kind", "").removesuffix("List")
-        return [{"kind": kind, **item} for item in listing.get("items") or []]
-
     def serves(self, resource: Resource) -> bool:
         """Whether the API server serves this resource (e.g. KubeRay's CRD is installed)."""
         base = f"/apis/{resource.group}/{resource.version}" if resource.group else "/api/v1"
@@ -141,6 +133,47 @@ class Kube:
             if error.status == 404:
                 return None
             raise
+
+    def list(
+        self, resource: Resource, namespace: str | None, label_selector: str
+    ) -> dict[str, Any]:
+        """The objects (a List: `items`, `metadata.resourceVersion`) matching the selector."""
+        query = [("labelSelector", label_selector)]
+        return self._call("GET", resource.path(namespace), query=query, verb="list")
+
+    def watch(
+        self,
+        resource: Resource,
+        namespace: str | None,
+        label_selector: str,
+        resource_version: str,
+        timeout_s: int,
+    ) -> WatchStream:
+        """The watch events after `resource_version`, until the server ends the stream (at
+        `timeout_s`, or when the resource stops being served). An HTTP error raises ApiException."""
+        query = [
+            ("watch", "true"),
+            ("labelSelector", label_selector),
+            ("resourceVersion", resource_version),
+            ("timeoutSeconds", str(timeout_s)),
+        ]
+        request = self.api.param_serialize(
+            "GET",
+            resource.path(namespace),
+            query_params=query,
+            header_params={"Accept": "application/json"},
+            auth_settings=["BearerToken"],
+        )
+        try:
+            response = self.api.call_api(*request, _request_timeout=(10, timeout_s + 10))
+        except Exception:
+            metrics.API_REQUESTS.labels("watch", "0").inc()
+            raise
+        metrics.API_REQUESTS.labels("watch", str(response.status)).inc()
+        if not 200 <= response.status < 300:
+            response.read()
+            raise ApiException(http_resp=response)
+        return WatchStream(response.response)
 
     def update_status(
         self,
@@ -241,3 +274,28 @@ class Kube:
             {"spec": {"replicas": replicas}},
             content_type="application/merge-patch+json",
         )
+
+
+class WatchStream:
+    """The events of one watch request, one JSON object per line; `close()` from another thread
+    ends a read in progress (the operator stopping)."""
+
+    def __init__(self, response: Any) -> None:
+        self._response = response
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        pending = b""
+        try:
+            # read1: whatever has arrived (up to 64 KiB), not a full 64 KiB, so that each event
+            # is handled when it comes.
+            while chunk := self._response.read1(64 * 1024):
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                for line in lines:
+                    if line.strip():
+                        yield json.loads(line)
+        finally:
+            self._response.release_conn()
+
+    def close(self) -> None:
+        self._response.shutdown()

@@ -19,6 +19,7 @@ from grokserve.operator.status import (
     Condition,
     build_status,
     failure_conditions,
+    observed_replicas,
     serving_conditions,
 )
 
@@ -34,6 +35,8 @@ class Outcome:
     generation: int | None
     # A Warning event worth posting (reason, message), when the deployment cannot proceed.
     warning: tuple[str, str] | None = None
+    # Replicas whose worker nodes exist (status.replicas), ready or not.
+    observed_replicas: int = 0
 
     @property
     def ready(self) -> bool:
@@ -51,6 +54,7 @@ class Outcome:
             self.spec,
             self.conditions,
             self.ready_replicas,
+            observed_replicas=self.observed_replicas,
             generation=self.generation,
             previous=stored,
         )
@@ -60,6 +64,7 @@ class Outcome:
 REFUSALS = {400: "ChildRejected", 403: "Forbidden", 413: "ChildRejected", 422: "ChildRejected"}
 KUBERAY_MISSING = "KubeRayMissing"
 CHILD_CONFLICT = "ChildConflict"
+API_ERROR = "APIServerError"
 
 
 def owner_of(body: dict[str, Any]) -> Owner:
@@ -108,7 +113,23 @@ def _observed(
 ) -> Outcome:
     owner = owner_of(body)
     conditions, ready_replicas = serving_conditions(owner, spec, rayservice)
-    return Outcome(owner, spec, conditions, ready_replicas, body["metadata"].get("generation"))
+    return Outcome(
+        owner,
+        spec,
+        conditions,
+        ready_replicas,
+        body["metadata"].get("generation"),
+        observed_replicas=observed_replicas(spec, rayservice),
+    )
+
+
+def api_failure(body: dict[str, Any], error: ApiException, retry_in_s: float) -> Outcome:
+    """The pass failed on an error that may pass (5xx, 409, 429, no connection): say so, and when
+    the operator tries again."""
+    what = f"HTTP {error.status}: {api_message(error)}" if error.status else str(error)
+    return _failed(
+        body, API_ERROR, f"the API server failed a request ({what}); retrying in {retry_in_s:g} s"
+    )
 
 
 def _failed(body: dict[str, Any], reason: str, message: str) -> Outcome:

@@ -11,8 +11,17 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import ConfigDict, Field, ValidationError, model_validator
 
+from grokserve.operator.kube_formats import (
+    CpuQuantity,
+    DNS1123SubdomainName,
+    ExtendedResourceName,
+    ImageReference,
+    LabelKey,
+    LabelValue,
+    MemoryQuantity,
+)
 from grokserve.operator.presets import PRESET_SHAPES, CamelModel, ModelShape
 
 API_GROUP = "grokserve.io"
@@ -25,7 +34,14 @@ PLURAL = "grokdeployments"
 NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 MAX_NAME_LENGTH = 40
 PresetName = Literal[tuple(PRESET_SHAPES)]  # type: ignore[valid-type]
-SOURCE_PATTERN = r"^(pvc|file|s3|gs|hf)://.+"
+# pvc://CLAIM/PATH: the claim is also a volume name, `model-CLAIM`, a DNS-1123 label (≤ 63).
+SOURCE_PATTERN = (
+    r"^(pvc://[a-z0-9]([-a-z0-9]{0,55}[a-z0-9])?(/.*)?|file:///.*|(s3|gs|hf)://[^/].*)$"
+)
+URL_MAX_LENGTH = 2048
+# Bounds of every list and map: kopf keeps the whole spec in one annotation (≤ 256 KiB).
+MAX_TOLERATIONS = 32
+MAX_NODE_SELECTOR = 32
 
 
 class SpecError(ValueError):
@@ -46,12 +62,14 @@ class ModelSpec(CamelModel):
     source: str | None = Field(
         None,
         pattern=SOURCE_PATTERN,
+        max_length=URL_MAX_LENGTH,
         description="Checkpoint location: pvc://CLAIM/PATH, file://PATH, s3://, gs:// or hf://. "
         "Unset serves random weights (tests and demos only).",
     )
     tokenizer: str | None = Field(
         None,
         pattern=SOURCE_PATTERN,
+        max_length=URL_MAX_LENGTH,
         description="SentencePiece tokenizer model, same URL schemes as source.",
     )
     dtype: Literal["bfloat16", "float32"] = Field(
@@ -81,11 +99,13 @@ class ParallelismSpec(CamelModel):
     tensor: int = Field(
         1,
         ge=1,
+        le=4096,
         description="Attention heads are split across this many shards (divides the kv heads).",
     )
     expert: int = Field(
         1,
         ge=1,
+        le=4096,
         description="Experts are split across this many shards (1 = every shard holds a slice of each expert).",
     )
     placement: Literal["pack", "spread", "strict-spread"] = Field(
@@ -107,40 +127,57 @@ class AutoscalingSpec(CamelModel):
 
     enabled: bool = Field(False, description="Run the built-in autoscaler for this deployment.")
     min_replicas: int = Field(
-        1, ge=0, description="Fewest replicas; 0 allows scale to zero after scaleToZeroIdleSeconds."
+        1,
+        ge=0,
+        le=1024,
+        description="Fewest replicas; 0 allows scale to zero after scaleToZeroIdleSeconds.",
     )
-    max_replicas: int = Field(1, ge=1, description="Most replicas.")
+    max_replicas: int = Field(1, ge=1, le=1024, description="Most replicas.")
     prometheus_url: str | None = Field(
         None,
-        pattern=r"^https?://.+",
+        pattern=r"^https?://[^/].*",
+        max_length=URL_MAX_LENGTH,
         description="Prometheus HTTP API base URL (required when enabled).",
     )
     query: str | None = Field(
         None,
         min_length=1,
+        max_length=4096,
         description="PromQL override returning the waiting requests; default sums "
         "grokserve_requests_waiting over this deployment's replicas.",
     )
+    # At least 0.01: below it no queue length means anything, and ratios overflow (1e-320).
     target_queue_per_replica: float = Field(
-        8.0, gt=0, description="Waiting requests per replica the autoscaler aims for."
+        8.0,
+        ge=0.01,
+        le=1_000_000,
+        description="Waiting requests per replica the autoscaler aims for.",
     )
     tolerance: float = Field(
         0.1, ge=0, le=1, description="No scaling while observed/target is within 1 ± tolerance."
     )
     scale_up_stabilization_seconds: int = Field(
-        0, ge=0, description="Scale up to the lowest recommendation over this window."
+        0, ge=0, le=86_400, description="Scale up to the lowest recommendation over this window."
     )
     scale_down_stabilization_seconds: int = Field(
-        300, ge=0, description="Scale down to the highest recommendation over this window."
+        300,
+        ge=0,
+        le=86_400,
+        description="Scale down to the highest recommendation over this window.",
     )
-    scale_up_limit: int = Field(4, ge=1, description="Most replicas added in one evaluation.")
-    scale_down_limit: int = Field(1, ge=1, description="Most replicas removed in one evaluation.")
+    scale_up_limit: int = Field(
+        4, ge=1, le=1024, description="Most replicas added in one evaluation."
+    )
+    scale_down_limit: int = Field(
+        1, ge=1, le=1024, description="Most replicas removed in one evaluation."
+    )
     evaluation_interval_seconds: int = Field(
         30, ge=5, le=3600, description="Seconds between autoscaler evaluations."
     )
     scale_to_zero_idle_seconds: int | None = Field(
         None,
         ge=60,
+        le=604_800,
         description="With minReplicas 0: scale to zero after no request waited or ran for this long.",
     )
 
@@ -169,45 +206,85 @@ class ServingSpec(CamelModel):
     max_sequence_length: int | None = Field(
         None,
         ge=2,
+        le=1 << 24,
         description="Prompt + generated tokens per request; unset uses the model's context.",
     )
     max_queued_requests: int = Field(
-        256, ge=0, description="Requests waiting per replica; beyond this the API answers 429."
+        256,
+        ge=0,
+        le=1_000_000,
+        description="Requests waiting per replica; beyond this the API answers 429.",
     )
 
 
 class ResourceAmounts(CamelModel):
     """CPU and memory of a Ray pod (Kubernetes quantities); requests equal limits."""
 
-    cpu: str = Field(pattern=r"^[0-9]+(\.[0-9]+)?m?$", description="CPU quantity, e.g. 8 or 500m.")
-    memory: str = Field(
-        pattern=r"^[0-9]+(\.[0-9]+)?([KMGTPE]i?)?$", description="Memory quantity, e.g. 64Gi."
-    )
+    cpu: CpuQuantity = Field(description="CPU quantity, e.g. 8 or 500m.")
+    memory: MemoryQuantity = Field(description="Memory quantity, e.g. 64Gi.")
 
 
 class Toleration(CamelModel):
-    """A Kubernetes toleration for the Ray pods."""
+    """A Kubernetes toleration for the Ray pods (checked as the API server checks a pod's)."""
 
-    key: str | None = Field(None, description="Taint key; unset with operator Exists matches all.")
+    # The same checks as `_as_kubernetes_checks_it`, for the API server to refuse at admission.
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "has(self.key) || self.operator == 'Exists'",
+                    "message": "a toleration without a key must have operator Exists",
+                },
+                {
+                    "rule": "self.operator != 'Exists' || !has(self.value) || self.value == ''",
+                    "message": "a toleration with operator Exists must not have a value",
+                },
+                {
+                    "rule": "!has(self.tolerationSeconds) || "
+                    "(has(self.effect) && self.effect == 'NoExecute')",
+                    "message": "tolerationSeconds needs effect NoExecute",
+                    "fieldPath": ".tolerationSeconds",
+                },
+            ]
+        }
+    )
+
+    key: LabelKey | None = Field(
+        None, description="Taint key; unset with operator Exists matches all."
+    )
     operator: Literal["Exists", "Equal"] = Field("Equal", description="Exists or Equal.")
-    value: str | None = Field(None, description="Taint value for operator Equal.")
+    value: LabelValue | None = Field(None, description="Taint value for operator Equal.")
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
         None, description="Taint effect to tolerate; unset matches all effects."
     )
     toleration_seconds: int | None = Field(
-        None, ge=0, description="For NoExecute: how long to stay."
+        None, ge=0, le=1 << 31, description="For NoExecute: how long to stay."
     )
+
+    @model_validator(mode="after")
+    def _as_kubernetes_checks_it(self) -> Toleration:
+        if self.key is None and self.operator != "Exists":
+            raise ValueError("a toleration without a key must have operator Exists")
+        if self.operator == "Exists" and self.value:
+            raise ValueError("a toleration with operator Exists must not have a value")
+        if self.toleration_seconds is not None and self.effect != "NoExecute":
+            raise ValueError("tolerationSeconds needs effect NoExecute")
+        return self
 
 
 class RaySpec(CamelModel):
     """The Ray cluster KubeRay runs for this deployment."""
 
-    image: str = Field(
+    image: ImageReference = Field(
         "ghcr.io/grokserve/grokserve-serving:0.1.0",
-        min_length=1,
         description="Serving image (Ray + grokserve[serve]) for head and workers.",
     )
-    ray_version: str = Field("2.60.0", min_length=1, description="Ray version inside the image.")
+    ray_version: str = Field(
+        "2.60.0",
+        pattern=r"^[0-9]+\.[0-9]+\.[0-9]+([-+.a-z0-9]*)$",
+        max_length=32,
+        description="Ray version inside the image.",
+    )
     head_resources: ResourceAmounts = Field(
         ResourceAmounts(cpu="4", memory="16Gi"), description="Head pod CPU and memory."
     )
@@ -215,16 +292,21 @@ class RaySpec(CamelModel):
         ResourceAmounts(cpu="32", memory="256Gi"),
         description="CPU and memory of each worker pod (GPUs come from parallelism).",
     )
-    gpu_resource_name: str = Field(
-        "nvidia.com/gpu", min_length=1, description="Extended resource name of a GPU."
+    gpu_resource_name: ExtendedResourceName = Field(
+        "nvidia.com/gpu",
+        description="Extended resource name of a GPU (domain-qualified, e.g. amd.com/gpu).",
     )
-    node_selector: dict[str, str] = Field(
-        default_factory=dict, description="Node selector for the GPU worker pods."
+    node_selector: dict[LabelKey, LabelValue] = Field(
+        default_factory=dict,
+        max_length=MAX_NODE_SELECTOR,
+        description="Node selector for the GPU worker pods.",
     )
     tolerations: list[Toleration] = Field(
-        default_factory=list, description="Tolerations for the GPU worker pods."
+        default_factory=list,
+        max_length=MAX_TOLERATIONS,
+        description="Tolerations for the GPU worker pods.",
     )
-    service_account_name: str | None = Field(
+    service_account_name: DNS1123SubdomainName | None = Field(
         None, description="Service account of the Ray pods (e.g. for s3:// or gs:// access)."
     )
     # Not KubeRay's NewClusterWithIncrementalUpgrade: it needs clusterUpgradeOptions (a Gateway

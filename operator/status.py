@@ -87,6 +87,18 @@ def _ready_workers(rayservice_status: dict[str, Any]) -> int:
     return int(cluster.get("readyWorkerReplicas") or cluster.get("availableWorkerReplicas") or 0)
 
 
+def observed_replicas(spec: GrokDeploymentSpec, rayservice: dict[str, Any] | None) -> int:
+    """Replicas whose worker nodes exist in the serving cluster (ready or not): status.replicas,
+    what /scale reports as the current size."""
+    status = (rayservice or {}).get("status") or {}
+    cluster = (status.get("activeServiceStatus") or {}).get("rayClusterStatus") or {}
+    workers = max(
+        int(cluster.get("availableWorkerReplicas") or 0),
+        int(cluster.get("readyWorkerReplicas") or 0),
+    )
+    return workers // spec.parallelism.nodes_per_replica
+
+
 def _serving_replicas(
     spec: GrokDeploymentSpec, status: dict[str, Any], application: dict[str, Any] | None
 ) -> int:
@@ -118,6 +130,13 @@ def serving_conditions(
     active = status.get("activeServiceStatus") or {}
     application = (active.get("applicationStatuses") or {}).get(owner.name)
     ready_replicas = _serving_replicas(spec, status, application)
+    if status.get("observedGeneration") is None:
+        # Not "the previous spec serves meanwhile": nothing has reported on it at all.
+        message = (
+            "KubeRay has not reported on the RayService yet; if this lasts, check that KubeRay's "
+            "operator is running"
+        )
+        return _waiting("RayServicePending", message), 0
     if generation is not None and status.get("observedGeneration") != generation:
         message = (
             f"KubeRay has not applied the latest spec yet; {ready_replicas} replica(s) of the "
@@ -183,6 +202,7 @@ def build_status(
     conditions: list[Condition],
     ready_replicas: int,
     *,
+    observed_replicas: int = 0,
     generation: int | None,
     previous: dict[str, Any] | None,
     now: str | None = None,
@@ -204,7 +224,7 @@ def build_status(
         return {**status, **dict.fromkeys(SPEC_FIELDS)}
     return {
         **status,
-        "replicas": spec.replicas,
+        "replicas": observed_replicas,
         "replicaSummary": f"{ready_replicas}/{spec.replicas}",
         "desiredReplicas": spec.replicas,
         "gpus": spec.replicas * spec.parallelism.gpus_per_replica,

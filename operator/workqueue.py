@@ -16,7 +16,7 @@ from collections.abc import Callable
 from grokserve.operator import metrics
 
 Key = tuple[str, str]  # namespace, name
-RETRY_FIRST_S, RETRY_MAX_S = 1.0, 300.0
+RETRY_FIRST_S, RETRY_MAX_S = 5.0, 300.0
 
 
 class ReconcileQueue:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 
 HELP = "run the GrokDeployment operator (reconciles GrokDeployments into KubeRay RayServices)"
+# --log-format -> kopf's LogFormat member name.
+LOG_FORMATS = {"plain": "FULL", "json": "JSON"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,14 +35,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="address the metrics and health endpoints bind to (default 0.0.0.0, for pods)",
     )
     parser.add_argument(
-        "--peering",
+        "--log-format",
+        choices=sorted(LOG_FORMATS),
+        default="plain",
+        help="plain: one line per record (time, logger, level, message); json: one JSON object "
+        "per record (default plain)",
+    )
+    parser.add_argument(
+        "--verbose",
         action="store_true",
-        help="coordinate with other operator replicas through kopf peering (needs its CRDs)",
+        help="log at DEBUG (every API request and handler step) instead of INFO",
+    )
+    parser.add_argument(
+        "--peering",
+        metavar="NAME",
+        default=None,
+        help="run as one of several operator replicas: coordinate through kopf's peering object "
+        "NAME (a ClusterKopfPeering, or a KopfPeering in each --namespace; the chart creates "
+        "it), where only the highest-priority live replica is active; default: standalone",
+    )
+    parser.add_argument(
+        "--priority",
+        type=int,
+        default=None,
+        help="this replica's peering priority (default: random, so that replicas differ: kopf "
+        "pauses all replicas that share the highest priority)",
     )
 
 
 def run(args: argparse.Namespace) -> int:
     import asyncio
+    import random
 
     import kopf
     from prometheus_client import start_http_server
@@ -50,15 +75,20 @@ def run(args: argparse.Namespace) -> int:
     for port, name in ((args.metrics_port, "--metrics-port"), (args.health_port, "--health-port")):
         if not 0 <= port <= 65535:
             raise SystemExit(f"grokserve operator: {name} must be 0..65535, got {port}")
+    # kopf at INFO by default: what it handles, what succeeded, what is retried and why.
+    kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat[LOG_FORMATS[args.log_format]])
     if args.metrics_port:
         start_http_server(args.metrics_port, addr=args.listen_host)
     liveness = f"http://{args.listen_host}:{args.health_port}/healthz" if args.health_port else None
     asyncio.run(
         kopf.operator(
-            standalone=not args.peering,
+            standalone=args.peering is None,
+            peering_name=args.peering,
+            priority=args.priority if args.priority is not None else random.randint(1, 2**31),
             clusterwide=not args.namespace,
             namespaces=args.namespace,
             liveness_endpoint=liveness,
+            memo=kopf.Memo(namespaces=args.namespace),
         )
     )
     return 0

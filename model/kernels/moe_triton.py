@@ -28,7 +28,7 @@ import triton.language as tl
 
 from grokserve.model.kernels.routing import BlockRouting, align_routing
 from grokserve.model.kernels.support import triton_interpreting
-from grokserve.model.kernels.tuning import MoeTileConfig, pick_config
+from grokserve.model.kernels.tuning import MoeTileConfig, pick_config, weight_dtype_name
 from grokserve.model.quantization import QuantizedWeight
 
 SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
@@ -263,7 +263,9 @@ def fused_moe(
     if len(expert_ids) != num_experts:
         raise ValueError(f"{len(expert_ids)} expert ids for a stack of {num_experts} experts")
     quantized = isinstance(w_gate, QuantizedWeight)
-    config = config or pick_config(num_tokens)
+    if config is None:
+        weight_dtype = torch.int8 if quantized else w_gate.dtype
+        config = pick_config(num_tokens, num_experts, ffn_size, weight_dtype_name(weight_dtype))
 
     x = _contiguous_rows(x)
     routing = align_routing(experts, expert_ids, config.block_m)

@@ -139,10 +139,11 @@ class Autoscaler:
             self.logger.warning(f"autoscaler idle: invalid spec.autoscaling: {error}")
             return INVALID_SPEC_RETRY_S
         interval = float(spec.evaluation_interval_seconds)
-        current = int(self.body["spec"].get("replicas", 1))
-        # Without a status yet there is no evidence of loading replicas: count them all as ready.
-        ready = int((self.body.get("status") or {}).get("readyReplicas", current))
+        current = int(self.body["spec"].get("replicas", 1))  # the CRD's schema: an integer
         try:
+            # Without a status yet there is no evidence of loading replicas: count them all as
+            # ready. (The status is not schema-checked: a readyReplicas that is no count is held.)
+            ready = int((self.body.get("status") or {}).get("readyReplicas", current))
             config = policy_config(spec)
             if self.policy is None:
                 self.policy = ScalingPolicy(config)

@@ -12,8 +12,8 @@ import yaml
 pytest.importorskip("celpy", reason="cel-python is not installed")
 
 from grokserve.operator.spec import SpecError, parse_resource
-from testkit.crd_cel import apply_defaults, rule_failures
-from testkit.kube_schemas import CRD_FILE
+from testkit.crd_cel import apply_defaults, defaults_breaking_rules, rule_failures
+from testkit.kube_schemas import CRD_FILE, grokdeployment_validator, schema_errors
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((REPO / "manifests" / "examples").glob("*.yaml"))
@@ -89,7 +89,6 @@ def test_examples_pass_every_rule(path: Path) -> None:
             ),
             "replicas must lie within autoscaling.minReplicas..maxReplicas while autoscaling is enabled",
         ),
-        (changed(name="Grok-1"), "metadata.name must be at most 40 characters"),
     ],
 )
 def test_rules_reject_what_the_operator_rejects(body: dict, message: str) -> None:
@@ -105,3 +104,25 @@ def test_defaults_make_a_minimal_object_valid() -> None:
     assert defaulted["spec"]["parallelism"]["gpusPerNode"] == 8
     assert defaulted["spec"]["autoscaling"]["enabled"] is False
     assert cel(body) == []
+
+
+def test_every_rule_holds_on_its_nodes_raw_default() -> None:
+    """At CRD creation the API server evaluates each rule on its node's raw `default`, nested
+    defaults not applied: `default: {}` on autoscaling made the whole CRD invalid."""
+    assert defaults_breaking_rules(SCHEMA) == []
+
+
+def test_an_unknown_preset_is_only_the_enums_error() -> None:
+    """Preset-indexed rules are guarded: `grok-2` gives the enum error, not also `no such key`."""
+    body = changed(model={"preset": "grok-2"})
+    assert cel(body) == []
+    errors = schema_errors(grokdeployment_validator(), body)
+    assert [e.split(":")[0] for e in errors] == ["spec.model.preset"]
+
+
+def test_rules_name_the_field_they_are_about() -> None:
+    """A rule on a node (not on one field) says which field it is about, else the API server
+    reports it at <nil>; the object's root has no rule at all."""
+    assert "x-kubernetes-validations" not in SCHEMA
+    for rule in SCHEMA["properties"]["spec"]["x-kubernetes-validations"]:
+        assert rule.get("fieldPath", "").startswith("."), rule

@@ -3,6 +3,7 @@ metrics and /healthz, stops on SIGTERM."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -50,6 +51,7 @@ def test_operator_command_reconciles_and_exports_metrics(kube, tmp_path: Path) -
             f"--health-port={health_port}",
             "--listen-host=127.0.0.1",
             "--namespace=llm",
+            "--log-format=json",
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -83,4 +85,9 @@ def test_operator_command_reconciles_and_exports_metrics(kube, tmp_path: Path) -
             process.kill()
             process.wait(timeout=10)
         log.close()
-    assert "Traceback" not in (tmp_path / "operator.log").read_text()
+    lines = (tmp_path / "operator.log").read_text().splitlines()
+    assert "Traceback" not in "\n".join(lines)
+    # Logging is on by default (INFO, no --verbose), one JSON object per record.
+    records = [json.loads(line) for line in lines if line.startswith("{")]
+    assert any("RayService llm/grok-1-bf16 applied" in r["message"] for r in records), lines[-20:]
+    assert not any(r.get("severity") == "debug" for r in records)

@@ -50,6 +50,7 @@ def test_scale_subresource_and_cel_rules() -> None:
     spec = version["schema"]["openAPIV3Schema"]["properties"]["spec"]
     rules = [r["rule"] for r in spec["x-kubernetes-validations"]]
     assert (
+        "!(self.model.preset in {'grok-1': 8, 'grok-tiny': 4, 'grok-mini': 4}) || "
         "{'grok-1': 8, 'grok-tiny': 4, 'grok-mini': 4}[self.model.preset] % self.parallelism.tensor == 0"
         in rules
     )
@@ -73,7 +74,7 @@ def test_the_crd_schema_rejects_bad_fields() -> None:
     body = {
         "apiVersion": "grokserve.io/v1alpha1",
         "kind": "GrokDeployment",
-        "metadata": {"name": "x"},
+        "metadata": {"name": "Grok-1"},
         "spec": {
             "model": {"preset": "grok-9", "dtype": "float16"},
             "replicas": -2,
@@ -85,6 +86,7 @@ def test_the_crd_schema_rejects_bad_fields() -> None:
     assert any(e.startswith("spec.model.preset:") for e in errors)
     assert any(e.startswith("spec.model.dtype:") for e in errors)
     assert any(e.startswith("spec.replicas:") for e in errors)
+    assert any(e.startswith("metadata.name:") for e in errors)
 
 
 def test_kubernetes_validate_accepts_the_crd() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import time
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,15 @@ from prometheus_client import REGISTRY
 from grokserve.operator import handlers
 from grokserve.operator.controller import run_pass
 from grokserve.operator.kube import Kube
-from testkit.operator_env import GROKDEPLOYMENTS, kube, refusing, running_operator, wait_until
+from testkit.operator_env import (
+    GROKDEPLOYMENTS,
+    KUBERAY_CRD,
+    SERVICEMONITOR_CRD,
+    kube,
+    refusing,
+    running_operator,
+    wait_until,
+)
 
 __all__ = ["kube"]  # the fixture, re-exported for pytest
 
@@ -290,7 +299,7 @@ def test_a_condition_written_during_a_reconcile_survives_its_status_write(kube) 
     run_pass(AutoscalerMeanwhile(handlers._api_client()), stale)
     stored = api.get(f"{GD}/grok-1")
     assert condition(stored, "ScalingActive") == scaling_condition("ValidMetric")
-    assert condition(stored)["reason"] == "RayServiceUpdating"
+    assert condition(stored)["reason"] == "RayServicePending"
 
 
 def test_a_field_removed_from_the_spec_goes_from_the_rayservice(kube) -> None:
@@ -366,3 +375,128 @@ def test_every_write_names_the_operator_as_field_manager(kube) -> None:
         if e.get("subresource") == "status"
     }
     assert status_writers == {"grokserve-operator"}
+
+
+CRDS = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions"
+
+
+def ready_after_kuberay_reports(api, replicas: int) -> dict:
+    """KubeRay reports the RayService serving; the owner's status follows through the watch.
+
+    (After the reconcile has written its status: a RayService event during a reconcile pass is
+    left to the pass, which may have read the RayService before, and then to the resync.)"""
+    rayservice = wait_until(lambda: api.get(f"{RS}/grok-1"), what="the RayService")
+    wait_until(
+        lambda: (
+            (b := api.get(f"{GD}/grok-1"))["status"].get("observedGeneration")
+            == b["metadata"]["generation"]
+            and condition(b).get("reason") == "RayServicePending"
+        ),
+        what="the reconcile's status",
+    )
+    api.merge_patch(
+        f"{RS}/grok-1/status",
+        {"status": rayservice_status(rayservice["metadata"]["generation"], replicas)},
+    )
+    return wait_until(
+        lambda: condition(api.get(f"{GD}/grok-1")).get("status") == "True",
+        timeout=5,  # well under the resync: the watch, not the periodic pass, brought it
+        what="Ready=True from the RayService's status",
+    )
+
+
+def reconcile_now(api, replicas: int) -> None:
+    """A spec change: the reconcile that the periodic resync (30 s) would otherwise run."""
+    api.merge_patch(f"{GD}/grok-1", {"spec": {"replicas": replicas}})
+
+
+def test_kuberay_installed_after_the_operator_is_picked_up(kube, monkeypatch) -> None:
+    _server, api = kube
+    api.install_crds(kuberay=False)
+    monkeypatch.setattr("grokserve.operator.child_watch.ABSENT_POLL_S", 0.2)
+    with running_operator():
+        api.create(GD, example_body())
+        wait_until(
+            lambda: condition(api.get(f"{GD}/grok-1")).get("reason") == "KubeRayMissing",
+            what="KubeRayMissing",
+        )
+        api.create(CRDS, KUBERAY_CRD)
+        reconcile_now(api, 2)
+        ready_after_kuberay_reports(api, 2)
+
+
+def test_kuberay_crd_deleted_and_recreated_while_the_operator_runs(kube, monkeypatch) -> None:
+    """Deleting KubeRay's CRD ends its watch, and watching it again gets 404s: the operator keeps
+    running, reports KubeRayMissing, and re-creates the RayService once the CRD is back."""
+    _server, api = kube
+    api.install_crds(kuberay=True)
+    monkeypatch.setattr("grokserve.operator.child_watch.ABSENT_POLL_S", 0.2)
+    monkeypatch.setattr("grokserve.operator.child_watch.RETRY_MIN_S", 0.2)
+    with running_operator() as runner:
+        api.create(GD, example_body())
+        ready_after_kuberay_reports(api, 1)
+        api.delete(f"{CRDS}/rayservices.ray.io")
+        reconcile_now(api, 2)
+        wait_until(
+            lambda: condition(api.get(f"{GD}/grok-1")).get("reason") == "KubeRayMissing",
+            what="KubeRayMissing after the CRD's deletion",
+        )
+        api.create(CRDS, KUBERAY_CRD)
+        reconcile_now(api, 1)
+        ready_after_kuberay_reports(api, 1)
+    assert runner.exception is None
+    assert "Traceback" not in runner.output
+
+
+def test_a_transient_api_error_is_a_condition_retried_with_backoff(kube) -> None:
+    server, api = kube
+    api.install_crds(kuberay=True)
+    unavailable = refusing("PATCH", "rayservices", 503, "etcdserver: leader changed")
+    server.call(lambda kube_api: kube_api.admission.append(unavailable))
+
+    def rayservice_writes() -> int:
+        return server.call(
+            lambda kube_api: sum(
+                1
+                for r in kube_api
+                if r.resource is not None
+                and r.resource.plural == "rayservices"
+                and r.method.value.upper() == "PATCH"
+            )
+        )
+
+    with running_operator():
+        api.create(GD, example_body())
+        got = wait_until(
+            lambda: (
+                condition(api.get(f"{GD}/grok-1")).get("reason") == "APIServerError"
+                and condition(api.get(f"{GD}/grok-1"))
+            ),
+            what="Ready APIServerError",
+        )
+        assert "etcdserver: leader changed" in got["message"] and "HTTP 503" in got["message"]
+        assert "retrying in 5 s" in got["message"]
+        writes = rayservice_writes()
+        time.sleep(2)
+        assert rayservice_writes() == writes  # no tight loop: the next try waits its backoff
+        server.call(lambda kube_api: kube_api.admission.remove(unavailable))
+        wait_until(lambda: api.get(f"{RS}/grok-1"), timeout=15, what="the RayService after it")
+        wait_until(
+            lambda: condition(api.get(f"{GD}/grok-1")).get("reason") != "APIServerError",
+            what="the condition to clear",
+        )
+
+
+def test_the_prometheus_operator_installed_later_gets_its_servicemonitor_at_the_next_pass(
+    kube,
+) -> None:
+    _server, api = kube
+    api.install_crds(kuberay=True)
+    created = api.create(GD, example_body())
+    kube_client = Kube(handlers._api_client())
+    run_pass(kube_client, created)
+    monitors = f"/apis/monitoring.coreos.com/v1/namespaces/{NS}/servicemonitors"
+    assert api.get(f"/api/v1/namespaces/{NS}/services/grok-1") is not None
+    api.create(CRDS, SERVICEMONITOR_CRD)
+    run_pass(kube_client, api.get(f"{GD}/grok-1"))
+    assert api.get(f"{monitors}/grok-1")["spec"]["endpoints"][0]["port"] == "http"

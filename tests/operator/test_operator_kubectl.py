@@ -68,8 +68,11 @@ def test_kubectl_apply_get_scale_delete(kube) -> None:
             ),
             what="the scaled worker group",
         )
-        assert (
-            kubectl("get", "gd", "grok-1", "-n", "llm", "-o", "jsonpath={.status.replicas}") == "3"
+        status = "jsonpath={.status.desiredReplicas}/{.status.replicas}"
+        # Desired 3; observed (status.replicas, what /scale reports) 0: no KubeRay runs here.
+        wait_until(
+            lambda: kubectl("get", "gd", "grok-1", "-n", "llm", "-o", status) == "3/0",
+            what="desired 3, observed 0",
         )
         kubectl("delete", "gd", "grok-1", "-n", "llm", "--wait=false")
         wait_until(

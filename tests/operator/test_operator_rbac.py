@@ -9,6 +9,7 @@ import yaml
 
 from testkit.operator_env import (
     GROKDEPLOYMENTS,
+    SERVICEMONITOR_CRD,
     clusterrole_grants,
     kube,
     operator_requests,
@@ -23,21 +24,6 @@ pytestmark = pytest.mark.timeout(120)
 REPO = Path(__file__).resolve().parents[2]
 NS = "llm"
 GD = f"{GROKDEPLOYMENTS}/namespaces/{NS}/grokdeployments"
-SERVICEMONITOR_CRD = {
-    "apiVersion": "apiextensions.k8s.io/v1",
-    "kind": "CustomResourceDefinition",
-    "metadata": {"name": "servicemonitors.monitoring.coreos.com"},
-    "spec": {
-        "group": "monitoring.coreos.com",
-        "scope": "Namespaced",
-        "names": {
-            "kind": "ServiceMonitor",
-            "plural": "servicemonitors",
-            "singular": "servicemonitor",
-        },
-        "versions": [{"name": "v1", "served": True, "storage": True}],
-    },
-}
 # Granted but not exercised here: kopf lists namespaces only when started with --namespace
 # patterns; the autoscaler's /scale writes are checked by test_autoscaling_operator.py, which
 # runs the operator while it scales (a Prometheus would make this test slow).

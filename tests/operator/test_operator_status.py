@@ -8,6 +8,7 @@ from grokserve.operator.status import (
     SPEC_FIELDS,
     build_status,
     failure_conditions,
+    observed_replicas,
     serving_conditions,
 )
 
@@ -92,9 +93,39 @@ def test_pending_cluster_shows_progressing_while_old_one_serves() -> None:
     assert c["Ready"].status is True and c["Progressing"].reason == "ClusterUpgrading"
 
 
+def test_kuberay_silent_is_pending_not_updating() -> None:
+    """No status on the RayService at all: KubeRay has not reported (is it running?), rather than
+    a previous spec serving meanwhile."""
+    silent = {"metadata": {"generation": 1}}
+    conditions, ready = serving_conditions(OWNER, SPEC, silent)
+    c = by_type(conditions)
+    assert ready == 0 and c["Ready"].reason == "RayServicePending"
+    assert "KubeRay's operator is running" in c["Ready"].message
+
+
+def test_status_replicas_is_observed_not_desired() -> None:
+    """status.replicas (what /scale reports as the current size) counts the replicas whose worker
+    nodes exist; desiredReplicas is the spec's."""
+    starting = rayservice(ready_workers=1)
+    starting["status"]["activeServiceStatus"]["rayClusterStatus"]["availableWorkerReplicas"] = 2
+    conditions, ready = serving_conditions(OWNER, SPEC, starting)
+    status = build_status(
+        OWNER,
+        SPEC,
+        conditions,
+        ready,
+        observed_replicas=observed_replicas(SPEC, starting),
+        generation=3,
+        previous=None,
+    )
+    assert (status["replicas"], status["readyReplicas"], status["desiredReplicas"]) == (1, 0, 2)
+
+
 def test_status_body_and_stable_transition_times() -> None:
     conditions, ready = serving_conditions(OWNER, SPEC, rayservice())
-    first = build_status(OWNER, SPEC, conditions, ready, generation=3, previous=None, now="T1")
+    first = build_status(
+        OWNER, SPEC, conditions, ready, observed_replicas=2, generation=3, previous=None, now="T1"
+    )
     assert (
         first["replicas"] == 2 and first["readyReplicas"] == 2 and first["replicaSummary"] == "2/2"
     )

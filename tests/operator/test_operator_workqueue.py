@@ -54,7 +54,7 @@ def test_a_failed_pass_is_retried_after_a_backoff_that_doubles() -> None:
         queue.forget(("ns", "a"))
         return delays
 
-    assert asyncio.run(scenario()) == [1.0, 2.0, 4.0]
+    assert asyncio.run(scenario()) == [5.0, 10.0, 20.0]
 
 
 def test_a_child_holds_what_is_applied_when_it_has_every_field_with_its_value() -> None:

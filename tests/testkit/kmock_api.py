@@ -49,6 +49,8 @@ CORE_RESOURCES: dict[str, dict[str, Any]] = {
     "events.k8s.io/v1/events": {"kind": "Event", "singular": "event"},
 }
 VERBS = {"get", "list", "watch", "create", "update", "patch", "delete"}
+# Put on a resource's watch bus when its CRD is deleted: the server ends those watches.
+RESOURCE_GONE = {"type": "GONE"}
 
 
 def _now() -> str:
@@ -167,9 +169,8 @@ class KubeApi(kmock.KubernetesEmulator):
         for hook in self.admission:
             verdict = hook(method, request.resource, request.subresource, request.data)
             if verdict is not None:
-                return _status(
-                    verdict[0], "Invalid" if verdict[0] == 422 else "Forbidden", verdict[1]
-                )
+                reasons = {422: "Invalid", 413: "RequestEntityTooLarge", 503: "ServiceUnavailable"}
+                return _status(verdict[0], reasons.get(verdict[0], "Forbidden"), verdict[1])
         if method == "GET" and request.params.get("watch") in ("true", "1"):
             return await self._watch(request)
         if method == "GET":
@@ -527,7 +528,28 @@ class KubeApi(kmock.KubernetesEmulator):
             obj.delete()
             await self._publish(request.resource, "DELETED", raw)
             await self._collect_garbage(raw["metadata"]["uid"])
+            if request.resource == kmock.resource(CRD_RESOURCE):
+                await self._unregister_crd(raw)
         return aiohttp.web.json_response(raw)
+
+    async def _unregister_crd(self, crd: dict[str, Any]) -> None:
+        """What deleting a CRD does: its objects go, its resource is no longer served (404), and
+        watches on it end."""
+        spec = crd["spec"]
+        for version in spec["versions"]:
+            key = f"{spec['group']}/{version['name']}/{spec['names']['plural']}"
+            resource = kmock.resource(key)
+            for (r, namespace, name), obj in list(self.objects.items()):
+                if r == resource:
+                    if not obj.deleted:
+                        raw = copy.deepcopy(obj.raw)
+                        obj.delete()
+                        await self._publish(resource, "DELETED", raw)
+                    # Gone from the store too: KMock's discovery lists every stored resource.
+                    del self.objects[r, namespace, name]
+            self.resources.pop(key, None)
+            self._printer_columns.pop(resource, None)
+            await self._buses[resource].put(RESOURCE_GONE)
 
     async def _collect_garbage(self, owner_uid: str) -> None:
         """What the garbage collector does: delete the dependents of a deleted owner."""
@@ -578,6 +600,8 @@ class KubeApi(kmock.KubernetesEmulator):
                     if visible(event):
                         await response.write(json.dumps(event).encode() + b"\n")
                 async for event in bus.stream(since=marker):
+                    if event == RESOURCE_GONE:
+                        break
                     if visible(event):
                         await response.write(json.dumps(event).encode() + b"\n")
             finally:

@@ -22,6 +22,8 @@ REPO = Path(__file__).resolve().parents[2]
 GROKDEPLOYMENTS = "/apis/grokserve.io/v1alpha1"
 CLUSTERROLE = REPO / "manifests" / "rbac" / "clusterrole.yaml"
 T = TypeVar("T")
+# What kopf peering needs (the chart's peering ClusterRole; test_operator_chart.py checks it).
+PEERING_GRANTS = {("kopf.dev", "clusterkopfpeerings", verb) for verb in ("list", "watch", "patch")}
 
 # Enough of KubeRay's CRD for discovery: the operator only needs ray.io/v1 rayservices served.
 KUBERAY_CRD = {
@@ -35,6 +37,22 @@ KUBERAY_CRD = {
         "versions": [
             {"name": "v1", "served": True, "storage": True, "subresources": {"status": {}}}
         ],
+    },
+}
+
+SERVICEMONITOR_CRD = {
+    "apiVersion": "apiextensions.k8s.io/v1",
+    "kind": "CustomResourceDefinition",
+    "metadata": {"name": "servicemonitors.monitoring.coreos.com"},
+    "spec": {
+        "group": "monitoring.coreos.com",
+        "scope": "Namespaced",
+        "names": {
+            "kind": "ServiceMonitor",
+            "plural": "servicemonitors",
+            "singular": "servicemonitor",
+        },
+        "versions": [{"name": "v1", "served": True, "storage": True}],
     },
 }
 
