@@ -141,7 +141,9 @@ def progress(api: KubeApi, names: list[str]) -> tuple[int, int]:
     return sum(1 for n in children.values() if n == len(CHILD_PLURALS)), statuses
 
 
-def start_operator(kubeconfig: Path, args: argparse.Namespace) -> tuple[subprocess.Popen, int]:
+def start_operator(
+    kubeconfig: Path, log: Path, args: argparse.Namespace
+) -> tuple[subprocess.Popen, int]:
     port = free_port()
     env = {
         **os.environ,
@@ -152,7 +154,8 @@ def start_operator(kubeconfig: Path, args: argparse.Namespace) -> tuple[subproce
     }
     command = [sys.executable, "-m", "grokserve", "operator", "--metrics-port", str(port)]
     command += ["--health-port", "0", "--listen-host", "127.0.0.1"]
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=sys.stderr)
+    with log.open("w") as out:
+        process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
     return process, port
 
 
@@ -183,9 +186,15 @@ def run_once(count: int, args: argparse.Namespace) -> dict[str, Any]:
         client = Client(server.url)
         client.install_crds(kuberay=True)
         client.create("/apis/apiextensions.k8s.io/v1/customresourcedefinitions", SERVICEMONITOR_CRD)
-        operator, port = start_operator(server.write_kubeconfig(Path(tmp) / "kubeconfig"), args)
+        log = Path(tmp) / "operator.log"
+        operator, port = start_operator(
+            server.write_kubeconfig(Path(tmp) / "kubeconfig"), log, args
+        )
         try:
             return measure(server, client, operator, port, count, args)
+        except BaseException:
+            print(f"--- operator log (last lines) ---\n{log.read_text()[-3000:]}", file=sys.stderr)
+            raise
         finally:
             operator.terminate()
             operator.wait(timeout=30)

@@ -55,11 +55,18 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
         prefix=API_GROUP, key="last-handled-configuration"
     )
     settings.posting.level = logging.WARNING  # only problems become Events
+    # kopf logs every watch event's handler at INFO: thousands of lines that say nothing. What a
+    # pass wrote, and why one failed, is logged by the operator itself.
+    logging.getLogger("kopf.objects").addFilter(_not_event_handler_success)
     memo.kube = CachedKube(_api_client(), ObjectCache())
     # `grokserve operator --namespace` passes its namespaces in the memo; else all namespaces.
     namespaces = getattr(memo, "namespaces", None)
     memo.controller = Controller(memo.kube, RECONCILE_WORKERS, RESYNC_SECONDS, namespaces)
     await memo.controller.start()
+
+
+def _not_event_handler_success(record: logging.LogRecord) -> bool:
+    return record.getMessage() != "Handler 'on_grokdeployment' succeeded."
 
 
 @kopf.on.cleanup()

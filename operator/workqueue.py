@@ -17,6 +17,7 @@ from grokserve.operator import metrics
 
 Key = tuple[str, str]  # namespace, name
 RETRY_FIRST_S, RETRY_MAX_S = 5.0, 300.0
+EMPTY_RECHECK_S = 5.0
 
 
 class ReconcileQueue:
@@ -99,8 +100,8 @@ async def resync(queue: ReconcileQueue, keys: Callable[[], list[Key]], period_s:
     while True:
         batch = keys()
         random.shuffle(batch)
-        if not batch:
-            await asyncio.sleep(period_s * random.uniform(0.5, 1.0))
+        if not batch:  # none yet: look again soon, the first ones need not wait a period
+            await asyncio.sleep(min(period_s, EMPTY_RECHECK_S))
             continue
         step = period_s / len(batch)
         for key in batch:
