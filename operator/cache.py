@@ -148,6 +148,9 @@ class CachedKube(Kube):
         self.cache = cache
         self._served: dict[Resource, bool] = {}
         self._discovering = threading.Lock()
+        # Children found to hold what is applied: (resourceVersion, applied hash) when found.
+        # The same version of the same child holds the same configuration: no need to compare.
+        self._held: dict[Key, tuple[str, str]] = {}
 
     def serves(self, resource: Resource) -> bool:
         """As last found: the children's watches report when their resource starts or stops
@@ -173,14 +176,26 @@ class CachedKube(Kube):
 
     def apply(self, body: dict[str, Any]) -> dict[str, Any]:
         desired = annotated(body)
-        observed = self.cache.get(*key_of(body))
-        if observed is not None and holds(observed, desired):
-            metrics.WRITES_SKIPPED.labels(body["kind"]).inc()
-            return observed
+        key = key_of(body)
+        observed = self.cache.get(*key)
+        if observed is not None:
+            seen = (
+                observed["metadata"].get("resourceVersion"),
+                desired["metadata"]["annotations"][APPLIED_ANNOTATION],
+            )
+            if self._held.get(key) == seen or holds(observed, desired):
+                self._held[key] = seen
+                metrics.WRITES_SKIPPED.labels(body["kind"]).inc()
+                return observed
         stored = super().apply(desired)
         self.cache.put({"kind": body["kind"], **stored})
         LOG.info("%s %s/%s applied", body["kind"], *key_of(body)[1:])
         return stored
+
+    def forget(self, kind: str, namespace: str, name: str) -> None:
+        """The object was deleted."""
+        self.cache.remove(kind, namespace, name)
+        self._held.pop((kind, namespace, name), None)
 
     def update_status(
         self,

@@ -165,7 +165,7 @@ class Controller:
         _, namespace, name = key_of(body)
         owner = owner_name(body)
         if event.get("type") == "DELETED":
-            self.cache.remove(kind, namespace, name)
+            self.kube.forget(kind, namespace, name)
             if owner:
                 self.queue.add((namespace, owner))
             return
