@@ -4,7 +4,7 @@ A key is queued once however many events name it; a key queued while its pass ru
 when the pass ends, so passes over one object never overlap and the last change is always seen.
 Keys are taken in the order they were queued, urgent ones (a child's status changed: a status
 write, not a burst of creations, waits for them) first. A failed pass is retried after a backoff
-that doubles up to a limit, unless a new event queues the key sooner.
+that doubles up to a limit; events meanwhile wait for the retry, which sees the latest state.
 """
 
 from __future__ import annotations
@@ -41,6 +41,8 @@ class ReconcileQueue:
             self._waiting.set()
 
     def add(self, key: Key, *, urgent: bool = False) -> None:
+        if key in self._retries:
+            return  # backing off: the retry comes soon enough and sees the latest state
         if key in self._active:
             self._again[key] = self._again.get(key, False) or urgent
             return
@@ -82,11 +84,12 @@ class ReconcileQueue:
             retry_in = min(RETRY_FIRST_S * 2 ** (failures - 1), RETRY_MAX_S)
         else:
             self._failures.pop(key, None)
-        if key in self._again:
-            self.add(key, urgent=self._again.pop(key))
-        elif retry_in is not None:
+        again = self._again.pop(key, None)
+        if retry_in is not None:
             loop = asyncio.get_running_loop()
             self._retries[key] = loop.call_later(retry_in, self._retry, key)
+        elif again is not None:
+            self.add(key, urgent=again)
         return retry_in
 
     def _retry(self, key: Key) -> None:

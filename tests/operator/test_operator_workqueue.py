@@ -50,7 +50,9 @@ def test_a_failed_pass_is_retried_after_a_backoff_that_doubles() -> None:
         for _ in range(3):
             key = await queue.take()
             delays.append(queue.done(key, failed=True))
-            queue.add(key)  # as the retry timer would (without waiting for it)
+            queue.add(key)  # an event while it backs off: it waits for the retry
+            assert queue.depth == 0
+            queue._retry(key)  # the retry timer firing (without waiting for it)
         queue.forget(("ns", "a"))
         return delays
 
