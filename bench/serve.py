@@ -7,8 +7,11 @@ Runs of the same `--clients` greedy requests (up to max_tokens each; tokens are 
      clients (SSE), once per `--stream-intervals` value (serving.streamIntervalSeconds);
   2. in-process, concurrent: the same scheduler + model in this process, all requests at once;
   3. in-process, sequential: one request at a time (no batching).
+  4. HTTP burst: 10× what the replica admits (maxBatchSize running + maxQueuedRequests waiting)
+     sent at once, non-streaming.
 Prints generated tokens/s of each and the ratios HTTP / in-process (target ≥ 0.9) and
-batched / sequential (target ≥ 4 at 16 clients).
+batched / sequential (target ≥ 4 at 16 clients); for the burst, the admitted requests' tokens/s
+and the median and p99 time to a 429 (target: well under a second).
 """
 
 from __future__ import annotations
@@ -23,11 +26,11 @@ import httpx
 import torch
 
 from grokserve.serving.config import ServingConfig
-from grokserve.serving.engine import Engine, GenerateRequest
+from grokserve.serving.engine import Engine
 from grokserve.serving.executor import LocalExecutor, ModelStepper
 from grokserve.serving.launcher import LocalServing
 from grokserve.serving.loading import build_engine, load_shard
-from grokserve.serving.scheduler import SamplingParams
+from grokserve.serving.requests import GenerateRequest
 
 
 def prompts(count: int) -> list[str]:
@@ -60,6 +63,31 @@ async def http_run(url: str, name: str, texts: list[str], max_tokens: int) -> tu
         return sum(counts), time.perf_counter() - start
 
 
+async def burst_run(
+    url: str, name: str, count: int, max_tokens: int
+) -> tuple[int, float, list[float]]:
+    """`count` requests at once: admitted tokens, the burst's wall time, each 429's seconds."""
+
+    async def one(http: httpx.AsyncClient, index: int) -> tuple[int, int, float]:
+        body = {"model": name, "prompt": f"burst {index}", "max_tokens": max_tokens}
+        started = time.perf_counter()
+        response = await http.post("/v1/completions", json={**body, "temperature": 0})
+        seconds = time.perf_counter() - started
+        tokens = response.json()["usage"]["completion_tokens"] if response.is_success else 0
+        return response.status_code, tokens, seconds
+
+    limits = httpx.Limits(max_connections=count + 8)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
+        start = time.perf_counter()
+        results = await asyncio.gather(*(one(http, i) for i in range(count)))
+        wall = time.perf_counter() - start
+    unexpected = {status for status, _, _ in results} - {200, 429}
+    if unexpected:
+        raise RuntimeError(f"the burst got statuses other than 200 and 429: {unexpected}")
+    refusals = sorted(seconds for status, _, seconds in results if status == 429)
+    return sum(tokens for _, tokens, _ in results), wall, refusals
+
+
 def in_process_engine(config: ServingConfig) -> Engine:
     limits = config.serving
     model = load_shard(config, rank=0, master=("127.0.0.1", 0))
@@ -73,7 +101,7 @@ async def engine_run(
     engine: Engine, texts: list[str], max_tokens: int, concurrent: bool
 ) -> tuple[int, float]:
     async def one(prompt: str) -> int:
-        request = GenerateRequest(prompt, max_tokens, SamplingParams(temperature=0))
+        request = GenerateRequest(prompt, max_tokens, {"temperature": 0})
         tokens = 0
         async for event in engine.generate(request):
             for delta in event.get("deltas", ()):
@@ -139,6 +167,9 @@ def main() -> None:
             )
             url = local.deploy(variant, f"bench{index}", f"/bench{index}")
             over_http[interval] = asyncio.run(http_run(url, config.name, texts, args.max_tokens))
+            if index == 0:
+                admits = config.serving.max_batch_size + config.serving.max_queued_requests
+                burst = asyncio.run(burst_run(url, config.name, 10 * admits, args.max_tokens))
             local.delete(f"bench{index}")
     finally:
         local.close()
@@ -156,6 +187,14 @@ def main() -> None:
     print(f"  {'in-process engine, concurrent':38s}: {in_process:8.1f} tokens/s")
     print(f"  {'in-process engine, sequential':38s}: {rate(sequential):8.1f} tokens/s")
     print(f"  {'continuous batching / sequential':38s}: {in_process / rate(sequential):8.2f}")
+    tokens, wall, refusals = burst
+    print(f"10× burst ({10 * admits} requests at once, non-streaming)")
+    print(f"  {'admitted tokens/s':38s}: {tokens / wall:8.1f}")
+    if refusals:
+        p99 = refusals[min(len(refusals) - 1, int(0.99 * len(refusals)))]
+        median = refusals[len(refusals) // 2]
+        print(f"  {'429s':38s}: {len(refusals):8d}")
+        print(f"  {'time to 429, median / p99':38s}: {median:8.3f} / {p99:.3f} s")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ import importlib
 import sys
 
 COMMANDS: tuple[str, ...] = ("inspect", "generate", "plan", "render", "operator", "serve")
+# The pip extra that provides what each command imports inside `run`.
+EXTRAS = {"operator": "operator", "render": "operator", "serve": "serve"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,8 +35,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except ModuleNotFoundError as error:
         print(
-            f"grokserve {args.command}: missing dependency {error.name!r}; install the extra "
-            "that provides it, e.g. pip install 'grokserve[serve]'",
+            f"grokserve {args.command}: missing dependency {error.name!r}; install it with "
+            f"pip install 'grokserve[{EXTRAS.get(args.command, 'model')}]'",
             file=sys.stderr,
         )
         return 2

@@ -10,7 +10,15 @@ import json
 import math
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
+
+
+class SpecialTokens(NamedTuple):
+    """The ids a tokenizer, the scheduler and the model must agree on; they come from the config."""
+
+    pad: int
+    bos: int
+    eos: int
 
 
 class ConfigError(ValueError):
@@ -47,6 +55,10 @@ class GrokConfig:
         """Expert hidden size F: int(w·D)·2//3 rounded up to a multiple of 8 (the reference's rule)."""
         size = int(self.widening_factor * self.emb_size) * 2 // 3
         return size + (8 - size) % 8
+
+    @property
+    def special_tokens(self) -> SpecialTokens:
+        return SpecialTokens(pad=self.pad_token, bos=self.bos_token, eos=self.eos_token)
 
     @property
     def q_heads_per_kv_head(self) -> int:

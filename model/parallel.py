@@ -174,19 +174,6 @@ def shard_tensors(source: TensorSource, plan: Plan, rank: int) -> Iterator[tuple
         yield name, value
 
 
-def shard_state_dict(
-    state_dict: Mapping[str, torch.Tensor], plan: Plan, rank: int
-) -> dict[str, torch.Tensor]:
-    """This rank's part of a full GrokModel state dict, under the same names (int8 stays int8)."""
-    local: dict[str, torch.Tensor] = {}
-    for name, value in shard_tensors(StateDictSource(state_dict), plan, rank):
-        if isinstance(value, QuantizedWeight):
-            local[f"{name}.weight"], local[f"{name}.scales"] = value.weight, value.scales
-        else:
-            local[name] = value
-    return local
-
-
 def check_rank(plan: Plan, rank: int) -> None:
     if not 0 <= rank < plan.world_size:
         raise ShardingError(f"rank {rank} is outside the plan's {plan.world_size} ranks")

@@ -51,6 +51,15 @@ PRESETS: dict[str, GrokConfig] = {
 }
 
 
+# Above this size random weights serve nothing worth the GPUs: a source is required (the operator's
+# model.source rule is generated from this).
+RANDOM_WEIGHTS_MAX_PARAMETERS = 10**9
+
+
+def needs_source(config: GrokConfig) -> bool:
+    return config.num_parameters() > RANDOM_WEIGHTS_MAX_PARAMETERS
+
+
 def preset(name: str) -> GrokConfig:
     try:
         return PRESETS[name]

@@ -2,20 +2,38 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+
+from grokserve.model.logits import adjust
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """temperature 0 means greedy; top_k 0 and top_p 1 disable those filters."""
+    """How one sequence's next tokens are chosen, when it stops and which logprobs it reports:
+    the one description of a request's decoding that `generate` and the serving engine share.
+
+    temperature 0 means greedy; top_k 0 and top_p 1 disable those filters. The logit adjustments
+    (`logit_bias`, the penalties, `min_tokens`) are applied by `grokserve.model.logits.adjust`
+    before temperature, greedy included. `max_tokens` 0 scores the prompt without generating.
+    `logprobs`: None reports none, k reports the chosen token's and the k most likely ones'.
+    """
 
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
     max_tokens: int = 16
     stop_on_eos: bool = True
+    seed: int | None = None
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0  # EOS and stop_token_ids are masked until this many tokens were generated
+    stop_token_ids: tuple[int, ...] = ()
+    logprobs: int | None = None
+    prompt_logprobs: bool = False
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -24,8 +42,24 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.max_tokens < 0:
+            raise ValueError(f"max_tokens must be >= 0, got {self.max_tokens}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.min_tokens < 0:
+            raise ValueError(f"min_tokens must be >= 0, got {self.min_tokens}")
+        if self.logprobs is not None and self.logprobs < 0:
+            raise ValueError(f"logprobs must be >= 0, got {self.logprobs}")
+
+    @property
+    def adjusts_logits(self) -> bool:
+        return bool(
+            self.logit_bias
+            or self.presence_penalty
+            or self.frequency_penalty
+            or self.repetition_penalty != 1.0
+            or self.min_tokens
+        )
 
 
 def sample(
@@ -59,24 +93,29 @@ def generate(
     model: torch.nn.Module,
     prompt: list[int],
     params: SamplingParams,
-    seed: int | None = None,
 ) -> list[int]:
     """One sequence: prefill the prompt, then decode until EOS or max_tokens. Returns the new ids."""
     if not prompt:
         raise ValueError("the prompt must hold at least one token")
+    if params.max_tokens < 1:
+        raise ValueError("max_tokens must be >= 1 to generate")
     config = model.config
     max_len = min(config.sequence_len, len(prompt) + params.max_tokens)
     if len(prompt) >= config.sequence_len:
         raise ValueError(
             f"the prompt has {len(prompt)} tokens; the context holds {config.sequence_len}"
         )
+    seed = params.seed
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     cache = model.new_cache(batch_size=1, max_len=max_len)
     device = model.embed.weight.device
     logits = model(torch.tensor([prompt], device=device), cache=cache)[:, -1]
     produced: list[int] = []
     while True:
-        token = int(sample(logits.cpu(), params.temperature, params.top_k, params.top_p, generator))
+        scores = logits.float().cpu()
+        if params.adjusts_logits:
+            scores = adjust(scores[0], params, prompt, produced, config.eos_token)[None]
+        token = int(sample(scores, params.temperature, params.top_k, params.top_p, generator))
         produced.append(token)
         if (params.stop_on_eos and token == config.eos_token) or len(produced) >= params.max_tokens:
             return produced

@@ -1,4 +1,4 @@
-"""A thin wrapper over SentencePiece with Grok-1's special ids (spec §5)."""
+"""A thin wrapper over SentencePiece; the special ids (spec §5) come from the model's config."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-PAD, BOS, EOS, UNK = 0, 1, 2, 3
+from grokserve.model.config import SpecialTokens
+
 TOKENIZER_FILE = "tokenizer.model"  # looked for next to a checkpoint's weights
 
 
@@ -21,8 +22,9 @@ def beside_checkpoint(directory: str | Path) -> Path | None:
 
 
 class Tokenizer:
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, special: SpecialTokens) -> None:
         path = Path(path)
+        self.special = special
         if not path.is_file():
             raise TokenizerError(f"tokenizer model not found: {path}")
         self.processor = spm.SentencePieceProcessor()
@@ -38,10 +40,10 @@ class Tokenizer:
 
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
         ids = self.processor.EncodeAsIds(text)
-        return [BOS, *ids] if add_bos else ids
+        return [self.special.bos, *ids] if add_bos else ids
 
     def decode(self, ids: list[int]) -> str:
-        return self.processor.DecodeIds([i for i in ids if i not in (PAD, BOS, EOS)])
+        return self.processor.DecodeIds([i for i in ids if i not in self.special])
 
     def piece(self, token: int) -> str:
         return self.processor.IdToPiece(token)

@@ -10,13 +10,14 @@ from typing import Any
 
 import yaml
 
+from grokserve.model.placement import Plan
+from grokserve.operator.replica import MODEL_MOUNT_ROOT, claim_and_path, replica_config
 from grokserve.operator.spec import API_GROUP, API_VERSION, KIND, GrokDeploymentSpec
 
 SERVE_IMPORT_PATH = "grokserve.serving.app:build_app"
 SERVE_PORT = 8000
 METRICS_PORT = 8080
 DEPLOYMENT_LABEL = f"{API_GROUP}/deployment"
-MODEL_MOUNT_ROOT = "/mnt/models"
 WORKER_GROUP = "gpu-workers"
 SERVING_CONFIG_KEY = "serving.yaml"
 
@@ -65,64 +66,15 @@ def _metadata(owner: Owner, name: str, component: str) -> dict[str, Any]:
     return metadata
 
 
-def _claim_and_path(url: str) -> tuple[str, str]:
-    claim, _, path = url.removeprefix("pvc://").partition("/")
-    return claim, path
-
-
-def _local_location(url: str | None) -> str | None:
-    """Where a model file is inside the Ray pods: pvc:// claims are mounted, file:// is a path."""
-    if url is None:
-        return None
-    if url.startswith("pvc://"):
-        claim, path = _claim_and_path(url)
-        return f"{MODEL_MOUNT_ROOT}/{claim}/{path}".rstrip("/")
-    if url.startswith("file://"):
-        return url.removeprefix("file://")
-    return url
-
-
 def _claims(spec: GrokDeploymentSpec) -> list[str]:
     urls = (spec.model.source, spec.model.tokenizer)
-    return sorted({_claim_and_path(u)[0] for u in urls if u and u.startswith("pvc://")})
+    return sorted({claim_and_path(u)[0] for u in urls if u and u.startswith("pvc://")})
 
 
 def serving_args(owner: Owner, spec: GrokDeploymentSpec) -> dict[str, Any]:
-    """The arguments of `build_app` (grokserve.serving.config.ServingConfig, camelCase)."""
-    par = spec.parallelism
-    on_gpu = par.device == "gpu"
-    model: dict[str, Any] = {
-        "preset": spec.model.preset,
-        "dtype": spec.model.dtype,
-        "quantization": spec.model.quantization,
-    }
-    for field in ("source", "tokenizer"):
-        location = _local_location(getattr(spec.model, field))
-        if location is not None:
-            model[field] = location
-    return {
-        "name": owner.name,
-        # Serve needs one replica to exist; at spec.replicas 0 the worker group has no pods, so the
-        # replica stays pending without holding a GPU.
-        "replicas": max(spec.replicas, 1),
-        "model": model,
-        "parallelism": {
-            "gpusPerNode": par.gpus_per_node,
-            "nodesPerReplica": par.nodes_per_replica,
-            "tensor": par.tensor,
-            "expert": par.expert,
-            "placement": par.placement,
-        },
-        "resources": {
-            "device": "cuda" if on_gpu else "cpu",
-            "acceleratorResource": "GPU" if on_gpu else None,
-        },
-        "serving": {
-            "maxBatchSize": spec.serving.max_batch_size,
-            "maxSequenceLength": spec.max_sequence_length,
-            "maxQueuedRequests": spec.serving.max_queued_requests,
-        },
-    }
+    """The arguments of `build_app`: the replica's ServingConfig, camelCase, with the tensor and
+    expert degrees the operator planned."""
+    return replica_config(owner.name, spec).resolved(spec.model.config).to_args()
 
 
 def serve_config(owner: Owner, spec: GrokDeploymentSpec) -> dict[str, Any]:
@@ -142,12 +94,13 @@ def worker_nodes(spec: GrokDeploymentSpec) -> int:
     return spec.replicas * spec.parallelism.nodes_per_replica
 
 
-def placement_summary(spec: GrokDeploymentSpec) -> str:
+def placement_summary(spec: GrokDeploymentSpec, plan: Plan) -> str:
+    """How replicas are laid out: the Ray shape, then the plan of one replica, rank by rank."""
     par = spec.parallelism
     unit = "GPUs" if par.device == "gpu" else "CPU shards"
     return (
-        f"{spec.replicas} replica(s) × {par.nodes_per_replica} node(s) × {par.gpus_per_node} {unit}; "
-        f"tensor {par.tensor}, expert {par.expert}, {par.placement}"
+        f"{spec.replicas} replica(s) × {par.nodes_per_replica} node(s) × {par.gpus_per_node} "
+        f"{unit}, {par.strategy}; each replica: {plan.summary()}"
     )
 
 
@@ -278,7 +231,7 @@ def endpoint(owner: Owner) -> str:
     return f"http://{owner.name}.{owner.namespace}.svc:{SERVE_PORT}/v1"
 
 
-def build_configmap(owner: Owner, spec: GrokDeploymentSpec) -> dict[str, Any]:
+def build_configmap(owner: Owner, spec: GrokDeploymentSpec, plan: Plan) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
@@ -287,7 +240,7 @@ def build_configmap(owner: Owner, spec: GrokDeploymentSpec) -> dict[str, Any]:
             SERVING_CONFIG_KEY: yaml.safe_dump(
                 serving_args(owner, spec), sort_keys=False, allow_unicode=True
             ),
-            "placement": placement_summary(spec),
+            "placement": placement_summary(spec, plan),
         },
     }
 
@@ -327,11 +280,11 @@ def build_pdb(owner: Owner, spec: GrokDeploymentSpec) -> dict[str, Any]:
 
 
 def build_children(
-    owner: Owner, spec: GrokDeploymentSpec, *, with_servicemonitor: bool
+    owner: Owner, spec: GrokDeploymentSpec, plan: Plan, *, with_servicemonitor: bool
 ) -> list[dict[str, Any]]:
-    """Every child of a GrokDeployment, in the order they should be applied."""
+    """Every child of a GrokDeployment whose replica has `plan`, in the order they are applied."""
     children = [
-        build_configmap(owner, spec),
+        build_configmap(owner, spec, plan),
         build_rayservice(owner, spec),
         build_service(owner),
         build_pdb(owner, spec),

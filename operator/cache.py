@@ -17,6 +17,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from grokserve.model.placement import Plan
 from grokserve.operator import metrics
 from grokserve.operator.builders import Owner, build_children
 from grokserve.operator.kube import GROKDEPLOYMENT, RESOURCES, Kube, Resource
@@ -121,14 +122,15 @@ class ChildrenMemo:
         self._lock = threading.Lock()
 
     def __call__(
-        self, owner: Owner, spec: GrokDeploymentSpec, *, with_servicemonitor: bool
+        self, owner: Owner, spec: GrokDeploymentSpec, plan: Plan, *, with_servicemonitor: bool
     ) -> list[dict[str, Any]]:
+        # The plan follows from the spec (and the owner's name): the spec is the key.
         rendered = spec.model_dump_json()
         with self._lock:
             built = self._built.get(owner)
         if built is not None and built[:2] == (rendered, with_servicemonitor):
             return built[2]
-        children = build_children(owner, spec, with_servicemonitor=with_servicemonitor)
+        children = build_children(owner, spec, plan, with_servicemonitor=with_servicemonitor)
         with self._lock:
             self._built[owner] = (rendered, with_servicemonitor, children)
         return children

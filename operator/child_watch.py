@@ -46,7 +46,8 @@ class ChildWatch:
         self.namespace = namespace
         self.on_event = on_event
         self.on_served = on_served
-        # Set once the first listing was reported, or the resource found not served.
+        # Set once the first listing was reported, the resource found not served, or the first
+        # try failed.
         self.synced = threading.Event()
         self._stopping = threading.Event()
         self._stream: WatchStream | None = None
@@ -79,6 +80,8 @@ class ChildWatch:
                     return  # the stop cut the request
                 logger.warning(f"{self.kind} watch failed, retrying in {delay:g} s: {error}")
                 version = None
+                # Not listed (e.g. RBAC refuses it): the passes read what they need meanwhile.
+                self.synced.set()
             self._stopping.wait(delay)
             delay = min(delay * 2, RETRY_MAX_S)
 

@@ -25,6 +25,7 @@ from grokserve.operator.builders import DEPLOYMENT_LABEL, build_children
 from grokserve.operator.cache import CachedKube, ChildrenMemo, ObjectCache, key_of
 from grokserve.operator.child_watch import ChildWatch
 from grokserve.operator.kube import GROKDEPLOYMENT, RESOURCES, Kube, Resource
+from grokserve.operator.peering import PeeringGate
 from grokserve.operator.reconcile import BuildChildren, Outcome, api_failure, reconcile
 from grokserve.operator.spec import KIND
 from grokserve.operator.workqueue import Key, ReconcileQueue, resync
@@ -87,9 +88,17 @@ class Controller:
         workers: int,
         resync_s: float,
         namespaces: list[str] | None = None,
+        peering: tuple[str, str, int] | None = None,
     ) -> None:
         self.kube = kube
         self.namespaces: list[str | None] = list(namespaces or [None])
+        # kopf lets only the active peer run its handlers; the workers ask the same question
+        # (kopf peers in a ClusterKopfPeering when all namespaces are watched, else per namespace).
+        self._gates = {
+            namespace: PeeringGate(Kube(kube.api), *peering, namespace=namespace)
+            for namespace in self.namespaces
+            if peering is not None
+        }
         self.cache: ObjectCache = kube.cache
         self.queue = ReconcileQueue()
         self.children = ChildrenMemo()
@@ -219,6 +228,9 @@ class Controller:
         body = self.cache.get(KIND, *key)
         if body is None or body["metadata"].get("deletionTimestamp"):
             return None
+        gate = self._gates.get(None if None in self._gates else key[0])
+        if gate is not None and not gate.active():
+            return None  # a standby peer: the active one reconciles
         return run_pass(self.kube, body, self.children)
 
     def _warn(self, key: Key, warning: tuple[str, str]) -> None:

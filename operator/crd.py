@@ -2,8 +2,9 @@
 
 `python -m grokserve.operator.crd` prints it; `manifests/crd/grokdeployments.yaml` and
 `charts/grokserve/crds/grokdeployments.yaml` hold that output, and a test keeps them identical.
-Cross-field rules the schema cannot state are CEL rules here; rules that need more than CEL can
-see stay in the pydantic model (and surface as a Ready=False condition).
+Cross-field rules the schema cannot state are CEL rules, rendered from the spec's rule table
+(`spec.RULES`); whether a replica fits its GPUs needs the planner, which the operator runs (a
+spec that does not fit gets Ready=False, reason DoesNotFit).
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ import sys
 from typing import Any
 
 import yaml
+from pydantic.alias_generators import to_camel
 
-from grokserve.operator.presets import PRESET_SHAPES
 from grokserve.operator.spec import (
     API_GROUP,
     API_VERSION,
@@ -21,18 +22,12 @@ from grokserve.operator.spec import (
     MAX_NAME_LENGTH,
     NAME_PATTERN,
     PLURAL,
+    RULES,
     GrokDeploymentSpec,
 )
 
 SHORT_NAMES = ["gd", "grokdep"]
 _DROPPED_KEYS = {"title", "additionalProperties", "$defs"}
-
-
-def _preset_map(field: str) -> str:
-    entries = ", ".join(
-        f"'{name}': {getattr(shape, field)}" for name, shape in PRESET_SHAPES.items()
-    )
-    return "{" + entries + "}"
 
 
 def _structural(node: Any, defs: dict[str, Any]) -> Any:
@@ -66,28 +61,15 @@ def _structural(node: Any, defs: dict[str, Any]) -> Any:
             out[key] = {name: _structural(child, defs) for name, child in value.items()}
         else:
             out[key] = _structural(value, defs)
-    if out.get("type") == "string" and "enum" in out and "maxLength" not in out:
-        out["maxLength"] = max(len(value) for value in out["enum"])
     if out.get("type") == "object" and "properties" in out:
-        # default_factory objects get their nested defaults spelled out: at CRD creation the API
-        # server checks each node's rules against its raw `default`, without applying the nested
-        # defaults first (an empty `{}` fails every rule that reads a field).
+        # default_factory objects: an empty default lets the API server fill in nested defaults.
         required = out.get("required", [])
         for name, child in out["properties"].items():
             if "properties" in child and "default" not in child and name not in required:
-                child["default"] = materialised_default(child)
+                child["default"] = {}
+    if out.get("type") == "string" and "enum" in out and "maxLength" not in out:
+        out["maxLength"] = max(len(value) for value in out["enum"])
     return out
-
-
-def materialised_default(schema: dict[str, Any]) -> dict[str, Any]:
-    """The object an empty `{}` becomes once the API server has applied every nested default."""
-    value: dict[str, Any] = {}
-    for name, child in (schema.get("properties") or {}).items():
-        if "default" in child:
-            value[name] = child["default"]
-        elif "properties" in child and name not in schema.get("required", []):
-            value[name] = materialised_default(child)
-    return value
 
 
 def _map_with_checked_keys(node: dict[str, Any]) -> dict[str, Any]:
@@ -112,55 +94,11 @@ def _map_with_checked_keys(node: dict[str, Any]) -> dict[str, Any]:
 def spec_schema() -> dict[str, Any]:
     raw = GrokDeploymentSpec.model_json_schema(by_alias=True)
     schema = _structural(raw, raw.get("$defs", {}))
-    props = schema["properties"]
-    props["autoscaling"]["x-kubernetes-validations"] = [
-        {
-            "rule": "self.minReplicas <= self.maxReplicas",
-            "message": "autoscaling.minReplicas must be ≤ autoscaling.maxReplicas",
-        },
-        {
-            "rule": "!self.enabled || has(self.prometheusUrl)",
-            "message": "autoscaling.prometheusUrl is required when autoscaling is enabled",
-        },
-        {
-            "rule": "self.minReplicas > 0 || has(self.scaleToZeroIdleSeconds)",
-            "message": "autoscaling.minReplicas 0 needs autoscaling.scaleToZeroIdleSeconds",
-        },
-    ]
-    shards = "(self.gpusPerNode * self.nodesPerReplica)"
-    props["parallelism"]["x-kubernetes-validations"] = [
-        {
-            "rule": f"{shards} % self.tensor == 0",
-            "message": "parallelism.tensor must divide gpusPerNode × nodesPerReplica",
-        },
-        {
-            "rule": f"{shards} % self.expert == 0",
-            "message": "parallelism.expert must divide gpusPerNode × nodesPerReplica",
-        },
-    ]
-    # Guarded: an unknown preset is the enum's error alone, not also a CEL `no such key`.
-    known = "self.model.preset in " + _preset_map("num_kv_heads")
-    schema["x-kubernetes-validations"] = [
-        {
-            "rule": f"!({known}) || "
-            f"{_preset_map('num_kv_heads')}[self.model.preset] % self.parallelism.tensor == 0",
-            "message": "parallelism.tensor must divide the model's kv heads (8 for grok-1)",
-            "fieldPath": ".parallelism.tensor",
-        },
-        {
-            "rule": f"!({known}) || "
-            f"{_preset_map('num_experts')}[self.model.preset] % self.parallelism.expert == 0",
-            "message": "parallelism.expert must divide the model's experts (8 for grok-1)",
-            "fieldPath": ".parallelism.expert",
-        },
-        {
-            "rule": "!self.autoscaling.enabled || (self.replicas >= self.autoscaling.minReplicas"
-            " && self.replicas <= self.autoscaling.maxReplicas)",
-            "message": "replicas must lie within autoscaling.minReplicas..maxReplicas while "
-            "autoscaling is enabled",
-            "fieldPath": ".replicas",
-        },
-    ]
+    for rule in RULES:
+        node = schema
+        for part in filter(None, rule.scope.split(".")):
+            node = node["properties"][to_camel(part)]
+        node.setdefault("x-kubernetes-validations", []).append(rule.cel())
     return schema
 
 
@@ -202,7 +140,10 @@ def status_schema() -> dict[str, Any]:
         "x-kubernetes-preserve-unknown-fields": True,
         "properties": {
             "observedGeneration": field("integer", "The spec generation this status describes."),
-            "replicas": field("integer", "Replicas the children are sized for (/scale)."),
+            "replicas": field(
+                "integer",
+                "Replicas whose worker nodes exist, ready or not (/scale's current size).",
+            ),
             "desiredReplicas": field("integer", "Replicas the spec asks for."),
             "readyReplicas": field("integer", "Replicas serving now."),
             "replicaSummary": field("string", "ready/desired, for kubectl get."),

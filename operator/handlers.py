@@ -59,9 +59,15 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     # pass wrote, and why one failed, is logged by the operator itself.
     logging.getLogger("kopf.objects").addFilter(_not_event_handler_success)
     memo.kube = CachedKube(_api_client(), ObjectCache())
-    # `grokserve operator --namespace` passes its namespaces in the memo; else all namespaces.
-    namespaces = getattr(memo, "namespaces", None)
-    memo.controller = Controller(memo.kube, RECONCILE_WORKERS, RESYNC_SECONDS, namespaces)
+    # `grokserve operator` passes its namespaces (else all) and its peering (name, identity,
+    # priority; else standalone) in the memo.
+    memo.controller = Controller(
+        memo.kube,
+        RECONCILE_WORKERS,
+        RESYNC_SECONDS,
+        namespaces=getattr(memo, "namespaces", None),
+        peering=getattr(memo, "peering", None),
+    )
     await memo.controller.start()
 
 

@@ -11,8 +11,10 @@ from typing import Any
 
 from kubernetes.client.rest import ApiException
 
+from grokserve.model.placement import Plan
 from grokserve.operator.builders import Owner, build_children
 from grokserve.operator.kube import RAYSERVICE, SERVICEMONITOR, Kube, api_message
+from grokserve.operator.replica import replica_plan
 from grokserve.operator.spec import GrokDeploymentSpec, SpecError, check_name, parse_spec
 from grokserve.operator.status import (
     KUBERAY_INSTALL_HINT,
@@ -23,6 +25,7 @@ from grokserve.operator.status import (
     serving_conditions,
 )
 
+# build_children's signature: (owner, spec, plan, *, with_servicemonitor) -> children
 BuildChildren = Callable[..., list[dict[str, Any]]]
 
 
@@ -30,6 +33,7 @@ BuildChildren = Callable[..., list[dict[str, Any]]]
 class Outcome:
     owner: Owner
     spec: GrokDeploymentSpec | None  # None when the deployment cannot proceed
+    plan: Plan | None  # one replica's plan; None when the deployment cannot proceed
     conditions: list[Condition]
     ready_replicas: int
     generation: int | None
@@ -52,6 +56,7 @@ class Outcome:
         return build_status(
             self.owner,
             self.spec,
+            self.plan,
             self.conditions,
             self.ready_replicas,
             observed_replicas=self.observed_replicas,
@@ -73,49 +78,63 @@ def owner_of(body: dict[str, Any]) -> Owner:
 
 
 def reconcile(kube: Kube, body: dict[str, Any], build: BuildChildren = build_children) -> Outcome:
-    """Validate, apply every child (server-side apply), then observe the RayService.
+    """Validate and plan, apply every child (server-side apply), then observe the RayService.
 
-    Nothing is written while any child's name is held by an object that is not ours. `build`
-    turns the spec into the children (the operator passes a memo of `build_children`).
+    A spec that is invalid or whose replica does not fit its GPUs changes no child, and nothing is
+    written while any child's name is held by an object that is not ours. `build` turns the spec
+    and plan into the children (the operator passes a memo of `build_children`).
     """
     owner = owner_of(body)
     try:
         check_name(owner.name)
         spec = parse_spec(body.get("spec"))
+        plan = replica_plan(owner.name, spec)
     except SpecError as error:
         return _failed(body, error.reason, error.message)
     if not kube.serves(RAYSERVICE):
         message = f"KubeRay's RayService CRD (ray.io/v1) is not installed; {KUBERAY_INSTALL_HINT}"
         return _failed(body, KUBERAY_MISSING, message)
-    children = build(owner, spec, with_servicemonitor=kube.serves(SERVICEMONITOR))
-    held = [h for h in (kube.foreign_holder(c, owner.uid) for c in children) if h is not None]
-    if held:
-        message = (
-            f"{'; '.join(held)} already exist(s) and is not ours: left untouched; delete or "
-            "rename it, or give the GrokDeployment another name"
-        )
-        return _failed(body, CHILD_CONFLICT, message)
-    for child in children:
-        try:
+    servicemonitor = kube.serves(SERVICEMONITOR)
+    children = build(owner, spec, plan, with_servicemonitor=servicemonitor)
+    applying: dict[str, Any] | None = None
+    try:
+        held = [h for h in (kube.foreign_holder(c, owner.uid) for c in children) if h is not None]
+        if held:
+            message = (
+                f"{'; '.join(held)} already exist(s) and is not ours: left untouched; delete or "
+                "rename it, or give the GrokDeployment another name"
+            )
+            return _failed(body, CHILD_CONFLICT, message)
+        for child in children:
+            applying = child
             kube.apply(child)
-        except ApiException as error:
-            # A refusal (validation, an admission webhook, missing RBAC) will not change by
-            # retrying: report it. Anything else (5xx, 429, network) propagates and kopf retries.
-            if error.status not in REFUSALS:
-                raise
-            what = f"{child['kind']} {child['metadata']['name']}"
-            return _failed(body, REFUSALS[error.status], f"{what}: {api_message(error)}")
-    return _observed(body, spec, kube.get(RAYSERVICE, owner.namespace, owner.name))
+    except ApiException as error:
+        # A refusal (validation, an admission webhook, missing RBAC, too large) will not change
+        # by retrying: report it. Anything else (5xx, 409, 429) propagates: the handler reports it
+        # and retries with backoff.
+        if error.status not in REFUSALS:
+            raise
+        what = (
+            "reading the children"
+            if applying is None
+            else (f"{applying['kind']} {applying['metadata']['name']}")
+        )
+        return _failed(body, REFUSALS[error.status], f"{what}: {api_message(error)}")
+    return _observed(body, spec, plan, kube.get(RAYSERVICE, owner.namespace, owner.name))
 
 
 def _observed(
-    body: dict[str, Any], spec: GrokDeploymentSpec, rayservice: dict[str, Any] | None
+    body: dict[str, Any],
+    spec: GrokDeploymentSpec,
+    plan: Plan,
+    rayservice: dict[str, Any] | None,
 ) -> Outcome:
     owner = owner_of(body)
     conditions, ready_replicas = serving_conditions(owner, spec, rayservice)
     return Outcome(
         owner,
         spec,
+        plan,
         conditions,
         ready_replicas,
         body["metadata"].get("generation"),
@@ -139,6 +158,7 @@ def _failed(body: dict[str, Any], reason: str, message: str) -> Outcome:
     repeated = before.get("reason") == reason and before.get("message") == message
     return Outcome(
         owner_of(body),
+        None,
         None,
         failure_conditions(reason, message),
         0,

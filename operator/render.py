@@ -7,6 +7,7 @@ from typing import Any
 import yaml
 
 from grokserve.operator.builders import Owner, build_children
+from grokserve.operator.replica import replica_plan
 from grokserve.operator.spec import KIND, SpecError, parse_resource
 
 
@@ -45,9 +46,10 @@ def render_documents(
         name = (body.get("metadata") or {}).get("name", "?")
         try:
             spec = parse_resource(body)
+            metadata = body["metadata"]
+            owner = Owner(name=metadata["name"], namespace=metadata.get("namespace", namespace))
+            plan = replica_plan(owner.name, spec)
         except SpecError as error:
             raise RenderError(f"{KIND} {name}: {error.message}") from None
-        metadata = body["metadata"]
-        owner = Owner(name=metadata["name"], namespace=metadata.get("namespace", namespace))
-        children.extend(build_children(owner, spec, with_servicemonitor=with_servicemonitor))
+        children.extend(build_children(owner, spec, plan, with_servicemonitor=with_servicemonitor))
     return children

@@ -1,18 +1,22 @@
 """The GrokDeployment spec (grokserve.io/v1alpha1) as pydantic models.
 
 This is the source of truth for the custom resource: the CRD's openAPIV3Schema is generated from
-these models (`grokserve.operator.crd`), and the operator parses every object with `parse_spec`, so
-that what the CRD cannot express (a context longer than the model's, say) still ends in a specific
-error instead of a crash loop.
+these models (`grokserve.operator.crd`), and the operator parses every object with `parse_spec`.
+Cross-field rules live in one table (`RULES`) that gives both the CRD's CEL rules and the models'
+checks; the presets come from the model package (`grokserve.model.presets`, which needs no torch).
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.alias_generators import to_camel
 
+from grokserve.model.config import GrokConfig
+from grokserve.model.placement.units import parse_memory
+from grokserve.model.presets import PRESETS, needs_source
 from grokserve.operator.kube_formats import (
     CpuQuantity,
     DNS1123SubdomainName,
@@ -22,7 +26,8 @@ from grokserve.operator.kube_formats import (
     LabelValue,
     MemoryQuantity,
 )
-from grokserve.operator.presets import PRESET_SHAPES, CamelModel, ModelShape
+from grokserve.operator.rules import Field as Ref
+from grokserve.operator.rules import Lookup, Rule, failures, present
 
 API_GROUP = "grokserve.io"
 API_VERSION = "v1alpha1"
@@ -33,7 +38,7 @@ PLURAL = "grokdeployments"
 # longer names from the RayService's, so names are kept short enough for both.
 NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 MAX_NAME_LENGTH = 40
-PresetName = Literal[tuple(PRESET_SHAPES)]  # type: ignore[valid-type]
+PresetName = Literal[tuple(PRESETS)]  # type: ignore[valid-type]
 # pvc://CLAIM/PATH: the claim is also a volume name, `model-CLAIM`, a DNS-1123 label (≤ 63).
 SOURCE_PATTERN = (
     r"^(pvc://[a-z0-9]([-a-z0-9]{0,55}[a-z0-9])?(/.*)?|file:///.*|(s3|gs|hf)://[^/].*)$"
@@ -42,6 +47,117 @@ URL_MAX_LENGTH = 2048
 # Bounds of every list and map: kopf keeps the whole spec in one annotation (≤ 256 KiB).
 MAX_TOLERATIONS = 32
 MAX_NODE_SELECTOR = 32
+# Kubernetes quantities of bytes with a unit (a bare number would be bytes, never what is meant).
+MEMORY_PATTERN = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)$"
+
+
+def _per_preset(what: str, label: str) -> Lookup:
+    return Lookup(
+        label,
+        {name: getattr(config, what) for name, config in PRESETS.items()},
+        Ref("model.preset"),
+    )
+
+
+def _listed(lookup: Lookup) -> str:
+    return ", ".join(f"{name}: {value}" for name, value in lookup.table.items())
+
+
+_KV_HEADS = _per_preset("num_kv_heads", "the model's kv heads")
+_EXPERTS = _per_preset("num_experts", "the model's experts")
+_CONTEXT = _per_preset("sequence_len", "the model's context")
+_NEED_SOURCE = [name for name, config in PRESETS.items() if needs_source(config)]
+_SHARDS = Ref("gpus_per_node") * Ref("nodes_per_replica")
+
+# Every cross-field rule, once: `crd.py` renders them as CEL, the models below check them.
+RULES = [
+    Rule(
+        "model",
+        ~Ref("preset").one_of(_NEED_SOURCE) | present("source"),
+        f"model.source is required for {', '.join(_NEED_SOURCE)}: random weights of that size "
+        "serve nothing useful",
+        field="source",
+    ),
+    Rule(
+        "parallelism",
+        Ref("tensor").divides(_SHARDS),
+        "parallelism.tensor must divide gpusPerNode × nodesPerReplica",
+        field="tensor",
+    ),
+    Rule(
+        "parallelism",
+        Ref("expert").divides(_SHARDS),
+        "parallelism.expert must divide gpusPerNode × nodesPerReplica",
+        field="expert",
+    ),
+    Rule(
+        "autoscaling",
+        Ref("min_replicas") <= Ref("max_replicas"),
+        "autoscaling.minReplicas must be ≤ autoscaling.maxReplicas",
+        field="min_replicas",
+    ),
+    Rule(
+        "autoscaling",
+        ~Ref("enabled") | present("prometheus_url"),
+        "autoscaling.prometheusUrl is required when autoscaling is enabled",
+        field="prometheus_url",
+    ),
+    Rule(
+        "autoscaling",
+        (Ref("min_replicas") >= 1) | present("scale_to_zero_idle_seconds"),
+        "autoscaling.minReplicas 0 needs autoscaling.scaleToZeroIdleSeconds (how long the "
+        "deployment must be idle before it scales to zero)",
+        field="min_replicas",
+    ),
+    Rule(
+        "",
+        Ref("parallelism.tensor").divides(_KV_HEADS),
+        f"parallelism.tensor must divide the model's kv heads ({_listed(_KV_HEADS)})",
+        field="parallelism.tensor",
+    ),
+    Rule(
+        "",
+        Ref("parallelism.expert").divides(_EXPERTS),
+        f"parallelism.expert must divide the model's experts ({_listed(_EXPERTS)})",
+        field="parallelism.expert",
+    ),
+    Rule(
+        "",
+        Ref("serving.max_sequence_length") <= _CONTEXT,
+        f"serving.maxSequenceLength must not exceed the model's context ({_listed(_CONTEXT)})",
+        field="serving.max_sequence_length",
+    ),
+    Rule(
+        "",
+        ~Ref("autoscaling.enabled")
+        | (
+            (Ref("replicas") >= Ref("autoscaling.min_replicas"))
+            & (Ref("replicas") <= Ref("autoscaling.max_replicas"))
+        ),
+        "replicas must lie within autoscaling.minReplicas..maxReplicas while autoscaling is "
+        "enabled",
+        field="replicas",
+    ),
+]
+
+
+class CamelModel(BaseModel):
+    """snake_case in Python, camelCase in YAML (the custom resource's spelling); both accepted."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True
+    )
+
+    # The RULES scope of this model ("" for the spec itself, None for models without rules).
+    rule_scope: ClassVar[str | None] = None
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> CamelModel:
+        if self.rule_scope is not None:
+            broken = failures(RULES, self.rule_scope, self)
+            if broken:
+                raise ValueError("; ".join(broken))
+        return self
 
 
 class SpecError(ValueError):
@@ -56,6 +172,8 @@ class SpecError(ValueError):
 class ModelSpec(CamelModel):
     """Which model to serve and how its weights are held on the GPUs."""
 
+    rule_scope: ClassVar[str | None] = "model"
+
     preset: PresetName = Field(  # type: ignore[valid-type]
         description="Architecture preset; grok-1 is the released model."
     )
@@ -64,7 +182,7 @@ class ModelSpec(CamelModel):
         pattern=SOURCE_PATTERN,
         max_length=URL_MAX_LENGTH,
         description="Checkpoint location: pvc://CLAIM/PATH, file://PATH, s3://, gs:// or hf://. "
-        "Unset serves random weights (tests and demos only).",
+        "Unset serves random weights, which only the small presets allow (tests and demos).",
     )
     tokenizer: str | None = Field(
         None,
@@ -81,12 +199,16 @@ class ModelSpec(CamelModel):
     )
 
     @property
-    def shape(self) -> ModelShape:
-        return PRESET_SHAPES[self.preset]
+    def config(self) -> GrokConfig:
+        """The preset's configuration: what the operator plans with (a source's own config.json
+        must describe the same model)."""
+        return PRESETS[self.preset]
 
 
 class ParallelismSpec(CamelModel):
     """How one model replica is spread over accelerators: G = gpusPerNode × nodesPerReplica shards."""
+
+    rule_scope: ClassVar[str | None] = "parallelism"
 
     device: Literal["gpu", "cpu"] = Field(
         "gpu",
@@ -96,21 +218,31 @@ class ParallelismSpec(CamelModel):
         8, ge=1, le=64, description="Shards (GPUs) each worker node of a replica contributes."
     )
     nodes_per_replica: int = Field(1, ge=1, le=64, description="Worker nodes one replica spans.")
-    tensor: int = Field(
-        1,
+    gpu_memory: str = Field(
+        "80Gi",
+        pattern=MEMORY_PATTERN,
+        max_length=20,
+        description="Memory of one GPU as a Kubernetes quantity (80Gi, 141Gi, 80G): the operator "
+        "plans each replica against it and refuses a spec whose replica does not fit.",
+    )
+    tensor: int | None = Field(
+        None,
         ge=1,
         le=4096,
-        description="Attention heads are split across this many shards (divides the kv heads).",
+        description="Attention kv heads are split across this many shards (divides the kv heads); "
+        "unset lets the planner choose (as wide as the kv heads allow inside a node).",
     )
-    expert: int = Field(
-        1,
+    expert: int | None = Field(
+        None,
         ge=1,
         le=4096,
-        description="Experts are split across this many shards (1 = every shard holds a slice of each expert).",
+        description="Groups of whole experts (divides the experts); unset lets the planner "
+        "choose (one group per node).",
     )
-    placement: Literal["pack", "spread", "strict-spread"] = Field(
+    strategy: Literal["pack", "spread", "strict-spread"] = Field(
         "pack",
-        description="Ray placement strategy of a replica's shards (PACK, SPREAD, STRICT_SPREAD).",
+        description="Ray placement-group strategy of a replica's shards over the worker nodes "
+        "(PACK, SPREAD, STRICT_SPREAD); which shard holds what is the planner's placement.",
     )
 
     @property
@@ -121,9 +253,21 @@ class ParallelismSpec(CamelModel):
     def gpus_per_replica(self) -> int:
         return self.shards if self.device == "gpu" else 0
 
+    @field_validator("gpu_memory")
+    @classmethod
+    def _positive_memory(cls, value: str) -> str:
+        parse_memory(value, "parallelism.gpuMemory")  # the pattern cannot refuse 0Gi
+        return value
+
+    @property
+    def gpu_memory_bytes(self) -> int:
+        return parse_memory(self.gpu_memory, "parallelism.gpuMemory")
+
 
 class AutoscalingSpec(CamelModel):
     """The built-in queue-based autoscaler; when enabled it is the only writer of spec.replicas."""
+
+    rule_scope: ClassVar[str | None] = "autoscaling"
 
     enabled: bool = Field(False, description="Run the built-in autoscaler for this deployment.")
     min_replicas: int = Field(
@@ -181,21 +325,6 @@ class AutoscalingSpec(CamelModel):
         description="With minReplicas 0: scale to zero after no request waited or ran for this long.",
     )
 
-    @model_validator(mode="after")
-    def _consistent(self) -> AutoscalingSpec:
-        if self.min_replicas > self.max_replicas:
-            raise ValueError(
-                f"minReplicas ({self.min_replicas}) must be ≤ maxReplicas ({self.max_replicas})"
-            )
-        if self.enabled and self.prometheus_url is None:
-            raise ValueError("prometheusUrl is required when enabled is true")
-        if self.min_replicas == 0 and self.scale_to_zero_idle_seconds is None:
-            raise ValueError(
-                "minReplicas 0 needs scaleToZeroIdleSeconds "
-                "(how long the deployment must be idle before it scales to zero)"
-            )
-        return self
-
 
 class ServingSpec(CamelModel):
     """Per-replica limits of the serving engine."""
@@ -234,10 +363,12 @@ class Toleration(CamelModel):
                 {
                     "rule": "has(self.key) || self.operator == 'Exists'",
                     "message": "a toleration without a key must have operator Exists",
+                    "fieldPath": ".operator",
                 },
                 {
                     "rule": "self.operator != 'Exists' || !has(self.value) || self.value == ''",
                     "message": "a toleration with operator Exists must not have a value",
+                    "fieldPath": ".value",
                 },
                 {
                     "rule": "!has(self.tolerationSeconds) || "
@@ -322,6 +453,8 @@ class RaySpec(CamelModel):
 class GrokDeploymentSpec(CamelModel):
     """A served Grok model: what to serve, how to split it, how many replicas, on which Ray cluster."""
 
+    rule_scope: ClassVar[str | None] = ""
+
     model: ModelSpec = Field(description="The model and its weights.")
     parallelism: ParallelismSpec = Field(
         default_factory=ParallelismSpec, description="How one replica is split over GPUs and nodes."
@@ -333,41 +466,9 @@ class GrokDeploymentSpec(CamelModel):
     serving: ServingSpec = Field(default_factory=ServingSpec, description="Serving engine limits.")
     ray: RaySpec = Field(default_factory=RaySpec, description="The Ray cluster and its pods.")
 
-    @model_validator(mode="after")
-    def _fits_the_model(self) -> GrokDeploymentSpec:
-        shape, par = self.model.shape, self.parallelism
-        for field in ("tensor", "expert"):
-            degree = getattr(par, field)
-            if par.shards % degree:
-                raise ValueError(
-                    f"parallelism.{field}={degree} must divide the shards per replica "
-                    f"(gpusPerNode × nodesPerReplica = {par.shards})"
-                )
-        if shape.num_kv_heads % par.tensor:
-            raise ValueError(
-                f"parallelism.tensor={par.tensor} must divide the model's {shape.num_kv_heads} kv heads"
-            )
-        if shape.num_experts % par.expert:
-            raise ValueError(
-                f"parallelism.expert={par.expert} must divide the model's {shape.num_experts} experts"
-            )
-        limit = self.serving.max_sequence_length
-        if limit is not None and limit > shape.sequence_len:
-            raise ValueError(
-                f"serving.maxSequenceLength={limit} exceeds the model's context of "
-                f"{shape.sequence_len} tokens"
-            )
-        scaling = self.autoscaling
-        if scaling.enabled and not scaling.min_replicas <= self.replicas <= scaling.max_replicas:
-            raise ValueError(
-                f"replicas={self.replicas} must lie within autoscaling.minReplicas.."
-                f"maxReplicas ({scaling.min_replicas}..{scaling.max_replicas}) while autoscaling is enabled"
-            )
-        return self
-
     @property
     def max_sequence_length(self) -> int:
-        return self.serving.max_sequence_length or self.model.shape.sequence_len
+        return self.serving.max_sequence_length or self.model.config.sequence_len
 
 
 def _describe(error: ValidationError) -> str:

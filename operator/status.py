@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from grokserve.model.placement import Plan
 from grokserve.operator.builders import Owner, endpoint, placement_summary, selector
 from grokserve.operator.spec import GrokDeploymentSpec
 
@@ -199,6 +200,7 @@ def failure_conditions(reason: str, message: str) -> list[Condition]:
 def build_status(
     owner: Owner,
     spec: GrokDeploymentSpec | None,
+    plan: Plan | None,
     conditions: list[Condition],
     ready_replicas: int,
     *,
@@ -207,7 +209,7 @@ def build_status(
     previous: dict[str, Any] | None,
     now: str | None = None,
 ) -> dict[str, Any]:
-    """The status to write over `previous`; `spec` is None when the deployment failed.
+    """The status to write over `previous`; `spec` and `plan` are None when the deployment failed.
 
     A failure sets what a spec describes to null, which the status write deletes: an endpoint or a
     replica summary left from an earlier success would claim that something serves.
@@ -220,7 +222,7 @@ def build_status(
         "readyReplicas": ready_replicas,
         "conditions": merge_conditions(previous.get("conditions"), conditions, generation, stamp),
     }
-    if spec is None:
+    if spec is None or plan is None:
         return {**status, **dict.fromkeys(SPEC_FIELDS)}
     return {
         **status,
@@ -229,5 +231,5 @@ def build_status(
         "desiredReplicas": spec.replicas,
         "gpus": spec.replicas * spec.parallelism.gpus_per_replica,
         "endpoint": endpoint(owner),
-        "placement": placement_summary(spec),
+        "placement": placement_summary(spec, plan),
     }

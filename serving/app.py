@@ -18,9 +18,12 @@ from grokserve.serving.config import ServingConfig
 from grokserve.serving.ingress import OpenAIIngress
 from grokserve.serving.replica import GrokReplica, MetricsHub
 
-# Requests past a replica's own queue still reach it (and get a quick 429 from its scheduler)
-# instead of waiting in Serve's router.
-_ADMISSION_HEADROOM = 8
+# Serve's router must never hold a request waiting for a replica's "capacity": the scheduler is
+# the only queue, and it answers admitted-or-429 at once. So a replica accepts far more calls at a
+# time than its scheduler admits (the excess are answered with 429 within milliseconds), and the
+# router's own queue only holds what is being routed right now.
+_CALLS_PER_REPLICA = 10_000
+HEALTH_CHECK_PERIOD_SECONDS = 2.0
 # The deployment of the model replicas; the launcher counts its RUNNING replicas.
 REPLICA_DEPLOYMENT = "GrokReplica"
 
@@ -40,11 +43,11 @@ def parse_args(args: dict[str, Any]) -> ServingConfig:
         raise ServingConfigError(f"invalid grokserve serving config: {problems}") from error
 
 
-def build_app(args: dict[str, Any]) -> Application:
+def check_config(config: ServingConfig) -> None:
+    """Raise (a one-line message) unless `config` can serve: its checkpoint opens, its context
+    fits the model's and its placement plan fits the accelerators. Nothing is started."""
     from grokserve.serving.loading import model_config, placement_plan
 
-    config = parse_args(args)
-    # Configs that cannot work fail here, before any replica starts.
     context = model_config(config.model).sequence_len
     if config.serving.max_sequence_length > context:
         raise ServingConfigError(
@@ -52,9 +55,12 @@ def build_app(args: dict[str, Any]) -> Application:
             f"context length ({context} tokens)"
         )
     placement_plan(config)
-    limits = config.serving
-    # What one replica's scheduler holds: a full batch running and a full queue waiting.
-    admitted = limits.max_batch_size + limits.max_queued_requests
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    config = parse_args(args)
+    # Configs that cannot work fail here, before any replica starts.
+    check_config(config)
     wire_args = config.to_args()
     hub = serve.deployment(
         MetricsHub, name="MetricsHub", num_replicas=1, ray_actor_options={"num_cpus": 0}
@@ -66,11 +72,10 @@ def build_app(args: dict[str, Any]) -> Application:
         ray_actor_options={"num_cpus": config.resources.replica_cpus},
         placement_group_bundles=config.placement_group_bundles(),
         placement_group_strategy=config.parallelism.ray_strategy,
-        max_ongoing_requests=admitted + _ADMISSION_HEADROOM,
-        # Serve's router queues each request at the caller until it has picked a replica, which
-        # takes a queue-length probe: a burst that the schedulers would admit must fit there too,
-        # or Serve answers 429 before any scheduler has seen it.
-        max_queued_requests=config.replicas * admitted + _ADMISSION_HEADROOM,
+        max_ongoing_requests=_CALLS_PER_REPLICA,
+        max_queued_requests=config.replicas * _CALLS_PER_REPLICA,
+        # A replica whose shard worker died answers 503 until Serve replaces it: look often.
+        health_check_period_s=HEALTH_CHECK_PERIOD_SECONDS,
     ).bind(wire_args, hub)
     ingress = serve.deployment(
         OpenAIIngress,

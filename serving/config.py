@@ -1,9 +1,10 @@
 """The serving configuration: one pydantic model for local runs and for the operator.
 
-The operator renders this object (`ServingConfig.to_args()`) into the RayService's `serveConfigV2`
-as the arguments of `grokserve.serving.app:build_app`, and `grokserve serve` builds it from command-line
-flags. It is pure pydantic on purpose: the operator image has neither ray nor torch, so this module
-must import neither.
+The operator builds this object from a GrokDeployment (`grokserve.operator.replica`), plans it with
+`ServingConfig.plan` and renders `ServingConfig.to_args()` into the RayService's `serveConfigV2` as
+the arguments of `grokserve.serving.app:build_app`; `grokserve serve` builds it from command-line
+flags. The operator image has neither ray nor torch, so this module imports neither (the model's
+config, presets and planner need no torch).
 
 Field names are snake_case in Python and camelCase on the wire (the same spelling as the
 GrokDeployment custom resource); both spellings are accepted on input.
@@ -13,26 +14,38 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.alias_generators import to_camel
 
-PlacementStrategy = Literal["pack", "spread", "strict-spread"]
+from grokserve.model.config import GrokConfig
+from grokserve.model.placement import (
+    Cluster,
+    DoesNotFitError,
+    Headroom,
+    Parallelism,
+    Plan,
+    default_parallelism,
+    make_plan,
+    parse_memory,
+)
 
-# Ray's names for our placement strategies (`placement_group_strategy` of a Serve deployment).
-RAY_PLACEMENT_STRATEGIES: dict[str, str] = {
+Strategy = Literal["pack", "spread", "strict-spread"]
+
+# Ray's names for our strategies (`placement_group_strategy` of a Serve deployment).
+RAY_STRATEGIES: dict[str, str] = {
     "pack": "PACK",
     "spread": "SPREAD",
     "strict-spread": "STRICT_SPREAD",
 }
 
 
-class _Spec(BaseModel):
+class _Section(BaseModel):
     model_config = ConfigDict(
         alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True
     )
 
 
-class ModelSpec(_Spec):
+class ReplicaModel(_Section):
     """Which model to serve and how to hold its weights."""
 
     preset: str = Field("grok-tiny", description="Architecture preset, e.g. grok-1, grok-mini.")
@@ -50,11 +63,15 @@ class ModelSpec(_Spec):
     seed: int = Field(0, description="Seed for random weights (used only when source is None).")
 
 
-class ParallelismSpec(_Spec):
+class ReplicaParallelism(_Section):
     """How one model replica is spread over accelerators (its G shard workers)."""
 
     gpus_per_node: int = Field(1, ge=1, le=64)
     nodes_per_replica: int = Field(1, ge=1, le=64)
+    gpu_memory: str = Field(
+        "80Gi",
+        description="Memory of one accelerator with its unit (80Gi, 141G): the plan's fit check.",
+    )
     tensor: int | None = Field(
         None,
         ge=1,
@@ -66,30 +83,31 @@ class ParallelismSpec(_Spec):
         ge=1,
         description="Groups of whole experts; None lets the planner choose (one group per node).",
     )
-    placement: PlacementStrategy = "pack"
+    strategy: Strategy = Field(
+        "pack", description="Ray placement-group strategy of the shards over the nodes."
+    )
 
     @property
     def shards(self) -> int:
         """G: shard workers (and placement-group bundles) per replica."""
         return self.gpus_per_node * self.nodes_per_replica
 
-    @model_validator(mode="after")
-    def _degrees_divide_shards(self) -> ParallelismSpec:
-        for field in ("tensor", "expert"):
-            degree = getattr(self, field)
-            if degree is not None and self.shards % degree:
-                raise ValueError(
-                    f"parallelism.{field}={degree} must divide the shards per replica "
-                    f"(gpusPerNode × nodesPerReplica = {self.shards})"
-                )
-        return self
+    @field_validator("gpu_memory")
+    @classmethod
+    def _a_size(cls, value: str) -> str:
+        parse_memory(value, "parallelism.gpuMemory")
+        return value
+
+    @property
+    def gpu_memory_bytes(self) -> int:
+        return parse_memory(self.gpu_memory, "parallelism.gpuMemory")
 
     @property
     def ray_strategy(self) -> str:
-        return RAY_PLACEMENT_STRATEGIES[self.placement]
+        return RAY_STRATEGIES[self.strategy]
 
 
-class ResourceSpec(_Spec):
+class ReplicaResources(_Section):
     """What each shard worker asks Ray for (one placement-group bundle per shard)."""
 
     device: Literal["cpu", "cuda"] = Field(
@@ -103,9 +121,6 @@ class ResourceSpec(_Spec):
         description="Ray resource holding one accelerator per shard: 'GPU' on real clusters, a "
         "custom resource for simulated nodes, None on CPU-only machines.",
     )
-    accelerator_memory_gb: float = Field(
-        80.0, gt=0, description="Memory per accelerator, for the placement plan's fit check."
-    )
     replica_cpus: float = Field(
         0.5, gt=0, description="CPUs of the replica actor (scheduler), placed in bundle 0."
     )
@@ -117,7 +132,7 @@ class ResourceSpec(_Spec):
         return bundle
 
 
-class ServingLimits(_Spec):
+class ServingLimits(_Section):
     """Per-replica limits: batch, context, queue."""
 
     max_batch_size: int = Field(16, ge=1, le=4096, description="KV-cache slots per replica.")
@@ -139,6 +154,11 @@ class ServingLimits(_Spec):
     default_max_tokens: int = Field(
         64, ge=1, description="max_tokens when a request does not set it."
     )
+    max_request_bytes: int = Field(
+        4 * 1024 * 1024,
+        ge=1024,
+        description="Largest request body the API reads; a larger one is refused with 413.",
+    )
     stream_interval_seconds: float = Field(
         0.0,
         ge=0,
@@ -154,7 +174,7 @@ class ServingLimits(_Spec):
         return self.max_batch_size * self.max_sequence_length
 
 
-class ServingConfig(_Spec):
+class ServingConfig(_Section):
     """Everything `build_app` needs to deploy one served model."""
 
     name: str = Field(
@@ -165,9 +185,9 @@ class ServingConfig(_Spec):
         description="Deployment name: the model id in the API and the `deployment` metric label.",
     )
     replicas: int = Field(1, ge=1, description="Model replicas (Serve replicas of GrokReplica).")
-    model: ModelSpec = ModelSpec()
-    parallelism: ParallelismSpec = ParallelismSpec()
-    resources: ResourceSpec = ResourceSpec()
+    model: ReplicaModel = ReplicaModel()
+    parallelism: ReplicaParallelism = ReplicaParallelism()
+    resources: ReplicaResources = ReplicaResources()
     serving: ServingLimits = ServingLimits()
 
     def to_args(self) -> dict[str, Any]:
@@ -177,6 +197,55 @@ class ServingConfig(_Spec):
     @classmethod
     def from_args(cls, args: dict[str, Any]) -> ServingConfig:
         return cls.model_validate(args)
+
+    def degrees(self, model: GrokConfig) -> Parallelism:
+        """tensor and expert, each the planner's choice where the config leaves it out."""
+        default = default_parallelism(model, self.cluster())
+        return Parallelism(
+            tensor=self.parallelism.tensor or default.tensor,
+            expert=self.parallelism.expert or default.expert,
+        )
+
+    def resolved(self, model: GrokConfig) -> ServingConfig:
+        """This config with the degrees the planner chooses written in, so that the replica runs
+        the parallelism that was planned."""
+        degrees = self.degrees(model)
+        parallelism = self.parallelism.model_copy(
+            update={"tensor": degrees.tensor, "expert": degrees.expert}
+        )
+        return self.model_copy(update={"parallelism": parallelism})
+
+    def plan(self, model: GrokConfig) -> Plan:
+        """Which rank of a replica holds which heads and experts, and whether they fit the GPUs
+        with these serving limits; raises PlacementError (DoesNotFitError naming the limits to
+        change when the layout is valid but too big)."""
+        limits = self.serving
+        headroom = Headroom(
+            cache_tokens=limits.max_batch_size * limits.max_sequence_length,
+            step_tokens=limits.max_batch_size * limits.prefill_chunk_tokens,
+        )
+        quantization = "int8" if self.model.quantization == "int8" else None
+        try:
+            return make_plan(
+                model, self.degrees(model), self.cluster(), self.model.dtype, quantization, headroom
+            )
+        except DoesNotFitError as error:
+            int8 = "" if quantization else ", keep int8 weights (model.quantization)"
+            raise DoesNotFitError(
+                f"{error}. Each GPU caches its kv heads for serving.maxBatchSize × "
+                f"serving.maxSequenceLength = {headroom.cache_tokens} tokens and computes steps "
+                f"of up to {headroom.step_tokens} tokens: lower those, add GPUs "
+                f"(parallelism.nodesPerReplica){int8}, or state larger GPUs "
+                "(parallelism.gpuMemory)"
+            ) from None
+
+    def cluster(self) -> Cluster:
+        """One replica's accelerators as the planner sees them."""
+        return Cluster(
+            nodes=self.parallelism.nodes_per_replica,
+            gpus_per_node=self.parallelism.gpus_per_node,
+            gpu_memory=self.parallelism.gpu_memory_bytes,
+        )
 
     def placement_group_bundles(self) -> list[dict[str, float]]:
         """One bundle per shard; bundle 0 also holds the replica actor itself (Ray Serve places

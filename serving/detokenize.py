@@ -90,3 +90,16 @@ def _start_of_partial_match(text: str, stop: str, floor: int) -> int:
         if text.endswith(stop[:length]):
             return len(text) - length
     return len(text)
+
+
+def token_text(decoder: Decoder, token: int) -> str:
+    """One token's own text, as logprobs show it: a SentencePiece piece with its "▁" as a space
+    and a byte piece ("<0x0A>") as that byte's character when it is one on its own."""
+    piece = getattr(decoder, "piece", None)
+    if piece is None:
+        return decoder.decode([token])
+    text = piece(token)
+    if len(text) == 6 and text.startswith("<0x") and text.endswith(">"):
+        value = int(text[3:5], 16)
+        return chr(value) if value < 0x80 else text
+    return text.replace("\u2581", " ")

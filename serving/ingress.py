@@ -1,9 +1,15 @@
-"""The HTTP ingress: OpenAI-compatible routes, SSE streaming, errors in OpenAI's shape, /metrics."""
+"""The HTTP ingress: OpenAI-compatible routes, vLLM's tokenizer routes, SSE streaming, errors in
+OpenAI's shape, /metrics.
+
+Admission happens in the replica's scheduler only (see `grokserve.serving.app`): this layer
+bounds what it reads (the body size), validates, and turns the replica's events into responses.
+"""
 
 import asyncio
 import json
+import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -11,33 +17,47 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from ray import serve
+from ray.exceptions import RayError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from grokserve.serving.config import ServingConfig
-from grokserve.serving.engine import GenerateRequest
-from grokserve.serving.scheduler import SamplingParams
+from grokserve.serving.metrics import RequestMetrics
+from grokserve.serving.requests import GenerateRequest
 from grokserve.serving.schemas import (
     CHAT_STOP,
+    CHAT_TEMPLATE,
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
     ErrorBody,
     ErrorResponse,
+    InvalidUnicode,
     ModelCard,
     ModelList,
     SamplingFields,
+    TokenizeRequest,
+    UnsupportedParameter,
     chat_choice,
     chat_chunk_choice,
+    chat_logprobs,
     completion_choice,
+    completion_logprobs,
     new_id,
     now,
     render_chat,
 )
 
-READY_TIMEOUT_SECONDS = 5.0
+log = logging.getLogger(__name__)
 
-app = FastAPI(title="grokserve", description="OpenAI-compatible API for Grok models")
+READY_TIMEOUT_SECONDS = 5.0
+# A replica answers admitted-or-refused at once; longer means none is serving (being replaced).
+ADMISSION_TIMEOUT_SECONDS = 10.0
+# Between two parts of a request body: a slow or half-sent upload is cut off after this.
+BODY_TIMEOUT_SECONDS = 30.0
+RETRY_AFTER_UNAVAILABLE = 5
 
 
 class ApiError(Exception):
@@ -57,7 +77,15 @@ class ApiError(Exception):
         self.retry_after = retry_after
 
 
-_ERROR_TYPES = {429: "rate_limit_error", 503: "service_unavailable_error", 500: "internal_error"}
+def unavailable(message: str) -> ApiError:
+    return ApiError(503, message, code="service_unavailable", retry_after=RETRY_AFTER_UNAVAILABLE)
+
+
+_ERROR_TYPES = {
+    429: "rate_limit_error",
+    503: "service_unavailable_error",
+    500: "internal_error",
+}
 
 
 def error_response(error: ApiError) -> JSONResponse:
@@ -73,35 +101,125 @@ def error_response(error: ApiError) -> JSONResponse:
     )
 
 
+class BodyLimit:
+    """Reads a request body up to the app's `max_request_bytes` (413 beyond it, at once when
+    Content-Length says so) with a timeout per part (408), then hands it to the app whole."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        limit = scope["app"].state.max_request_bytes
+        too_large = ApiError(
+            413,
+            f"the request body exceeds {limit} bytes (serving.maxRequestBytes)",
+            code="request_too_large",
+        )
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await error_response(too_large)(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            try:
+                message = await asyncio.wait_for(receive(), BODY_TIMEOUT_SECONDS)
+            except TimeoutError:
+                timeout = ApiError(408, "the request body was not sent in time", code="timeout")
+                await error_response(timeout)(scope, receive, send)
+                return
+            if message["type"] == "http.disconnect":
+                return
+            size += len(message.get("body", b""))
+            if size > limit:
+                await error_response(too_large)(scope, receive, send)
+                return
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        sent = False
+
+        async def replay() -> Message:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+app = FastAPI(title="grokserve", description="OpenAI-compatible API for Grok models")
+app.add_middleware(BodyLimit)
+app.state.max_request_bytes = ServingConfig().serving.max_request_bytes
+
+
 @app.exception_handler(ApiError)
-async def _api_error(_: Request, error: ApiError) -> JSONResponse:
+async def _api_error(request: Request, error: ApiError) -> JSONResponse:
+    _count(request, error.status)
     return error_response(error)
 
 
 @app.exception_handler(RequestValidationError)
-async def _validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
+async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+    _count(request, 400)
     first = error.errors()[0]
     # loc is (where, field, ...), where is body, query or path.
     location = [str(part) for part in first.get("loc", ())[1:]]
+    cause = first.get("ctx", {}).get("error")
     if first.get("type") == "json_invalid":
         return error_response(
-            ApiError(400, f"invalid JSON body: {first.get('ctx', {}).get('error')}")
+            ApiError(
+                400, f"invalid JSON body: {first.get('ctx', {}).get('error')}", code="invalid_json"
+            )
         )
+    if isinstance(cause, InvalidUnicode):
+        return error_response(ApiError(400, str(cause), param=cause.param, code="invalid_unicode"))
+    if isinstance(cause, UnsupportedParameter):
+        return error_response(
+            ApiError(400, str(cause), param=cause.param, code="unsupported_parameter")
+        )
+    if not location and isinstance(cause, ValueError):
+        # A check across fields: its message starts with the parameter it names.
+        message = str(cause)
+        param = message.split(":", 1)[0]
+        return error_response(ApiError(400, message, param=param, code="invalid_value"))
     if not location:
-        return error_response(ApiError(400, "the request body must be a JSON object"))
-    param = ".".join(location) or None
-    message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
-    return error_response(ApiError(400, message, param=param))
+        return error_response(
+            ApiError(400, "the request body must be a JSON object", code="invalid_json")
+        )
+    param = ".".join(location)
+    code = "missing_required_parameter" if first.get("type") == "missing" else "invalid_value"
+    return error_response(ApiError(400, f"{param}: {first.get('msg')}", param=param, code=code))
 
 
 @app.exception_handler(StarletteHTTPException)
-async def _http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
-    return error_response(ApiError(error.status_code, str(error.detail)))
+async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+    _count(request, error.status_code)
+    codes = {404: "not_found", 405: "method_not_allowed"}
+    status = error.status_code
+    return error_response(ApiError(status, str(error.detail), code=codes.get(status)))
 
 
 @app.exception_handler(Exception)
-async def _internal_error(_: Request, error: Exception) -> JSONResponse:
-    return error_response(ApiError(500, f"internal error: {error!r}"))
+async def _internal_error(request: Request, error: Exception) -> JSONResponse:
+    # The client learns that it failed, never how: internals stay in the log.
+    log.exception("unhandled error on %s", request.url.path)
+    _count(request, 500)
+    return error_response(ApiError(500, "internal server error; see the server's logs"))
+
+
+_GENERATION_ROUTES = ("/v1/completions", "/v1/chat/completions")
+
+
+def _count(request: Request, status: int | str) -> None:
+    metrics = getattr(request.app.state, "request_metrics", None)
+    if metrics is not None and request.url.path in _GENERATION_ROUTES:
+        metrics.on_response(request.url.path, status)
 
 
 def _sse(payload: dict[str, Any] | str) -> str:
@@ -117,6 +235,86 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
+_REPLICA_FAILED = {"deltas": [{"index": 0, "finish_reason": "error", "completion_tokens": 0}]}
+
+
+async def _guard(
+    messages: AsyncIterator[tuple[int, dict[str, Any]]],
+) -> AsyncIterator[tuple[int, dict[str, Any]]]:
+    """The messages, ending with an error delta (not an exception) if the replica dies."""
+    try:
+        async for item in messages:
+            yield item
+    except RayError as error:
+        log.warning("a replica failed while streaming: %r", error)
+        yield 0, _REPLICA_FAILED
+
+
+async def _merge(
+    streams: list[DeploymentResponseGenerator],
+) -> AsyncIterator[tuple[int, dict[str, Any]]]:
+    """The messages of several streams as they arrive, each with its stream's position."""
+    if len(streams) == 1:
+        async for message in streams[0]:
+            yield 0, message
+        return
+    queue: asyncio.Queue[tuple[int, dict[str, Any] | None]] = asyncio.Queue()
+
+    async def pump(position: int, stream: DeploymentResponseGenerator) -> None:
+        try:
+            async for message in stream:
+                await queue.put((position, message))
+        finally:
+            await queue.put((position, None))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        open_streams = len(streams)
+        while open_streams:
+            position, message = await queue.get()
+            if message is None:
+                open_streams -= 1
+            else:
+                yield position, message
+        for task in tasks:
+            task.result()  # a stream that failed fails the response
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+class _Started:
+    """One prompt's admitted generation: its event stream and what the first event said."""
+
+    def __init__(self, stream: DeploymentResponseGenerator, first: dict[str, Any]) -> None:
+        self.stream = stream
+        self.prompt_tokens: int = first["prompt_tokens"]
+        self.prompt_text: str | None = first["prompt_text"]
+
+
+class _Choice:
+    """What one choice accumulates from its deltas."""
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.tokens = 0
+        self.reason: str | None = None
+        self.logprobs: list[dict[str, Any]] = []
+        self.prompt_logprobs: list[dict[str, Any]] | None = None
+
+    def add(self, event: dict[str, Any]) -> None:
+        self.text += event["text"]
+        self.tokens = event["completion_tokens"]
+        self.reason = event["finish_reason"]
+        self.logprobs += event["logprobs"]
+        if event["prompt_logprobs"] is not None:
+            self.prompt_logprobs = event["prompt_logprobs"]
+
+    @property
+    def cumulative_logprob(self) -> float:
+        return sum(entry["logprob"] for entry in self.logprobs)
+
+
 @serve.ingress(app)
 class OpenAIIngress:
     def __init__(
@@ -124,8 +322,13 @@ class OpenAIIngress:
     ) -> None:
         self.config = ServingConfig.from_args(args)
         self.replica = replica
+        # One streaming handle for every request (options() builds a new handle each call).
+        self.replica_stream = replica.options(stream=True)
         self.metrics_hub = metrics_hub
         self.created = int(time.time())
+        self.request_metrics = RequestMetrics(self.config.name)
+        app.state.max_request_bytes = self.config.serving.max_request_bytes
+        app.state.request_metrics = self.request_metrics
 
     # -- plain routes ---------------------------------------------------------------------------
 
@@ -140,12 +343,21 @@ class OpenAIIngress:
                 self.replica.ready.remote(), timeout=READY_TIMEOUT_SECONDS
             )
         except Exception as error:
-            raise ApiError(503, f"no model replica answered: {error!r}") from error
+            log.info("readiness check failed: %r", error)
+            raise unavailable("no model replica is ready to serve") from error
         return {"status": "ready", "model": self.config.name, **replica}
+
+    def _card(self) -> ModelCard:
+        return ModelCard(id=self.config.name, created=self.created)
 
     @app.get("/v1/models")
     async def models(self) -> ModelList:
-        return ModelList(data=[ModelCard(id=self.config.name, created=self.created)])
+        return ModelList(data=[self._card()])
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(self, model_id: str) -> ModelCard:
+        self._check_model(model_id)
+        return self._card()
 
     @app.get("/v1/placement")
     async def placement(self) -> dict[str, Any]:
@@ -154,131 +366,236 @@ class OpenAIIngress:
     @app.get("/metrics")
     async def metrics(self) -> Response:
         text = await self.metrics_hub.render.remote()
-        return Response(content=text, media_type=CONTENT_TYPE_LATEST)
+        return Response(
+            content=text + self.request_metrics.render(), media_type=CONTENT_TYPE_LATEST
+        )
+
+    # -- vLLM's tokenizer routes ---------------------------------------------------------------
+
+    @app.post("/tokenize")
+    async def tokenize(self, body: TokenizeRequest) -> dict[str, Any]:
+        if body.model is not None:
+            self._check_model(body.model)
+        text = body.prompt if body.messages is None else render_chat(body.messages)
+        answer = await self._call(self.replica.tokenize.remote(text, body.add_special_tokens))
+        return {**answer, "max_model_len": self.config.serving.max_sequence_length}
+
+    @app.post("/detokenize")
+    async def detokenize(self, body: DetokenizeRequest) -> dict[str, Any]:
+        if body.model is not None:
+            self._check_model(body.model)
+        return await self._call(self.replica.detokenize.remote(body.tokens))
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info(self) -> dict[str, Any]:
+        info = await self._call(self.replica.tokenizer_info.remote())
+        limit = self.config.serving.max_sequence_length
+        return {**info, "model_max_length": limit, "chat_template": CHAT_TEMPLATE}
+
+    async def _call(self, response: Any) -> Any:
+        """A replica call's result, or 503 when no replica can answer; its refusals as 400s."""
+        try:
+            answer = await asyncio.wait_for(response, ADMISSION_TIMEOUT_SECONDS)
+        except (RayError, TimeoutError) as error:
+            log.warning("replica call failed: %r", error)
+            raise unavailable("no model replica could answer; retry later") from error
+        if isinstance(answer, dict) and "error" in answer:
+            error = answer["error"]
+            raise ApiError(400, error["message"], param=error["param"], code="invalid_value")
+        return answer
 
     # -- generation -----------------------------------------------------------------------------
 
     @app.post("/v1/completions")
     async def completions(self, body: CompletionRequest) -> Response:
-        request = self._generate_request(body, body.prompt_input(), body.max_tokens, [])
-        return await self._respond(body, request, "text_completion", "cmpl")
+        self._check_model(body.model)
+        best_of = body.best_of or body.n
+        # best_of ranks choices by their logprobs: ask for them, show them only when asked.
+        logprobs = body.logprobs if body.logprobs is not None or best_of == body.n else 0
+        sampling = body.sampling_params(
+            logprobs, prompt_logprobs=body.echo and logprobs is not None
+        )
+        requests = [
+            GenerateRequest(
+                prompt, body.max_tokens, sampling, body.stop_strings(), best_of, body.echo
+            )
+            for prompt in body.prompts()
+        ]
+        return await self._respond(body, requests, "text_completion", "cmpl")
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatCompletionRequest) -> Response:
-        prompt = render_chat(body.messages)
-        request = self._generate_request(body, prompt, body.effective_max_tokens(), [CHAT_STOP])
-        return await self._respond(body, request, "chat.completion", "chatcmpl")
+        self._check_model(body.model)
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        request = GenerateRequest(
+            render_chat(body.messages),
+            body.effective_max_tokens(),
+            body.sampling_params(logprobs, prompt_logprobs=False),
+            [*body.stop_strings(), CHAT_STOP],
+            body.n,
+        )
+        return await self._respond(body, [request], "chat.completion", "chatcmpl")
 
-    def _generate_request(
-        self,
-        body: SamplingFields,
-        prompt: str | list[int],
-        max_tokens: int | None,
-        extra_stop: list[str],
-    ) -> GenerateRequest:
-        if body.model != self.config.name:
+    def _check_model(self, model: str) -> None:
+        if model != self.config.name:
             raise ApiError(
                 404,
-                f"The model `{body.model}` does not exist; this server serves "
+                f"The model `{model}` does not exist; this server serves "
                 f"`{self.config.name}` (see GET /v1/models)",
                 param="model",
                 code="model_not_found",
             )
-        sampling = SamplingParams(body.temperature, body.top_p, body.top_k, body.seed)
-        stop = [*body.stop_strings(), *extra_stop]
-        return GenerateRequest(prompt, max_tokens, sampling, stop, body.n)
 
-    async def _start(self, request: GenerateRequest) -> tuple[DeploymentResponseGenerator, int]:
+    async def _start(self, request: GenerateRequest) -> _Started:
         """Send the request to a replica; return its event stream once it was admitted."""
-        stream = self.replica.options(stream=True).generate.remote(request)
+        stream = self.replica_stream.generate.remote(request)
         try:
-            first = await stream.__anext__()
+            first = await asyncio.wait_for(stream.__anext__(), ADMISSION_TIMEOUT_SECONDS)
         except BackPressureError as error:
-            limits = self.config.serving
             raise ApiError(
                 429,
-                "all model replicas are at capacity (maxBatchSize running + "
-                f"maxQueuedRequests={limits.max_queued_requests} queued each); retry later",
+                "all model replicas are at capacity; retry later",
                 code="rate_limit_exceeded",
                 retry_after=1,
             ) from error
+        except (RayError, TimeoutError) as error:
+            stream.cancel()
+            log.warning("no replica admitted the request: %r", error)
+            raise unavailable("no model replica is serving now; retry later") from error
         if "error" in first:
             error = first["error"]
             raise ApiError(
                 error["status"],
                 error["message"],
                 param=error["param"],
-                code="rate_limit_exceeded" if error["status"] == 429 else None,
+                code=error["code"],
                 retry_after=error["retry_after"],
             )
-        return stream, first["prompt_tokens"]
+        return _Started(stream, first)
+
+    async def _start_all(self, requests: list[GenerateRequest]) -> list[_Started]:
+        """All prompts admitted, or none: the first refusal cancels the others."""
+        results = await asyncio.gather(*(self._start(r) for r in requests), return_exceptions=True)
+        failures = [r for r in results if isinstance(r, BaseException)]
+        if failures:
+            for result in results:
+                if isinstance(result, _Started):
+                    result.stream.cancel()
+            raise failures[0]
+        return results  # type: ignore[return-value]
 
     async def _respond(
-        self, body: SamplingFields, request: GenerateRequest, kind: str, prefix: str
+        self, body: SamplingFields, requests: list[GenerateRequest], kind: str, prefix: str
     ) -> Response:
-        stream, prompt_tokens = await self._start(request)
+        started = await self._start_all(requests)
         header = {"id": new_id(prefix), "object": kind, "created": now(), "model": body.model}
+        route = _GENERATION_ROUTES[kind == "chat.completion"]
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            chunks = self._stream(stream, header, prompt_tokens, include_usage)
+            chunks = self._stream(started, requests[0].n, header, include_usage, body, route)
             return StreamingResponse(chunks, media_type="text/event-stream")
+        per_prompt = requests[0].n
+        choices = [_Choice() for _ in range(len(started) * per_prompt)]
         try:
-            texts = [""] * request.n
-            reasons: list[str | None] = [None] * request.n
-            tokens = [0] * request.n
-            async for message in stream:
+            async for position, message in _merge([s.stream for s in started]):
                 for event in message["deltas"]:
-                    index = event["index"]
-                    texts[index] += event["text"]
-                    tokens[index] = event["completion_tokens"]
-                    reasons[index] = event["finish_reason"]
+                    choices[position * per_prompt + event["index"]].add(event)
+        except RayError as error:
+            log.warning("a replica failed while generating: %r", error)
+            raise unavailable("the model replica failed while generating; retry later") from error
         finally:
-            stream.cancel()
-        if "error" in reasons:
-            raise ApiError(500, "the model replica failed while generating; see its logs")
-        choice: Callable[[int, str, str | None], dict[str, Any]] = (
-            chat_choice if kind == "chat.completion" else completion_choice
-        )
+            for s in started:
+                s.stream.cancel()
+        if any(choice.reason == "error" for choice in choices):
+            raise unavailable("the model replica failed while generating; retry later")
+        rendered = []
+        wanted = body.n
+        for position, s in enumerate(started):
+            group = choices[position * per_prompt : (position + 1) * per_prompt]
+            if per_prompt > wanted:  # best_of
+                group = sorted(group, key=lambda c: c.cumulative_logprob, reverse=True)[:wanted]
+            for choice in group:
+                rendered.append(self._render(body, s, choice, index=len(rendered)))
+        completion_tokens = sum(choice.tokens for choice in choices)
+        self.request_metrics.on_response(route, 200)
         return JSONResponse(
             {
                 **header,
-                "choices": [choice(i, texts[i], reasons[i]) for i in range(request.n)],
-                "usage": _usage(prompt_tokens, sum(tokens)),
+                "choices": rendered,
+                "usage": _usage(sum(s.prompt_tokens for s in started), completion_tokens),
             }
         )
 
+    def _render(
+        self, body: SamplingFields, started: _Started, choice: _Choice, index: int
+    ) -> dict[str, Any]:
+        if isinstance(body, ChatCompletionRequest):
+            logprobs = chat_logprobs(choice.logprobs) if body.logprobs else None
+            return chat_choice(index, choice.text, choice.reason, logprobs)
+        assert isinstance(body, CompletionRequest)
+        text, logprobs = choice.text, None
+        echoed = started.prompt_text or ""
+        if body.echo:
+            text = echoed + text
+        if body.logprobs is not None:
+            entries = [*(choice.prompt_logprobs or []), *choice.logprobs]
+            logprobs = completion_logprobs(entries, 0 if body.echo else len(echoed))
+        return completion_choice(index, text, choice.reason, logprobs)
+
     async def _stream(
         self,
-        stream: DeploymentResponseGenerator,
+        started: list[_Started],
+        per_prompt: int,
         header: dict[str, Any],
-        prompt_tokens: int,
         include_usage: bool,
+        body: SamplingFields,
+        route: str,
     ) -> AsyncIterator[str]:
         chat = header["object"] == "chat.completion"
         chunk_header = {**header, "object": "chat.completion.chunk" if chat else "text_completion"}
-        started: set[int] = set()
+        first_seen: set[int] = set()
         tokens: dict[int, int] = {}
+        offsets: dict[int, int] = {}
         failed = False
+        finished = False
         try:
-            async for message in stream:
+            async for position, message in _guard(_merge([s.stream for s in started])):
                 chunks = []
                 for event in message["deltas"]:
-                    index, reason = event["index"], event["finish_reason"]
+                    index = position * per_prompt + event["index"]
+                    reason = event["finish_reason"]
                     tokens[index] = event["completion_tokens"]
                     if reason == "error":
-                        error = {"message": "the model replica failed while generating"}
-                        chunks.append(_sse({"error": error}))
+                        error = {"message": "the model replica failed while generating; retry"}
+                        chunks.append(_sse({"error": {**error, "code": "service_unavailable"}}))
                         failed = True
                         break
-                    if not event["text"] and reason is None:
-                        continue
+                    text = event["text"]
+                    first = index not in first_seen
+                    first_seen.add(index)
                     if chat:
+                        logprobs = None
+                        if isinstance(body, ChatCompletionRequest) and body.logprobs:
+                            logprobs = chat_logprobs(event["logprobs"])
+                        if not text and reason is None and not first and not event["logprobs"]:
+                            continue
                         choice = chat_chunk_choice(
-                            index, event["text"], reason, first=index not in started
+                            index, text, reason, first=first, logprobs=logprobs
                         )
-                        started.add(index)
                     else:
-                        choice = completion_choice(index, event["text"], reason)
+                        assert isinstance(body, CompletionRequest)
+                        entries = event["logprobs"]
+                        if first and body.echo:
+                            text = (started[position].prompt_text or "") + text
+                            entries = [*(event["prompt_logprobs"] or []), *entries]
+                        if not text and reason is None and not entries:
+                            continue
+                        logprobs = None
+                        if body.logprobs is not None:
+                            offset = offsets.get(index, 0)
+                            logprobs = completion_logprobs(entries, offset)
+                            offsets[index] = offset + sum(len(e["text"]) for e in entries)
+                        choice = completion_choice(index, text, reason, logprobs)
                     chunks.append(_sse({**chunk_header, "choices": [choice]}))
                 # One write for everything that was ready: fewer messages through Serve's proxy.
                 if chunks:
@@ -286,9 +603,14 @@ class OpenAIIngress:
                 if failed:
                     break
             if include_usage and not failed:
+                prompt_tokens = sum(s.prompt_tokens for s in started)
                 usage = _usage(prompt_tokens, sum(tokens.values()))
                 yield _sse({**chunk_header, "choices": [], "usage": usage})
             yield _sse("[DONE]")
+            finished = True
         finally:
             # Runs when the client disconnects mid-stream too: the replica frees the slots.
-            stream.cancel()
+            for s in started:
+                s.stream.cancel()
+            status = 503 if failed else 200 if finished else "cancelled"
+            self.request_metrics.on_response(route, status)

@@ -174,11 +174,11 @@ class LocalServing:
     def close(self) -> None:
         if ray.is_initialized():
             try:
+                # A cluster this process started goes away whole below: Serve's graceful
+                # shutdown (draining every replica) would only make Ctrl-C slow.
                 if self.ray_address:
                     for name in list(self._deployed):
                         self.delete(name)
-                else:
-                    serve.shutdown()
             finally:
                 # Disconnects this driver; a joined cluster keeps running.
                 ray.shutdown()

@@ -11,38 +11,38 @@ import torch
 from grokserve.model import GrokConfig, GrokModel, preset
 from grokserve.model.checkpoint import open_checkpoint
 from grokserve.model.checkpoint.base import CheckpointReader
+from grokserve.model.config import SpecialTokens
 from grokserve.model.parallel import GrokShard, shard_device, start_process_group
-from grokserve.model.placement import GB, Cluster, Headroom, Parallelism, Plan, make_plan
+from grokserve.model.placement import Plan
 from grokserve.model.tokenizer import Tokenizer, beside_checkpoint
-from grokserve.serving.config import ModelSpec, ServingConfig
+from grokserve.serving.config import ReplicaModel, ServingConfig
 from grokserve.serving.engine import Engine
 from grokserve.serving.scheduler import Executor, Scheduler, SchedulerObserver
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
-# Ids below this are Grok's special tokens ([PAD], [BOS], [EOS], [UNK]).
-_SPECIAL_IDS = 4
-
 
 class ByteTokenizer:
-    """UTF-8 bytes as ids 4..259, for models that ship without a SentencePiece file.
+    """UTF-8 bytes as the 256 ids after the config's special tokens and Grok's [UNK] (4..259 for
+    Grok's [PAD]=0, [BOS]=1, [EOS]=2, [UNK]=3), for models that ship without a SentencePiece file.
 
-    With a 256-entry vocabulary (grok-tiny) bytes 0xFC..0xFF have no id; they never occur in
-    valid UTF-8, so every text still round-trips.
+    With a 256-entry vocabulary (grok-tiny) the last bytes have no id; they never occur in valid
+    UTF-8, so every text still round-trips.
     """
 
-    def __init__(self, vocab_size: int) -> None:
+    def __init__(self, vocab_size: int, special: SpecialTokens) -> None:
         self.vocab_size = vocab_size
+        self.first = max(special) + 2  # [UNK] follows the last special id in Grok's vocabulary
 
     def encode(self, text: str) -> list[int]:
         return [
-            byte + _SPECIAL_IDS
+            byte + self.first
             for byte in text.encode("utf-8")
-            if byte + _SPECIAL_IDS < self.vocab_size
+            if byte + self.first < self.vocab_size
         ]
 
     def decode(self, ids: Sequence[int]) -> str:
-        data = bytes(i - _SPECIAL_IDS for i in ids if _SPECIAL_IDS <= i < _SPECIAL_IDS + 256)
+        data = bytes(i - self.first for i in ids if self.first <= i < self.first + 256)
         return data.decode("utf-8", errors="replace")
 
 
@@ -50,7 +50,7 @@ class ByteTokenizer:
 DEMO_CHECKPOINT = Path(__file__).resolve().parent / "demo"
 
 
-def open_source(spec: ModelSpec) -> CheckpointReader:
+def open_source(spec: ReplicaModel) -> CheckpointReader:
     """A reader for `spec.source` in any format grokserve.model reads (its own config.json +
     safetensors, Hugging Face, or xAI's released checkpoint)."""
     if spec.source is None:
@@ -58,7 +58,7 @@ def open_source(spec: ModelSpec) -> CheckpointReader:
     return open_checkpoint(local_path(spec.source))
 
 
-def model_config(spec: ModelSpec) -> GrokConfig:
+def model_config(spec: ReplicaModel) -> GrokConfig:
     return preset(spec.preset) if spec.source is None else open_source(spec).config
 
 
@@ -75,34 +75,19 @@ def local_path(location: str) -> Path:
     return Path(location)
 
 
-def load_tokenizer(spec: ModelSpec) -> Tokenizer | ByteTokenizer:
+def load_tokenizer(spec: ReplicaModel) -> Tokenizer | ByteTokenizer:
+    config = model_config(spec)
     if spec.tokenizer is not None:
-        return Tokenizer(local_path(spec.tokenizer))
+        return Tokenizer(local_path(spec.tokenizer), config.special_tokens)
     if spec.source is not None and (shipped := beside_checkpoint(local_path(spec.source))):
-        return Tokenizer(shipped)
-    return ByteTokenizer(model_config(spec).vocab_size)
+        return Tokenizer(shipped, config.special_tokens)
+    return ByteTokenizer(config.vocab_size, config.special_tokens)
 
 
 def placement_plan(config: ServingConfig) -> Plan:
-    """Which rank holds which heads and experts in one replica (a pure function of the config)."""
-    parallelism = config.parallelism
-    degrees = None
-    if parallelism.tensor is not None or parallelism.expert is not None:
-        degrees = Parallelism(tensor=parallelism.tensor or 1, expert=parallelism.expert or 1)
-    cluster = Cluster(
-        nodes=parallelism.nodes_per_replica,
-        gpus_per_node=parallelism.gpus_per_node,
-        gpu_memory=int(config.resources.accelerator_memory_gb * GB),
-    )
-    limits = config.serving
-    headroom = Headroom(
-        cache_tokens=limits.max_batch_size * limits.max_sequence_length,
-        step_tokens=limits.max_batch_size * limits.prefill_chunk_tokens,
-    )
-    quantization = "int8" if config.model.quantization == "int8" else None
-    return make_plan(
-        model_config(config.model), degrees, cluster, config.model.dtype, quantization, headroom
-    )
+    """Which rank holds which heads and experts in one replica, planned with the model the replica
+    serves (its checkpoint's config, or its preset's)."""
+    return config.plan(model_config(config.model))
 
 
 def load_shard(config: ServingConfig, rank: int, master: tuple[str, int]) -> GrokShard:
@@ -143,6 +128,7 @@ def build_engine(
 ) -> Engine:
     """The request path over `executor` with the config's limits; its scheduler is not started."""
     tokenizer = load_tokenizer(config.model)
+    special = model_config(config.model).special_tokens
     limits = config.serving
     scheduler = Scheduler(
         executor,
@@ -152,7 +138,10 @@ def build_engine(
         max_queued_requests=limits.max_queued_requests,
         kv_budget=limits.kv_budget,
         prefill_chunk_tokens=limits.prefill_chunk_tokens,
-        eos_id=model_config(config.model).eos_token,
+        eos_id=special.eos,
+        pad_id=special.pad,
         observer=observer,
     )
-    return Engine(scheduler, tokenizer, limits.default_max_tokens, limits.stream_interval_seconds)
+    return Engine(
+        scheduler, tokenizer, special, limits.default_max_tokens, limits.stream_interval_seconds
+    )

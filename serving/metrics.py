@@ -17,6 +17,7 @@ from prometheus_client.registry import Collector
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+_LENGTH_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 
 
 class ReplicaMetrics:
@@ -50,7 +51,7 @@ class ReplicaMetrics:
         self.ttft = labelled(
             Histogram(
                 "grokserve_time_to_first_token_seconds",
-                "From submission to the first generated token.",
+                "From the request's arrival at the API to its first generated token.",
                 labels,
                 buckets=_LATENCY_BUCKETS,
                 registry=reg,
@@ -74,6 +75,48 @@ class ReplicaMetrics:
                 registry=reg,
             )
         )
+        self.queue_time = labelled(
+            Histogram(
+                "grokserve_request_queue_time_seconds",
+                "From admission by the scheduler to a KV-cache slot (time spent waiting).",
+                labels,
+                buckets=_LATENCY_BUCKETS,
+                registry=reg,
+            )
+        )
+        self.e2e = labelled(
+            Histogram(
+                "grokserve_e2e_request_latency_seconds",
+                "From the request's arrival at the API to its last token, per sequence.",
+                labels,
+                buckets=_LATENCY_BUCKETS,
+                registry=reg,
+            )
+        )
+        self.prompt_length = labelled(
+            Histogram(
+                "grokserve_request_prompt_tokens",
+                "Prompt tokens of each finished sequence.",
+                labels,
+                buckets=_LENGTH_BUCKETS,
+                registry=reg,
+            )
+        )
+        self.generation_length = labelled(
+            Histogram(
+                "grokserve_request_generation_tokens",
+                "Generated tokens of each finished sequence.",
+                labels,
+                buckets=_LENGTH_BUCKETS,
+                registry=reg,
+            )
+        )
+        self._finished = Counter(
+            "grokserve_request_success",
+            "Finished sequences by finish reason (stop, length, cancelled, error).",
+            (*labels, "finish_reason"),
+            registry=reg,
+        )
         self.prompt_tokens = labelled(
             Counter("grokserve_prompt_tokens", "Prompt tokens prefilled.", labels, registry=reg)
         )
@@ -91,8 +134,9 @@ class ReplicaMetrics:
 
     # -- SchedulerObserver --------------------------------------------------------------------
 
-    def on_prompt(self, tokens: int) -> None:
+    def on_prompt(self, tokens: int, queued_seconds: float) -> None:
         self.prompt_tokens.inc(tokens)
+        self.queue_time.observe(queued_seconds)
 
     def on_first_token(self, seconds: float) -> None:
         self.ttft.observe(seconds)
@@ -101,6 +145,12 @@ class ReplicaMetrics:
     def on_next_token(self, seconds: float) -> None:
         self.itl.observe(seconds)
         self.generation_tokens.inc()
+
+    def on_finish(self, reason: str, seconds: float, prompt: int, generated: int) -> None:
+        self._finished.labels(**self._values, finish_reason=reason).inc()
+        self.e2e.observe(seconds)
+        self.prompt_length.observe(prompt)
+        self.generation_length.observe(generated)
 
     def on_decode_batch(self, size: int) -> None:
         self.decode_batch.observe(size)
@@ -157,3 +207,26 @@ class MergedMetrics(Collector):
 
     def render(self) -> bytes:
         return generate_latest(self._registry)
+
+
+class RequestMetrics:
+    """The API's own counts (the ingress): HTTP requests by route and status class, including
+    those refused before reaching a replica (429, 4xx, 5xx) and the ones the client cancelled."""
+
+    def __init__(self, deployment: str) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._deployment = deployment
+        self._requests = Counter(
+            "grokserve_http_requests",
+            "HTTP requests to the generation routes by status (200, 429, 4xx, 5xx, cancelled).",
+            ("deployment", "route", "status"),
+            registry=self.registry,
+        )
+
+    def on_response(self, route: str, status: int | str) -> None:
+        if isinstance(status, int) and status not in (200, 413, 429, 503):
+            status = f"{status // 100}xx"
+        self._requests.labels(deployment=self._deployment, route=route, status=str(status)).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

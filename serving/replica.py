@@ -13,8 +13,9 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from grokserve.serving.config import ServingConfig
-from grokserve.serving.engine import GenerateRequest
 from grokserve.serving.metrics import MergedMetrics, ReplicaMetrics
+from grokserve.serving.requests import GenerateRequest
+from grokserve.serving.scheduler import AdmissionError
 from grokserve.serving.workers import ShardedExecutor
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,30 @@ class GrokReplica:
             yield event
 
     async def ready(self) -> dict[str, Any]:
+        if self.scheduler.broken:
+            raise RuntimeError("a model step failed; this replica is being replaced")
         return {"replica": self.replica_id, "shards": len(self.executor.workers)}
+
+    # vLLM's tokenizer routes (the ingress adds the context length).
+
+    async def tokenize(self, text: str, add_special_tokens: bool) -> dict[str, Any]:
+        try:
+            tokens = await self.engine.encode(text)
+        except AdmissionError as error:
+            return {"error": {"message": str(error), "param": error.param}}
+        if add_special_tokens:
+            tokens = [self.engine.special.bos, *tokens]
+        return {"tokens": tokens, "count": len(tokens), "token_strs": None}
+
+    async def detokenize(self, tokens: list[int]) -> dict[str, Any]:
+        try:
+            await self.engine.prompt_ids(tokens)  # the ids' range
+        except AdmissionError as error:
+            return {"error": {"message": str(error), "param": "tokens"}}
+        return {"prompt": self.engine.decode(tokens)}
+
+    async def tokenizer_info(self) -> dict[str, Any]:
+        return self.engine.tokenizer_info()
 
     async def placement(self) -> dict[str, Any]:
         from grokserve.serving.loading import describe_plan, placement_plan
@@ -53,7 +77,7 @@ class GrokReplica:
         return {
             "deployment": self.config.name,
             "replica": self.replica_id,
-            "strategy": self.config.parallelism.placement,
+            "strategy": self.config.parallelism.strategy,
             "shards": self.executor.shards,
             "nodes": len({shard["node_id"] for shard in self.executor.shards}),
             "plan": describe_plan(placement_plan(self.config)),
@@ -63,6 +87,8 @@ class GrokReplica:
         """Serve replaces this replica when this raises: its engine loop or a shard worker died."""
         if not self.scheduler.alive:
             raise RuntimeError("the scheduler's engine loop has stopped")
+        if self.scheduler.broken:
+            raise RuntimeError("a model step failed (a shard worker died?)")
         await self.executor.check(timeout_s=HEALTH_TIMEOUT_SECONDS)
 
     async def _push_metrics(self) -> None:

@@ -9,12 +9,17 @@ prefilled in chunks interleaved with the decode steps of everybody else.
 
 Prompts of one prefill group are LEFT-padded to a common length (the model masks pad keys), so pads
 only ever sit at the start of a row and a row's positions stay contiguous.
+
+The scheduler is the replica's only queue (Serve's router is configured not to hold requests in
+front of it, see `grokserve.serving.app`): `submit` admits a request or refuses it at once, so the
+waiting count it reports is every admitted request that is not running yet.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import secrets
 import time
@@ -23,21 +28,13 @@ from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
+from grokserve.model.sampling import SamplingParams
 from grokserve.serving.detokenize import Decoder, TextStream
 
 log = logging.getLogger(__name__)
 
-PAD_ID = 0
 _DETOKENIZE_PREFIX = 4  # prompt tokens decoded in front of the generated ones (see TextStream)
 FinishReason = Literal["stop", "length", "cancelled", "error"]
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0: no top-k cut
-    seed: int | None = None
 
 
 @dataclass(frozen=True)
@@ -47,58 +44,98 @@ class StepInput:
 
     `start` lists the rows that begin a new sequence at this step (reset them first, and seed their
     sampler with the params' seed, which the scheduler always sets). When `sample` is set the
-    executor returns one next token per row, from the last position.
+    executor samples one next token per row, from the last position. `lookahead[i]` is the prompt
+    token that follows row i's chunk (None after the prompt's last): the target of the chunk's
+    last position, for rows whose params ask for prompt logprobs.
     """
 
     rows: list[int]
     tokens: list[list[int]] | None
     sample: bool
     start: dict[int, SamplingParams] = field(default_factory=dict)
+    lookahead: list[int | None] | None = None
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token, its log-probability under the model, and the `top` most likely (token, logprob)
+    at its position (as many as the params' `logprobs` asks for)."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class RowOutput:
+    """What one row of a step produced: the sampled token (with `sample`), its logprob (when the
+    row's params ask for logprobs) and, for rows asking for prompt logprobs, one entry per chunk
+    position: the logprob of the token that follows it (None where no token follows yet)."""
+
+    token: int | None = None
+    logprob: TokenLogprob | None = None
+    prompt: tuple[TokenLogprob | None, ...] = ()
 
 
 class Executor(Protocol):
     """Runs model steps over a KV cache of `max_batch_size` rows of `max_len` tokens each.
 
     `submit` queues the step at once (steps run in submission order) and returns an awaitable of
-    its sampled tokens, so the scheduler can queue step n + 1 before it reads step n.
+    one RowOutput per row, so the scheduler can queue step n + 1 before it reads step n.
     """
 
-    def submit(self, step: StepInput) -> Awaitable[list[int]]: ...
+    def submit(self, step: StepInput) -> Awaitable[list[RowOutput]]: ...
 
 
 class AdmissionError(Exception):
-    """A request the scheduler will not take; `status` is the HTTP status the API answers."""
+    """A request the scheduler will not take; `status` and `code` are what the API answers."""
 
     status = 400
 
-    def __init__(self, message: str, param: str | None = None) -> None:
+    def __init__(self, message: str, param: str | None = None, code: str = "invalid_value") -> None:
         super().__init__(message)
         self.param = param
+        self.code = code
 
 
 class QueueFull(AdmissionError):
+    """The admitted work is at its bound: retry after `retry_after` seconds."""
+
     status = 429
 
-    def __init__(self, message: str, retry_after: int) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, retry_after: int, code: str = "rate_limit_exceeded") -> None:
+        super().__init__(message, code=code)
         self.retry_after = retry_after
+
+
+class Unavailable(QueueFull):
+    """The replica cannot serve now (a model step failed); it is being replaced."""
+
+    status = 503
 
 
 @dataclass
 class Delta:
-    """What sequence `index` of a request emits: new text, its token count, why it ended (if it did)."""
+    """What sequence `index` of a request emits: new text, its token count, why it ended (if it
+    did), the logprobs of its new tokens (when asked for) and, in its first delta, those of the
+    prompt's tokens (when asked for; the first token's is None)."""
 
     index: int
     text: str
     completion_tokens: int
     finish_reason: FinishReason | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 class SchedulerObserver(Protocol):
     """Receives what the metrics need; see `grokserve.serving.metrics.ReplicaMetrics`."""
 
-    def on_prompt(self, tokens: int) -> None: ...
+    def on_prompt(self, tokens: int, queued_seconds: float) -> None: ...
     def on_first_token(self, seconds: float) -> None: ...
+    def on_finish(
+        self, reason: FinishReason, seconds: float, prompt: int, generated: int
+    ) -> None: ...
     def on_next_token(self, seconds: float) -> None: ...
     def on_decode_batch(self, size: int) -> None: ...
     def on_state(self, waiting: int, running: int, kv_usage: float) -> None: ...
@@ -112,16 +149,20 @@ class SequenceHandle:
         generation: Generation,
         index: int,
         prompt: list[int],
-        max_tokens: int,
         sampling: SamplingParams,
         text: TextStream,
+        arrival: float,
     ) -> None:
         self.generation = generation
         self.index = index
         self.prompt = prompt
-        self.max_tokens = max_tokens
+        self.max_tokens = sampling.max_tokens
         self.sampling = sampling
         self.text = text
+        self.arrival = arrival  # wall clock, when the API received the request
+        # Per padded position: the logprob of the token after it (prompt_logprobs only).
+        self.position_logprobs: list[TokenLogprob | None] = []
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None
         self.slot: int | None = None
         self.padded_length = 0
         self.generated = 0
@@ -135,8 +176,24 @@ class SequenceHandle:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
-    def emit(self, text: str, finish_reason: FinishReason | None = None) -> None:
-        self.generation.deltas.put_nowait(Delta(self.index, text, self.generated, finish_reason))
+    def emit(
+        self,
+        text: str,
+        finish_reason: FinishReason | None = None,
+        logprobs: list[TokenLogprob] | None = None,
+    ) -> None:
+        # Sent once, with the sequence's first delta.
+        prompt_logprobs, self.prompt_logprobs = self.prompt_logprobs, None
+        self.generation.deltas.put_nowait(
+            Delta(
+                self.index,
+                text,
+                self.generated,
+                finish_reason,
+                logprobs or [],
+                prompt_logprobs,
+            )
+        )
 
 
 class Generation:
@@ -194,6 +251,7 @@ class Scheduler:
         kv_budget: int,
         prefill_chunk_tokens: int,
         eos_id: int | None,
+        pad_id: int,
         observer: SchedulerObserver | None = None,
     ) -> None:
         self._executor = executor
@@ -204,6 +262,7 @@ class Scheduler:
         self.kv_budget = kv_budget
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self._eos_id = eos_id
+        self._pad_id = pad_id
         self._observer = observer
         self._free_slots = list(range(max_batch_size - 1, -1, -1))
         self._waiting: deque[SequenceHandle] = deque()
@@ -213,48 +272,82 @@ class Scheduler:
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._seconds_per_request = 1.0  # running mean, for Retry-After
+        self.broken = False  # a model step failed: refuse everything until replaced
 
     # -- requests -------------------------------------------------------------------------------
 
     def submit(
         self,
         prompt: Sequence[int],
-        *,
-        max_tokens: int | None,
         sampling: SamplingParams,
+        *,
         stop: Sequence[str] = (),
         n: int = 1,
-        default_max_tokens: int = 16,
+        arrival: float | None = None,
     ) -> Generation:
-        """Queue `n` sequences for one prompt, or raise AdmissionError (nothing queued then)."""
+        """Queue `n` sequences for one prompt, or raise AdmissionError (nothing queued then).
+
+        `arrival` (wall clock, default now) is when the request reached the API: time to first
+        token and end-to-end latency are measured from it."""
         prompt = list(prompt)
-        limit = self.max_sequence_length
-        if not prompt:
-            raise AdmissionError("the prompt is empty (it has no tokens)", param="prompt")
-        if len(prompt) >= limit:
-            raise AdmissionError(
-                f"the prompt has {len(prompt)} tokens; the context limit (maxSequenceLength) is "
-                f"{limit} tokens, including at least one generated token",
-                param="prompt",
-            )
-        if max_tokens is None:
-            max_tokens = min(default_max_tokens, limit - len(prompt))
-        elif len(prompt) + max_tokens > limit:
-            raise AdmissionError(
-                f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) exceeds the context "
-                f"limit (maxSequenceLength) of {limit} tokens",
-                param="max_tokens",
-            )
-        if len(prompt) + max_tokens > self.kv_budget:
-            raise AdmissionError(
-                f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) exceeds this "
-                f"replica's KV-cache budget (kvCacheTokens) of {self.kv_budget} tokens",
-                param="max_tokens",
-            )
+        self.check_context(len(prompt), sampling.max_tokens)
         if n > self.max_batch_size:
             raise AdmissionError(
                 f"n={n} exceeds this replica's batch size (maxBatchSize={self.max_batch_size})",
                 param="n",
+            )
+        self._check_capacity(n, len(prompt) + sampling.max_tokens)
+        generation = Generation(self, len(prompt))
+        # The seed is chosen here, once, when the request has none: every shard worker of a
+        # sharded replica must sample the same token, so none of them may draw its own seed.
+        # 62 bits, as the API allows, so that seed + index stays a valid torch seed.
+        base_seed = sampling.seed if sampling.seed is not None else secrets.randbits(62)
+        arrival = time.time() if arrival is None else arrival
+        for index in range(n):
+            params = dataclasses.replace(sampling, seed=base_seed + index)
+            text = TextStream(self._decoder, stop, prefix=prompt[-_DETOKENIZE_PREFIX:])
+            generation.sequences.append(
+                SequenceHandle(generation, index, prompt, params, text, arrival)
+            )
+        self._waiting.extend(generation.sequences)
+        self.wake()
+        return generation
+
+    def check_context(self, prompt_tokens: int, max_tokens: int) -> None:
+        """Raise AdmissionError (400) unless prompt + max_tokens can ever run on this replica."""
+        limit = self.max_sequence_length
+        if not prompt_tokens:
+            raise AdmissionError("the prompt is empty (it has no tokens)", param="prompt")
+        if prompt_tokens >= limit and max_tokens:
+            raise AdmissionError(
+                f"the prompt has {prompt_tokens} tokens; the context limit (maxSequenceLength) is "
+                f"{limit} tokens, including at least one generated token",
+                param="prompt",
+                code="context_length_exceeded",
+            )
+        if prompt_tokens + max_tokens > limit:
+            raise AdmissionError(
+                f"prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) exceeds the context "
+                f"limit (maxSequenceLength) of {limit} tokens",
+                param="max_tokens" if prompt_tokens < limit else "prompt",
+                code="context_length_exceeded",
+            )
+        if prompt_tokens + max_tokens > self.kv_budget:
+            raise AdmissionError(
+                f"prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) exceeds this "
+                f"replica's KV-cache budget (kvCacheTokens) of {self.kv_budget} tokens",
+                param="max_tokens",
+            )
+
+    def _check_capacity(self, n: int, tokens_each: int) -> None:
+        """Raise QueueFull (429) if admitting n sequences of `tokens_each` (prompt + max_tokens)
+        would put more than the queue's bound waiting: maxQueuedRequests sequences, or that many
+        slots' share of the KV budget in tokens (so long requests queue fewer)."""
+        if self.broken:
+            raise Unavailable(
+                "the model replica failed and is being replaced; retry later",
+                retry_after=5,
+                code="service_unavailable",
             )
         queued_after = len(self._waiting) + n - len(self._free_slots)
         if queued_after > self.max_queued_requests:
@@ -263,22 +356,16 @@ class Scheduler:
                 "retry later",
                 retry_after=self.retry_after_seconds(),
             )
-        generation = Generation(self, len(prompt))
-        # The seed is chosen here, once, when the request has none: every shard worker of a
-        # sharded replica must sample the same token, so none of them may draw its own seed.
-        # 62 bits, as the API allows, so that seed + index stays a valid torch seed.
-        base_seed = sampling.seed if sampling.seed is not None else secrets.randbits(62)
-        for index in range(n):
-            params = SamplingParams(
-                sampling.temperature, sampling.top_p, sampling.top_k, base_seed + index
+        waiting_tokens = sum(len(h.prompt) + h.max_tokens for h in self._waiting)
+        beyond_cache = self._reserved_tokens() + waiting_tokens + n * tokens_each - self.kv_budget
+        bound = self.kv_budget * self.max_queued_requests // self.max_batch_size
+        if beyond_cache > bound:
+            raise QueueFull(
+                f"the queued requests' prompt + max_tokens reach this replica's bound ({bound} "
+                f"tokens beyond the KV-cache budget kvCacheTokens={self.kv_budget}, maxQueuedRequests="
+                f"{self.max_queued_requests}); retry later",
+                retry_after=self.retry_after_seconds(),
             )
-            text = TextStream(self._decoder, stop, prefix=prompt[-_DETOKENIZE_PREFIX:])
-            generation.sequences.append(
-                SequenceHandle(generation, index, prompt, max_tokens, params, text)
-            )
-        self._waiting.extend(generation.sequences)
-        self.wake()
-        return generation
 
     def retry_after_seconds(self) -> int:
         waves = (len(self._waiting) + self.max_batch_size - 1) // self.max_batch_size
@@ -332,15 +419,18 @@ class Scheduler:
                 if self._decoding or self._in_flight:
                     await self._decode_step()
             except Exception:
-                log.exception("model step failed; failing the running sequences")
+                # A shard worker died or the model failed: this replica's cache state is lost.
+                # Serve's health check replaces it; until then it refuses (503) all requests.
+                log.exception("model step failed; failing every request until replaced")
+                self.broken = True
                 self._fail_running()
             # Let consumers (HTTP streams) and new submissions run between steps.
             await asyncio.sleep(0)
 
     def _drop_cancelled(self) -> None:
-        for handle in [h for h in self._waiting if h.cancelled]:
+        for handle in [h for h in self._waiting if h.cancelled or self.broken]:
             self._waiting.remove(handle)
-            self._finish(handle, "cancelled")
+            self._finish(handle, "error" if self.broken else "cancelled")
         for group in self._prefilling:
             for handle in [h for h in group.sequences if h.cancelled]:
                 group.sequences.remove(handle)
@@ -376,31 +466,45 @@ class Scheduler:
         if not group:
             return
         padded = {}
+        now = time.monotonic()
         for handle in group:
             handle.slot = self._free_slots.pop()
             handle.padded_length = length
-            padded[id(handle)] = [PAD_ID] * (length - len(handle.prompt)) + handle.prompt
+            padded[id(handle)] = [self._pad_id] * (length - len(handle.prompt)) + handle.prompt
             if self._observer:
-                self._observer.on_prompt(len(handle.prompt))
+                self._observer.on_prompt(len(handle.prompt), now - handle.submitted_at)
         self._prefilling.append(_PrefillGroup(group, padded, length))
 
     async def _prefill_chunk(self, group: _PrefillGroup) -> None:
         chunk = min(self.prefill_chunk_tokens, group.length - group.done)
-        last = group.done + chunk == group.length
+        end = group.done + chunk
+        last = end == group.length
         step = StepInput(
             rows=[h.slot for h in group.sequences],
-            tokens=[group.padded[id(h)][group.done : group.done + chunk] for h in group.sequences],
+            tokens=[group.padded[id(h)][group.done : end] for h in group.sequences],
             sample=last,
             start={h.slot: h.sampling for h in group.sequences} if group.done == 0 else {},
+            lookahead=[None if last else group.padded[id(h)][end] for h in group.sequences],
         )
-        tokens = await self._executor.submit(step)
-        group.done += chunk
+        outputs = await self._executor.submit(step)
+        group.done = end
+        for handle, output in zip(group.sequences, outputs, strict=True):
+            handle.position_logprobs.extend(output.prompt)
         if not last:
             return
         self._prefilling.remove(group)
-        for handle, token in zip(group.sequences, tokens, strict=True):
+        for handle, output in zip(group.sequences, outputs, strict=True):
+            if handle.sampling.prompt_logprobs:
+                # Position p holds the logprob of token p + 1; pads come first and the prompt's
+                # first token has nothing before it to be predicted from.
+                pads = handle.padded_length - len(handle.prompt)
+                handle.prompt_logprobs = [None, *handle.position_logprobs[pads : group.length - 1]]
+            handle.position_logprobs = []
+            if handle.max_tokens == 0:  # scoring the prompt only (echo with max_tokens 0)
+                self._finish(handle, "length")
+                continue
             self._decoding.append(handle)
-            self._accept(handle, token)
+            self._accept(handle, output)
 
     async def _decode_step(self) -> None:
         """Submit the next decode step, then read the previous one's tokens: the executor computes
@@ -419,44 +523,64 @@ class Scheduler:
         previous, self._in_flight = self._in_flight, submitted
         if previous is not None:
             done, result = previous
-            tokens = await result
-            for handle, token in zip(done, tokens, strict=True):
+            outputs = await result
+            for handle, output in zip(done, outputs, strict=True):
                 handle.pending -= 1
                 if not handle.finished:
-                    self._accept(handle, token)
+                    self._accept(handle, output)
 
-    def _accept(self, handle: SequenceHandle, token: int) -> None:
-        """A sampled token for `handle`: emit its text, finish it at EOS, a stop string or a limit."""
+    def _accept(self, handle: SequenceHandle, output: RowOutput) -> None:
+        """A sampled token for `handle`: emit its text, finish it at EOS (unless ignored), a stop
+        token id, a stop string or a limit."""
         now = time.monotonic()
+        token = output.token
+        assert token is not None, "a sampling step returns a token for every row"
         if self._observer:
             if handle.generated == 0:
-                self._observer.on_first_token(now - handle.submitted_at)
+                self._observer.on_first_token(time.time() - handle.arrival)
             else:
                 self._observer.on_next_token(now - handle.last_token_at)
         handle.last_token_at = now
         handle.generated += 1
-        if token == self._eos_id:
+        logprobs = [output.logprob] if output.logprob is not None else []
+        params = handle.sampling
+        if (token == self._eos_id and params.stop_on_eos) or token in params.stop_token_ids:
             # Text held back as the possible start of a stop string is final now.
-            self._retire(handle, handle.text.flush(), "stop")
+            self._retire(handle, handle.text.flush(), "stop", logprobs)
             return
         text = handle.text.push(token)
         if handle.text.stopped:
-            self._retire(handle, text, "stop")
+            self._retire(handle, text, "stop", logprobs)
         elif (
             handle.generated >= handle.max_tokens
             or handle.padded_length + handle.generated >= self.max_sequence_length
         ):
-            self._retire(handle, text + handle.text.flush(), "length")
+            self._retire(handle, text + handle.text.flush(), "length", logprobs)
         else:
-            handle.emit(text)
+            handle.emit(text, logprobs=logprobs)
 
-    def _retire(self, handle: SequenceHandle, text: str, reason: FinishReason) -> None:
+    def _retire(
+        self,
+        handle: SequenceHandle,
+        text: str,
+        reason: FinishReason,
+        logprobs: list[TokenLogprob],
+    ) -> None:
         self._decoding.remove(handle)
-        self._finish(handle, reason, text)
+        self._finish(handle, reason, text, logprobs)
 
-    def _finish(self, handle: SequenceHandle, reason: FinishReason, text: str = "") -> None:
-        handle.emit(text, reason)
+    def _finish(
+        self,
+        handle: SequenceHandle,
+        reason: FinishReason,
+        text: str = "",
+        logprobs: list[TokenLogprob] | None = None,
+    ) -> None:
+        handle.emit(text, reason, logprobs)
         handle.finish_reason = reason
+        if self._observer:
+            seconds = time.time() - handle.arrival
+            self._observer.on_finish(reason, seconds, len(handle.prompt), handle.generated)
         if handle.slot is not None:
             self._free_slots.append(handle.slot)
             handle.slot = None

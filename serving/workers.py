@@ -18,7 +18,7 @@ from ray.util.placement_group import get_current_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from grokserve.serving.config import ServingConfig
-from grokserve.serving.scheduler import StepInput
+from grokserve.serving.scheduler import RowOutput, StepInput
 
 
 @ray.remote
@@ -59,7 +59,7 @@ class ShardWorker:
             "resources": context.get_assigned_resources(),
         }
 
-    def step(self, step: StepInput) -> list[int]:
+    def step(self, step: StepInput) -> list[RowOutput]:
         return self.stepper.run(step)
 
     def expert_token_counts(self) -> list[list[int]] | None:
@@ -93,12 +93,12 @@ class ShardedExecutor:
         shards = await asyncio.gather(*(w.load.remote(master) for w in workers))
         return cls(workers, list(shards))
 
-    def submit(self, step: StepInput) -> Awaitable[list[int]]:
+    def submit(self, step: StepInput) -> Awaitable[list[RowOutput]]:
         # .remote() queues the step on every worker now, in call order.
         return self._rank0(*(worker.step.remote(step) for worker in self.workers))
 
     @staticmethod
-    async def _rank0(*results: Any) -> list[int]:
+    async def _rank0(*results: Any) -> list[RowOutput]:
         return (await asyncio.gather(*results))[0]
 
     async def expert_token_counts(self) -> list[list[int]] | None:

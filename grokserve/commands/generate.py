@@ -10,8 +10,12 @@ HELP = "print the continuation of a prompt by a checkpoint or a random preset mo
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", metavar="PATH", help="checkpoint directory (any format)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument(
+        "--checkpoint",
+        metavar="PATH",
+        help="checkpoint directory (any format); default: the demo checkpoint, as serve uses",
+    )
     source.add_argument(
         "--preset", metavar="NAME", help="random weights of a preset, e.g. grok-tiny"
     )
@@ -31,6 +35,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--int8", action="store_true", help="keep 8-bit weights as stored")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (1, as each shard worker of serve with cpusPerShard 1): more "
+        "threads than free cores make every step wait for the slowest",
+    )
     parser.add_argument("--config", help="preset name or config JSON (overrides the checkpoint's)")
 
 
@@ -68,13 +79,22 @@ def render(tokenizer: object, ids: list[int]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from grokserve.model import GrokModel, load_model
     from grokserve.model.checkpoint import CheckpointError
     from grokserve.model.config import ConfigError
     from grokserve.model.loading import parse_dtype
     from grokserve.model.sampling import SamplingParams, generate
     from grokserve.model.tokenizer import Tokenizer, TokenizerError, beside_checkpoint
+    from grokserve.serving.loading import DEMO_CHECKPOINT
 
+    if args.threads < 1:
+        print("grokserve generate: --threads must be at least 1", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    if args.checkpoint is None and args.preset is None:
+        args.checkpoint = str(DEMO_CHECKPOINT)
     started = time.perf_counter()
     try:
         params = SamplingParams(
@@ -82,11 +102,11 @@ def run(args: argparse.Namespace) -> int:
             top_k=args.top_k,
             top_p=args.top_p,
             max_tokens=args.max_tokens,
+            seed=args.seed,
         )
         tokenizer_path = args.tokenizer or (
             beside_checkpoint(args.checkpoint) if args.checkpoint else None
         )
-        tokenizer = Tokenizer(tokenizer_path) if tokenizer_path else None
         quantization = "int8" if args.int8 else None
         if args.checkpoint:
             model = load_model(
@@ -95,13 +115,15 @@ def run(args: argparse.Namespace) -> int:
         else:
             model = GrokModel.from_preset(args.preset, args.seed, parse_dtype(args.dtype))
             model = (model.quantized() if quantization else model).to(args.device)
+        special = model.config.special_tokens
+        tokenizer = Tokenizer(tokenizer_path, special) if tokenizer_path else None
         if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
             raise ValueError(
                 f"the tokenizer has {tokenizer.vocab_size} pieces but the model only "
                 f"{model.config.vocab_size} token ids"
             )
         prompt = prompt_ids(args.prompt, tokenizer, model.config.vocab_size)
-        produced = generate(model, prompt, params, seed=args.seed)
+        produced = generate(model, prompt, params)
     except (CheckpointError, ConfigError, TokenizerError, ValueError) as error:
         print(f"grokserve generate: {error}", file=sys.stderr)
         return 1

@@ -65,7 +65,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import asyncio
+    import os
     import random
+    import socket
+    import uuid
 
     import kopf
     from prometheus_client import start_http_server
@@ -75,20 +78,30 @@ def run(args: argparse.Namespace) -> int:
     for port, name in ((args.metrics_port, "--metrics-port"), (args.health_port, "--health-port")):
         if not 0 <= port <= 65535:
             raise SystemExit(f"grokserve operator: {name} must be 0..65535, got {port}")
+    if args.metrics_port and args.metrics_port == args.health_port:
+        raise SystemExit(
+            f"grokserve operator: --metrics-port and --health-port are both {args.metrics_port}: "
+            "give them different ports"
+        )
     # kopf at INFO by default: what it handles, what succeeded, what is retried and why.
     kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat[LOG_FORMATS[args.log_format]])
     if args.metrics_port:
         start_http_server(args.metrics_port, addr=args.listen_host)
     liveness = f"http://{args.listen_host}:{args.health_port}/healthz" if args.health_port else None
+    priority = args.priority if args.priority is not None else random.randint(1, 2**31)
+    identity = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    # What the operator's own RayService watch needs to write only from the active peer.
+    peering = None if args.peering is None else (args.peering, identity, priority)
     asyncio.run(
         kopf.operator(
             standalone=args.peering is None,
             peering_name=args.peering,
-            priority=args.priority if args.priority is not None else random.randint(1, 2**31),
+            identity=identity,
+            priority=priority,
             clusterwide=not args.namespace,
             namespaces=args.namespace,
             liveness_endpoint=liveness,
-            memo=kopf.Memo(namespaces=args.namespace),
+            memo=kopf.Memo(namespaces=args.namespace, peering=peering),
         )
     )
     return 0

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import signal
+import socket
 import sys
 import threading
 
@@ -39,7 +42,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--tensor", type=int, help="attention shards (default: planner's choice)")
     parser.add_argument("--expert", type=int, help="expert groups (default: planner's choice)")
-    parser.add_argument("--placement", default="pack", choices=("pack", "spread", "strict-spread"))
+    parser.add_argument(
+        "--strategy",
+        default="pack",
+        choices=("pack", "spread", "strict-spread"),
+        help="Ray placement-group strategy of the shards over the nodes",
+    )
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--max-sequence-length", type=int, default=512)
     parser.add_argument("--max-queued-requests", type=int, default=64)
@@ -64,7 +72,7 @@ def serving_config(args: argparse.Namespace):
         name=name,
         replicas=args.replicas,
         model=model,
-        parallelism={"tensor": args.tensor, "expert": args.expert, "placement": args.placement},
+        parallelism={"tensor": args.tensor, "expert": args.expert, "strategy": args.strategy},
         serving={
             "maxBatchSize": args.max_batch_size,
             "maxSequenceLength": args.max_sequence_length,
@@ -73,21 +81,51 @@ def serving_config(args: argparse.Namespace):
     )
 
 
-def run(args: argparse.Namespace) -> int:
+def check_port(host: str, port: int) -> None:
+    with socket.socket() as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            raise ValueError(
+                f"--port {port}: cannot listen on {host}:{port} ({error.strerror})"
+            ) from None
+
+
+def one_line(error: Exception) -> str:
+    """A pydantic error names each bad field on one line; others are one line already."""
     from pydantic import ValidationError
 
+    if isinstance(error, ValidationError):
+        return "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}" for e in error.errors()
+        )
+    return " ".join(str(error).split())
+
+
+def run(args: argparse.Namespace) -> int:
+    from grokserve.serving.app import check_config
     from grokserve.serving.launcher import ClusterShape, LocalServing
 
+    # Everything a user can get wrong is checked before Ray starts, and said in one line.
     try:
         shape = ClusterShape(nodes=args.nodes, gpus_per_node=args.gpus_per_node)
         config = shape.apply(serving_config(args))
-    except (ValidationError, ValueError) as error:
-        print(f"grokserve serve: invalid settings: {error}", file=sys.stderr)
+        check_port(args.host, args.port)
+        check_config(config)
+    except Exception as error:  # the checks open files and plan memory: any failure is the input's
+        print(f"grokserve serve: invalid settings: {one_line(error)}", file=sys.stderr)
         return 2
+    # Serve's INFO lines on a fresh start ("Connecting to existing Serve app ... will not be
+    # applied") describe its internals, not a problem.
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
     print(f"starting Ray and deploying {config.name!r} ({config.parallelism.shards} shard(s))...")
     local = LocalServing(config, host=args.host, port=args.port, shape=shape)
     try:
-        local.start()
+        try:
+            local.start()
+        except (RuntimeError, TimeoutError) as error:
+            print(f"grokserve serve: {one_line(error)}", file=sys.stderr)
+            return 1
         # Installed after ray.init, which replaces the SIGTERM handler with one that just dies.
         stop = threading.Event()
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -104,4 +142,8 @@ def run(args: argparse.Namespace) -> int:
         print("shutting down...")
     finally:
         local.close()
-    return 0
+    # Everything is stopped; what is left is Ray's core worker finalising itself at interpreter
+    # exit, which takes seconds: a Ctrl-C should not.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -19,7 +19,7 @@ from grokserve.model import GrokModel
 from grokserve.model.sampling import SamplingParams, generate
 from grokserve.model.tokenizer import Tokenizer
 from testkit.checkpoints import TWELVE_LAYERS, Checkpoints, write_all, write_native
-from testkit.tokenizers import train_tokenizer
+from testkit.tokenizers import GROK_SPECIAL, train_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +96,7 @@ def test_generate_from_a_checkpoint_with_a_tokenizer(
     args = ["generate", "--checkpoint", str(saved), "--tokenizer", str(tokenizer_path)]
     assert main([*args, "--prompt", "The quick brown fox", "--max-tokens", "6"]) == 0
     printed = capsys.readouterr().out.strip()
-    tokenizer = Tokenizer(tokenizer_path)
+    tokenizer = Tokenizer(tokenizer_path, GROK_SPECIAL)
     expected = generate(
         model, tokenizer.encode("The quick brown fox"), SamplingParams(temperature=0, max_tokens=6)
     )

@@ -5,8 +5,8 @@ import torch
 
 from grokserve.model import GrokModel
 from grokserve.model.sampling import SamplingParams, generate, sample
-from grokserve.model.tokenizer import BOS, EOS, PAD, Tokenizer, TokenizerError
-from testkit.tokenizers import train_tokenizer
+from grokserve.model.tokenizer import Tokenizer, TokenizerError
+from testkit.tokenizers import GROK_SPECIAL, train_tokenizer
 
 SHARED_TOKENIZER = Path(__file__).resolve().parents[3] / "shared" / "grok1" / "tokenizer.model"
 
@@ -37,7 +37,16 @@ def test_same_seed_same_draws() -> None:
 
 
 @pytest.mark.parametrize(
-    ("field", "value"), [("temperature", -1.0), ("top_k", -1), ("top_p", 0.0), ("max_tokens", 0)]
+    ("field", "value"),
+    [
+        ("temperature", -1.0),
+        ("top_k", -1),
+        ("top_p", 0.0),
+        ("max_tokens", -1),
+        ("repetition_penalty", 0.0),
+        ("min_tokens", -1),
+        ("logprobs", -1),
+    ],
 )
 def test_invalid_sampling_params_are_refused(field: str, value: float) -> None:
     with pytest.raises(ValueError, match=field):
@@ -59,33 +68,35 @@ def test_generate_greedy_matches_repeated_full_forward_and_stops_at_max_tokens()
 def test_generate_stops_at_eos() -> None:
     model = GrokModel.from_preset("grok-tiny", seed=2)
     with torch.no_grad():
-        model.embed.weight[EOS] *= 50  # make EOS the most likely continuation everywhere
+        model.embed.weight[model.config.eos_token] *= (
+            50  # make EOS the most likely continuation everywhere
+        )
     produced = generate(model, [5, 6], SamplingParams(temperature=0, max_tokens=10))
-    assert produced == [EOS]
+    assert produced == [model.config.eos_token]
 
 
 def test_trained_tokenizer_round_trips_and_has_grok_special_ids(tmp_path) -> None:
-    tokenizer = Tokenizer(train_tokenizer(tmp_path))
-    assert [tokenizer.piece(i) for i in (PAD, BOS, EOS)] == ["[PAD]", "[BOS]", "[EOS]"]
+    tokenizer = Tokenizer(train_tokenizer(tmp_path), GROK_SPECIAL)
+    assert [tokenizer.piece(i) for i in GROK_SPECIAL] == ["[PAD]", "[BOS]", "[EOS]"]
     ids = tokenizer.encode("the quick fox has 8 experts", add_bos=True)
-    assert ids[0] == BOS
+    assert ids[0] == GROK_SPECIAL.bos
     assert tokenizer.decode(ids) == "the quick fox has 8 experts"
 
 
 def test_missing_or_corrupt_tokenizer_is_reported(tmp_path) -> None:
     with pytest.raises(TokenizerError, match="not found"):
-        Tokenizer(tmp_path / "nope.model")
+        Tokenizer(tmp_path / "nope.model", GROK_SPECIAL)
     bad = tmp_path / "bad.model"
     bad.write_bytes(b"not a sentencepiece model")
     with pytest.raises(TokenizerError, match="not a SentencePiece model"):
-        Tokenizer(bad)
+        Tokenizer(bad, GROK_SPECIAL)
 
 
 @pytest.mark.skipif(
     not SHARED_TOKENIZER.exists(), reason=f"Grok-1's tokenizer is not at {SHARED_TOKENIZER}"
 )
 def test_real_grok1_tokenizer_vocabulary() -> None:
-    tokenizer = Tokenizer(SHARED_TOKENIZER)
+    tokenizer = Tokenizer(SHARED_TOKENIZER, GROK_SPECIAL)
     assert tokenizer.vocab_size == 131072
     assert [tokenizer.piece(i) for i in range(4)] == ["[PAD]", "[BOS]", "[EOS]", "[UNK]"]
     ids = tokenizer.encode("Grok has 314 billion parameters")

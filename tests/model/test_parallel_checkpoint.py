@@ -7,10 +7,11 @@ import torch
 
 from grokserve.model.checkpoint import open_checkpoint
 from grokserve.model.loading import load_model
-from grokserve.model.parallel import GrokShard, shard_state_dict, shard_tensors
+from grokserve.model.parallel import GrokShard, shard_tensors
 from grokserve.model.placement import Cluster, Parallelism, make_plan
 from grokserve.model.quantization import QuantizedWeight
 from testkit.checkpoints import TWELVE_LAYERS, Checkpoints, write_all
+from testkit.sharding import shard_state_dict
 
 
 @pytest.fixture(scope="module")

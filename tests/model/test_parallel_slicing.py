@@ -11,10 +11,10 @@ from grokserve.model.parallel import (
     block_unit,
     check_rank,
     rows,
-    shard_state_dict,
 )
 from grokserve.model.placement import Cluster, ExpertSlice, Parallelism, Plan, make_plan
 from grokserve.model.quantization import quantize
+from testkit.sharding import shard_state_dict
 
 TINY = preset("grok-tiny")
 

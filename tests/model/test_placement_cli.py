@@ -67,7 +67,8 @@ def test_explicit_parallelism_is_used(capsys) -> None:
 @pytest.mark.parametrize(
     ("extra", "complaint"),
     [
-        (["--gpu-memory", "lots"], "GPU memory 'lots' is not a size"),
+        (["--gpu-memory", "lots"], "--gpu-memory 'lots' needs a number and a unit"),
+        (["--gpu-memory", "80"], "--gpu-memory '80' needs a number and a unit: Ki, Mi, Gi"),
         (["--tensor", "3"], "tensor 3 must divide the 8 kv heads"),
         (["--preset", "grok-2"], "unknown preset 'grok-2'"),
         (["--config", "/nonexistent/config.json"], "No such file"),
@@ -98,3 +99,14 @@ def test_float16_is_not_offered(capsys) -> None:
         run([*GROK_2X8, "--dtype", "float16"])
     assert exit_.value.code == 2
     assert "invalid choice: 'float16'" in capsys.readouterr().err
+
+
+def test_no_arguments_print_grok1_on_the_fewest_nodes_that_hold_it(capsys) -> None:
+    assert run([]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("grok-1 on 2 nodes of 8×80 GiB (bfloat16)")
+
+
+def test_the_fewest_nodes_are_chosen_for_int8(capsys) -> None:
+    assert run(["--quantization", "int8", "--json"]) == 0
+    assert Plan.from_json(capsys.readouterr().out).cluster.nodes == 1

@@ -11,13 +11,14 @@ from grokserve.model.placement import (
     DTYPE_BYTES,
     Cluster,
     ExpertSlice,
+    MemorySizeError,
     Parallelism,
     PlacementError,
     Plan,
-    balance,
     make_plan,
     parse_memory,
 )
+from testkit.plans import balance
 
 GROK = preset("grok-1")
 H100 = parse_memory("80GB")
@@ -164,16 +165,27 @@ def test_a_plan_missing_an_expert_or_holding_one_twice_is_invalid() -> None:
 
 @pytest.mark.parametrize(
     ("text", "size"),
-    [("80GB", 80 * 10**9), ("80 GiB", 80 * 2**30), ("1.5TB", 15 * 10**11), ("4096", 4096)],
+    [
+        ("80GB", 80 * 10**9),
+        ("80 GiB", 80 * 2**30),
+        ("1.5TB", 15 * 10**11),
+        ("80Gi", 80 * 2**30),
+        ("141G", 141 * 10**9),
+    ],
 )
 def test_gpu_memory_sizes_parse(text, size) -> None:
     assert parse_memory(text) == size
 
 
-@pytest.mark.parametrize("text", ["eighty", "80 GQ", "0GB", "-1GB"])
+@pytest.mark.parametrize("text", ["eighty", "80 GQ", "0GB", "-1GB", "80", "85899345920"])
 def test_bad_gpu_memory_sizes_are_refused(text) -> None:
-    with pytest.raises(PlacementError, match="GPU memory"):
+    with pytest.raises(MemorySizeError, match="GPU memory"):
         parse_memory(text)
+
+
+def test_a_size_without_a_unit_names_the_units() -> None:
+    with pytest.raises(MemorySizeError, match=r"'80' needs a number and a unit: Ki, Mi, Gi"):
+        parse_memory("80")
 
 
 def test_the_planner_offers_exactly_the_dtypes_the_loader_builds() -> None:
@@ -183,3 +195,8 @@ def test_the_planner_offers_exactly_the_dtypes_the_loader_builds() -> None:
         parse_dtype("float16")
     with pytest.raises(PlacementError, match="dtype must be one of float32, bfloat16.*'float16'"):
         make_plan(GROK, None, Cluster(nodes=2, gpus_per_node=8, gpu_memory=H100), "float16")
+
+
+def test_a_parallelism_that_does_not_fit_is_told_the_planners_choice() -> None:
+    with pytest.raises(PlacementError, match=r"the planner's own choice \(tensor 8, expert 2"):
+        grok_plan(2, None, tensor=1, expert=8)

@@ -15,7 +15,7 @@ import yaml
 
 from grokserve.operator.autoscaling.prometheus import WAITING_QUERY, render_query
 from grokserve.operator.spec import API_GROUP, API_VERSION, KIND
-from grokserve.serving.metrics import ReplicaMetrics
+from grokserve.serving.metrics import ReplicaMetrics, RequestMetrics
 from testkit.prometheus import PrometheusServer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -156,7 +156,8 @@ def test_dashboard_uses_the_serving_metrics_that_exist() -> None:
         for n in dashboard_metric_names()
         if not n.startswith(("grokdeployment_", "grokserve_autoscaler_"))
     }
-    assert serving <= exposed_names(ReplicaMetrics("grok-1", "0").registry)
+    exposed = exposed_names(ReplicaMetrics("grok-1", "0").registry)
+    assert serving <= exposed | exposed_names(RequestMetrics("grok-1").registry)
 
 
 def render_configmaps(values: dict[str, Any]) -> list[dict[str, Any]]:

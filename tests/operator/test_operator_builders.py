@@ -9,12 +9,19 @@ import yaml
 
 from grokserve.operator.builders import Owner, build_children, build_rayservice, serving_args
 from grokserve.operator.render import RenderError, render_documents
+from grokserve.operator.replica import replica_plan
 from grokserve.operator.spec import parse_resource, parse_spec
 from grokserve.serving.config import ServingConfig
 from testkit.kube_schemas import kuberay_validator, schema_errors
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "manifests" / "examples").glob("*.yaml"))
 OWNER = Owner(name="grok-1", namespace="llm", uid="0b7c5f0e-1d2a-4c2e-9d35-2b8f3f7a9c11")
+GROK1 = {"preset": "grok-1", "source": "pvc://weights/grok-1", "quantization": "int8"}
+
+
+def planned_children(spec, *, with_servicemonitor: bool) -> list[dict]:
+    plan = replica_plan(OWNER.name, spec)
+    return build_children(OWNER, spec, plan, with_servicemonitor=with_servicemonitor)
 
 
 def example(name: str):
@@ -63,8 +70,12 @@ def test_serve_config_deploys_grokserve_with_the_model_and_replicas() -> None:
         "quantization": "int8",
         "source": "/mnt/models/grok-weights/ckpt-0",
         "tokenizer": "/mnt/models/grok-weights/tokenizer.model",
+        "seed": 0,
     }
-    assert args["parallelism"]["tensor"] == 8 and args["parallelism"]["expert"] == 8
+    # the degrees the planner chose, written in: the replica runs what the operator planned
+    assert args["parallelism"]["tensor"] == 8 and args["parallelism"]["expert"] == 1
+    assert args["parallelism"]["gpuMemory"] == "80Gi"
+    assert args["serving"]["maxBatchSize"] == 48 and args["serving"]["maxSequenceLength"] == 8192
     mounts = worker_group(body)["template"]["spec"]["containers"][0]["volumeMounts"]
     assert mounts == [
         {"name": "model-grok-weights", "mountPath": "/mnt/models/grok-weights", "readOnly": True}
@@ -88,7 +99,7 @@ def test_every_child_is_owned_and_labelled() -> None:
     spec = parse_spec(
         {"model": {"preset": "grok-tiny"}, "parallelism": {"device": "cpu", "gpusPerNode": 1}}
     )
-    children = build_children(OWNER, spec, with_servicemonitor=True)
+    children = planned_children(spec, with_servicemonitor=True)
     assert [c["kind"] for c in children] == [
         "ConfigMap",
         "RayService",
@@ -101,13 +112,13 @@ def test_every_child_is_owned_and_labelled() -> None:
         assert ref["uid"] == OWNER.uid and ref["controller"] is True
         assert child["metadata"]["labels"]["grokserve.io/deployment"] == "grok-1"
         assert child["metadata"]["namespace"] == "llm"
-    kinds = [c["kind"] for c in build_children(OWNER, spec, with_servicemonitor=False)]
+    kinds = [c["kind"] for c in planned_children(spec, with_servicemonitor=False)]
     assert "ServiceMonitor" not in kinds
 
 
 def test_servicemonitor_scrapes_the_queue_metrics_on_the_api_port() -> None:
-    spec = parse_spec({"model": {"preset": "grok-1"}})
-    children = {c["kind"]: c for c in build_children(OWNER, spec, with_servicemonitor=True)}
+    spec = parse_spec({"model": GROK1})
+    children = {c["kind"]: c for c in planned_children(spec, with_servicemonitor=True)}
     ports = {p["name"]: p["port"] for p in children["Service"]["spec"]["ports"]}
     endpoints = children["ServiceMonitor"]["spec"]["endpoints"]
     # serving/ingress.py serves the replicas' grokserve_* gauges at /metrics beside /v1.
@@ -119,18 +130,18 @@ def test_servicemonitor_scrapes_the_queue_metrics_on_the_api_port() -> None:
 @pytest.mark.parametrize("strategy", [None, "NewCluster", "None"])
 def test_upgrade_strategy_reaches_the_rayservice(strategy: str | None) -> None:
     ray = {"upgradeStrategy": strategy} if strategy else {}
-    rayservice = build_rayservice(OWNER, parse_spec({"model": {"preset": "grok-1"}, "ray": ray}))
+    rayservice = build_rayservice(OWNER, parse_spec({"model": GROK1, "ray": ray}))
     assert rayservice["spec"]["upgradeStrategy"] == {"type": strategy or "NewCluster"}
     assert schema_errors(kuberay_validator("rayservices"), rayservice) == []
 
 
 def test_pdb_lets_drains_take_one_replica_at_a_time_and_never_blocks_them() -> None:
-    one = parse_spec({"model": {"preset": "grok-1"}, "parallelism": {"nodesPerReplica": 2}})
+    one = parse_spec({"model": GROK1, "parallelism": {"nodesPerReplica": 2}})
     two = one.model_copy(update={"replicas": 2})
     pdb = {
         s.replicas: c
         for s in (one, two)
-        for c in build_children(OWNER, s, with_servicemonitor=False)
+        for c in planned_children(s, with_servicemonitor=False)
         if c["kind"] == "PodDisruptionBudget"
     }
     assert pdb[1]["spec"]["maxUnavailable"] == 2  # 0 would block node drains forever
@@ -138,10 +149,25 @@ def test_pdb_lets_drains_take_one_replica_at_a_time_and_never_blocks_them() -> N
 
 
 def test_render_reports_the_bad_document() -> None:
-    text = "apiVersion: grokserve.io/v1alpha1\nkind: GrokDeployment\nmetadata: {name: x}\nspec: {model: {preset: grok-1}, parallelism: {tensor: 3}}\n"
-    with pytest.raises(RenderError, match="GrokDeployment x: spec: parallelism.tensor=3"):
+    text = "apiVersion: grokserve.io/v1alpha1\nkind: GrokDeployment\nmetadata: {name: x}\nspec: {model: {preset: grok-tiny}, parallelism: {tensor: 3}}\n"
+    with pytest.raises(
+        RenderError, match="GrokDeployment x: spec.parallelism: parallelism.tensor must divide"
+    ):
         render_documents(text, namespace="default", with_servicemonitor=False)
     with pytest.raises(RenderError, match="no GrokDeployment object found"):
         render_documents("kind: Pod\n", namespace="default", with_servicemonitor=False)
     with pytest.raises(RenderError, match="not valid YAML"):
         render_documents("a: [", namespace="default", with_servicemonitor=False)
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_every_example_fits_the_hardware_it_states_with_useful_limits(path: Path) -> None:
+    for body in yaml.safe_load_all(path.read_text()):
+        spec = parse_resource(body)
+        plan = replica_plan(body["metadata"]["name"], spec)  # what the reconcile runs
+        assert plan.fits()
+        assert plan.cluster.gpu_memory == spec.parallelism.gpu_memory_bytes
+        if spec.model.preset == "grok-1":
+            # a served Grok-1 takes a real batch at the model's whole context
+            assert spec.serving.max_batch_size >= 32
+            assert spec.max_sequence_length == 8192

@@ -91,3 +91,22 @@ def test_operator_command_reconciles_and_exports_metrics(kube, tmp_path: Path) -
     records = [json.loads(line) for line in lines if line.startswith("{")]
     assert any("RayService llm/grok-1-bf16 applied" in r["message"] for r in records), lines[-20:]
     assert not any(r.get("severity") == "debug" for r in records)
+
+
+def test_colliding_ports_are_refused_naming_both() -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "grokserve.cli",
+            "operator",
+            "--metrics-port=9100",
+            "--health-port=9100",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONSAFEPATH": "1"},
+        timeout=60,
+    )
+    assert done.returncode != 0
+    assert "--metrics-port and --health-port are both 9100" in done.stderr

@@ -49,11 +49,15 @@ def test_scale_subresource_and_cel_rules() -> None:
     }
     spec = version["schema"]["openAPIV3Schema"]["properties"]["spec"]
     rules = [r["rule"] for r in spec["x-kubernetes-validations"]]
+    # generated from the model's preset table, guarded so that it evaluates on any object
     assert (
-        "!(self.model.preset in {'grok-1': 8, 'grok-tiny': 4, 'grok-mini': 4}) || "
-        "{'grok-1': 8, 'grok-tiny': 4, 'grok-mini': 4}[self.model.preset] % self.parallelism.tensor == 0"
-        in rules
+        "!(has(self.model) && has(self.model.preset) && has(self.parallelism) && "
+        "has(self.parallelism.tensor) && self.model.preset in ['grok-1', 'grok-tiny', "
+        "'grok-mini']) || (({'grok-1': 8, 'grok-tiny': 4, 'grok-mini': 4}[self.model.preset] % "
+        "self.parallelism.tensor) == 0)" in rules
     )
+    presets = spec["properties"]["model"]["properties"]["preset"]["enum"]
+    assert presets == ["grok-1", "grok-tiny", "grok-mini"]
     assert [c["name"] for c in version["additionalPrinterColumns"]] == [
         "Ready",
         "Replicas",
@@ -92,3 +96,26 @@ def test_the_crd_schema_rejects_bad_fields() -> None:
 def test_kubernetes_validate_accepts_the_crd() -> None:
     kubernetes_validate = pytest.importorskip("kubernetes_validate")
     kubernetes_validate.validate(yaml.safe_load(CRD_FILE.read_text()), "1.33", strict=True)
+
+
+def _rules_with_nodes(schema: dict, path: str = "spec"):
+    for rule in schema.get("x-kubernetes-validations", []):
+        yield path, schema, rule
+    for name, child in (schema.get("properties") or {}).items():
+        yield from _rules_with_nodes(child, f"{path}.{name}")
+
+
+def test_every_generated_rule_is_reported_at_a_field_of_its_node() -> None:
+    # The API server refuses a CRD whose fieldPath names no property, and reports a rule without
+    # one at its node (`<nil>` for the spec's own rules).
+    root = build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    assert "x-kubernetes-validations" not in root  # metadata.name is a schema restriction
+    rules = list(_rules_with_nodes(root["properties"]["spec"]))
+    assert len(rules) >= 10
+    for path, node, rule in rules:
+        if "properties" not in node:
+            continue  # a rule on one field (a string, a map's keys) is reported at that field
+        assert "fieldPath" in rule, (path, rule["message"])
+        target = node
+        for part in rule["fieldPath"].removeprefix(".").split("."):
+            target = target["properties"][part]

@@ -33,6 +33,9 @@ GD = f"{GROKDEPLOYMENTS}/namespaces/{NS}/grokdeployments"
 RS = f"/apis/ray.io/v1/namespaces/{NS}/rayservices"
 CRDS = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions"
 PEERING = "grokserve"
+GD_PATH = f"{GD}/grok-1"
+# The operator logs each status it writes (INFO).
+STATUS_WRITTEN = f"GrokDeployment {NS}/grok-1: status written"
 
 
 @contextmanager
@@ -98,6 +101,23 @@ def test_two_operators_one_active_and_a_takeover(kube, tmp_path: Path) -> None:
         wait_until(lambda: api.get(f"{RS}/grok-1"), what="the RayService")
         wait_until(lambda: handled(active_log) == 1, what="the active operator's handler")
         assert handled(standby_log) == 0
+        # KubeRay reports: the active operator writes the status, the standby (also watching) not.
+        wait_until(
+            lambda: api.get(GD_PATH).get("status", {}).get("observedGeneration") == 1,
+            what="the reconcile's status",
+        )
+        api.merge_patch(f"{RS}/grok-1/status", {"status": {"observedGeneration": 1}})
+        wait_until(
+            lambda: (
+                STATUS_WRITTEN in active_log.read_text()
+                and any(
+                    c["reason"] == "ServeApplicationPending"
+                    for c in api.get(GD_PATH)["status"]["conditions"]
+                )
+            ),
+            what="the active operator to mirror KubeRay's status",
+        )
+        assert STATUS_WRITTEN not in standby_log.read_text()
 
         # The active one goes (a rollout, a node drain): the standby takes over.
         first.send_signal(signal.SIGTERM)

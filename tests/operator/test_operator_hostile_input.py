@@ -20,6 +20,7 @@ pytest.importorskip("celpy", reason="cel-python is not installed")
 from grokserve.operator.autoscaling.daemon import policy_config
 from grokserve.operator.autoscaling.policy import QueueSample, ScalingPolicy
 from grokserve.operator.builders import Owner, build_children
+from grokserve.operator.replica import replica_plan
 from grokserve.operator.spec import SpecError, check_name, parse_spec
 from testkit.crd_cel import apply_defaults, rule_failures
 from testkit.kube_schemas import CRD_FILE, grokdeployment_validator, schema_errors
@@ -251,13 +252,15 @@ def admission(body: dict[str, Any]) -> list[str]:
 def operator_outcome(body: dict[str, Any]) -> str:
     """What the operator does with it: 'refused' (Ready=False with a reason) or 'accepted'. Any
     other exception escapes, as it would into kopf's retry loop."""
+    name = body["metadata"].get("name")
     try:
-        check_name(body["metadata"].get("name"))
+        check_name(name)
         spec = parse_spec(body.get("spec"))
+        plan = replica_plan(name, spec)
     except SpecError as error:
         assert error.reason and error.message
         return "refused"
-    build_children(Owner(body["metadata"]["name"], "llm", "uid"), spec, with_servicemonitor=True)
+    build_children(Owner(name, "llm", "uid"), spec, plan, with_servicemonitor=True)
     if spec.autoscaling.enabled:
         policy = ScalingPolicy(policy_config(spec.autoscaling))
         for waiting in (0.0, 5.0, 1e308):

@@ -8,6 +8,8 @@ import sys
 
 MODULES = [
     "grokserve.operator.spec",
+    "grokserve.operator.rules",
+    "grokserve.operator.replica",
     "grokserve.operator.builders",
     "grokserve.operator.status",
     "grokserve.operator.crd",

@@ -147,7 +147,8 @@ def test_invalid_spec_becomes_a_condition_and_an_event(kube) -> None:
         got = wait_until(lambda: condition(api.get(f"{GD}/grok-1")), what="a Ready condition")
         assert got["status"] == "False" and got["reason"] == "InvalidSpec"
         assert (
-            "serving.maxSequenceLength=100000 exceeds the model's context of 8192" in got["message"]
+            "serving.maxSequenceLength must not exceed the model's context (grok-1: 8192"
+            in got["message"]
         )
         events = wait_until(
             lambda: api.get(f"/api/v1/namespaces/{NS}/events")["items"], what="an Event"
@@ -159,6 +160,60 @@ def test_invalid_spec_becomes_a_condition_and_an_event(kube) -> None:
         fixed["maxSequenceLength"] = 4096
         api.merge_patch(f"{GD}/grok-1", {"spec": {"serving": fixed}})
         wait_until(lambda: api.get(f"{RS}/grok-1"), what="the RayService after the fix")
+    assert "Traceback" not in runner.output
+
+
+def children_of(api) -> list[str]:
+    paths = (
+        RS,
+        f"/api/v1/namespaces/{NS}/configmaps",
+        f"/api/v1/namespaces/{NS}/services",
+        f"/apis/policy/v1/namespaces/{NS}/poddisruptionbudgets",
+    )
+    return [item["metadata"]["name"] for path in paths for item in api.get(path)["items"]]
+
+
+def test_a_replica_that_does_not_fit_is_refused_until_the_spec_fits(kube) -> None:
+    _server, api = kube
+    api.install_crds(kuberay=True)
+    body = example_body()
+    body["spec"]["parallelism"]["gpuMemory"] = "40Gi"
+    with running_operator() as runner:
+        api.create(GD, body)
+        got = wait_until(lambda: condition(api.get(f"{GD}/grok-1")), what="a Ready condition")
+        assert got["status"] == "False" and got["reason"] == "DoesNotFit"
+        # the planner's message: which rank needs how much of what, and what would fit
+        assert "grok-1 in int8 does not fit on 1 node of 8×40 GiB" in got["message"]
+        assert "rank 0 needs" in got["message"] and "KV cache" in got["message"]
+        assert "needs ≥ 4 nodes of 8×40 GiB in int8" in got["message"]
+        events = wait_until(
+            lambda: [
+                e
+                for e in api.get(f"/api/v1/namespaces/{NS}/events")["items"]
+                if e["reason"] == "DoesNotFit"
+            ],
+            what="a DoesNotFit Event",
+        )
+        assert events[0]["type"] == "Warning"
+        assert children_of(api) == []
+        # fits on GPUs of 80Gi: the condition clears and the children appear
+        api.merge_patch(f"{GD}/grok-1", {"spec": {"parallelism": {"gpuMemory": "80Gi"}}})
+        rayservice = wait_until(lambda: api.get(f"{RS}/grok-1"), what="the RayService")
+        body = wait_until(
+            lambda: (
+                (b := api.get(f"{GD}/grok-1")) and condition(b).get("reason") != "DoesNotFit" and b
+            ),
+            what="DoesNotFit to clear",
+        )
+        assert body["status"]["placement"].splitlines()[1].startswith("rank 0 (node 0): q heads")
+        # squeezing it again leaves the running children as they are
+        api.merge_patch(f"{GD}/grok-1", {"spec": {"parallelism": {"gpuMemory": "40Gi"}}})
+        wait_until(
+            lambda: condition(api.get(f"{GD}/grok-1")).get("reason") == "DoesNotFit",
+            what="DoesNotFit again",
+        )
+        after = api.get(f"{RS}/grok-1")
+        assert after["metadata"]["resourceVersion"] == rayservice["metadata"]["resourceVersion"]
     assert "Traceback" not in runner.output
 
 
@@ -500,3 +555,19 @@ def test_the_prometheus_operator_installed_later_gets_its_servicemonitor_at_the_
     api.create(CRDS, SERVICEMONITOR_CRD)
     run_pass(kube_client, api.get(f"{GD}/grok-1"))
     assert api.get(f"{monitors}/grok-1")["spec"]["endpoints"][0]["port"] == "http"
+
+
+@pytest.mark.parametrize(
+    ("method", "status", "reason"),
+    [("GET", 403, "Forbidden"), ("PATCH", 413, "ChildRejected")],
+)
+def test_refused_reads_and_oversized_children_are_reported(kube, method, status, reason) -> None:
+    server, api = kube
+    api.install_crds(kuberay=True)
+    refused = refusing(method, "services", status, f"{method} services: no")
+    server.call(lambda kube_api: kube_api.admission.append(refused))
+    with running_operator():
+        api.create(GD, example_body())
+        got = wait_until(lambda: condition(api.get(f"{GD}/grok-1")), what="a Ready condition")
+        assert (got["status"], got["reason"]) == ("False", reason)
+        assert f"{method} services: no" in got["message"]

@@ -125,3 +125,19 @@ def test_server_side_apply(kube) -> None:
     assert managers == {("me", "Apply")}
     _, plain = call(server.url, "POST", cms, {**first, "metadata": {"name": "d"}})
     assert plain["metadata"]["managedFields"][0]["manager"] == "Python-urllib"
+
+
+def test_custom_resources_get_their_crds_defaults(kube) -> None:
+    server, api = kube
+    api.install_crds(kuberay=False)
+    code, created = call(server.url, "POST", GD, {**BODY, "spec": {"model": {"preset": "grok-1"}}})
+    assert code == 201
+    assert created["spec"]["replicas"] == 1 and created["spec"]["parallelism"]["gpusPerNode"] == 8
+    _, patched = call(
+        server.url,
+        "PATCH",
+        f"{GD}/g",
+        {"spec": {"parallelism": None}},
+        "application/merge-patch+json",
+    )
+    assert patched["spec"]["parallelism"]["gpusPerNode"] == 8  # removed, then defaulted again

@@ -45,10 +45,13 @@ def test_render_names_the_problem(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text(
         "apiVersion: grokserve.io/v1alpha1\nkind: GrokDeployment\nmetadata: {name: g}\n"
-        "spec: {model: {preset: grok-1}, parallelism: {tensor: 16, nodesPerReplica: 2}}\n"
+        "spec: {model: {preset: grok-tiny}, parallelism: {tensor: 8, nodesPerReplica: 2}}\n"
     )
     result = grokserve("render", str(bad))
     assert result.returncode == 1
-    assert "parallelism.tensor=16 must divide the model's 8 kv heads" in result.stderr
+    assert "parallelism.tensor must divide the model's kv heads" in result.stderr
+    assert "(here model.preset=grok-tiny, parallelism.tensor=8, the model's kv heads=4)" in (
+        result.stderr
+    )
     missing = grokserve("render", str(tmp_path / "missing.yaml"))
     assert missing.returncode == 2 and "cannot read" in missing.stderr

@@ -8,12 +8,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from grokserve.model.presets import PRESETS
-from grokserve.operator.presets import PRESET_SHAPES
 from grokserve.operator.spec import SpecError, parse_resource, parse_spec
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "manifests" / "examples").glob("*.yaml"))
-GROK1 = {"model": {"preset": "grok-1"}, "parallelism": {"tensor": 8, "expert": 8}}
+GROK1 = {
+    "model": {"preset": "grok-1", "source": "pvc://weights/grok-1"},
+    "parallelism": {"tensor": 8, "expert": 8},
+}
 
 
 def with_changes(**sections: dict) -> dict:
@@ -31,9 +32,11 @@ def test_every_example_parses(path: Path) -> None:
 
 
 def test_defaults_fill_a_minimal_spec() -> None:
-    spec = parse_spec({"model": {"preset": "grok-1"}})
+    spec = parse_spec({"model": {"preset": "grok-1", "source": "pvc://weights/grok-1"}})
     assert spec.replicas == 1
     assert spec.parallelism.shards == 8
+    assert (spec.parallelism.tensor, spec.parallelism.expert) == (None, None)
+    assert spec.parallelism.gpu_memory_bytes == 80 * 2**30
     assert spec.max_sequence_length == 8192
     assert spec.autoscaling.enabled is False
     assert spec.ray.upgrade_strategy == "NewCluster"
@@ -42,37 +45,59 @@ def test_defaults_fill_a_minimal_spec() -> None:
 @pytest.mark.parametrize(
     ("spec", "expected"),
     [
-        (with_changes(parallelism={"tensor": 3}), "parallelism.tensor=3 must divide the shards"),
+        (
+            with_changes(parallelism={"tensor": 3}),
+            "spec.parallelism: parallelism.tensor must divide gpusPerNode × nodesPerReplica "
+            "(here gpusPerNode=8, nodesPerReplica=1, tensor=3)",
+        ),
         (
             with_changes(parallelism={"tensor": 16, "nodesPerReplica": 2}),
-            "parallelism.tensor=16 must divide the model's 8 kv heads",
+            "parallelism.tensor must divide the model's kv heads (grok-1: 8, grok-tiny: 4, "
+            "grok-mini: 4) (here model.preset=grok-1, parallelism.tensor=16, the model's kv "
+            "heads=8)",
         ),
         (
             with_changes(parallelism={"expert": 16, "nodesPerReplica": 2}),
-            "parallelism.expert=16 must divide the model's 8 experts",
+            "parallelism.expert must divide the model's experts",
         ),
         (
             with_changes(serving={"maxSequenceLength": 9000}),
-            "serving.maxSequenceLength=9000 exceeds the model's context of 8192 tokens",
+            "serving.maxSequenceLength must not exceed the model's context (grok-1: 8192, "
+            "grok-tiny: 1024, grok-mini: 1024) (here serving.maxSequenceLength=9000",
+        ),
+        (
+            with_changes(model={"source": None}),
+            "spec.model: model.source is required for grok-1",
+        ),
+        (
+            with_changes(parallelism={"gpuMemory": "80"}),
+            "spec.parallelism.gpuMemory: String should match pattern",
+        ),
+        (
+            with_changes(parallelism={"gpuMemory": "0Gi"}),
+            "spec.parallelism.gpuMemory: parallelism.gpuMemory must be positive, got '0Gi'",
         ),
         (
             with_changes(autoscaling={"minReplicas": 3, "maxReplicas": 2}),
-            "spec.autoscaling: minReplicas (3) must be ≤ maxReplicas (2)",
+            "spec.autoscaling: autoscaling.minReplicas must be ≤ autoscaling.maxReplicas (here "
+            "minReplicas=3, maxReplicas=2)",
         ),
         (
             with_changes(autoscaling={"enabled": True, "maxReplicas": 2}),
-            "spec.autoscaling: prometheusUrl is required",
+            "spec.autoscaling: autoscaling.prometheusUrl is required",
         ),
         (
             with_changes(autoscaling={"minReplicas": 0}),
-            "minReplicas 0 needs scaleToZeroIdleSeconds",
+            "minReplicas 0 needs autoscaling.scaleToZeroIdleSeconds",
         ),
         (
             with_changes(
                 replicas=5,
                 autoscaling={"enabled": True, "maxReplicas": 4, "prometheusUrl": "http://p:9090"},
             ),
-            "replicas=5 must lie within autoscaling.minReplicas..maxReplicas (1..4)",
+            "replicas must lie within autoscaling.minReplicas..maxReplicas while autoscaling is "
+            "enabled (here autoscaling.enabled=True, replicas=5, autoscaling.minReplicas=1, "
+            "autoscaling.maxReplicas=4)",
         ),
         (with_changes(model={"preset": "grok-2"}), "spec.model.preset: Input should be 'grok-1'"),
         (with_changes(model={"source": "ftp://x"}), "spec.model.source: String should match"),
@@ -105,24 +130,9 @@ def test_wrong_kind_is_refused() -> None:
         )
 
 
-def test_preset_shapes_match_the_model_package() -> None:
-    for name, shape in PRESET_SHAPES.items():
-        config = PRESETS[name]
-        assert (
-            shape.num_q_heads,
-            shape.num_kv_heads,
-            shape.num_experts,
-            shape.num_layers,
-            shape.emb_size,
-            shape.sequence_len,
-        ) == (
-            config.num_q_heads,
-            config.num_kv_heads,
-            config.num_experts,
-            config.num_layers,
-            config.emb_size,
-            config.sequence_len,
-        ), name
+def test_random_weights_stay_available_for_the_small_presets() -> None:
+    for name in ("grok-tiny", "grok-mini"):
+        assert parse_spec({"model": {"preset": name}}).model.source is None
 
 
 @pytest.mark.parametrize("name", ["Grok", "1grok", "grok_1", "g" * 41, ""])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from grokserve.operator.builders import Owner
+from grokserve.operator.replica import replica_plan
 from grokserve.operator.spec import parse_spec
 from grokserve.operator.status import (
     SPEC_FIELDS,
@@ -14,8 +15,13 @@ from grokserve.operator.status import (
 
 OWNER = Owner(name="grok-1", namespace="llm")
 SPEC = parse_spec(
-    {"model": {"preset": "grok-1"}, "replicas": 2, "parallelism": {"nodesPerReplica": 2}}
+    {
+        "model": {"preset": "grok-1", "source": "pvc://weights/grok-1"},
+        "replicas": 2,
+        "parallelism": {"nodesPerReplica": 2},
+    }
 )
+PLAN = replica_plan(OWNER.name, SPEC)
 
 
 def rayservice(
@@ -112,6 +118,7 @@ def test_status_replicas_is_observed_not_desired() -> None:
     status = build_status(
         OWNER,
         SPEC,
+        PLAN,
         conditions,
         ready,
         observed_replicas=observed_replicas(SPEC, starting),
@@ -124,17 +131,34 @@ def test_status_replicas_is_observed_not_desired() -> None:
 def test_status_body_and_stable_transition_times() -> None:
     conditions, ready = serving_conditions(OWNER, SPEC, rayservice())
     first = build_status(
-        OWNER, SPEC, conditions, ready, observed_replicas=2, generation=3, previous=None, now="T1"
+        OWNER,
+        SPEC,
+        PLAN,
+        conditions,
+        ready,
+        observed_replicas=2,
+        generation=3,
+        previous=None,
+        now="T1",
     )
     assert (
         first["replicas"] == 2 and first["readyReplicas"] == 2 and first["replicaSummary"] == "2/2"
     )
     assert first["gpus"] == 32 and first["selector"] == "grokserve.io/deployment=grok-1"
     assert first["endpoint"] == "http://grok-1.llm.svc:8000/v1"
-    again = build_status(OWNER, SPEC, conditions, ready, generation=4, previous=first, now="T2")
+    # the plan of one replica, rank by rank, not only the parallelism degrees
+    placement = first["placement"].splitlines()
+    assert placement[0].startswith(
+        "2 replica(s) × 2 node(s) × 8 GPUs, pack; each replica: grok-1 on 2 nodes of 8×80 GiB"
+    )
+    assert placement[1].startswith("rank 0 (node 0): q heads 0-5, kv heads 0, experts 0-3 F[0:")
+    assert len(placement) == 17 and placement[-1].startswith("rank 15 (node 1)")
+    again = build_status(
+        OWNER, SPEC, PLAN, conditions, ready, generation=4, previous=first, now="T2"
+    )
     assert {c["lastTransitionTime"] for c in again["conditions"]} == {"T1"}
     failed = failure_conditions("KubeRayMissing", "install KubeRay")
-    later = build_status(OWNER, None, failed, 0, generation=5, previous=again, now="T3")
+    later = build_status(OWNER, None, None, failed, 0, generation=5, previous=again, now="T3")
     ready_condition = next(c for c in later["conditions"] if c["type"] == "Ready")
     assert ready_condition == {
         "type": "Ready",
@@ -153,7 +177,14 @@ def test_conditions_of_other_writers_are_kept() -> None:
     scaling = {"type": "ScalingActive", "status": "True", "reason": "QueueBelowTarget"}
     conditions, ready = serving_conditions(OWNER, SPEC, rayservice())
     status = build_status(
-        OWNER, SPEC, conditions, ready, generation=3, previous={"conditions": [scaling]}, now="T"
+        OWNER,
+        SPEC,
+        PLAN,
+        conditions,
+        ready,
+        generation=3,
+        previous={"conditions": [scaling]},
+        now="T",
     )
     assert [c["type"] for c in status["conditions"]] == [
         "Ready",

@@ -75,10 +75,12 @@ def test_sse_ends_with_done(base_url):
     ("body", "status", "param", "message"),
     [
         ({"model": "grok-9", "prompt": "x"}, 404, "model", "grok-9"),
-        ({"model": MODEL, "prompt": "x", "max_tokens": 0}, 400, "max_tokens", "greater than"),
+        ({"model": MODEL, "prompt": "x", "max_tokens": 0}, 400, "max_tokens", "echo"),
+        ({"model": MODEL, "prompt": "x", "max_tokens": -1}, 400, "max_tokens", "greater than"),
         ({"model": MODEL, "prompt": "x", "temperature": 3}, 400, "temperature", "less than"),
         ({"model": MODEL}, 400, "prompt", "required"),
-        ({"model": MODEL, "prompt": "x" * 300}, 400, "prompt", "maxSequenceLength) is 128"),
+        ({"model": MODEL, "prompt": "x" * 300}, 400, "prompt", "(maxSequenceLength)"),
+        ({"model": MODEL, "prompt": [5] * 300}, 400, "prompt", "maxSequenceLength) is 128"),
         ({"model": MODEL, "prompt": "x", "max_tokens": 500}, 400, "max_tokens", "128"),
     ],
 )
@@ -87,7 +89,7 @@ def test_errors_use_the_openai_shape_and_name_the_field(base_url, body, status, 
     assert response.status_code == status
     error = response.json()["error"]
     assert error["param"] == param and message in error["message"]
-    assert error["type"] == "invalid_request_error"
+    assert error["type"] == "invalid_request_error" and error["code"]
 
 
 def test_invalid_json_is_a_400(base_url):
@@ -115,6 +117,15 @@ def _metric(text, name):
     )
 
 
+def _bucket(text, name, le):
+    """Sum of one histogram's cumulative bucket `le` over its series."""
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(name + "_bucket{") and f'le="{le}"' in line
+    )
+
+
 async def test_16_concurrent_clients_match_sequential_greedy_with_batching(base_url):
     async with httpx.AsyncClient(base_url=base_url, timeout=120) as http:
         sequential = [(await _complete(http, p)).json() for p in PROMPTS]
@@ -125,13 +136,16 @@ async def test_16_concurrent_clients_match_sequential_greedy_with_batching(base_
     assert [r.status_code for r in concurrent] == [200] * len(PROMPTS)
     texts = [r.json()["choices"][0]["text"] for r in concurrent]
     assert texts == [r["choices"][0]["text"] for r in sequential]
-    steps = _metric(after, "grokserve_decode_batch_size_count") - _metric(
-        before, "grokserve_decode_batch_size_count"
-    )
-    rows = _metric(after, "grokserve_decode_batch_size_sum") - _metric(
-        before, "grokserve_decode_batch_size_sum"
-    )
-    assert rows / steps > 2, f"mean decode batch {rows / steps:.2f}: requests were not batched"
+
+    # The scheduler is the only queue: all 16 reach it, 8 run at once and 8 wait for a slot,
+    # so some decode step runs a full batch (however the requests' arrival was spread).
+    def steps_over_4(text):
+        return _metric(text, "grokserve_decode_batch_size_count") - _bucket(
+            text, "grokserve_decode_batch_size", "4.0"
+        )
+
+    full_steps = steps_over_4(after) - steps_over_4(before)
+    assert full_steps > 0, "no decode step ran more than 4 sequences: requests were not batched"
     routed = _metric(after, "grokserve_expert_tokens_total") - _metric(
         before, "grokserve_expert_tokens_total"
     )

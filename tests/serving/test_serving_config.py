@@ -20,7 +20,7 @@ def test_round_trip_through_camel_case_args():
                 "nodesPerReplica": 2,
                 "tensor": 8,
                 "expert": 16,
-                "placement": "strict-spread",
+                "strategy": "strict-spread",
             },
             "resources": {"device": "cuda", "acceleratorResource": "GPU"},
             "serving": {"maxBatchSize": 64, "maxSequenceLength": 8192, "maxQueuedRequests": 256},
@@ -41,8 +41,11 @@ def test_round_trip_through_camel_case_args():
 @pytest.mark.parametrize(
     ("args", "field"),
     [
-        ({"parallelism": {"gpusPerNode": 4, "tensor": 3}}, "parallelism.tensor"),
-        ({"parallelism": {"placement": "scatter"}}, "placement"),
+        (
+            {"parallelism": {"gpuMemory": "80"}},
+            "parallelism.gpuMemory '80' needs a number and a unit",
+        ),
+        ({"parallelism": {"strategy": "scatter"}}, "strategy"),
         ({"serving": {"maxBatchSize": 0}}, "maxBatchSize"),
         ({"serving": {"maxQueuedRequest": 3}}, "maxQueuedRequest"),
         ({"name": "Grok_1"}, "name"),
@@ -75,5 +78,34 @@ def test_build_app_rejects_configs_that_cannot_run():
     with pytest.raises(ServingConfigError, match="exceeds the model's context length"):
         build_app({"model": {"preset": "grok-tiny"}, "serving": {"maxSequenceLength": 5000}})
     # grok-tiny has 4 kv heads: 8-way tensor parallelism cannot split them.
-    with pytest.raises(PlacementError):
+    with pytest.raises(PlacementError, match="tensor 8 must divide the 4 kv heads"):
         build_app({"parallelism": {"gpusPerNode": 8, "tensor": 8}})
+    with pytest.raises(PlacementError, match="tensor 3 must divide the 4 GPUs"):
+        build_app({"parallelism": {"gpusPerNode": 4, "tensor": 3}})
+
+
+def test_the_planner_fills_in_the_degree_left_out():
+    from grokserve.model.presets import preset
+
+    config = ServingConfig.model_validate({"parallelism": {"gpusPerNode": 4, "expert": 2}})
+    plan = config.plan(preset("grok-tiny"))
+    assert (plan.parallelism.tensor, plan.parallelism.expert) == (4, 2)
+
+
+def test_a_replica_that_does_not_fit_names_the_serving_limits():
+    from grokserve.model.placement import PlacementError
+    from grokserve.model.presets import preset
+
+    config = ServingConfig.model_validate(
+        {
+            "model": {"preset": "grok-1", "quantization": "int8", "dtype": "bfloat16"},
+            "parallelism": {"gpusPerNode": 8, "gpuMemory": "40Gi"},
+            "serving": {"maxBatchSize": 64, "maxSequenceLength": 8192},
+        }
+    )
+    with pytest.raises(PlacementError) as error:
+        config.plan(preset("grok-1"))
+    message = str(error.value)
+    assert "does not fit on 1 node of 8×40 GiB" in message
+    assert "serving.maxSequenceLength = 524288 tokens" in message
+    assert "parallelism.gpuMemory" in message

@@ -3,8 +3,9 @@
 from grokserve.model.tokenizer import Tokenizer
 from grokserve.serving.detokenize import TextStream
 from grokserve.serving.loading import DEMO_CHECKPOINT, ByteTokenizer
+from testkit.tokenizers import GROK_SPECIAL
 
-BYTES = ByteTokenizer(256)
+BYTES = ByteTokenizer(256, GROK_SPECIAL)
 
 
 def stream(tokenizer, text, stop=(), prefix=()):
@@ -31,7 +32,7 @@ def test_incomplete_utf8_is_held_back():
 
 
 def test_sentencepiece_keeps_the_space_of_the_first_new_word():
-    tokenizer = Tokenizer(DEMO_CHECKPOINT / "tokenizer.model")
+    tokenizer = Tokenizer(DEMO_CHECKPOINT / "tokenizer.model", GROK_SPECIAL)
     prompt = tokenizer.encode("Return the")
     generated = tokenizer.encode("Return the value of the object")[len(prompt) :]
     out = TextStream(tokenizer, prefix=prompt[-4:])
@@ -52,7 +53,7 @@ class CountingDecoder:
 
 
 def test_a_long_stream_is_the_full_decode_decoding_only_recent_tokens():
-    tokenizer = Tokenizer(DEMO_CHECKPOINT / "tokenizer.model")
+    tokenizer = Tokenizer(DEMO_CHECKPOINT / "tokenizer.model", GROK_SPECIAL)
     words = "Return the héllo ✓ 日本語 value 🙂 of  the object, naïve café"
     ids = tokenizer.encode((words + "\n") * 60)
     split = [tokenizer.piece(i) for i in ids if tokenizer.piece(i).startswith("<0x")]

@@ -6,7 +6,7 @@ from safetensors.torch import save_file
 
 from grokserve.model import GrokModel
 from grokserve.model.sampling import SamplingParams, generate
-from grokserve.serving.config import ModelSpec, ServingConfig
+from grokserve.serving.config import ReplicaModel, ServingConfig
 from grokserve.serving.loading import (
     DEMO_CHECKPOINT,
     ByteTokenizer,
@@ -15,6 +15,7 @@ from grokserve.serving.loading import (
     model_config,
     placement_plan,
 )
+from testkit.tokenizers import GROK_SPECIAL
 
 
 def test_checkpoint_directory_round_trip(tmp_path):
@@ -45,15 +46,15 @@ def test_a_cpu_device_stays_on_the_cpu_beside_cuda():
 
 def test_bad_sources_are_named(tmp_path):
     with pytest.raises(ValueError, match="is not a checkpoint"):
-        model_config(ModelSpec(source=str(tmp_path)))
+        model_config(ReplicaModel(source=str(tmp_path)))
     with pytest.raises(ValueError, match="does not exist"):
-        model_config(ModelSpec(source=str(tmp_path / "nowhere")))
+        model_config(ReplicaModel(source=str(tmp_path / "nowhere")))
     with pytest.raises(ValueError, match="s3:// scheme"):
-        model_config(ModelSpec(source="s3://bucket/ckpt"))
+        model_config(ReplicaModel(source="s3://bucket/ckpt"))
 
 
 def test_byte_tokenizer_round_trips_utf8():
-    tokenizer = ByteTokenizer(256)
+    tokenizer = ByteTokenizer(256, GROK_SPECIAL)
     text = "Grok – «ünïcödé» ✓"
     assert tokenizer.decode(tokenizer.encode(text)) == text
     assert min(tokenizer.encode(text)) >= 4 and max(tokenizer.encode(text)) < 256
@@ -80,3 +81,12 @@ def test_the_demo_checkpoint_ships_and_writes_words():
     # Trained on English docstrings: mostly lower-case words, not byte soup.
     assert len(words) >= 5
     assert sum(w.strip(".,()'\"").isalpha() for w in words) >= len(words) // 2, words
+
+
+def test_byte_ids_follow_the_configs_special_tokens() -> None:
+    from grokserve.model.config import SpecialTokens
+
+    moved = ByteTokenizer(512, SpecialTokens(pad=0, bos=1, eos=9))
+    assert moved.encode("A") == [ord("A") + 11]
+    assert moved.decode([9, ord("A") + 11]) == "A"
+    assert ByteTokenizer(256, GROK_SPECIAL).encode("A") == [ord("A") + 4]

@@ -1,25 +1,27 @@
 """The continuous-batching scheduler in-process, over the real grok-tiny model (no Ray)."""
 
 import asyncio
+import dataclasses
 
 import pytest
+import torch
 
 from grokserve.model import GrokModel
-from grokserve.model.sampling import SamplingParams as ModelSampling
-from grokserve.model.sampling import generate
+from grokserve.model.sampling import SamplingParams, generate
 from grokserve.serving.executor import LocalExecutor, ModelStepper
 from grokserve.serving.loading import ByteTokenizer
 from grokserve.serving.metrics import ReplicaMetrics
 from grokserve.serving.scheduler import (
     AdmissionError,
     QueueFull,
-    SamplingParams,
+    RowOutput,
     Scheduler,
     StepInput,
 )
 from grokserve.serving.schemas import CHAT_STOP, ChatMessage, render_chat
+from testkit.tokenizers import GROK_SPECIAL
 
-TOKENIZER = ByteTokenizer(256)
+TOKENIZER = ByteTokenizer(256, GROK_SPECIAL)
 GREEDY = SamplingParams(temperature=0)
 PROMPTS = [f"{i}: {'the quick brown fox ' * (i % 4)}jumps" for i in range(12)]
 
@@ -51,6 +53,7 @@ async def make_scheduler(model):
             executor if record is None else RecordingExecutor(executor, record),
             TOKENIZER,
             eos_id=model.config.eos_token,
+            pad_id=model.config.pad_token,
             observer=metrics,
             **limits,
         )
@@ -86,17 +89,23 @@ class ScriptedExecutor:
     def submit(self, step):
         sampled = asyncio.get_running_loop().create_future()
         sampled.set_result(
-            [self.script.pop(0) if self.script else self.filler for _ in step.rows]
-            if step.sample
-            else []
+            [
+                RowOutput(self.script.pop(0) if self.script else self.filler)
+                if step.sample
+                else RowOutput()
+                for _ in step.rows
+            ]
         )
         return sampled
 
 
+def submit(scheduler, prompt, max_tokens=12, sampling=GREEDY, **kwargs):
+    params = dataclasses.replace(sampling, max_tokens=max_tokens)
+    return scheduler.submit(prompt, params, **kwargs)
+
+
 async def collect(scheduler, prompt, **kwargs):
-    kwargs.setdefault("max_tokens", 12)
-    kwargs.setdefault("sampling", GREEDY)
-    generation = scheduler.submit(TOKENIZER.encode(prompt), **kwargs)
+    generation = submit(scheduler, TOKENIZER.encode(prompt), **kwargs)
     texts: dict[int, str] = {}
     reasons: dict[int, str] = {}
     tokens: dict[int, int] = {}
@@ -111,7 +120,7 @@ async def collect(scheduler, prompt, **kwargs):
 
 def reference(model, prompt, max_tokens=12):
     """The model package's own single-sequence greedy loop."""
-    params = ModelSampling(temperature=0, max_tokens=max_tokens)
+    params = SamplingParams(temperature=0, max_tokens=max_tokens)
     ids = generate(model, TOKENIZER.encode(prompt), params)
     return TOKENIZER.decode([i for i in ids if i != model.config.eos_token])
 
@@ -160,7 +169,7 @@ async def test_n_samples_are_reproducible_with_a_seed(make_scheduler):
 
 async def test_cancel_frees_the_slot_for_waiting_requests(model, make_scheduler):
     scheduler, _ = make_scheduler(max_batch_size=1, max_sequence_length=128, kv_budget=128)
-    long_one = scheduler.submit(TOKENIZER.encode("abc"), max_tokens=100, sampling=GREEDY)
+    long_one = submit(scheduler, TOKENIZER.encode("abc"), max_tokens=100)
     waiting = asyncio.create_task(collect(scheduler, PROMPTS[2]))
     async for delta in long_one:
         assert delta.completion_tokens == 1
@@ -174,14 +183,14 @@ async def test_cancel_frees_the_slot_for_waiting_requests(model, make_scheduler)
 async def test_admission_errors_name_the_limit(make_scheduler):
     scheduler, _ = make_scheduler(max_batch_size=1, max_queued_requests=1, kv_budget=128)
     with pytest.raises(AdmissionError, match=r"maxSequenceLength\) is 128"):
-        scheduler.submit([5] * 200, max_tokens=None, sampling=GREEDY)
+        submit(scheduler, [5] * 200, max_tokens=1)
     with pytest.raises(AdmissionError, match="max_tokens") as error:
-        scheduler.submit([5] * 100, max_tokens=50, sampling=GREEDY)
+        submit(scheduler, [5] * 100, max_tokens=50)
     assert error.value.param == "max_tokens"
-    running = scheduler.submit([5, 6], max_tokens=100, sampling=GREEDY)
-    queued = scheduler.submit([5, 6], max_tokens=100, sampling=GREEDY)
+    running = submit(scheduler, [5, 6], max_tokens=100)
+    queued = submit(scheduler, [5, 6], max_tokens=100)
     with pytest.raises(QueueFull, match="maxQueuedRequests=1") as full:
-        scheduler.submit([5, 6], max_tokens=100, sampling=GREEDY)
+        submit(scheduler, [5, 6], max_tokens=100)
     assert full.value.status == 429 and full.value.retry_after >= 1
     running.cancel()
     queued.cancel()
@@ -190,7 +199,7 @@ async def test_admission_errors_name_the_limit(make_scheduler):
 async def test_stream_interval_sends_fewer_larger_messages(model, make_scheduler):
     scheduler, _ = make_scheduler()
     prompt = TOKENIZER.encode(PROMPTS[5])
-    generation = scheduler.submit(prompt, max_tokens=30, sampling=GREEDY)
+    generation = submit(scheduler, prompt, max_tokens=30)
     messages = [ready async for ready in generation.batches(interval=0.05)]
     assert messages[0][0].completion_tokens == 1, "the first token is not held back"
     assert len(messages) < 30
@@ -223,7 +232,7 @@ def test_the_executor_refuses_a_row_without_a_seed(model):
         stepper.run(step)
 
 
-def scripted_scheduler(script, eos=2):
+def scripted_scheduler(script, eos=GROK_SPECIAL.eos):
     """A one-slot scheduler whose 'model' samples `script`, then EOS."""
     return Scheduler(
         ScriptedExecutor(script, filler=eos),
@@ -234,6 +243,7 @@ def scripted_scheduler(script, eos=2):
         kv_budget=64,
         prefill_chunk_tokens=64,
         eos_id=eos,
+        pad_id=GROK_SPECIAL.pad,
     )
 
 
@@ -265,3 +275,39 @@ def test_a_scheduler_runs_again_on_another_event_loop():
 
     assert asyncio.run(one_request())[0] == ["hello"]
     assert asyncio.run(one_request())[0] == [" worl"]
+
+
+async def test_echo_scores_every_prompt_token_across_chunks_and_pads(model, make_scheduler):
+    # Two prompts of different lengths in one prefill group (the shorter is left-padded), in
+    # chunks of 8: each prompt token's logprob is the model's, the first is None.
+    scheduler, _ = make_scheduler(prefill_chunk_tokens=8)
+    scoring = SamplingParams(temperature=0, max_tokens=0, logprobs=2, prompt_logprobs=True)
+    texts = ["the quick brown fox jumps over", "lazy dogs"]
+    generations = [scheduler.submit(TOKENIZER.encode(t), scoring) for t in texts]
+    for text, generation in zip(texts, generations, strict=True):
+        deltas = [delta async for delta in generation]
+        assert [d.finish_reason for d in deltas] == ["length"] and deltas[0].completion_tokens == 0
+        ids = TOKENIZER.encode(text)
+        scored = deltas[0].prompt_logprobs
+        assert scored[0] is None and [entry.token for entry in scored[1:]] == ids[1:]
+        with torch.inference_mode():
+            logits = model(torch.tensor([ids]), cache=model.new_cache(1, len(ids)))[0]
+        expected = torch.log_softmax(logits.float(), dim=-1)
+        for position, entry in enumerate(scored[1:], start=1):
+            assert entry.logprob == pytest.approx(
+                expected[position - 1, ids[position]].item(), abs=1e-4
+            )
+            assert len(entry.top) == 2
+
+
+async def test_long_requests_queue_fewer_the_kv_tokens_bound_the_queue(make_scheduler):
+    # 4 slots share 256 KV tokens; the queue holds 4 slots' share beyond them (256 tokens).
+    scheduler, _ = make_scheduler(max_queued_requests=4, kv_budget=256)
+    long = SamplingParams(temperature=0, max_tokens=120)
+    admitted = [scheduler.submit([5, 6], long) for _ in range(4)]
+    with pytest.raises(QueueFull, match="kvCacheTokens=256") as full:
+        scheduler.submit([5, 6], long)
+    assert full.value.status == 429 and full.value.retry_after >= 1
+    short = scheduler.submit([5, 6], SamplingParams(temperature=0, max_tokens=4))
+    for generation in [*admitted, short]:
+        generation.cancel()

@@ -4,7 +4,8 @@ KMock 0.8 keeps objects and serves discovery, but as an API server for kopf it l
 resourceVersion and generation (kopf's JSON-patches `test` resourceVersion); 201 on create; 422 for
 a failed JSON-patch `test`; a `status` subresource separate from the object; `/api/v1/namespaces`;
 `labelSelector`; JSON-typed watch streams (kubectl refuses octet-stream); CRD registration; the
-garbage collector (ownerReferences); and server-side apply with managedFields (`managed_fields.py`).
+garbage collector (ownerReferences); server-side apply with managedFields (`managed_fields.py`); and
+the defaults of a CRD's schema, applied to its objects on every write.
 `KubeApi` serves every namespaced object request itself (on KMock's object store and watch buses)
 and leaves discovery to KMock.
 
@@ -35,6 +36,7 @@ import yaml
 from kmock._internal import rendering
 
 from testkit import managed_fields
+from testkit.crd_cel import apply_defaults
 
 CRD_RESOURCE = "apiextensions.k8s.io/v1/customresourcedefinitions"
 CORE_RESOURCES: dict[str, dict[str, Any]] = {
@@ -99,6 +101,8 @@ class KubeApi(kmock.KubernetesEmulator):
         # (code, message) refuses the request.
         self.admission: list[Callable[[str, Any, str | None, Any], tuple[int, str] | None]] = []
         self._printer_columns: dict[Any, list[dict[str, Any]]] = {}
+        # openAPIV3Schema of each CRD-served resource: its defaults are applied on every write.
+        self._schemas: dict[Any, dict[str, Any]] = {}
         # Every event with its revision, so that a watch from resourceVersion N replays what
         # happened after N (as the API server does) instead of re-sending everything as ADDED.
         self._events: list[tuple[int, Any, dict[str, Any]]] = []
@@ -332,6 +336,8 @@ class KubeApi(kmock.KubernetesEmulator):
                 )
             if self._has_status(request.resource):
                 body.pop("status", None)
+            body = self._defaulted(request.resource, body)
+            metadata = body["metadata"]
             metadata.pop("managedFields", None)
             metadata.update(
                 uid=str(uuid.uuid4()),
@@ -356,9 +362,9 @@ class KubeApi(kmock.KubernetesEmulator):
         spec = crd["spec"]
         names = spec["names"]
         for version in spec["versions"]:
-            self._printer_columns[
-                kmock.resource(f"{spec['group']}/{version['name']}/{names['plural']}")
-            ] = version.get("additionalPrinterColumns", [])
+            resource = kmock.resource(f"{spec['group']}/{version['name']}/{names['plural']}")
+            self._printer_columns[resource] = version.get("additionalPrinterColumns", [])
+            self._schemas[resource] = (version.get("schema") or {}).get("openAPIV3Schema") or {}
             self.resources[f"{spec['group']}/{version['name']}/{names['plural']}"] = (
                 kmock.ResourceInfo(
                     namespaced=spec.get("scope", "Namespaced") == "Namespaced",
@@ -404,7 +410,9 @@ class KubeApi(kmock.KubernetesEmulator):
                 ValueError,
             ) as error:
                 return _status(422, "Invalid", f"cannot apply the patch: {error}")
-            new = self._merge_subresource(request, current, patched)
+            new = self._defaulted(
+                request.resource, self._merge_subresource(request, current, patched)
+            )
             rv_sent = (patched.get("metadata") or {}).get("resourceVersion")
             if replace and rv_sent and rv_sent != current["metadata"]["resourceVersion"]:
                 return _status(409, "Conflict", "the object has been modified")
@@ -455,6 +463,8 @@ class KubeApi(kmock.KubernetesEmulator):
                 metadata["namespace"] = request.namespace
                 metadata["name"] = request.name
                 body.pop("status", None) if self._has_status(request.resource) else None
+                body = self._defaulted(request.resource, body)
+                metadata = body["metadata"]
                 metadata.update(
                     uid=str(uuid.uuid4()),
                     resourceVersion=self._next_revision(),
@@ -476,7 +486,9 @@ class KubeApi(kmock.KubernetesEmulator):
                 return _status(
                     409, "Conflict", "Apply failed with conflicts: " + "; ".join(conflicts)
                 )
-            new = managed_fields.applied_object(current, applied, manager)
+            new = self._defaulted(
+                request.resource, managed_fields.applied_object(current, applied, manager)
+            )
             if self._has_status(request.resource):
                 new["status"] = current.get("status")
                 if new["status"] is None:
@@ -494,6 +506,11 @@ class KubeApi(kmock.KubernetesEmulator):
             obj.history.append(new)
             await self._publish(request.resource, "MODIFIED", new)
         return aiohttp.web.json_response(new)
+
+    def _defaulted(self, resource: Any, body: dict[str, Any]) -> dict[str, Any]:
+        """What the API server does to a custom resource before storing it: its CRD's defaults."""
+        schema = self._schemas.get(resource)
+        return apply_defaults(schema, body) if schema else body
 
     def _merge_subresource(
         self, request: rendering.Request, current: dict[str, Any], patched: dict[str, Any]
@@ -549,6 +566,7 @@ class KubeApi(kmock.KubernetesEmulator):
                     del self.objects[r, namespace, name]
             self.resources.pop(key, None)
             self._printer_columns.pop(resource, None)
+            self._schemas.pop(resource, None)
             await self._buses[resource].put(RESOURCE_GONE)
 
     async def _collect_garbage(self, owner_uid: str) -> None:

@@ -23,7 +23,9 @@ GROKDEPLOYMENTS = "/apis/grokserve.io/v1alpha1"
 CLUSTERROLE = REPO / "manifests" / "rbac" / "clusterrole.yaml"
 T = TypeVar("T")
 # What kopf peering needs (the chart's peering ClusterRole; test_operator_chart.py checks it).
-PEERING_GRANTS = {("kopf.dev", "clusterkopfpeerings", verb) for verb in ("list", "watch", "patch")}
+PEERING_GRANTS = {
+    ("kopf.dev", "clusterkopfpeerings", verb) for verb in ("get", "list", "watch", "patch")
+}
 
 # Enough of KubeRay's CRD for discovery: the operator only needs ray.io/v1 rayservices served.
 KUBERAY_CRD = {

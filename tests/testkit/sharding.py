@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import socket
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +18,28 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from grokserve.model import GrokModel
-from grokserve.model.parallel import GrokShard, shard_state_dict, start_process_group
-from grokserve.model.placement import Cluster, Parallelism, make_plan
+from grokserve.model.parallel import (
+    GrokShard,
+    StateDictSource,
+    shard_tensors,
+    start_process_group,
+)
+from grokserve.model.placement import Cluster, Parallelism, Plan, make_plan
+from grokserve.model.quantization import QuantizedWeight
+
+
+def shard_state_dict(
+    state_dict: Mapping[str, torch.Tensor], plan: Plan, rank: int
+) -> dict[str, torch.Tensor]:
+    """This rank's part of a full GrokModel state dict, under the same names (int8 stays int8)."""
+    local: dict[str, torch.Tensor] = {}
+    for name, value in shard_tensors(StateDictSource(state_dict), plan, rank):
+        if isinstance(value, QuantizedWeight):
+            local[f"{name}.weight"], local[f"{name}.scales"] = value.weight, value.scales
+        else:
+            local[name] = value
+    return local
+
 
 PRESET = "grok-tiny"
 PREFILL, DECODE_STEPS = 6, 4

@@ -6,6 +6,11 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from grokserve.model.presets import preset
+
+# The special ids of every preset (Grok-1's): what the tokenizers trained here use.
+GROK_SPECIAL = preset("grok-1").special_tokens
+
 SAMPLE_TEXT = """\
 The quick brown fox jumps over the lazy dog. Grok is a mixture of experts model.
 Kubernetes operators reconcile custom resources into running workloads.
@@ -25,10 +30,10 @@ def train_tokenizer(directory: Path, vocab_size: int = 200, text: str = SAMPLE_T
         model_type="bpe",
         vocab_size=vocab_size,
         character_coverage=1.0,
-        pad_id=0,
-        bos_id=1,
-        eos_id=2,
-        unk_id=3,
+        pad_id=GROK_SPECIAL.pad,
+        bos_id=GROK_SPECIAL.bos,
+        eos_id=GROK_SPECIAL.eos,
+        unk_id=max(GROK_SPECIAL) + 1,
         pad_piece="[PAD]",
         bos_piece="[BOS]",
         eos_piece="[EOS]",
