@@ -26,16 +26,9 @@ repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo" || exit 1
 python=${PYTHON:-python3}
 
-# grokserve's subpackages live in model/, serving/, operator/ (pyproject's package-dir).
 shim=$(mktemp -d)
 trap 'rm -rf "$shim"' EXIT
-mkdir "$shim/grokserve"
-for entry in "$repo"/grokserve/*.py "$repo"/grokserve/commands; do
-  ln -s "$entry" "$shim/grokserve/"
-done
-for sub in model serving operator; do
-  ln -s "$repo/$sub" "$shim/grokserve/$sub"
-done
+bash "$repo/scripts/package_tree.sh" "$shim"
 export PYTHONPATH="$shim${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONSAFEPATH=1 PYTHONUNBUFFERED=1  # operator/ must not shadow the stdlib's operator
 
@@ -54,7 +47,7 @@ else
   all_tokens="1 8 64 256 1024 4096 16384"
   sweep_shapes="8x4096 8x32768 1x32768"  # the default deployment's slice first
   steps=(
-    "pytest|90|$python -m pytest -q -p no:cacheprovider -m gpu tests/model/test_kernels_moe.py tests/model/test_kernels_attention.py"
+    "pytest|90|$python -m pytest -q -p no:cacheprovider -m gpu tests/model/test_kernels_moe.py tests/model/test_kernels_attention.py tests/model/test_model_paged.py"
     "moe_full|110|$python bench/moe.py --shapes 8x32768 --tokens $all_tokens --json $out_dir/moe_full.json"
     "moe_deployed|75|$python bench/moe.py --shapes 8x4096 1x32768 --tokens $all_tokens --json $out_dir/moe_deployed.json"
     "decode|95|$python bench/decode.py --batch 1 8 64 --context 1024 --layers 4"

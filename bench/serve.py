@@ -89,12 +89,8 @@ async def burst_run(
 
 
 def in_process_engine(config: ServingConfig) -> Engine:
-    limits = config.serving
     model = load_shard(config, rank=0, master=("127.0.0.1", 0))
-    stepper = ModelStepper(
-        model, max_batch_size=limits.max_batch_size, max_len=limits.max_sequence_length
-    )
-    return build_engine(config, LocalExecutor(stepper))
+    return build_engine(config, LocalExecutor(ModelStepper.for_config(model, config)))
 
 
 async def engine_run(

@@ -15,11 +15,13 @@ import torch.nn.functional as F
 MASKED_LOGIT = -1e30
 
 
-def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
-    """scale · x · rsqrt(mean(x²) + eps), computed in float32, returned in x's dtype."""
+def rms_norm(
+    x: torch.Tensor, scale: torch.Tensor, eps: float, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """scale · x · rsqrt(mean(x²) + eps), computed in float32, returned in `dtype` (x's by default)."""
     x32 = x.float()
     normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + eps)
-    return (normed * scale.float()).to(x.dtype)
+    return (normed * scale.float()).to(dtype or x.dtype)
 
 
 def rope_inverse_frequencies(
@@ -115,6 +117,7 @@ def moe(
     a shard passes its own ids, in any order, and gets the partial sum of its experts). As in the
     reference, the float32 gate is rounded to x's dtype and the product and the sum run in x's dtype
     (with Grok's two experts per token the sum is one rounding, whatever order the experts are added in).
+    The fused GPU kernel makes the same roundings.
     """
     expert_ids = expert_ids if expert_ids is not None else range(w_gate.shape[0])
     out = torch.zeros(x.shape[0], w_down.shape[-1], dtype=x.dtype, device=x.device)
@@ -125,6 +128,31 @@ def moe(
         y = expert_ffn(x[token], w_gate[local], w_up[local], w_down[local])
         out.index_add_(0, token, y * gates[token, slot, None].to(x.dtype))
     return out
+
+
+def moe_dense(
+    x: torch.Tensor,
+    gates: torch.Tensor,
+    experts: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    expert_ids: Sequence[int] | None = None,
+) -> torch.Tensor:
+    """`moe` with shapes that do not depend on the routing: every expert runs on every token and
+    unselected experts get gate 0. The same numbers as `moe` (the zero terms add exactly, the two
+    selected terms are summed in one rounding either way); E/k times the expert FLOPs, which small
+    decode batches on the CPU do not notice."""
+    expert_ids = expert_ids if expert_ids is not None else range(w_gate.shape[0])
+    # [N, k, E_local] -> [N, E_local]: each local expert's gate for each token, 0 where not selected.
+    # Compared with Python ints, not a tensor of ids: no host-to-device copy inside a CUDA graph.
+    chosen = torch.stack([experts == expert for expert in expert_ids], dim=-1)
+    weights = (gates[:, :, None] * chosen).sum(dim=1).to(x.dtype)
+    hidden = gelu_tanh(torch.einsum("nd,edf->enf", x, w_gate)) * torch.einsum(
+        "nd,edf->enf", x, w_up
+    )
+    y = torch.einsum("enf,efd->end", hidden, w_down)
+    return (y * weights.T[:, :, None]).sum(dim=0)
 
 
 def rounded(value: float, dtype: torch.dtype) -> torch.Tensor:

@@ -10,9 +10,10 @@ The arithmetic stays in `transformer.py`; this module only cuts the weights and 
 Every rank holds the same activations, so the MoE needs no token exchange before the experts: the
 "all-gather" of the tokens is free, and one all-reduce of [tokens, D] per layer brings the outputs
 together. An all-to-all dispatch would only pay off with sequence-sharded activations (each rank holding
-different tokens), which this SPMD layout does not have. Partial sums are added in float32 and rounded
-once to the compute dtype. In float32 the result equals the single-device model up to summation order
-(≤ 1e-5); in bf16 each rank's partial is rounded before the sum, so logits differ by bf16 rounding.
+different tokens), which this SPMD layout does not have. Partial sums are added in the compute dtype
+(bf16 on the wire for a bf16 model). In float32 the result equals the single-device model up to
+summation order (≤ 1e-5); in bf16 each rank's partial is rounded before the sum, so logits differ
+by bf16 rounding.
 
 Embedding, norms and router are replicated, so every rank computes the full float32 logits.
 
@@ -198,7 +199,12 @@ def check_rank(plan: Plan, rank: int) -> None:
 
 
 class SumOverGroup:
-    """Adds a partial result over the ranks of a process group, in float32, rounded once."""
+    """Adds a partial result over the ranks of a process group, in the partial's own dtype.
+
+    bf16 partials are summed in bf16: half the bytes of a float32 all-reduce, twice per layer. Each
+    partial is already rounded to bf16, so with 2 ranks the sum is the same one rounding either way;
+    a ring over more ranks rounds at each hop (docs/placement.md has the error against float32
+    sums: well inside bf16's own distance from the float32 model)."""
 
     def __init__(self, group: dist.ProcessGroup | None, size: int) -> None:
         self.group, self.size = group, size
@@ -206,9 +212,8 @@ class SumOverGroup:
     def __call__(self, partial: torch.Tensor) -> torch.Tensor:
         if self.size == 1:
             return partial
-        total = partial.float()
-        dist.all_reduce(total, group=self.group)
-        return total.to(partial.dtype)
+        dist.all_reduce(partial, group=self.group)  # partials are fresh products: summed in place
+        return partial
 
 
 class ShardAttention(Attention):

@@ -88,6 +88,63 @@ def sample(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+# Counter-based random numbers: a draw is a hash of (seed, position, token id), so a row's draws do
+# not depend on which rows share its batch or on any generator state, need no host sync, and a
+# sequence recomputed after preemption draws the same tokens again.
+_MASK32 = 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (xorshift-multiply rounds) on int64 tensors holding values < 2**32.
+    The multipliers are below 2**31, so no product overflows int64."""
+    x = ((x ^ (x >> 16)) * 0x7FEB352D) & _MASK32
+    x = ((x ^ (x >> 15)) * 0x68E31DA5) & _MASK32
+    return x ^ (x >> 16)
+
+
+def uniform_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab: int) -> torch.Tensor:
+    """float32 [B, vocab] in (0, 1), a pure function of each row's seed (int64) and position."""
+    seeds, positions = seeds.long(), positions.long()
+    row = _mix32((seeds & _MASK32) ^ _mix32(((seeds >> 32) & _MASK32) ^ _mix32(positions)))
+    ids = torch.arange(vocab, device=seeds.device)
+    bits = _mix32(row[:, None] ^ _mix32(ids)[None, :])
+    # 24 random bits, centred in their interval: never exactly 0 or 1.
+    return ((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))
+
+
+def sample_on_device(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    seeds: torch.Tensor,
+    positions: torch.Tensor,
+) -> torch.Tensor:
+    """Per-row sampling with no host sync and static shapes: logits [B, V] -> token ids [B].
+
+    Row i uses temperature[i] (0: greedy, the lowest id among equal maxima), top_k[i] (0: off),
+    top_p[i] (1: off), and draws with seeds[i] at positions[i] (the position of the token drawn)
+    by the Gumbel-max trick: argmax(logits / T + Gumbel noise) samples softmax(logits / T)."""
+    logits = logits.float()
+    vocab = logits.shape[-1]
+    greedy = logits.argmax(dim=-1)
+    scaled = logits / temperature.clamp(min=1e-6)[:, None]
+    ordered, _ = torch.sort(scaled, dim=-1, descending=True)
+    # top-k: keep logits >= the k-th largest (k = 0 keeps all).
+    k = torch.where(top_k > 0, top_k.clamp(max=vocab), vocab)
+    kth = ordered.gather(1, (k - 1)[:, None])
+    # top-p: keep the smallest prefix of the sorted tokens whose mass reaches p; ordered[j] is kept
+    # while the mass before it is below p, so the cut is the smallest kept logit.
+    probs = torch.softmax(ordered.masked_fill(ordered < kth, float("-inf")), dim=-1)
+    before = probs.cumsum(dim=-1) - probs
+    kept = (before < top_p[:, None]).sum(dim=-1, keepdim=True).clamp(min=1)
+    cut = torch.maximum(kth, ordered.gather(1, kept - 1))
+    filtered = scaled.masked_fill(scaled < cut, float("-inf"))
+    gumbel = -torch.log(-torch.log(uniform_noise(seeds, positions, vocab)))
+    drawn = (filtered + gumbel).argmax(dim=-1)
+    return torch.where(temperature > 0, drawn, greedy)
+
+
 @torch.inference_mode()
 def generate(
     model: torch.nn.Module,

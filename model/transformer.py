@@ -22,8 +22,10 @@ import torch
 from torch import nn
 
 from grokserve.model import kernels, layers
+from grokserve.model.blocks import DEFAULT_BLOCK_SIZE
 from grokserve.model.cache import KVCache
 from grokserve.model.config import GrokConfig
+from grokserve.model.paged import PagedKVCache, PagedStep
 from grokserve.model.presets import preset
 from grokserve.model.quantization import QuantizedWeight, dense, quantize
 
@@ -57,8 +59,8 @@ class RMSNorm(nn.Module):
             torch.ones(size, dtype=torch.float32, device=device), requires_grad=False
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return layers.rms_norm(x, self.scale, self.eps)
+    def forward(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return layers.rms_norm(x, self.scale, self.eps, dtype)
 
 
 class Attention(nn.Module):
@@ -92,17 +94,8 @@ class Attention(nn.Module):
         v = (x @ dense(self.wv, dtype)).view(batch, steps, self.kv_heads, key_size)
         q = layers.apply_rope(q, step.positions, self.config.rope_theta)
         k = layers.apply_rope(k, step.positions, self.config.rope_theta)
-        if step.cache is not None:
-            k, v = step.cache.write(layer, step.rows, step.positions, k, v, step.span)
-        out = kernels.attention(
-            q,
-            k,
-            v,
-            step.positions,
-            step.key_valid,
-            self.config.attn_output_multiplier,
-            self.config.max_attn_value,
-        )
+        config = self.config
+        out = step.attend(layer, q, k, v, config.attn_output_multiplier, config.max_attn_value)
         return out.reshape(batch, steps, self.q_heads * key_size) @ dense(self.wo, dtype)
 
 
@@ -151,7 +144,13 @@ class MoE(nn.Module):
         self.routed_tokens.scatter_add_(0, experts.reshape(-1), valid.reshape(-1))
         # The weights go as they are (int8 ones included): the fused kernel dequantises on the fly.
         out = kernels.moe(
-            flat, gates, experts, self.w_gate, self.w_up, self.w_down, self.expert_ids
+            flat,
+            gates,
+            experts,
+            self.w_gate,
+            self.w_up,
+            self.w_down,
+            self.expert_ids,
         )
         return out.view_as(x)
 
@@ -170,13 +169,19 @@ class DecoderLayer(nn.Module):
         self.post_moe_norm = RMSNorm(config.emb_size, eps, device)
 
     def forward(self, x: torch.Tensor, step: Step, layer: int) -> torch.Tensor:
-        # Grok normalises each branch's output as well as its input: four norms per layer.
-        x = x + self.post_attn_norm(self.attn(self.pre_attn_norm(x), step, layer))
-        return x + self.post_moe_norm(self.moe(self.pre_moe_norm(x), step))
+        # Grok normalises each branch's output as well as its input: four norms per layer. A branch's
+        # output norm stays float32 into the residual sum, rounded once (no bf16 round trip).
+        dtype = x.dtype
+        branch = self.post_attn_norm(self.attn(self.pre_attn_norm(x), step, layer), torch.float32)
+        x = (x + branch).to(dtype)
+        branch = self.post_moe_norm(self.moe(self.pre_moe_norm(x), step), torch.float32)
+        return (x + branch).to(dtype)
 
 
 class Step:
-    """Where one forward call's tokens sit: positions, visible keys, and the cache rows they extend."""
+    """Where one forward call's tokens sit: positions, visible keys, and the cache rows they extend.
+
+    (`paged.PagedStep` is the same interface over a paged cache, with no host sync.)"""
 
     def __init__(
         self, tokens: torch.Tensor, pad_token: int, cache: KVCache | None, rows: torch.Tensor | None
@@ -202,6 +207,19 @@ class Step:
         self.positions = cache.begin_append(self.rows, self.token_valid)
         self.span = int(self.positions.max()) + 1
         self.key_valid = cache.visible_keys(self.rows, self.span)
+
+    def attend(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        logit_multiplier: float,
+        cap: float,
+    ) -> torch.Tensor:
+        if self.cache is not None:
+            k, v = self.cache.write(layer, self.rows, self.positions, k, v, self.span)
+        return kernels.attention(q, k, v, self.positions, self.key_valid, logit_multiplier, cap)
 
     def finish(self) -> None:
         if self.cache is not None:
@@ -319,13 +337,56 @@ class GrokModel(nn.Module):
         """tokens [B, T] -> float32 logits [B, T, vocab]; with a cache, appends the tokens to its rows."""
         self.check_tokens(tokens)
         step = Step(tokens, self.config.pad_token, cache, rows)
-        dtype = self.dtype
-        x = self.embed(tokens) * layers.rounded(self.config.embedding_multiplier_scale, dtype)
+        x = self.hidden_states(tokens, step)
+        step.finish()
+        return self.logits(x)
+
+    def hidden_states(self, tokens: torch.Tensor, step: Step | PagedStep) -> torch.Tensor:
+        x = self.embed(tokens) * layers.rounded(self.config.embedding_multiplier_scale, self.dtype)
         for index, layer in enumerate(self.layers):
             x = layer(x, step, index)
-        step.finish()
+        return x
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Final norm and the tied output projection: [..., D] -> float32 [..., vocab]."""
         z = self.final_norm(x)
-        logits = (z @ self.embed.weight.T) * layers.rounded(
-            self.config.output_multiplier_scale, dtype
+        # The multiplier applies to the rounded product in float32: no bf16 round trip of the logits.
+        multiplier = layers.rounded(self.config.output_multiplier_scale, self.dtype).float()
+        return (z @ self.embed.weight.T).float() * multiplier
+
+    def new_paged_cache(
+        self, num_blocks: int, block_size: int = DEFAULT_BLOCK_SIZE
+    ) -> PagedKVCache:
+        """A paged cache of `num_blocks` usable blocks (plus the null block) on the model's device."""
+        return PagedKVCache(
+            self.config.num_layers,
+            num_blocks,
+            block_size,
+            self.layers[0].attn.kv_heads,
+            self.config.key_size,
+            self.dtype,
+            self.embed.weight.device,
         )
-        return logits.float()
+
+    def forward_paged(
+        self,
+        cache: PagedKVCache,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        block_tables: torch.Tensor,
+        lengths: torch.Tensor,
+        every_position: bool = False,
+    ) -> torch.Tensor:
+        """One step over a paged cache -> float32 logits [B, vocab] of each row's LAST column
+        ([B, T, vocab] of every column with `every_position`, for prompt logprobs).
+
+        Rows are left-padded to the step's width T: tokens, positions [B, T] (position -1 marks
+        padding);
+        block_tables [B, max_blocks]; lengths [B] (cached tokens per row after the step). The tokens'
+        keys and values are written to their blocks. Only the last column reaches the output
+        projection, in prefill too. No host sync and no data-dependent shape: this is the step that
+        `torch.compile(fullgraph=True)` and CUDA graphs take whole (see `grokserve.model.engine_step`).
+        Token ids are not range-checked here (that would read them back): the caller checks them."""
+        step = PagedStep(cache, tokens, positions, block_tables, lengths)
+        x = self.hidden_states(tokens, step)
+        return self.logits(x if every_position else x[:, -1])

@@ -11,14 +11,28 @@ from typing import Any
 import yaml
 
 from grokserve.model.placement import Plan
-from grokserve.operator.replica import MODEL_MOUNT_ROOT, claim_and_path, replica_config
-from grokserve.operator.spec import API_GROUP, API_VERSION, KIND, GrokDeploymentSpec
+from grokserve.operator.kuberay import CLUSTER_LABEL, SERVE_LABEL
+from grokserve.operator.replica import (
+    MODEL_MOUNT_ROOT,
+    WEIGHTS_CACHE_MOUNT,
+    claim_and_path,
+    fetches_weights,
+    replica_config,
+)
+from grokserve.operator.spec import (
+    API_GROUP,
+    API_VERSION,
+    KIND,
+    GrokDeploymentSpec,
+    ParallelismSpec,
+)
+from grokserve.serving.config import REPLICA_DEPLOYMENT
 
 SERVE_IMPORT_PATH = "grokserve.serving.app:build_app"
 SERVE_PORT = 8000
 METRICS_PORT = 8080
 DEPLOYMENT_LABEL = f"{API_GROUP}/deployment"
-WORKER_GROUP = "gpu-workers"
+WEIGHTS_CACHE_VOLUME = "weights-cache"
 SERVING_CONFIG_KEY = "serving.yaml"
 
 
@@ -66,6 +80,28 @@ def _metadata(owner: Owner, name: str, component: str) -> dict[str, Any]:
     return metadata
 
 
+def _with_weights_access(
+    pod: dict[str, Any], container: dict[str, Any], spec: GrokDeploymentSpec
+) -> None:
+    """The credentials Secret as environment, and the weights cache volume where one is used."""
+    model = spec.model
+    if model.credentials_secret:
+        container["envFrom"] = [{"secretRef": {"name": model.credentials_secret}}]
+    if not fetches_weights(spec):
+        return
+    cache = model.cache
+    if cache.type == "hostPath":
+        source: dict[str, Any] = {"hostPath": {"path": cache.path, "type": "DirectoryOrCreate"}}
+    elif cache.type == "pvc":
+        source = {"persistentVolumeClaim": {"claimName": cache.claim}}
+    else:
+        source = {"emptyDir": {"sizeLimit": cache.size_limit} if cache.size_limit else {}}
+    pod.setdefault("volumes", []).append({"name": WEIGHTS_CACHE_VOLUME, **source})
+    container.setdefault("volumeMounts", []).append(
+        {"name": WEIGHTS_CACHE_VOLUME, "mountPath": WEIGHTS_CACHE_MOUNT}
+    )
+
+
 def _claims(spec: GrokDeploymentSpec) -> list[str]:
     urls = (spec.model.source, spec.model.tokenizer)
     return sorted({claim_and_path(u)[0] for u in urls if u and u.startswith("pvc://")})
@@ -78,20 +114,56 @@ def serving_args(owner: Owner, spec: GrokDeploymentSpec) -> dict[str, Any]:
 
 
 def serve_config(owner: Owner, spec: GrokDeploymentSpec) -> dict[str, Any]:
-    return {
-        "applications": [
-            {
-                "name": owner.name,
-                "route_prefix": "/",
-                "import_path": SERVE_IMPORT_PATH,
-                "args": serving_args(owner, spec),
-            }
-        ]
+    """The Serve config; the replica count reaches the Ray cluster only through here.
+
+    Serve hashes an application's args into its code version, and a new code version restarts
+    every replica (reloading the weights): the count goes as the GrokReplica deployment's
+    options instead, which Serve changes in place, and Ray's autoscaler finds nodes for the
+    replicas it adds (see _worker_group). Serve runs no deployment with 0 replicas (its API and
+    config refuse num_replicas 0): at spec.replicas 0 the target capacity 0 scales every
+    deployment of the application to none, so that no replica holds a node and Ray's
+    autoscaler removes the idle ones.
+    """
+    config = replica_config(owner.name, spec).resolved(spec.model.config)
+    args = config.to_args()
+    application: dict[str, Any] = {
+        "name": owner.name,
+        "route_prefix": "/",
+        "import_path": SERVE_IMPORT_PATH,
+        # The same args at every replica count: a change of the count never restarts a replica.
+        "args": {**args, "replicas": 1},
     }
+    serve: dict[str, Any] = {"applications": [application]}
+    if spec.replicas:
+        options = config.replica_count_options()
+        application["deployments"] = [{"name": REPLICA_DEPLOYMENT, **options}]
+    else:
+        serve["target_capacity"] = 0
+    return serve
 
 
 def worker_nodes(spec: GrokDeploymentSpec) -> int:
     return spec.replicas * spec.parallelism.nodes_per_replica
+
+
+def worker_group_name(spec: GrokDeploymentSpec) -> str:
+    return f"{spec.parallelism.device}-workers"
+
+
+def _largest(model: type, field: str) -> int:
+    """The `le` bound of a spec field: the most that a GrokDeployment can ask for."""
+    return next(rule.le for rule in model.model_fields[field].metadata if hasattr(rule, "le"))
+
+
+# The worker group's bounds cover every replica count any GrokDeployment can ask for. KubeRay's
+# RayService hash leaves out a worker group's replicas, minReplicas and maxReplicas
+# (GenerateHashWithoutReplicasAndWorkersToDelete): a change to them never reaches a running
+# cluster. Bounds that never change need not reach it; the replica count travels in the Serve
+# config instead, which KubeRay applies in place, and Ray's autoscaler (enableInTreeAutoscaling)
+# adds worker pods for the new replicas' placement groups and removes idle ones.
+MAX_WORKER_NODES = _largest(GrokDeploymentSpec, "replicas") * _largest(
+    ParallelismSpec, "nodes_per_replica"
+)
 
 
 def placement_summary(spec: GrokDeploymentSpec, plan: Plan) -> str:
@@ -137,7 +209,8 @@ def _head_group(owner: Owner, spec: GrokDeploymentSpec, claims: list[str]) -> di
         {},
     )
     container["ports"] = [
-        {"name": "gcs", "containerPort": 6379},
+        # KubeRay's names: it finds the GCS and dashboard ports by them.
+        {"name": "gcs-server", "containerPort": 6379},
         {"name": "dashboard", "containerPort": 8265},
         {"name": "client", "containerPort": 10001},
         {"name": "serve", "containerPort": SERVE_PORT},
@@ -145,11 +218,13 @@ def _head_group(owner: Owner, spec: GrokDeploymentSpec, claims: list[str]) -> di
     ]
     pod: dict[str, Any] = {"containers": [container]}
     _with_model_volumes(pod, container, claims)
+    _with_weights_access(pod, container, spec)
     if spec.ray.service_account_name:
         pod["serviceAccountName"] = spec.ray.service_account_name
     return {
-        # The head holds no GPU work: replicas and shards must land on the worker group.
-        "rayStartParams": {"dashboard-host": "0.0.0.0", "num-gpus": "0"},
+        # The head holds no model work: replicas and shards must land on the worker group, where
+        # Ray's autoscaler adds nodes for them (on CPU too). Serve's own actors need no CPU.
+        "rayStartParams": {"dashboard-host": "0.0.0.0", "num-cpus": "0", "num-gpus": "0"},
         "template": {"metadata": {"labels": labels(owner, "ray-head")}, "spec": pod},
     }
 
@@ -167,6 +242,7 @@ def _worker_group(owner: Owner, spec: GrokDeploymentSpec, claims: list[str]) -> 
     container["ports"] = [{"name": "metrics", "containerPort": METRICS_PORT}]
     pod: dict[str, Any] = {"containers": [container]}
     _with_model_volumes(pod, container, claims)
+    _with_weights_access(pod, container, spec)
     if spec.ray.node_selector:
         pod["nodeSelector"] = dict(spec.ray.node_selector)
     if spec.ray.tolerations:
@@ -175,12 +251,13 @@ def _worker_group(owner: Owner, spec: GrokDeploymentSpec, claims: list[str]) -> 
         ]
     if spec.ray.service_account_name:
         pod["serviceAccountName"] = spec.ray.service_account_name
-    nodes = worker_nodes(spec)
     return {
-        "groupName": WORKER_GROUP,
-        "replicas": nodes,
-        "minReplicas": nodes,
-        "maxReplicas": nodes,
+        "groupName": worker_group_name(spec),
+        # Where a new cluster starts (KubeRay's upgrade, or the first one); from then on Ray's
+        # autoscaler owns the count.
+        "replicas": worker_nodes(spec),
+        "minReplicas": 0,
+        "maxReplicas": MAX_WORKER_NODES,
         # Explicit, so that GPUs under another resource name than nvidia.com/gpu count too.
         "rayStartParams": {"num-gpus": str(par.gpus_per_node)} if par.device == "gpu" else {},
         "template": {"metadata": {"labels": labels(owner, "ray-worker")}, "spec": pod},
@@ -200,6 +277,8 @@ def build_rayservice(owner: Owner, spec: GrokDeploymentSpec) -> dict[str, Any]:
             ),
             "rayClusterConfig": {
                 "rayVersion": spec.ray.ray_version,
+                "enableInTreeAutoscaling": True,
+                "autoscalerOptions": {"idleTimeoutSeconds": spec.ray.idle_timeout_seconds},
                 "headGroupSpec": _head_group(owner, spec, claims),
                 "workerGroupSpecs": [_worker_group(owner, spec, claims)],
             },
@@ -210,15 +289,24 @@ def build_rayservice(owner: Owner, spec: GrokDeploymentSpec) -> dict[str, Any]:
     }
 
 
-def build_service(owner: Owner) -> dict[str, Any]:
-    """The OpenAI endpoint: every pod of this deployment that KubeRay marks as serving."""
+def build_service(owner: Owner, serving_cluster: str | None) -> dict[str, Any]:
+    """The OpenAI endpoint: the pods of the Ray cluster KubeRay routes to that it marks as serving.
+
+    KubeRay's own serve Service pins the cluster the same way and switches when a new cluster is
+    ready; selecting by deployment alone would also reach the not-yet-ready cluster of an
+    upgrade. `serving_cluster` is None until KubeRay names one: the Service then selects nothing.
+    """
     return {
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": _metadata(owner, owner.name, "endpoint"),
         "spec": {
             "type": "ClusterIP",
-            "selector": {DEPLOYMENT_LABEL: owner.name, "ray.io/serve": "true"},
+            "selector": {
+                DEPLOYMENT_LABEL: owner.name,
+                SERVE_LABEL: "true",
+                CLUSTER_LABEL: serving_cluster or "",
+            },
             "ports": [
                 {"name": "http", "port": SERVE_PORT, "targetPort": SERVE_PORT},
                 {"name": "metrics", "port": METRICS_PORT, "targetPort": METRICS_PORT},
@@ -280,13 +368,18 @@ def build_pdb(owner: Owner, spec: GrokDeploymentSpec) -> dict[str, Any]:
 
 
 def build_children(
-    owner: Owner, spec: GrokDeploymentSpec, plan: Plan, *, with_servicemonitor: bool
+    owner: Owner,
+    spec: GrokDeploymentSpec,
+    plan: Plan,
+    *,
+    with_servicemonitor: bool,
+    serving_cluster: str | None = None,
 ) -> list[dict[str, Any]]:
     """Every child of a GrokDeployment whose replica has `plan`, in the order they are applied."""
     children = [
         build_configmap(owner, spec, plan),
         build_rayservice(owner, spec),
-        build_service(owner),
+        build_service(owner, serving_cluster),
         build_pdb(owner, spec),
     ]
     if with_servicemonitor:

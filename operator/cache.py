@@ -118,21 +118,22 @@ class ChildrenMemo:
     pass over an unchanged object compares instead of rendering serve configs again."""
 
     def __init__(self) -> None:
-        self._built: dict[Owner, tuple[str, bool, list[dict[str, Any]]]] = {}
+        self._built: dict[Owner, tuple[tuple[str, Any], list[dict[str, Any]]]] = {}
         self._lock = threading.Lock()
 
     def __call__(
-        self, owner: Owner, spec: GrokDeploymentSpec, plan: Plan, *, with_servicemonitor: bool
+        self, owner: Owner, spec: GrokDeploymentSpec, plan: Plan, **options: Any
     ) -> list[dict[str, Any]]:
-        # The plan follows from the spec (and the owner's name): the spec is the key.
-        rendered = spec.model_dump_json()
+        # The plan follows from the spec (and the owner's name): the spec and the options
+        # (with_servicemonitor, the serving cluster KubeRay routes to) are the key.
+        rendered = (spec.model_dump_json(), tuple(sorted(options.items())))
         with self._lock:
             built = self._built.get(owner)
-        if built is not None and built[:2] == (rendered, with_servicemonitor):
-            return built[2]
-        children = build_children(owner, spec, plan, with_servicemonitor=with_servicemonitor)
+        if built is not None and built[0] == rendered:
+            return built[1]
+        children = build_children(owner, spec, plan, **options)
         with self._lock:
-            self._built[owner] = (rendered, with_servicemonitor, children)
+            self._built[owner] = (rendered, children)
         return children
 
     def forget(self, namespace: str, name: str) -> None:

@@ -14,6 +14,7 @@ from kubernetes.client.rest import ApiException
 from grokserve.model.placement import Plan
 from grokserve.operator.builders import Owner, build_children
 from grokserve.operator.kube import RAYSERVICE, SERVICEMONITOR, Kube, api_message
+from grokserve.operator.kuberay import serving_cluster
 from grokserve.operator.replica import replica_plan
 from grokserve.operator.spec import GrokDeploymentSpec, SpecError, check_name, parse_spec
 from grokserve.operator.status import (
@@ -94,10 +95,17 @@ def reconcile(kube: Kube, body: dict[str, Any], build: BuildChildren = build_chi
     if not kube.serves(RAYSERVICE):
         message = f"KubeRay's RayService CRD (ray.io/v1) is not installed; {KUBERAY_INSTALL_HINT}"
         return _failed(body, KUBERAY_MISSING, message)
-    servicemonitor = kube.serves(SERVICEMONITOR)
-    children = build(owner, spec, plan, with_servicemonitor=servicemonitor)
     applying: dict[str, Any] | None = None
     try:
+        # The endpoint follows the cluster KubeRay routes to, as the RayService's status names it.
+        routed = serving_cluster(kube.get(RAYSERVICE, owner.namespace, owner.name))
+        children = build(
+            owner,
+            spec,
+            plan,
+            with_servicemonitor=kube.serves(SERVICEMONITOR),
+            serving_cluster=routed,
+        )
         held = [h for h in (kube.foreign_holder(c, owner.uid) for c in children) if h is not None]
         if held:
             message = (

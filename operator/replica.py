@@ -21,6 +21,8 @@ from grokserve.serving.config import (
 
 DOES_NOT_FIT = "DoesNotFit"
 MODEL_MOUNT_ROOT = "/mnt/models"
+WEIGHTS_CACHE_MOUNT = "/var/cache/grokserve"  # the node cache volume (spec.model.cache)
+REMOTE_SCHEMES = ("s3", "gs", "hf")  # fetched by the pods; pvc:// is mounted, file:// is a path
 
 
 def claim_and_path(url: str) -> tuple[str, str]:
@@ -40,19 +42,26 @@ def local_location(url: str | None) -> str | None:
     return url
 
 
+def fetches_weights(spec: GrokDeploymentSpec) -> bool:
+    """Whether the pods fetch the source or tokenizer from an object store (into the cache)."""
+    urls = (spec.model.source, spec.model.tokenizer)
+    return any(url and url.split("://", 1)[0] in REMOTE_SCHEMES for url in urls)
+
+
 def replica_config(name: str, spec: GrokDeploymentSpec) -> ServingConfig:
     """The arguments of `build_app` for this deployment, as the typed config the replica parses."""
     par = spec.parallelism
     on_gpu = par.device == "gpu"
     return ServingConfig(
         name=name,
-        # Serve needs one replica to exist; at spec.replicas 0 the worker group has no pods, so
-        # the replica stays pending without holding a GPU.
+        # Serve refuses a deployment of 0 replicas; at spec.replicas 0 the Serve config's target
+        # capacity 0 runs none (builders.serve_config).
         replicas=max(spec.replicas, 1),
         model=ReplicaModel(
             preset=spec.model.preset,
             source=local_location(spec.model.source),
             tokenizer=local_location(spec.model.tokenizer),
+            cache_dir=WEIGHTS_CACHE_MOUNT if fetches_weights(spec) else None,
             dtype=spec.model.dtype,
             quantization=spec.model.quantization,
         ),

@@ -49,6 +49,9 @@ MAX_TOLERATIONS = 32
 MAX_NODE_SELECTOR = 32
 # Kubernetes quantities of bytes with a unit (a bare number would be bytes, never what is meant).
 MEMORY_PATTERN = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)$"
+# Names of Secrets and PersistentVolumeClaims: DNS-1123 subdomains.
+OBJECT_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
+OBJECT_NAME_MAX_LENGTH = 253
 
 
 def _per_preset(what: str, label: str) -> Lookup:
@@ -77,6 +80,24 @@ RULES = [
         f"model.source is required for {', '.join(_NEED_SOURCE)}: random weights of that size "
         "serve nothing useful",
         field="source",
+    ),
+    Rule(
+        "model.cache",
+        Ref("type").one_of(["emptyDir"]) | ~present("size_limit"),
+        "model.cache.sizeLimit applies to type emptyDir only",
+        field="size_limit",
+    ),
+    Rule(
+        "model.cache",
+        Ref("type").one_of(["hostPath"]).equals(present("path")),
+        "model.cache.path is required with type hostPath and applies to it only",
+        field="path",
+    ),
+    Rule(
+        "model.cache",
+        Ref("type").one_of(["pvc"]).equals(present("claim")),
+        "model.cache.claim is required with type pvc and applies to it only",
+        field="claim",
     ),
     Rule(
         "parallelism",
@@ -169,6 +190,35 @@ class SpecError(ValueError):
         self.message = message
 
 
+class ModelCacheSpec(CamelModel):
+    """Where the Ray pods keep s3://, gs:// and hf:// weights they fetch: one copy per node,
+    shared by the ranks on it (mounted only when the source or tokenizer is remote)."""
+
+    rule_scope: ClassVar[str | None] = "model.cache"
+
+    type: Literal["emptyDir", "hostPath", "pvc"] = Field(
+        "emptyDir",
+        description="emptyDir: the pod's scratch disk, fetched again by every new pod; hostPath: a "
+        "node directory that outlives pods (a warm cache); pvc: a claim (ReadWriteMany when pods "
+        "on several nodes share it).",
+    )
+    size_limit: str | None = Field(
+        None,
+        pattern=MEMORY_PATTERN,
+        max_length=20,
+        description="emptyDir only: its size limit, e.g. 700Gi (the checkpoint, or a rank's share).",
+    )
+    path: str | None = Field(
+        None, pattern=r"^/.*$", max_length=1024, description="hostPath only: the node directory."
+    )
+    claim: str | None = Field(
+        None,
+        pattern=OBJECT_NAME_PATTERN,
+        max_length=OBJECT_NAME_MAX_LENGTH,
+        description="pvc only: the claim's name.",
+    )
+
+
 class ModelSpec(CamelModel):
     """Which model to serve and how its weights are held on the GPUs."""
 
@@ -196,6 +246,18 @@ class ModelSpec(CamelModel):
     quantization: Literal["none", "int8"] = Field(
         "none",
         description="int8 keeps the released 8-bit weights on the GPU (half the memory of bf16).",
+    )
+    cache: ModelCacheSpec = Field(
+        default_factory=ModelCacheSpec,
+        description="Node-local cache of s3://, gs:// and hf:// weights.",
+    )
+    credentials_secret: str | None = Field(
+        None,
+        pattern=OBJECT_NAME_PATTERN,
+        max_length=OBJECT_NAME_MAX_LENGTH,
+        description="Secret whose keys become environment variables of the Ray pods, e.g. "
+        "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, HF_TOKEN; unset: the pods' "
+        "ServiceAccount (IRSA, Workload Identity) or public access.",
     )
 
     @property
@@ -439,6 +501,12 @@ class RaySpec(CamelModel):
     )
     service_account_name: DNS1123SubdomainName | None = Field(
         None, description="Service account of the Ray pods (e.g. for s3:// or gs:// access)."
+    )
+    idle_timeout_seconds: int = Field(
+        60,
+        ge=0,
+        description="Seconds a worker node must be idle (no Serve replica on it) before Ray's "
+        "autoscaler removes it and frees its GPUs. Changing it starts a new Ray cluster.",
     )
     # Not KubeRay's NewClusterWithIncrementalUpgrade: it needs clusterUpgradeOptions (a Gateway
     # class, step sizes) that this spec does not carry.

@@ -12,7 +12,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 from grokserve.model.placement import Plan
-from grokserve.operator.builders import Owner, endpoint, placement_summary, selector
+from grokserve.operator.builders import (
+    Owner,
+    endpoint,
+    placement_summary,
+    selector,
+    worker_nodes,
+)
+from grokserve.operator.kuberay import ready_worker_nodes, refusal, too_old
 from grokserve.operator.spec import GrokDeploymentSpec
 
 KUBERAY_INSTALL_HINT = (
@@ -83,11 +90,6 @@ def _unhealthy_deployments(application: dict[str, Any]) -> list[str]:
     )
 
 
-def _ready_workers(rayservice_status: dict[str, Any]) -> int:
-    cluster = (rayservice_status.get("activeServiceStatus") or {}).get("rayClusterStatus") or {}
-    return int(cluster.get("readyWorkerReplicas") or cluster.get("availableWorkerReplicas") or 0)
-
-
 def observed_replicas(spec: GrokDeploymentSpec, rayservice: dict[str, Any] | None) -> int:
     """Replicas whose worker nodes exist in the serving cluster (ready or not): status.replicas,
     what /scale reports as the current size."""
@@ -101,14 +103,28 @@ def observed_replicas(spec: GrokDeploymentSpec, rayservice: dict[str, Any] | Non
 
 
 def _serving_replicas(
-    spec: GrokDeploymentSpec, status: dict[str, Any], application: dict[str, Any] | None
+    spec: GrokDeploymentSpec, rayservice: dict[str, Any], application: dict[str, Any] | None
 ) -> int:
     """Replicas serving now: the application runs healthy, counted by their ready worker nodes."""
     if application is None or application.get("status") != "RUNNING":
         return 0
     if _unhealthy_deployments(application):
         return 0
-    return min(_ready_workers(status) // spec.parallelism.nodes_per_replica, spec.replicas)
+    ready_nodes = ready_worker_nodes(rayservice)
+    return min(ready_nodes // spec.parallelism.nodes_per_replica, spec.replicas)
+
+
+def _missing_nodes(spec: GrokDeploymentSpec, rayservice: dict[str, Any]) -> str | None:
+    """Why replicas wait, when fewer worker nodes are ready than the replicas need.
+
+    Ray's autoscaler asks KubeRay for a worker pod per node a pending replica needs; until the
+    Kubernetes cluster has room for those pods (GPU nodes), the replicas wait.
+    """
+    needed, ready = worker_nodes(spec), ready_worker_nodes(rayservice)
+    if ready >= needed:
+        return None
+    kind = "GPU" if spec.parallelism.device == "gpu" else "CPU worker"
+    return f"waiting for {needed - ready} {kind} node(s): {ready} of {needed} worker nodes ready"
 
 
 def serving_conditions(
@@ -119,18 +135,31 @@ def serving_conditions(
     """(Ready, Progressing, Degraded) and the number of replicas that serve now."""
     if rayservice is None:
         return _waiting("RayServiceMissing", "the RayService has not been created yet"), 0
+    outdated = too_old(rayservice)
+    if outdated is not None:
+        return failure_conditions("KubeRayTooOld", outdated), 0
+    status = rayservice.get("status") or {}
+    active = status.get("activeServiceStatus") or {}
+    application = (active.get("applicationStatuses") or {}).get(owner.name)
+    ready_replicas = _serving_replicas(spec, rayservice, application)
+    refused = refusal(rayservice)
+    if refused is not None:
+        # KubeRay will not act on this RayService; whatever serves keeps serving the older spec.
+        reason, detail = refused
+        return failure_conditions(reason, f"KubeRay: {detail}"), ready_replicas
     if spec.replicas == 0:
-        message = "scaled to zero: no worker nodes, nothing serves"
+        message = "scaled to zero: nothing serves"
+        lingering = ready_worker_nodes(rayservice)
+        if lingering:
+            message += (
+                f"; {lingering} worker node(s) go once idle for {spec.ray.idle_timeout_seconds}s"
+            )
         return [
             Condition("Ready", False, "ScaledToZero", message),
             Condition("Progressing", False, "ScaledToZero", message),
             Condition("Degraded", False, "ScaledToZero", message),
         ], 0
-    status = rayservice.get("status") or {}
     generation = (rayservice.get("metadata") or {}).get("generation")
-    active = status.get("activeServiceStatus") or {}
-    application = (active.get("applicationStatuses") or {}).get(owner.name)
-    ready_replicas = _serving_replicas(spec, status, application)
     if status.get("observedGeneration") is None:
         # Not "the previous spec serves meanwhile": nothing has reported on it at all.
         message = (
@@ -155,18 +184,17 @@ def serving_conditions(
             Condition("Progressing", False, "ServeApplicationFailed", detail),
             Condition("Degraded", True, "ServeApplicationFailed", detail),
         ], 0
+    missing = _missing_nodes(spec, rayservice)
     if app_status != "RUNNING" or unhealthy:
+        if missing is not None:
+            return _waiting("WaitingForNodes", missing), 0
         detail = "; ".join(unhealthy) or f"application {app_status}"
         return _waiting("ServeApplicationDeploying", detail), 0
     pending = status.get("pendingServiceStatus") or {}
     upgrading = bool(pending.get("rayClusterName"))
-    if ready_replicas < spec.replicas:
-        message = f"{ready_replicas}/{spec.replicas} replicas have their worker nodes ready"
-        return [
-            Condition("Ready", False, "ReplicasStarting", message),
-            Condition("Progressing", True, "ReplicasStarting", message),
-            Condition("Degraded", False, "ReplicasStarting", message),
-        ], ready_replicas
+    if missing is not None:
+        # The application runs with the replicas whose nodes are ready; the rest wait for theirs.
+        return _waiting("WaitingForNodes", missing), ready_replicas
     message = f"{spec.replicas} replica(s) serving at {endpoint(owner)}"
     progressing = (
         Condition("Progressing", True, "ClusterUpgrading", "KubeRay is preparing a new Ray cluster")

@@ -14,18 +14,13 @@ from pydantic import ValidationError
 from ray import serve
 from ray.serve import Application
 
-from grokserve.serving.config import ServingConfig
+from grokserve.serving.config import CALLS_PER_REPLICA, REPLICA_DEPLOYMENT, ServingConfig
 from grokserve.serving.ingress import OpenAIIngress
 from grokserve.serving.replica import GrokReplica, MetricsHub
 
-# Serve's router must never hold a request waiting for a replica's "capacity": the scheduler is
-# the only queue, and it answers admitted-or-429 at once. So a replica accepts far more calls at a
-# time than its scheduler admits (the excess are answered with 429 within milliseconds), and the
-# router's own queue only holds what is being routed right now.
-_CALLS_PER_REPLICA = 10_000
 HEALTH_CHECK_PERIOD_SECONDS = 2.0
-# The deployment of the model replicas; the launcher counts its RUNNING replicas.
-REPLICA_DEPLOYMENT = "GrokReplica"
+
+__all__ = ["REPLICA_DEPLOYMENT", "ServingConfigError", "build_app", "parse_args"]
 
 
 class ServingConfigError(ValueError):
@@ -68,12 +63,11 @@ def build_app(args: dict[str, Any]) -> Application:
     replica = serve.deployment(
         GrokReplica,
         name=REPLICA_DEPLOYMENT,
-        num_replicas=config.replicas,
         ray_actor_options={"num_cpus": config.resources.replica_cpus},
         placement_group_bundles=config.placement_group_bundles(),
         placement_group_strategy=config.parallelism.ray_strategy,
-        max_ongoing_requests=_CALLS_PER_REPLICA,
-        max_queued_requests=config.replicas * _CALLS_PER_REPLICA,
+        max_ongoing_requests=CALLS_PER_REPLICA,
+        **config.replica_count_options(),
         # A replica whose shard worker died answers 503 until Serve replaces it: look often.
         health_check_period_s=HEALTH_CHECK_PERIOD_SECONDS,
     ).bind(wire_args, hub)

@@ -29,6 +29,14 @@ from grokserve.model.placement import (
     parse_memory,
 )
 
+# The Serve deployment of the model replicas (its options carry the replica count).
+REPLICA_DEPLOYMENT = "GrokReplica"
+# Serve's router must never hold a request waiting for a replica's "capacity": the scheduler is
+# the only queue, and it answers admitted-or-429 at once. So a replica accepts far more calls at a
+# time than its scheduler admits (the excess are answered with 429 within milliseconds), and the
+# router's own queue only holds what is being routed right now.
+CALLS_PER_REPLICA = 10_000
+
 Strategy = Literal["pack", "spread", "strict-spread"]
 
 # Ray's names for our strategies (`placement_group_strategy` of a Serve deployment).
@@ -51,12 +59,18 @@ class ReplicaModel(_Section):
     preset: str = Field("grok-tiny", description="Architecture preset, e.g. grok-1, grok-mini.")
     source: str | None = Field(
         None,
-        description="Checkpoint location: a local path or file:// URL; None serves random weights.",
+        description="Checkpoint location: a local path, file://, s3://BUCKET/PREFIX, "
+        "gs://BUCKET/PREFIX or hf://ORG/REPO[@REVISION][/SUBDIR]; None serves random weights.",
     )
     tokenizer: str | None = Field(
         None,
-        description="SentencePiece model: a local path or file:// URL; None uses the "
+        description="SentencePiece model, same locations as source; None uses the "
         "tokenizer.model beside the checkpoint, or byte-level tokens where there is none.",
+    )
+    cache_dir: str | None = Field(
+        None,
+        description="Node-local cache of s3://, gs:// and hf:// weights, shared by the ranks on a "
+        "node; None is ~/.cache/grokserve.",
     )
     dtype: Literal["float32", "bfloat16"] = "float32"
     quantization: Literal["none", "int8"] = "none"
@@ -145,8 +159,10 @@ class ServingLimits(_Section):
     kv_cache_tokens: int | None = Field(
         None,
         ge=1,
-        description="Token budget for admission (prompt + max_tokens of running requests); "
-        "None means maxBatchSize × maxSequenceLength.",
+        description="Paged KV-cache capacity in tokens (16-token blocks, shared prefixes); "
+        "requests are admitted by the blocks of their prompts and preempted when blocks run out. "
+        "None means: on CUDA, the memory the placement plan leaves after weights, workspace and "
+        "reserve; on the CPU, maxBatchSize × maxSequenceLength.",
     )
     prefill_chunk_tokens: int = Field(
         256, ge=1, description="Prompt tokens per prefill step; longer prompts are chunked."
@@ -198,6 +214,19 @@ class ServingConfig(_Section):
     def from_args(cls, args: dict[str, Any]) -> ServingConfig:
         return cls.model_validate(args)
 
+    def replica_count_options(self) -> dict[str, int]:
+        """The options of the GrokReplica deployment that follow the replica count.
+
+        Both are options Serve changes without restarting a replica, which is why the operator
+        sends them as the application's deployment options rather than in its args (Serve hashes
+        the args into the application's code version, and a new code version restarts every
+        replica).
+        """
+        return {
+            "num_replicas": self.replicas,
+            "max_queued_requests": self.replicas * CALLS_PER_REPLICA,
+        }
+
     def degrees(self, model: GrokConfig) -> Parallelism:
         """tensor and expert, each the planner's choice where the config leaves it out."""
         default = default_parallelism(model, self.cluster())
@@ -220,9 +249,14 @@ class ServingConfig(_Section):
         with these serving limits; raises PlacementError (DoesNotFitError naming the limits to
         change when the layout is valid but too big)."""
         limits = self.serving
+        if self.cache_from_memory:  # the cache takes what is left; it must hold one sequence
+            cache, cached = limits.max_sequence_length, "one serving.maxSequenceLength"
+        elif limits.kv_cache_tokens is not None:
+            cache, cached = limits.kv_cache_tokens, "serving.kvCacheTokens"
+        else:
+            cache, cached = limits.kv_budget, "serving.maxBatchSize × serving.maxSequenceLength"
         headroom = Headroom(
-            cache_tokens=limits.max_batch_size * limits.max_sequence_length,
-            step_tokens=limits.max_batch_size * limits.prefill_chunk_tokens,
+            cache_tokens=cache, step_tokens=limits.max_batch_size * limits.prefill_chunk_tokens
         )
         quantization = "int8" if self.model.quantization == "int8" else None
         try:
@@ -232,12 +266,17 @@ class ServingConfig(_Section):
         except DoesNotFitError as error:
             int8 = "" if quantization else ", keep int8 weights (model.quantization)"
             raise DoesNotFitError(
-                f"{error}. Each GPU caches its kv heads for serving.maxBatchSize × "
-                f"serving.maxSequenceLength = {headroom.cache_tokens} tokens and computes steps "
+                f"{error}. Each GPU caches its kv heads for {cached} = "
+                f"{headroom.cache_tokens} tokens and computes steps "
                 f"of up to {headroom.step_tokens} tokens: lower those, add GPUs "
                 f"(parallelism.nodesPerReplica){int8}, or state larger GPUs "
                 "(parallelism.gpuMemory)"
             ) from None
+
+    @property
+    def cache_from_memory(self) -> bool:
+        """The KV cache is sized from the GPU memory the plan leaves (no kvCacheTokens, CUDA)."""
+        return self.serving.kv_cache_tokens is None and self.resources.device == "cuda"
 
     def cluster(self) -> Cluster:
         """One replica's accelerators as the planner sees them."""

@@ -1,9 +1,13 @@
-"""Model steps over a KV cache: the code every shard worker runs, and its in-process async wrapper.
+"""Model steps over a paged KV cache: the code every shard worker runs, and its in-process async wrapper.
 
-`ModelStepper` owns one model (full or one SPMD shard), its KV cache and one sampler generator per
-cache row. For G > 1 every rank runs the same `run` with the same input; the sharded model returns
-the full logits on every rank and the generators are seeded identically, so every rank samples the
-same tokens and the replica reads rank 0's.
+`ModelStepper` owns one model (full or one SPMD shard), its paged KV cache and each row's state
+(block table, cached length, tokens, sampling parameters). Sampling runs on the model's device, a
+pure function of each row's seed and position, so for G > 1 every rank (same input, same full
+logits) samples the same tokens and the replica reads rank 0's.
+
+Steps whose rows ask for nothing but tokens run `grokserve.model.engine_step` (on CUDA, decode
+steps replay CUDA graphs); rows with logit adjustments (bias, penalties, min_tokens), logprobs or
+prompt logprobs take their logits to the host for those, and still draw with the device sampler.
 """
 
 from __future__ import annotations
@@ -15,79 +19,150 @@ from typing import Any
 
 import torch
 
+from grokserve.model.blocks import DEFAULT_BLOCK_SIZE, NULL_BLOCK, blocks_for
+from grokserve.model.engine_step import (
+    DEFAULT_BUCKETS,
+    CudaGraphDecode,
+    StepSampling,
+    engine_step,
+)
 from grokserve.model.logits import adjust
-from grokserve.model.sampling import SamplingParams, sample
+from grokserve.model.sampling import SamplingParams, sample_on_device
+from grokserve.serving.config import ServingConfig
+from grokserve.serving.loading import kv_cache_tokens
 from grokserve.serving.scheduler import RowOutput, StepInput, TokenLogprob
 
 
 class ModelStepper:
-    def __init__(self, model: Any, *, max_batch_size: int, max_len: int) -> None:
+    def __init__(
+        self,
+        model: Any,
+        *,
+        max_batch_size: int,
+        max_len: int,
+        kv_cache_tokens: int,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+    ) -> None:
         self.model = model
-        self.cache = model.new_cache(batch_size=max_batch_size, max_len=max_len)
+        self.cache = model.new_paged_cache(blocks_for(kv_cache_tokens, block_size), block_size)
+        self.max_blocks = blocks_for(max_len, block_size)
         self._special = model.config.special_tokens
-        self._generators: dict[int, torch.Generator] = {}
+        self._lengths = [0] * max_batch_size  # tokens each row has in the cache
+        self._tables: list[list[int]] = [[] for _ in range(max_batch_size)]
         self._sampling: dict[int, SamplingParams] = {}
-        self._prompt: dict[int, list[int]] = {}  # per row: its prompt (penalties)
-        self._output: dict[int, list[int]] = {}  # per row: its sampled tokens (penalties)
-        self._last_token: dict[int, int] = {}  # per row: fed to the row's next decode step
+        self._tokens: list[list[int]] = [[] for _ in range(max_batch_size)]  # prompt, then output
+        self._prompt_tokens = [0] * max_batch_size
+        # Rows that have had no token since they started: only their leading pad ids are padding
+        # (a generated pad id recomputed after a preemption is a real token).
+        self._unfed: set[int] = set()
+        self._graphs = None
+        if self.cache.device.type == "cuda":
+            # Buckets up to the batch limit, which is the last one: every decode batch has a graph.
+            buckets = [size for size in DEFAULT_BUCKETS if size < max_batch_size]
+            buckets.append(max_batch_size)
+            self._graphs = CudaGraphDecode(model, self.cache, self.max_blocks, buckets)
+
+    @classmethod
+    def for_config(cls, model: Any, config: ServingConfig) -> ModelStepper:
+        limits = config.serving
+        return cls(
+            model,
+            max_batch_size=limits.max_batch_size,
+            max_len=limits.max_sequence_length,
+            kv_cache_tokens=kv_cache_tokens(config),
+        )
 
     @torch.inference_mode()
     def run(self, step: StepInput) -> list[RowOutput]:
-        if step.start:
-            self.cache.reset(torch.tensor(list(step.start), dtype=torch.long))
-            for row, params in step.start.items():
-                if params.seed is None:
-                    # A seed drawn here would differ between the ranks of a sharded replica.
-                    raise ValueError(f"row {row} starts without a seed; the scheduler sets one")
-                generator = torch.Generator()
-                generator.manual_seed(params.seed)
-                self._generators[row] = generator
-                self._sampling[row] = params
-                self._prompt[row] = []
-                self._output[row] = []
-        device = self.cache.lengths.device
-        fed = step.tokens or [[self._last_token[row]] for row in step.rows]
-        if step.tokens:
-            for row, chunk in zip(step.rows, step.tokens, strict=True):
-                self._prompt[row].extend(t for t in chunk if t != self._special.pad)
-        tokens = torch.tensor(fed, dtype=torch.long, device=device)
-        rows = torch.tensor(step.rows, dtype=torch.long, device=device)
-        logits = self.model(tokens, cache=self.cache, rows=rows)
-        prompt = [self._prompt_logprobs(step, i, logits[i]) for i in range(len(step.rows))]
+        for row, params in step.start.items():
+            if params.seed is None:
+                # A seed drawn here would differ between the ranks of a sharded replica.
+                raise ValueError(f"row {row} starts without a seed; the scheduler sets one")
+            self._sampling[row] = params
+            cached = step.cached.get(row, [])
+            self._lengths[row] = len(cached)
+            self._tokens[row] = list(cached)
+            self._prompt_tokens[row] = step.prompt_tokens.get(row, 0)
+            self._unfed.add(row)
+        for row, blocks in step.blocks.items():
+            self._tables[row] = blocks
+        fed = step.tokens or [[self._tokens[row][-1]] for row in step.rows]
+        positions, lengths = [], []
+        for row, tokens in zip(step.rows, fed, strict=True):
+            pads = 0
+            if row in self._unfed:
+                while pads < len(tokens) and tokens[pads] == self._special.pad:
+                    pads += 1
+                if pads < len(tokens):
+                    self._unfed.discard(row)
+            start = self._lengths[row]
+            real = len(tokens) - pads
+            positions.append([-1] * pads + list(range(start, start + real)))
+            lengths.append(start + real)
+            self._lengths[row] = start + real
+            if step.tokens is not None:
+                self._tokens[row].extend(tokens[pads:])
+        device = self.cache.device
+        used = blocks_for(max(lengths), self.cache.block_size)
+        width = self.max_blocks if self._graphs else max(1, used)
+        tables = [(self._tables[row] + [NULL_BLOCK] * width)[:width] for row in step.rows]
+        inputs = [
+            torch.tensor(value, dtype=torch.long, device=device)
+            for value in (fed, positions, tables, lengths)
+        ]
+        params = [self._sampling[row] for row in step.rows]
+        sampling = StepSampling.of(
+            [(p.temperature, p.top_k, p.top_p, p.seed) for p in params], device
+        )
+        wants_prompt = step.tokens is not None and any(p.prompt_logprobs for p in params)
+        on_host = wants_prompt or any(p.adjusts_logits or p.logprobs is not None for p in params)
+        if not on_host:
+            if self._graphs is not None and step.tokens is None:
+                chosen = self._graphs(*inputs, sampling)
+            else:
+                chosen = engine_step(self.model, self.cache, *inputs, sampling)
+            if not step.sample:
+                return [RowOutput() for _ in step.rows]
+            tokens = chosen.tolist()
+            return [self._sampled(row, token) for row, token in zip(step.rows, tokens, strict=True)]
+        logits = self.model.forward_paged(self.cache, *inputs, every_position=wants_prompt)
+        prompt = [
+            self._prompt_logprobs(step, i, logits[i]) if wants_prompt else ()
+            for i in range(len(step.rows))
+        ]
         if not step.sample:
             return [RowOutput(prompt=p) for p in prompt]
-        last = logits[:, -1, :].float().cpu()
-        # One argmax for all plain greedy rows; other rows each adjust and sample on their own.
-        chosen = sample(last, temperature=0).tolist()
+        last = (logits[:, -1] if wants_prompt else logits).float()
+        scores = last.clone()
         for i, row in enumerate(step.rows):
-            params = self._sampling[row]
-            if params.temperature == 0 and not params.adjusts_logits:
-                continue
-            scores = last[i]
-            if params.adjusts_logits:
-                scores = adjust(
-                    scores, params, self._prompt[row], self._output[row], self._special.eos
+            if params[i].adjusts_logits:
+                history, cut = self._tokens[row], self._prompt_tokens[row]
+                adjusted = adjust(
+                    scores[i].cpu(), params[i], history[:cut], history[cut:], self._special.eos
                 )
-            chosen[i] = int(
-                sample(
-                    scores[None],
-                    temperature=params.temperature,
-                    top_k=params.top_k,
-                    top_p=params.top_p,
-                    generator=self._generators[row],
-                )[0]
-            )
+                scores[i] = adjusted.to(device)
+        chosen = sample_on_device(
+            scores, sampling.temperature, sampling.top_k, sampling.top_p, sampling.seeds, inputs[3]
+        ).tolist()
         outputs = []
         for i, row in enumerate(step.rows):
-            self._last_token[row] = chosen[i]
-            self._output[row].append(chosen[i])
-            wanted = self._sampling[row].logprobs
             logprob = None
-            if wanted is not None:
+            if params[i].logprobs is not None:
                 # The model's own distribution (vLLM's raw logprobs), before any adjustment.
-                logprob = _token_logprob(torch.log_softmax(last[i], dim=-1), chosen[i], wanted)
-            outputs.append(RowOutput(chosen[i], logprob, prompt[i]))
+                distribution = torch.log_softmax(last[i], dim=-1).cpu()
+                logprob = _token_logprob(distribution, chosen[i], params[i].logprobs)
+            outputs.append(self._sampled(row, chosen[i], logprob, prompt[i]))
         return outputs
+
+    def _sampled(
+        self,
+        row: int,
+        token: int,
+        logprob: TokenLogprob | None = None,
+        prompt: tuple[TokenLogprob | None, ...] = (),
+    ) -> RowOutput:
+        self._tokens[row].append(token)  # fed to the row's next decode step
+        return RowOutput(token, logprob, prompt)
 
     def _prompt_logprobs(
         self, step: StepInput, index: int, logits: torch.Tensor

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from grokserve.model.checkpoint.base import CheckpointReader
 from grokserve.model.config import SpecialTokens
 from grokserve.model.parallel import GrokShard, shard_device, start_process_group
 from grokserve.model.placement import Plan
+from grokserve.model.sources import Fetched, fetch, metadata_only, rank_experts, rank_slicer
 from grokserve.model.tokenizer import Tokenizer, beside_checkpoint
 from grokserve.serving.config import ReplicaModel, ServingConfig
 from grokserve.serving.engine import Engine
@@ -51,37 +53,40 @@ DEMO_CHECKPOINT = Path(__file__).resolve().parent / "demo"
 
 
 def open_source(spec: ReplicaModel) -> CheckpointReader:
-    """A reader for `spec.source` in any format grokserve.model reads (its own config.json +
-    safetensors, Hugging Face, or xAI's released checkpoint)."""
+    """A reader for `spec.source`'s config and headers in any format grokserve.model reads (its own
+    config.json + safetensors, Hugging Face, or xAI's released checkpoint); a remote source
+    fetches only its metadata into the node cache."""
     if spec.source is None:
         raise ValueError("the model spec has no source (it serves random preset weights)")
-    return open_checkpoint(local_path(spec.source))
+    return open_checkpoint(metadata_path(spec.source, spec.cache_dir))
+
+
+@cache
+def metadata_path(source: str, cache_dir: str | None) -> Path:
+    """Config, index, tokenizer and safetensors headers, fetched once per process."""
+    return fetch(source, cache_dir, slicer=metadata_only).path
 
 
 def model_config(spec: ReplicaModel) -> GrokConfig:
     return preset(spec.preset) if spec.source is None else open_source(spec).config
 
 
-def local_path(location: str) -> Path:
-    """A checkpoint or tokenizer location as a local path (plain paths and file:// URLs)."""
-    if location.startswith("file://"):
-        return Path(location.removeprefix("file://"))
-    if "://" in location:
-        scheme = location.split("://", 1)[0]
-        raise ValueError(
-            f"{location}: the {scheme}:// scheme must be mounted or downloaded to a local path "
-            "before the replica starts (the operator mounts pvc:// sources)"
-        )
-    return Path(location)
-
-
 def load_tokenizer(spec: ReplicaModel) -> Tokenizer | ByteTokenizer:
     config = model_config(spec)
     if spec.tokenizer is not None:
-        return Tokenizer(local_path(spec.tokenizer), config.special_tokens)
-    if spec.source is not None and (shipped := beside_checkpoint(local_path(spec.source))):
+        return Tokenizer(fetch(spec.tokenizer, spec.cache_dir).path, config.special_tokens)
+    if spec.source is not None and (
+        shipped := beside_checkpoint(metadata_path(spec.source, spec.cache_dir))
+    ):
         return Tokenizer(shipped, config.special_tokens)
     return ByteTokenizer(config.vocab_size, config.special_tokens)
+
+
+def fetch_shard_weights(spec: ReplicaModel, plan: Plan, rank: int) -> Fetched:
+    """The files and byte ranges of `spec.source` that `rank` holds in `plan`, in the node cache
+    (a local source as it is)."""
+    assert spec.source is not None
+    return fetch(spec.source, spec.cache_dir, slicer=rank_slicer(rank_experts(plan, rank)))
 
 
 def placement_plan(config: ServingConfig) -> Plan:
@@ -90,12 +95,32 @@ def placement_plan(config: ServingConfig) -> Plan:
     return config.plan(model_config(config.model))
 
 
-def load_shard(config: ServingConfig, rank: int, master: tuple[str, int]) -> GrokShard:
+def kv_cache_tokens(config: ServingConfig) -> int:
+    """The replica's paged KV-cache capacity: `kvCacheTokens` when set; on CUDA, what the placement
+    plan leaves on its fullest rank after weights, workspace and reserve; elsewhere
+    maxBatchSize × maxSequenceLength."""
+    if not config.cache_from_memory:
+        return config.serving.kv_budget
+    plan = placement_plan(config)
+    planned = config.serving.max_sequence_length
+    return min(
+        (plan.cluster.gpu_memory - rank.total + rank.kv_cache) // (rank.kv_cache // planned)
+        for rank in plan.ranks
+    )
+
+
+def load_shard(
+    config: ServingConfig,
+    rank: int,
+    master: tuple[str, int],
+    on_fetched: Callable[[Fetched], None] | None = None,
+) -> GrokShard:
     """This rank's shard of the replica's plan (the whole model when G = 1), its process group
     joined first when G > 1. Every rank of the replica calls this at the same time.
 
-    From a checkpoint, each rank reads only its own slices; with quantization int8 the checkpoint
-    must hold 8-bit weights (as xAI's release does)."""
+    From a checkpoint, each rank fetches and reads only its own slices (`on_fetched` hears what
+    the fetch cost); with quantization int8 the checkpoint must hold 8-bit weights (as xAI's
+    release does)."""
     plan = placement_plan(config)
     kind = config.resources.device
     device = shard_device(plan, rank, kind)
@@ -103,7 +128,10 @@ def load_shard(config: ServingConfig, rank: int, master: tuple[str, int]) -> Gro
         device = start_process_group(plan, rank, *master, kind=kind)
     spec = config.model
     if spec.source is not None:
-        return GrokShard.from_source(open_source(spec), plan, rank, device)
+        weights = fetch_shard_weights(spec, plan, rank)
+        if on_fetched is not None:
+            on_fetched(weights)
+        return GrokShard.from_source(open_checkpoint(weights.path), plan, rank, device)
     model = GrokModel.from_preset(spec.preset, seed=spec.seed, dtype=DTYPES[spec.dtype])
     if spec.quantization == "int8":
         model = model.quantized()
@@ -136,7 +164,7 @@ def build_engine(
         max_batch_size=limits.max_batch_size,
         max_sequence_length=limits.max_sequence_length,
         max_queued_requests=limits.max_queued_requests,
-        kv_budget=limits.kv_budget,
+        kv_budget=kv_cache_tokens(config),
         prefill_chunk_tokens=limits.prefill_chunk_tokens,
         eos_id=special.eos,
         pad_id=special.pad,

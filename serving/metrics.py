@@ -9,7 +9,8 @@ per replica is the autoscaling signal).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.metrics_core import Metric
@@ -43,7 +44,31 @@ class ReplicaMetrics:
         self.kv_usage = labelled(
             Gauge(
                 "grokserve_kv_cache_usage_ratio",
-                "Filled KV-cache tokens / KV-cache token budget.",
+                "KV-cache blocks in use / KV-cache blocks (kvCacheTokens / 16).",
+                labels,
+                registry=reg,
+            )
+        )
+        self.prefix_queries = labelled(
+            Counter(
+                "grokserve_prefix_cache_queries",
+                "Prompt tokens looked up in the prefix cache (as vLLM counts them).",
+                labels,
+                registry=reg,
+            )
+        )
+        self.prefix_hits = labelled(
+            Counter(
+                "grokserve_prefix_cache_hits",
+                "Prompt tokens found in the prefix cache (not computed again).",
+                labels,
+                registry=reg,
+            )
+        )
+        self.preemptions = labelled(
+            Counter(
+                "grokserve_preemptions",
+                "Sequences preempted (to be recomputed) because the KV cache ran out of blocks.",
                 labels,
                 registry=reg,
             )
@@ -129,6 +154,19 @@ class ReplicaMetrics:
             (*labels, "layer", "expert"),
             registry=reg,
         )
+        self._weights_fetched = Counter(
+            "grokserve_weights_bytes_fetched",
+            "Checkpoint bytes each shard fetched from its store (0 when served from the node cache "
+            "or a local path).",
+            (*labels, "rank"),
+            registry=reg,
+        )
+        self._weights_seconds = Gauge(
+            "grokserve_weights_load_seconds",
+            "Seconds each shard took to fetch and load its weights.",
+            (*labels, "rank"),
+            registry=reg,
+        )
         self._values = values
         self._expert_seen: list[list[int]] | None = None
 
@@ -160,6 +198,13 @@ class ReplicaMetrics:
         self.running.set(running)
         self.kv_usage.set(kv_usage)
 
+    def on_prefix_cache(self, queried_tokens: int, hit_tokens: int) -> None:
+        self.prefix_queries.inc(queried_tokens)
+        self.prefix_hits.inc(hit_tokens)
+
+    def on_preemption(self) -> None:
+        self.preemptions.inc()
+
     # -- expert routing -------------------------------------------------------------------------
 
     def record_expert_counts(self, counts: Sequence[Sequence[int]]) -> None:
@@ -172,6 +217,14 @@ class ReplicaMetrics:
                         total - seen[layer][expert]
                     )
         self._expert_seen = [list(row) for row in counts]
+
+    def record_weights_load(self, shards: Sequence[Mapping[str, Any]]) -> None:
+        """What each shard worker reported when it loaded (its `describe()["weights"]`)."""
+        for shard in shards:
+            rank, weights = str(shard["rank"]), shard["weights"]
+            labelled = {**self._values, "rank": rank}
+            self._weights_fetched.labels(**labelled).inc(weights.get("fetched_bytes", 0))
+            self._weights_seconds.labels(**labelled).set(weights["load_seconds"])
 
     def snapshot(self) -> list[Metric]:
         return list(self.registry.collect())

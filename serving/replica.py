@@ -35,6 +35,7 @@ class GrokReplica:
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.executor = await ShardedExecutor.create(self.config)
         self.metrics = ReplicaMetrics(self.config.name, self.replica_id)
+        self.metrics.record_weights_load(self.executor.shards)
         self.engine = build_engine(self.config, self.executor, observer=self.metrics)
         self.scheduler = self.engine.scheduler
         self.scheduler.start()

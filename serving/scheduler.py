@@ -7,8 +7,16 @@ decode step for every sequence already generating. So requests join and leave th
 between steps, prefills of requests that arrive together are one batched forward, and a long prompt is
 prefilled in chunks interleaved with the decode steps of everybody else.
 
-Prompts of one prefill group are LEFT-padded to a common length (the model masks pad keys), so pads
-only ever sit at the start of a row and a row's positions stay contiguous.
+Every sequence also holds a block table of the paged KV cache (`grokserve.model.blocks`: 16-token
+blocks, shared prefixes): waiting sequences are admitted while free slots and the blocks of their
+prompts allow. A prompt's leading full blocks that the prefix cache holds are not computed again:
+only the rest is prefilled. A decoding sequence takes a new block when it fills its last one; when
+none is left the latest-admitted sequence is preempted (its blocks freed, itself queued first again)
+and later recomputed from its prompt and the tokens it had generated, which the counter-based
+sampler draws again identically.
+
+The uncached parts of one prefill group are LEFT-padded to a common length (pads take no cache),
+so every row ends at the last column, whose logits the step samples.
 
 The scheduler is the replica's only queue (Serve's router is configured not to hold requests in
 front of it, see `grokserve.serving.app`): `submit` admits a request or refuses it at once, so the
@@ -28,6 +36,7 @@ from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
+from grokserve.model.blocks import DEFAULT_BLOCK_SIZE, BlockPool, BlockTable, blocks_for
 from grokserve.model.sampling import SamplingParams
 from grokserve.serving.detokenize import Decoder, TextStream
 
@@ -46,7 +55,10 @@ class StepInput:
     sampler with the params' seed, which the scheduler always sets). When `sample` is set the
     executor samples one next token per row, from the last position. `lookahead[i]` is the prompt
     token that follows row i's chunk (None after the prompt's last): the target of the chunk's
-    last position, for rows whose params ask for prompt logprobs.
+    last position, for rows whose params ask for prompt logprobs. For a starting row, `cached` holds
+    its tokens already in the KV cache (prefix-cache hits), which its `tokens` follow, and
+    `prompt_tokens` how many of its tokens are prompt (the rest were generated before a
+    preemption). `blocks` is the new block table of every row whose table changed.
     """
 
     rows: list[int]
@@ -54,6 +66,9 @@ class StepInput:
     sample: bool
     start: dict[int, SamplingParams] = field(default_factory=dict)
     lookahead: list[int | None] | None = None
+    cached: dict[int, list[int]] = field(default_factory=dict)
+    prompt_tokens: dict[int, int] = field(default_factory=dict)
+    blocks: dict[int, list[int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -78,7 +93,7 @@ class RowOutput:
 
 
 class Executor(Protocol):
-    """Runs model steps over a KV cache of `max_batch_size` rows of `max_len` tokens each.
+    """Runs model steps for up to `max_batch_size` rows over a paged KV cache of `kvCacheTokens`.
 
     `submit` queues the step at once (steps run in submission order) and returns an awaitable of
     one RowOutput per row, so the scheduler can queue step n + 1 before it reads step n.
@@ -139,6 +154,8 @@ class SchedulerObserver(Protocol):
     def on_next_token(self, seconds: float) -> None: ...
     def on_decode_batch(self, size: int) -> None: ...
     def on_state(self, waiting: int, running: int, kv_usage: float) -> None: ...
+    def on_prefix_cache(self, queried_tokens: int, hit_tokens: int) -> None: ...
+    def on_preemption(self) -> None: ...
 
 
 class SequenceHandle:
@@ -164,7 +181,9 @@ class SequenceHandle:
         self.position_logprobs: list[TokenLogprob | None] = []
         self.prompt_logprobs: list[TokenLogprob | None] | None = None
         self.slot: int | None = None
-        self.padded_length = 0
+        self.blocks: BlockTable | None = None
+        self.output: list[int] = []  # generated ids: recomputed with the prompt after a preemption
+        self.epoch = 0  # bumped by each preemption: results of steps from before it are dropped
         self.generated = 0
         self.pending = 0  # decode steps submitted for this sequence but not read yet
         self.cancelled = False
@@ -175,6 +194,12 @@ class SequenceHandle:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def context(self) -> list[int]:
+        """The tokens its KV cache holds once prefilled: the prompt, and after a preemption the
+        tokens generated before it."""
+        return self.prompt + self.output
 
     def emit(
         self,
@@ -253,6 +278,7 @@ class Scheduler:
         eos_id: int | None,
         pad_id: int,
         observer: SchedulerObserver | None = None,
+        block_size: int = DEFAULT_BLOCK_SIZE,
     ) -> None:
         self._executor = executor
         self._decoder = decoder
@@ -264,11 +290,14 @@ class Scheduler:
         self._eos_id = eos_id
         self._pad_id = pad_id
         self._observer = observer
+        self._blocks = BlockPool(blocks_for(kv_budget, block_size), block_size)
         self._free_slots = list(range(max_batch_size - 1, -1, -1))
         self._waiting: deque[SequenceHandle] = deque()
         self._prefilling: list[_PrefillGroup] = []
         self._decoding: list[SequenceHandle] = []
-        self._in_flight: tuple[list[SequenceHandle], Awaitable[list[int]]] | None = None
+        self._in_flight: (
+            tuple[list[tuple[SequenceHandle, int]], Awaitable[list[RowOutput]]] | None
+        ) = None
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._seconds_per_request = 1.0  # running mean, for Retry-After
@@ -332,7 +361,7 @@ class Scheduler:
                 param="max_tokens" if prompt_tokens < limit else "prompt",
                 code="context_length_exceeded",
             )
-        if prompt_tokens + max_tokens > self.kv_budget:
+        if not self._blocks.could_hold(prompt_tokens + max_tokens):
             raise AdmissionError(
                 f"prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) exceeds this "
                 f"replica's KV-cache budget (kvCacheTokens) of {self.kv_budget} tokens",
@@ -441,37 +470,38 @@ class Scheduler:
             self._finish(handle, "cancelled")
 
     def _reserved_tokens(self) -> int:
+        """Tokens the running sequences may still hold: prompt + max_tokens each."""
         running = [h for g in self._prefilling for h in g.sequences] + self._decoding
-        return sum(h.padded_length + h.max_tokens for h in running)
+        return sum(len(h.prompt) + h.max_tokens for h in running)
 
     def _admit(self) -> None:
-        """Move waiting sequences (FIFO) into free slots as ONE new prefill group."""
+        """Move waiting sequences (FIFO) into free slots as ONE new prefill group, each with the
+        blocks of its context and its first generated token (prefix-cache hits shared)."""
         group: list[SequenceHandle] = []
-        length = 0
-        reserved = self._reserved_tokens()
         while self._waiting and len(group) < len(self._free_slots):
             candidate = self._waiting[0]
-            new_length = max(length, len(candidate.prompt))
-            longest_output = max(h.max_tokens for h in [*group, candidate])
-            growth = (new_length - length) * len(group) + new_length + candidate.max_tokens
-            if (
-                new_length + longest_output > self.max_sequence_length
-                or reserved + growth > self.kv_budget
-            ):
+            context = candidate.context
+            # Prompt logprobs need every prompt position computed: no prefix-cache hits for them.
+            shared = not candidate.sampling.prompt_logprobs
+            table = self._blocks.allocate(context, len(context) + 1, shared)
+            if table is None:
                 break
             self._waiting.popleft()
+            candidate.blocks = table
             group.append(candidate)
-            length = new_length
-            reserved += growth
+            if self._observer and shared:
+                self._observer.on_prefix_cache(len(context), table.cached_tokens)
         if not group:
             return
+        suffixes = {id(h): h.context[h.blocks.cached_tokens :] for h in group}
+        length = max(len(suffix) for suffix in suffixes.values())
         padded = {}
         now = time.monotonic()
         for handle in group:
             handle.slot = self._free_slots.pop()
-            handle.padded_length = length
-            padded[id(handle)] = [self._pad_id] * (length - len(handle.prompt)) + handle.prompt
-            if self._observer:
+            suffix = suffixes[id(handle)]
+            padded[id(handle)] = [self._pad_id] * (length - len(suffix)) + suffix
+            if self._observer and not handle.output:
                 self._observer.on_prompt(len(handle.prompt), now - handle.submitted_at)
         self._prefilling.append(_PrefillGroup(group, padded, length))
 
@@ -479,12 +509,19 @@ class Scheduler:
         chunk = min(self.prefill_chunk_tokens, group.length - group.done)
         end = group.done + chunk
         last = end == group.length
+        first = group.done == 0
+        sequences = group.sequences
         step = StepInput(
-            rows=[h.slot for h in group.sequences],
-            tokens=[group.padded[id(h)][group.done : end] for h in group.sequences],
+            rows=[h.slot for h in sequences],
+            tokens=[group.padded[id(h)][group.done : end] for h in sequences],
             sample=last,
-            start={h.slot: h.sampling for h in group.sequences} if group.done == 0 else {},
-            lookahead=[None if last else group.padded[id(h)][end] for h in group.sequences],
+            start={h.slot: h.sampling for h in sequences} if first else {},
+            lookahead=[None if last else group.padded[id(h)][end] for h in sequences],
+            cached={h.slot: h.context[: h.blocks.cached_tokens] for h in sequences}
+            if first
+            else {},
+            prompt_tokens={h.slot: len(h.prompt) for h in sequences} if first else {},
+            blocks={h.slot: list(h.blocks.blocks) for h in sequences} if first else {},
         )
         outputs = await self._executor.submit(step)
         group.done = end
@@ -494,10 +531,11 @@ class Scheduler:
             return
         self._prefilling.remove(group)
         for handle, output in zip(group.sequences, outputs, strict=True):
-            if handle.sampling.prompt_logprobs:
+            self._blocks.cache_full_blocks(handle.blocks, handle.context)
+            if handle.sampling.prompt_logprobs and not handle.output:  # not again on a recompute
                 # Position p holds the logprob of token p + 1; pads come first and the prompt's
                 # first token has nothing before it to be predicted from.
-                pads = handle.padded_length - len(handle.prompt)
+                pads = group.length - len(handle.prompt)
                 handle.prompt_logprobs = [None, *handle.position_logprobs[pads : group.length - 1]]
             handle.position_logprobs = []
             if handle.max_tokens == 0:  # scoring the prompt only (echo with max_tokens 0)
@@ -512,22 +550,57 @@ class Scheduler:
         wastes its row's step n + 1 (discarded); none is submitted past its max_tokens, so a row
         never outgrows the cache."""
         batch = [h for h in self._decoding if h.generated + h.pending < h.max_tokens]
+        grown = self._grow_blocks(batch)
+        batch = [h for h in batch if h.slot is not None]  # some may have been preempted
         submitted = None
         if batch:
             for handle in batch:
                 handle.pending += 1
-            step = StepInput(rows=[h.slot for h in batch], tokens=None, sample=True)
+            step = StepInput(
+                rows=[h.slot for h in batch],
+                tokens=None,
+                sample=True,
+                blocks={h.slot: list(h.blocks.blocks) for h in batch if h in grown},
+            )
             if self._observer:
                 self._observer.on_decode_batch(len(batch))
-            submitted = (batch, self._executor.submit(step))
+            submitted = ([(h, h.epoch) for h in batch], self._executor.submit(step))
         previous, self._in_flight = self._in_flight, submitted
         if previous is not None:
             done, result = previous
             outputs = await result
-            for handle, output in zip(done, outputs, strict=True):
+            for (handle, epoch), output in zip(done, outputs, strict=True):
+                if handle.epoch != epoch:
+                    continue  # preempted since: this token is drawn again after its recompute
                 handle.pending -= 1
                 if not handle.finished:
                     self._accept(handle, output)
+
+    def _grow_blocks(self, batch: list[SequenceHandle]) -> list[SequenceHandle]:
+        """Blocks for the token each sequence of `batch` writes at this step; when they run out,
+        the latest-admitted sequences are preempted. Returns the sequences whose tables grew."""
+        grown = []
+        for handle in batch:
+            if handle.slot is None:
+                continue
+            before = len(handle.blocks.blocks)
+            # The step writes the last sampled token: the cache then holds prompt + generated.
+            tokens = len(handle.prompt) + handle.generated + handle.pending
+            while handle.slot is not None and not self._blocks.grow(handle.blocks, tokens):
+                self._preempt(self._decoding[-1])
+            if handle.slot is not None and len(handle.blocks.blocks) > before:
+                grown.append(handle)
+        return grown
+
+    def _preempt(self, handle: SequenceHandle) -> None:
+        """Free its blocks and slot and queue it first, to be recomputed when blocks allow."""
+        self._decoding.remove(handle)
+        self._release(handle)
+        handle.pending = 0
+        handle.epoch += 1
+        self._waiting.appendleft(handle)
+        if self._observer:
+            self._observer.on_preemption()
 
     def _accept(self, handle: SequenceHandle, output: RowOutput) -> None:
         """A sampled token for `handle`: emit its text, finish it at EOS (unless ignored), a stop
@@ -542,6 +615,7 @@ class Scheduler:
                 self._observer.on_next_token(now - handle.last_token_at)
         handle.last_token_at = now
         handle.generated += 1
+        handle.output.append(token)
         logprobs = [output.logprob] if output.logprob is not None else []
         params = handle.sampling
         if (token == self._eos_id and params.stop_on_eos) or token in params.stop_token_ids:
@@ -553,7 +627,7 @@ class Scheduler:
             self._retire(handle, text, "stop", logprobs)
         elif (
             handle.generated >= handle.max_tokens
-            or handle.padded_length + handle.generated >= self.max_sequence_length
+            or len(handle.prompt) + handle.generated >= self.max_sequence_length
         ):
             self._retire(handle, text + handle.text.flush(), "length", logprobs)
         else:
@@ -581,11 +655,17 @@ class Scheduler:
         if self._observer:
             seconds = time.time() - handle.arrival
             self._observer.on_finish(reason, seconds, len(handle.prompt), handle.generated)
+        self._release(handle)
+        elapsed = time.monotonic() - handle.submitted_at
+        self._seconds_per_request = 0.9 * self._seconds_per_request + 0.1 * elapsed
+
+    def _release(self, handle: SequenceHandle) -> None:
         if handle.slot is not None:
             self._free_slots.append(handle.slot)
             handle.slot = None
-        elapsed = time.monotonic() - handle.submitted_at
-        self._seconds_per_request = 0.9 * self._seconds_per_request + 0.1 * elapsed
+        if handle.blocks is not None:
+            self._blocks.free(handle.blocks)
+            handle.blocks = None
 
     def _fail_running(self) -> None:
         self._in_flight = None
@@ -600,6 +680,5 @@ class Scheduler:
     def _report_state(self) -> None:
         if self._observer is None:
             return
-        used = sum(h.padded_length + h.generated for h in self._decoding)
-        used += sum(g.done * len(g.sequences) for g in self._prefilling)
-        self._observer.on_state(self.waiting, self.running, used / self.kv_budget)
+        blocks = self._blocks
+        self._observer.on_state(self.waiting, self.running, blocks.used / blocks.num_blocks)

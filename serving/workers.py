@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import time
 from collections.abc import Awaitable
 from typing import Any
 
@@ -27,6 +28,7 @@ class ShardWorker:
         self.config = ServingConfig.from_args(args)
         self.rank = rank
         self.stepper = None
+        self.weights: dict[str, float] = {}
 
     def rendezvous_address(self) -> tuple[str, int]:
         """Rank 0's node address and a free port on it, for torch.distributed to meet at."""
@@ -42,11 +44,18 @@ class ShardWorker:
         from grokserve.serving.loading import load_shard
 
         torch.set_num_threads(max(1, int(self.config.resources.cpus_per_shard)))
-        model = load_shard(self.config, self.rank, master)
-        limits = self.config.serving
-        self.stepper = ModelStepper(
-            model, max_batch_size=limits.max_batch_size, max_len=limits.max_sequence_length
-        )
+        started = time.perf_counter()
+
+        def fetched(weights: Any) -> None:
+            self.weights |= {
+                "fetched_bytes": weights.fetched_bytes,
+                "needed_bytes": weights.needed_bytes,
+                "total_bytes": weights.total_bytes,
+            }
+
+        model = load_shard(self.config, self.rank, master, on_fetched=fetched)
+        self.weights["load_seconds"] = time.perf_counter() - started
+        self.stepper = ModelStepper.for_config(model, self.config)
         return self.describe()
 
     def describe(self) -> dict[str, Any]:
@@ -57,6 +66,7 @@ class ShardWorker:
             "node_ip": ray.util.get_node_ip_address(),
             "pid": os.getpid(),
             "resources": context.get_assigned_resources(),
+            "weights": self.weights,
         }
 
     def step(self, step: StepInput) -> list[RowOutput]:

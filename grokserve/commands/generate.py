@@ -6,6 +6,8 @@ import argparse
 import sys
 import time
 
+from grokserve.commands.serve import add_cache_dir
+
 HELP = "print the continuation of a prompt by a checkpoint or a random preset model"
 
 
@@ -13,8 +15,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group()
     source.add_argument(
         "--checkpoint",
-        metavar="PATH",
-        help="checkpoint directory (any format); default: the demo checkpoint, as serve uses",
+        metavar="URL",
+        help="checkpoint: a directory (any format), file://, s3://BUCKET/PREFIX, gs://BUCKET/PREFIX "
+        "or hf://ORG/REPO[@REVISION][/SUBDIR]; default: the demo checkpoint, as serve uses",
     )
     source.add_argument(
         "--preset", metavar="NAME", help="random weights of a preset, e.g. grok-tiny"
@@ -23,8 +26,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tokenizer",
         metavar="PATH",
-        help="SentencePiece tokenizer.model (default: the checkpoint's own, if it has one)",
+        help="SentencePiece tokenizer.model, same locations as --checkpoint (default: the "
+        "checkpoint's own, if it has one)",
     )
+    add_cache_dir(parser)
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
     parser.add_argument("--top-k", type=int, default=0)
@@ -86,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
     from grokserve.model.config import ConfigError
     from grokserve.model.loading import parse_dtype
     from grokserve.model.sampling import SamplingParams, generate
+    from grokserve.model.sources import checkpoint_files, fetch
     from grokserve.model.tokenizer import Tokenizer, TokenizerError, beside_checkpoint
     from grokserve.serving.loading import DEMO_CHECKPOINT
 
@@ -104,13 +110,20 @@ def run(args: argparse.Namespace) -> int:
             max_tokens=args.max_tokens,
             seed=args.seed,
         )
-        tokenizer_path = args.tokenizer or (
-            beside_checkpoint(args.checkpoint) if args.checkpoint else None
+        checkpoint = (
+            fetch(args.checkpoint, args.cache_dir, checkpoint_files, progress=True).path
+            if args.checkpoint
+            else None
+        )
+        tokenizer_path = (
+            fetch(args.tokenizer, args.cache_dir, progress=True).path
+            if args.tokenizer
+            else (beside_checkpoint(checkpoint) if checkpoint else None)
         )
         quantization = "int8" if args.int8 else None
-        if args.checkpoint:
+        if checkpoint:
             model = load_model(
-                args.checkpoint, args.dtype, args.device, args.config, quantization=quantization
+                checkpoint, args.dtype, args.device, args.config, quantization=quantization
             )
         else:
             model = GrokModel.from_preset(args.preset, args.seed, parse_dtype(args.dtype))

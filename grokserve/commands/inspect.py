@@ -8,13 +8,18 @@ import sys
 from collections import Counter
 from typing import Any
 
+from grokserve.commands.serve import add_cache_dir
+
 HELP = "show a checkpoint's format, config, parameter count, size and dtypes (headers only)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "path", help="checkpoint directory (xAI release, ckpt-0, Hugging Face, ours)"
+        "path",
+        help="checkpoint (xAI release, ckpt-0, Hugging Face, ours): a directory, file://, "
+        "s3://BUCKET/PREFIX, gs://BUCKET/PREFIX or hf://ORG/REPO[@REVISION][/SUBDIR]",
     )
+    add_cache_dir(parser)
     parser.add_argument("--config", help="preset name or config JSON (overrides the checkpoint's)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--tensors", action="store_true", help="also list every tensor")
@@ -79,10 +84,26 @@ def print_text(summary: dict[str, Any], tensors: bool) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from grokserve.model.checkpoint import CheckpointError, open_checkpoint
+    from grokserve.model.sources import (
+        SourceError,
+        checkpoint_files,
+        fetch,
+        metadata_only,
+        parse_location,
+    )
 
     try:
-        summary = summarise(open_checkpoint(args.path, args.config))
-    except CheckpointError as error:
+        remote = parse_location(args.path).is_remote
+        fetched = fetch(args.path, args.cache_dir, metadata_only, progress=True)
+        reader = open_checkpoint(fetched.path, args.config)
+        if remote and reader.format == "xai":
+            # The release's pickles hold their headers at offsets known only once read.
+            whole = fetch(args.path, args.cache_dir, checkpoint_files, progress=True)
+            reader = open_checkpoint(whole.path, args.config)
+        summary = summarise(reader)
+        if remote:
+            summary["path"] = args.path
+    except (CheckpointError, SourceError) as error:
         print(f"grokserve inspect: {error}", file=sys.stderr)
         return 1
     if args.json:

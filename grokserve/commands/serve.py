@@ -20,10 +20,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--preset", help="serve random weights of this preset (e.g. grok-tiny)")
     model.add_argument(
         "--checkpoint",
-        help="checkpoint directory (config.json + model.safetensors [+ tokenizer.model]); "
-        "default: the demo checkpoint that ships with grokserve",
+        help="checkpoint: a directory (any format), file://, s3://BUCKET/PREFIX, gs://BUCKET/PREFIX "
+        "or hf://ORG/REPO[@REVISION][/SUBDIR]; default: the demo checkpoint shipped with grokserve",
     )
-    parser.add_argument("--tokenizer", help="SentencePiece model (default: the checkpoint's)")
+    parser.add_argument(
+        "--tokenizer", help="SentencePiece model, same locations (default: the checkpoint's)"
+    )
+    add_cache_dir(parser)
     parser.add_argument(
         "--name", help="model id in the API (default: the preset, 'grok-demo' or 'grok')"
     )
@@ -51,6 +54,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--max-sequence-length", type=int, default=512)
     parser.add_argument("--max-queued-requests", type=int, default=64)
+    parser.add_argument(
+        "--kv-cache-tokens",
+        type=int,
+        help="paged KV-cache capacity in tokens (default: max batch size × max sequence length)",
+    )
 
 
 def serving_config(args: argparse.Namespace):
@@ -67,7 +75,12 @@ def serving_config(args: argparse.Namespace):
     else:
         model = {"source": str(DEMO_CHECKPOINT)}
         name = args.name or "grok-demo"
-    model |= {"tokenizer": args.tokenizer, "dtype": args.dtype, "quantization": args.quantization}
+    model |= {
+        "tokenizer": args.tokenizer,
+        "cache_dir": args.cache_dir,
+        "dtype": args.dtype,
+        "quantization": args.quantization,
+    }
     return ServingConfig(
         name=name,
         replicas=args.replicas,
@@ -77,8 +90,32 @@ def serving_config(args: argparse.Namespace):
             "maxBatchSize": args.max_batch_size,
             "maxSequenceLength": args.max_sequence_length,
             "maxQueuedRequests": args.max_queued_requests,
+            "kvCacheTokens": args.kv_cache_tokens,
         },
     )
+
+
+def add_cache_dir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--cache-dir",
+        metavar="DIR",
+        help="node-local cache of s3://, gs:// and hf:// weights (default: ~/.cache/grokserve)",
+    )
+
+
+def prefetch(config) -> None:
+    """Fetches a remote checkpoint here, where a person watches its progress bar, so that bad
+    locations fail before Ray starts: all of it for one shard, else its metadata (each shard
+    worker then fetches only its own share into the same node cache)."""
+    from grokserve.model.sources import checkpoint_files, fetch, metadata_only
+
+    spec = config.model
+    if spec.source is not None:
+        whole = config.parallelism.shards == 1
+        slicer = checkpoint_files if whole else metadata_only
+        fetch(spec.source, spec.cache_dir, slicer, progress=True)
+    if spec.tokenizer is not None:
+        fetch(spec.tokenizer, spec.cache_dir, progress=True)
 
 
 def check_port(host: str, port: int) -> None:
@@ -111,6 +148,9 @@ def run(args: argparse.Namespace) -> int:
         shape = ClusterShape(nodes=args.nodes, gpus_per_node=args.gpus_per_node)
         config = shape.apply(serving_config(args))
         check_port(args.host, args.port)
+        # Fetched here, where a person watches the progress bar (and a bad location fails in one
+        # line), before planning reads the checkpoint's config.
+        prefetch(config)
         check_config(config)
     except Exception as error:  # the checks open files and plan memory: any failure is the input's
         print(f"grokserve serve: invalid settings: {one_line(error)}", file=sys.stderr)

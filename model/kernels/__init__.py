@@ -39,6 +39,12 @@ def wants_fast_path(device: torch.device) -> bool:
     return mode == "fast" or device.type == "cuda"
 
 
+def whole_graph() -> bool:
+    """A whole step is being compiled or captured: no data-dependent shapes or host syncs allowed."""
+    capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    return torch.compiler.is_compiling() or capturing
+
+
 def moe(
     x: torch.Tensor,
     gates: torch.Tensor,
@@ -48,13 +54,19 @@ def moe(
     w_down: Weight,
     expert_ids: Sequence[int] | None = None,
 ) -> torch.Tensor:
-    """`layers.moe` with the fused Triton kernel where it applies (see the module docstring)."""
+    """`layers.moe` with the fused Triton kernel where it applies (see the module docstring).
+
+    Under `torch.compile` or a CUDA-graph capture the reference path is `layers.moe_dense` (every
+    expert on every token, no shape that depends on the routing), so that a whole step compiles or is
+    captured as one graph; eager, it loops over the experts that have tokens (E/k times fewer expert
+    FLOPs). The fused kernel sizes everything from the shapes alone either way."""
     if wants_fast_path(x.device) and fast_moe_supported(x, w_gate, w_up, w_down):
         from grokserve.model.kernels.moe_triton import fused_moe
 
         return fused_moe(x, gates, experts, w_gate, w_up, w_down, expert_ids)
     dtype = x.dtype
-    return layers.moe(
+    reference = layers.moe_dense if whole_graph() else layers.moe
+    return reference(
         x,
         gates,
         experts,

@@ -17,7 +17,9 @@ def naive_forward(
 ) -> torch.Tensor:
     """Logits by the spec's formulas. In float64 every step is exact to float64; in bfloat16 the spec's
     dtype flow (§2, last bullet): weights, activations and the residual stream in bf16, norms, router,
-    rope and softmax in float32, and every matrix product rounded once to bf16 as a bf16 matmul is."""
+    rope and softmax in float32, and every matrix product rounded once to bf16 as a bf16 matmul is;
+    a branch's output norm added to the residual and the logits' multiplier in float32 (rounded
+    once, and not at all), as the reference's compiled program computes them."""
     c = model.config
     wide = torch.float64 if dtype == torch.float64 else torch.float32
     w = {
@@ -30,9 +32,9 @@ def naive_forward(
     def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return (a.to(wide) @ b.to(wide)).to(dtype)
 
-    def norm(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    def norm(x: torch.Tensor, scale: torch.Tensor, out: torch.dtype = dtype) -> torch.Tensor:
         x = x.to(wide)
-        return (scale * x / torch.sqrt((x * x).mean() + c.rms_norm_eps)).to(dtype)
+        return (scale * x / torch.sqrt((x * x).mean() + c.rms_norm_eps)).to(out)
 
     def rope(vec: torch.Tensor, pos: int) -> torch.Tensor:
         vec = vec.to(wide)
@@ -75,7 +77,7 @@ def naive_forward(
                 probs = torch.softmax(torch.tensor(scores, dtype=wide), 0).to(dtype)
                 heads.append(mm(probs, torch.stack([v[s][h // group] for s in range(len(xs))])))
             o = mm(torch.cat(heads), w[p + "attn.wo"])
-            new.append(xs[t] + norm(o, w[p + "post_attn_norm.scale"]))
+            new.append((xs[t] + norm(o, w[p + "post_attn_norm.scale"], wide)).to(dtype))
         xs = new
         out = []
         for x in xs:
@@ -92,10 +94,10 @@ def naive_forward(
                 )
                 for e in chosen
             )
-            out.append(x + norm(y, w[p + "post_moe_norm.scale"]))
+            out.append((x + norm(y, w[p + "post_moe_norm.scale"], wide)).to(dtype))
         xs = out
     z = torch.stack([norm(x, w["final_norm.scale"]) for x in xs])
-    return mm(z, w["embed.weight"].T) * constant(c.output_multiplier_scale)
+    return mm(z, w["embed.weight"].T).to(wide) * constant(c.output_multiplier_scale).to(wide)
 
 
 @pytest.fixture(scope="module")

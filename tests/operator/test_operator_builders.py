@@ -46,7 +46,11 @@ def test_rendered_rayservice_passes_kuberays_schema(path: Path) -> None:
 def test_two_node_bf16_replicas_get_two_gpu_nodes_each() -> None:
     spec = example("grok-1-bf16-two-node.yaml").model_copy(update={"replicas": 3})
     group = worker_group(build_rayservice(OWNER, spec))
-    assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == 6
+    assert group["groupName"] == "gpu-workers"
+    # A new cluster starts with the nodes for 3 replicas; Ray's autoscaler moves them between
+    # bounds that no GrokDeployment can exceed (KubeRay ignores changes to the bounds).
+    assert group["replicas"] == 6
+    assert (group["minReplicas"], group["maxReplicas"]) == (0, 1024 * 64)
     container = group["template"]["spec"]["containers"][0]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "8"
     assert group["rayStartParams"] == {"num-gpus": "8"}
@@ -63,13 +67,18 @@ def test_serve_config_deploys_grokserve_with_the_model_and_replicas() -> None:
     (app,) = yaml.safe_load(body["spec"]["serveConfigV2"])["applications"]
     assert app["import_path"] == "grokserve.serving.app:build_app"
     args = app["args"]
+    # The count is a deployment option (Serve scales without restarting replicas), not an arg.
     assert args["replicas"] == 1
+    assert app["deployments"] == [
+        {"name": "GrokReplica", "num_replicas": 1, "max_queued_requests": 10_000}
+    ]
     assert args["model"] == {
         "preset": "grok-1",
         "dtype": "bfloat16",
         "quantization": "int8",
         "source": "/mnt/models/grok-weights/ckpt-0",
         "tokenizer": "/mnt/models/grok-weights/tokenizer.model",
+        "cacheDir": None,  # pvc:// is mounted: nothing is fetched into a cache
         "seed": 0,
     }
     # the degrees the planner chose, written in: the replica runs what the operator planned
@@ -92,7 +101,7 @@ def test_cpu_example_requests_no_gpu() -> None:
     group = worker_group(build_rayservice(OWNER, example("grok-tiny-cpu.yaml")))
     limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
     assert "nvidia.com/gpu" not in limits
-    assert group["replicas"] == 1
+    assert group["replicas"] == 1 and group["groupName"] == "cpu-workers"
 
 
 def test_every_child_is_owned_and_labelled() -> None:

@@ -102,6 +102,22 @@ def test_examples_pass_every_rule(path: Path) -> None:
             "serving.maxSequenceLength must not exceed the model's context (grok-1: 8192, "
             "grok-tiny: 1024",
         ),
+        (
+            changed(model={"cache": {"type": "hostPath"}}),
+            "model.cache.path is required with type hostPath and applies to it only",
+        ),
+        (
+            changed(model={"cache": {"path": "/mnt/nvme"}}),
+            "model.cache.path is required with type hostPath and applies to it only",
+        ),
+        (
+            changed(model={"cache": {"type": "pvc", "sizeLimit": "1Ti"}}),
+            "model.cache.sizeLimit applies to type emptyDir only",
+        ),
+        (
+            changed(model={"cache": {"type": "pvc"}}),
+            "model.cache.claim is required with type pvc and applies to it only",
+        ),
     ],
 )
 def test_rules_reject_what_the_operator_rejects(body: dict, message: str) -> None:

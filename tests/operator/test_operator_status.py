@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from grokserve.operator.builders import Owner
+from grokserve.operator.builders import Owner, build_rayservice
 from grokserve.operator.replica import replica_plan
 from grokserve.operator.spec import parse_spec
 from grokserve.operator.status import (
@@ -31,11 +31,14 @@ def rayservice(
     generation: int = 3,
     observed: int = 3,
     pending: dict | None = None,
+    ready: dict | None = None,
 ) -> dict:
     deployments = deployments if deployments is not None else {"GrokReplica": {"status": "HEALTHY"}}
     return {
         "metadata": {"generation": generation},
+        "spec": build_rayservice(OWNER, SPEC)["spec"],
         "status": {
+            "conditions": [ready] if ready else [],
             "observedGeneration": observed,
             "activeServiceStatus": {
                 "applicationStatuses": {
@@ -67,12 +70,69 @@ def test_stale_generation_is_not_ready_but_counts_what_serves() -> None:
     assert ready == 2  # the previous spec's replicas still serve
 
 
-def test_half_the_nodes_give_one_ready_replica_of_two() -> None:
+def test_half_the_nodes_give_one_ready_replica_of_two_and_say_what_they_wait_for() -> None:
     conditions, ready = serving_conditions(OWNER, SPEC, rayservice(ready_workers=3))
     c = by_type(conditions)
     assert ready == 1
-    assert c["Progressing"].status is True and c["Ready"].reason == "ReplicasStarting"
+    assert c["Progressing"].status is True and c["Ready"].reason == "WaitingForNodes"
     assert c["Ready"].status is False  # Ready means every desired replica serves
+    assert c["Ready"].message == "waiting for 1 GPU node(s): 3 of 4 worker nodes ready"
+
+
+def test_replicas_deploying_without_their_nodes_wait_for_gpu_nodes() -> None:
+    # A scale-up from 1 to 2: Serve's new replica is pending until Ray's autoscaler got its nodes.
+    conditions, ready = serving_conditions(OWNER, SPEC, rayservice("DEPLOYING", ready_workers=2))
+    assert ready == 0
+    c = by_type(conditions)
+    assert (c["Ready"].reason, c["Ready"].message) == (
+        "WaitingForNodes",
+        "waiting for 2 GPU node(s): 2 of 4 worker nodes ready",
+    )
+    cpu = parse_spec({"model": {"preset": "grok-tiny"}, "parallelism": {"device": "cpu"}})
+    conditions, _ = serving_conditions(OWNER, cpu, rayservice("DEPLOYING", ready_workers=0))
+    assert "waiting for 1 CPU worker node(s)" in by_type(conditions)["Ready"].message
+
+
+VALIDATION_FAILED = {
+    "type": "Ready",
+    "status": "False",
+    "reason": "ValidationFailed",
+    "message": "llm/grok-1: spec.rayClusterConfig.workerGroupSpecs[0].replicas exceeds maxReplicas",
+}
+
+
+def test_kuberays_validation_failure_is_our_ready_false_with_its_reason_and_message() -> None:
+    # KubeRay refuses the new generation (observedGeneration stays behind); the old one serves.
+    refused = rayservice(observed=2, ready=VALIDATION_FAILED)
+    conditions, ready = serving_conditions(OWNER, SPEC, refused)
+    c = by_type(conditions)
+    assert (c["Ready"].status, c["Ready"].reason) == (False, "ValidationFailed")
+    assert c["Ready"].message == f"KubeRay: {VALIDATION_FAILED['message']}"
+    assert c["Degraded"].status is True and c["Progressing"].status is False
+    assert ready == 2
+    # Once KubeRay accepts the generation, its leftover ValidationFailed no longer counts.
+    accepted = serving_conditions(OWNER, SPEC, rayservice(ready=VALIDATION_FAILED))[0]
+    assert by_type(accepted)["Ready"].reason == "Serving"
+
+
+def test_kuberays_initializing_timeout_is_terminal() -> None:
+    timeout = {**VALIDATION_FAILED, "reason": "InitializingTimeout", "message": "gave up after 5m"}
+    conditions, _ = serving_conditions(OWNER, SPEC, rayservice(ready=timeout))
+    c = by_type(conditions)
+    assert (c["Ready"].reason, c["Ready"].message) == (
+        "InitializingTimeout",
+        "KubeRay: gave up after 5m",
+    )
+
+
+def test_kuberay_older_than_1_3_is_named() -> None:
+    # An older CRD prunes spec.upgradeStrategy from what the API server stores.
+    old = rayservice()
+    old["spec"] = {k: v for k, v in old["spec"].items() if k != "upgradeStrategy"}
+    conditions, ready = serving_conditions(OWNER, SPEC, old)
+    c = by_type(conditions)
+    assert (c["Ready"].reason, c["Degraded"].status) == ("KubeRayTooOld", True)
+    assert "older than 1.3" in c["Ready"].message and ready == 0
 
 
 def test_failed_deployment_is_degraded_with_serves_message() -> None:
@@ -88,7 +148,11 @@ def test_deploying_application_and_missing_rayservice() -> None:
     assert by_type(conditions)["Ready"].reason == "ServeApplicationDeploying"
     conditions, _ = serving_conditions(OWNER, SPEC, None)
     assert by_type(conditions)["Ready"].reason == "RayServiceMissing"
-    empty = {"metadata": {"generation": 1}, "status": {"observedGeneration": 1}}
+    empty = {
+        "metadata": {"generation": 1},
+        "spec": build_rayservice(OWNER, SPEC)["spec"],
+        "status": {"observedGeneration": 1},
+    }
     conditions, _ = serving_conditions(OWNER, SPEC, empty)
     assert by_type(conditions)["Ready"].reason == "ServeApplicationPending"
 
@@ -102,7 +166,7 @@ def test_pending_cluster_shows_progressing_while_old_one_serves() -> None:
 def test_kuberay_silent_is_pending_not_updating() -> None:
     """No status on the RayService at all: KubeRay has not reported (is it running?), rather than
     a previous spec serving meanwhile."""
-    silent = {"metadata": {"generation": 1}}
+    silent = {"metadata": {"generation": 1}, "spec": {"upgradeStrategy": {"type": "NewCluster"}}}
     conditions, ready = serving_conditions(OWNER, SPEC, silent)
     c = by_type(conditions)
     assert ready == 0 and c["Ready"].reason == "RayServicePending"
@@ -203,3 +267,8 @@ def test_scaled_to_zero_is_not_ready_and_not_degraded() -> None:
     assert ready == 0
     assert (c["Ready"].status, c["Ready"].reason) == (False, "ScaledToZero")
     assert c["Degraded"].status is False and c["Progressing"].status is False
+    # The 4 nodes are still up: Ray's autoscaler removes them after the idle timeout.
+    assert (
+        c["Ready"].message
+        == "scaled to zero: nothing serves; 4 worker node(s) go once idle for 60s"
+    )

@@ -5,11 +5,13 @@ import torch
 from safetensors.torch import save_file
 
 from grokserve.model import GrokModel
+from grokserve.model.placement import PlacementError
 from grokserve.model.sampling import SamplingParams, generate
 from grokserve.serving.config import ReplicaModel, ServingConfig
 from grokserve.serving.loading import (
     DEMO_CHECKPOINT,
     ByteTokenizer,
+    kv_cache_tokens,
     load_shard,
     load_tokenizer,
     model_config,
@@ -49,8 +51,8 @@ def test_bad_sources_are_named(tmp_path):
         model_config(ReplicaModel(source=str(tmp_path)))
     with pytest.raises(ValueError, match="does not exist"):
         model_config(ReplicaModel(source=str(tmp_path / "nowhere")))
-    with pytest.raises(ValueError, match="s3:// scheme"):
-        model_config(ReplicaModel(source="s3://bucket/ckpt"))
+    with pytest.raises(ValueError, match=r"ftp://bucket/ckpt: unknown scheme ftp://"):
+        model_config(ReplicaModel(source="ftp://bucket/ckpt"))
 
 
 def test_byte_tokenizer_round_trips_utf8():
@@ -81,6 +83,28 @@ def test_the_demo_checkpoint_ships_and_writes_words():
     # Trained on English docstrings: mostly lower-case words, not byte soup.
     assert len(words) >= 5
     assert sum(w.strip(".,()'\"").isalpha() for w in words) >= len(words) // 2, words
+
+
+def test_the_kv_cache_fills_the_gpu_memory_the_plan_leaves():
+    def config(**serving):
+        return ServingConfig(
+            model={"preset": "grok-1", "dtype": "bfloat16", "quantization": "int8"},
+            parallelism={"gpusPerNode": 8},
+            resources={"device": "cuda", "acceleratorResource": "GPU"},
+            serving=serving,
+        )
+
+    sized = kv_cache_tokens(config())
+    # grok-1 int8 on 8 × 80 GiB: 64 layers × 1 kv head × 128 × 2 (k, v) × 2 bytes = 32 KiB per token
+    # per GPU, in the ~32 GB that weights (41 GB), workspace and reserve leave: ~970k tokens.
+    plan = placement_plan(config(kvCacheTokens=sized))
+    assert plan.ranks[0].kv_cache // sized == 64 * 128 * 2 * 2
+    assert sized > 900_000 and max(rank.total for rank in plan.ranks) <= plan.cluster.gpu_memory
+    with pytest.raises(PlacementError, match="does not fit"):
+        placement_plan(config(kvCacheTokens=sized + 16))
+    assert kv_cache_tokens(config(kvCacheTokens=4096)) == 4096
+    on_cpu = ServingConfig(model={"preset": "grok-tiny"}, serving={"maxBatchSize": 4})
+    assert kv_cache_tokens(on_cpu) == 4 * 512
 
 
 def test_byte_ids_follow_the_configs_special_tokens() -> None:

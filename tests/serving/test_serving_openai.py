@@ -71,7 +71,11 @@ def test_completion_logprobs_and_echo_scores_equal_the_in_process_model(http):
     assert len(both["logprobs"]["tokens"]) == len(ids) + 3
     plain = complete(http, prompt=prompt, max_tokens=3, logprobs=1)["choices"][0]
     assert both["text"] == prompt + plain["text"]
-    assert plain["logprobs"]["token_logprobs"] == both["logprobs"]["token_logprobs"][len(ids) :]
+    # Equal up to float32 rounding: the echo computes every prompt position, the plain request
+    # only the last (and may reuse the prompt's cached prefix blocks).
+    assert plain["logprobs"]["token_logprobs"] == pytest.approx(
+        both["logprobs"]["token_logprobs"][len(ids) :], abs=1e-5
+    )
     assert all(value <= 0 for value in plain["logprobs"]["token_logprobs"])
 
 

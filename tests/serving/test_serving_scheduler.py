@@ -45,7 +45,10 @@ async def make_scheduler(model):
             **overrides,
         }
         stepper = ModelStepper(
-            model, max_batch_size=limits["max_batch_size"], max_len=limits["max_sequence_length"]
+            model,
+            max_batch_size=limits["max_batch_size"],
+            max_len=limits["max_sequence_length"],
+            kv_cache_tokens=limits["kv_budget"],
         )
         metrics = ReplicaMetrics("test", "r0")
         executor = LocalExecutor(stepper)
@@ -226,7 +229,7 @@ async def test_the_scheduler_chooses_the_seed_of_an_unseeded_request(make_schedu
 
 
 def test_the_executor_refuses_a_row_without_a_seed(model):
-    stepper = ModelStepper(model, max_batch_size=1, max_len=16)
+    stepper = ModelStepper(model, max_batch_size=1, max_len=16, kv_cache_tokens=16)
     step = StepInput(rows=[0], tokens=[[5, 6]], sample=True, start={0: SamplingParams(seed=None)})
     with pytest.raises(ValueError, match="without a seed"):
         stepper.run(step)
@@ -275,6 +278,58 @@ def test_a_scheduler_runs_again_on_another_event_loop():
 
     assert asyncio.run(one_request())[0] == ["hello"]
     assert asyncio.run(one_request())[0] == [" worl"]
+
+
+async def test_kv_blocks_not_slots_bound_the_running_batch(model, make_scheduler):
+    # 2048 cache tokens as max_len slots would hold 4 sequences of 512; in 16-token blocks the 32
+    # short requests all run at once, and each says what it says alone.
+    scheduler, metrics = make_scheduler(
+        max_batch_size=64, max_sequence_length=512, kv_budget=2048, prefill_chunk_tokens=256
+    )
+    prompts = [f"{i} {PROMPTS[i % len(PROMPTS)]}" for i in range(32)]
+    results = await asyncio.gather(*(collect(scheduler, p) for p in prompts))
+    assert [texts[0] for texts, _, _ in results] == [reference(model, p) for p in prompts]
+    batches = next(
+        family
+        for family in metrics.registry.collect()
+        if family.name == "grokserve_decode_batch_size"
+    )
+    full = [s for s in batches.samples if s.name.endswith("_bucket") and s.labels["le"] == "16.0"]
+    steps = sample_value(metrics, "grokserve_decode_batch_size_count")
+    assert full[0].value < steps, "some decode step ran more than 16 sequences"
+    assert sample_value(metrics, "grokserve_decode_batch_size_sum") / steps > 16
+
+
+async def test_a_repeated_prompt_hits_the_prefix_cache_with_the_same_text(model, make_scheduler):
+    scheduler, metrics = make_scheduler(prefill_chunk_tokens=16)
+    prompt = "the quick brown fox jumps over the lazy dog, " * 2  # 90 tokens
+    first, _, _ = await collect(scheduler, prompt)
+    assert sample_value(metrics, "grokserve_prefix_cache_hits_total") == 0
+    second, _, _ = await collect(scheduler, prompt)
+    assert first == second == [reference(model, prompt)]
+    # The 89 tokens before the last hold 5 full 16-token blocks.
+    assert sample_value(metrics, "grokserve_prefix_cache_hits_total") == 80
+    assert sample_value(metrics, "grokserve_prefix_cache_queries_total") == 180
+
+
+async def test_running_out_of_blocks_preempts_and_recomputes_the_same_outputs(
+    model, make_scheduler
+):
+    # 6 blocks of 16 tokens for 4 sequences that each grow to 2 blocks: some are preempted while
+    # decoding and recomputed later, greedy and sampled alike.
+    scheduler, metrics = make_scheduler(kv_budget=96, prefill_chunk_tokens=64)
+    sampled = SamplingParams(temperature=1.0, top_k=20, seed=11)
+    prompts = [f"{i}: jumps" for i in range(4)]
+    kwargs = {"max_tokens": 20}
+    alone = [await collect(scheduler, p, sampling=sampled, **kwargs) for p in prompts]
+    assert sample_value(metrics, "grokserve_preemptions_total") == 0
+    together = await asyncio.gather(
+        *(collect(scheduler, p, sampling=sampled, **kwargs) for p in prompts)
+    )
+    greedy = await asyncio.gather(*(collect(scheduler, p, **kwargs) for p in prompts))
+    assert sample_value(metrics, "grokserve_preemptions_total") > 0
+    assert together == alone
+    assert [g[0][0] for g in greedy] == [reference(model, p, max_tokens=20) for p in prompts]
 
 
 async def test_echo_scores_every_prompt_token_across_chunks_and_pads(model, make_scheduler):

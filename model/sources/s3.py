@@ -1,0 +1,89 @@
+"""s3:// through boto3: the standard AWS credential chain and variables (AWS_ENDPOINT_URL, AWS_PROFILE,
+AWS_ACCESS_KEY_ID, web identity for IRSA), so MinIO, Ceph and R2 work as AWS does."""
+
+from __future__ import annotations
+
+import boto3
+import botocore.config
+import botocore.exceptions
+
+from grokserve.model.sources.errors import SourceError, StoreUnreachable
+from grokserve.model.sources.location import Location
+from grokserve.model.sources.store import ObjectInfo, relative_name
+
+DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "401"}
+UNREACHABLE = (
+    botocore.exceptions.EndpointConnectionError,
+    botocore.exceptions.ConnectTimeoutError,
+    botocore.exceptions.ReadTimeoutError,
+    botocore.exceptions.ConnectionClosedError,
+)
+
+
+class S3Store:
+    def __init__(self, location: Location, connections: int = 16) -> None:
+        self.location = location
+        config = botocore.config.Config(
+            max_pool_connections=connections,
+            retries={"mode": "standard"},  # attempts: AWS_MAX_ATTEMPTS, else 3
+            connect_timeout=10,
+        )
+        self.client = boto3.client("s3", config=config)
+
+    def list(self) -> list[ObjectInfo]:
+        bucket, prefix = self.location.container, self.location.prefix
+        objects = []
+        try:
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=bucket, Prefix=prefix
+            )
+            for page in pages:
+                for item in page.get("Contents", []):
+                    name = relative_name(item["Key"], prefix)
+                    if name and not name.endswith("/"):
+                        etag = item["ETag"].strip('"')
+                        # A multipart ETag is not the object's MD5: then the size alone is checked.
+                        checksum = None if "-" in etag else ("md5", etag)
+                        objects.append(ObjectInfo(name, item["Key"], item["Size"], etag, checksum))
+        except Exception as error:
+            raise self.error(error) from error
+        return objects
+
+    def read(self, info: ObjectInfo, start: int, stop: int) -> bytes:
+        try:
+            response = self.client.get_object(
+                Bucket=self.location.container,
+                Key=info.key,
+                Range=f"bytes={start}-{stop - 1}",
+                IfMatch=f'"{info.version}"',
+            )
+            return response["Body"].read()
+        except Exception as error:
+            raise self.error(error, info.name) from error
+
+    def error(self, error: Exception, name: str | None = None) -> SourceError:
+        where = f"{self.location.url}" + (f" ({name})" if name else "")
+        if isinstance(error, UNREACHABLE):
+            return StoreUnreachable(f"{where}: the S3 endpoint does not answer ({error})")
+        if isinstance(error, botocore.exceptions.NoCredentialsError):
+            return SourceError(
+                f"{where}: no AWS credentials; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+                "AWS_PROFILE, or give the pods a role"
+            )
+        if isinstance(error, botocore.exceptions.ClientError):
+            code = str(error.response.get("Error", {}).get("Code", ""))
+            if code == "NoSuchBucket":
+                return SourceError(f"{where}: bucket {self.location.container!r} does not exist")
+            if code in ("NoSuchKey", "404"):
+                return SourceError(f"{where}: the object is missing")
+            if code in DENIED:
+                return SourceError(
+                    f"{where}: access denied ({code}): wrong credentials, or they lack "
+                    "s3:ListBucket/s3:GetObject on this bucket"
+                )
+            if code in ("PreconditionFailed", "412"):
+                return SourceError(
+                    f"{where}: the object changed while it was being fetched (ETag is no longer "
+                    "the listed one); run again to fetch the new version"
+                )
+        return SourceError(f"{where}: {type(error).__name__}: {error}")
