@@ -16,6 +16,7 @@ from typing import Any
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
+from grokserve.operator import metrics
 from grokserve.operator.spec import API_GROUP, API_VERSION, PLURAL
 
 
@@ -57,6 +58,7 @@ GROKDEPLOYMENT = Resource(API_GROUP, API_VERSION, PLURAL)
 RAYSERVICE = RESOURCES["RayService"]
 SERVICEMONITOR = RESOURCES["ServiceMonitor"]
 FIELD_MANAGER = "grokserve-operator"
+VERBS = {"GET": "get", "POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}
 # Guarded status writes retried while other writers keep changing the object.
 STATUS_WRITE_ATTEMPTS = 5
 
@@ -82,6 +84,7 @@ class Kube:
         body: Any = None,
         content_type: str | None = None,
         query: list[tuple[str, str]] | None = None,
+        verb: str | None = None,
     ) -> Any:
         headers = {"Accept": "application/json"}
         if content_type:
@@ -96,8 +99,19 @@ class Kube:
             body=body,
             auth_settings=["BearerToken"],
         )
-        response = self.api.call_api(*request, _request_timeout=30)
-        response.read()
+        verb = verb or (
+            "apply" if content_type == "application/apply-patch+yaml" else VERBS[method]
+        )
+        try:
+            response = self.api.call_api(*request, _request_timeout=30)
+            response.read()
+        except ApiException as error:
+            metrics.API_REQUESTS.labels(verb, str(error.status)).inc()
+            raise
+        except Exception:
+            metrics.API_REQUESTS.labels(verb, "0").inc()
+            raise
+        metrics.API_REQUESTS.labels(verb, str(response.status)).inc()
         # Any 2xx is success: some API servers answer a create with 200 rather than 201.
         return self.api.response_deserialize(response, {"2XX": "object"}).data
 
@@ -125,7 +139,7 @@ class Kube:
     ) -> dict[str, Any]:
         """The objects (a List: `items`, `metadata.resourceVersion`) matching the selector."""
         query = [("labelSelector", label_selector)]
-        return self._call("GET", resource.path(namespace), query=query)
+        return self._call("GET", resource.path(namespace), query=query, verb="list")
 
     def watch(
         self,
@@ -150,7 +164,12 @@ class Kube:
             header_params={"Accept": "application/json"},
             auth_settings=["BearerToken"],
         )
-        response = self.api.call_api(*request, _request_timeout=(10, timeout_s + 10))
+        try:
+            response = self.api.call_api(*request, _request_timeout=(10, timeout_s + 10))
+        except Exception:
+            metrics.API_REQUESTS.labels("watch", "0").inc()
+            raise
+        metrics.API_REQUESTS.labels("watch", str(response.status)).inc()
         if not 200 <= response.status < 300:
             response.read()
             raise ApiException(http_resp=response)
@@ -162,41 +181,49 @@ class Kube:
         namespace: str,
         name: str,
         status_for: Callable[[dict[str, Any]], dict[str, Any] | None],
-    ) -> None:
-        """Write `status_for(stored object)` over the stored status, unless it returns None.
+        known: dict[str, Any] | None = None,
+    ) -> dict[str, Any] | None:
+        """Write `status_for(stored object)` over the stored status, unless it returns None or
+        would leave the status as it is; returns the object as written (None when nothing was).
 
         status.conditions is one list that several writers share (the reconcile, the autoscaler's
         ScalingActive), so the status is computed from the object as stored and written with a JSON
         patch guarded by its resourceVersion: a write in between fails the guard, and the status is
         computed again from the newer object. Keys set to None are removed from the status.
+        `known`, the object as last seen (a watch cache), stands in for the first read: when it is
+        stale the guard fails and the next attempt reads the object.
         """
         for attempt in range(STATUS_WRITE_ATTEMPTS):
-            stored = self.get(resource, namespace, name)
+            stored = known if attempt == 0 and known is not None else None
+            stored = stored or self.get(resource, namespace, name)
             if stored is None:
-                return
+                return None
             changes = status_for(stored)
             if changes is None:
-                return
+                return None
             merged = {**(stored.get("status") or {}), **changes}
             status = {key: value for key, value in merged.items() if value is not None}
+            if status == (stored.get("status") or {}):
+                metrics.WRITES_SKIPPED.labels("status").inc()
+                return None
             guard = {
                 "op": "test",
                 "path": "/metadata/resourceVersion",
                 "value": stored["metadata"]["resourceVersion"],
             }
             try:
-                self._call(
+                return self._call(
                     "PATCH",
                     resource.path(namespace, name, "status"),
                     [guard, {"op": "add", "path": "/status", "value": status}],
                     content_type="application/json-patch+json",
                 )
-                return
             except ApiException as error:
                 # 422: the guard failed (someone wrote since the read); 409: the same, as a
                 # conflict. Anything else is not ours to retry; after the last try, the caller's.
                 if error.status not in (409, 422) or attempt == STATUS_WRITE_ATTEMPTS - 1:
                     raise
+        return None
 
     def foreign_holder(self, body: dict[str, Any], owner_uid: str | None) -> str | None:
         """Who holds this child's name, when it is not a child of ours: "Kind name (reason)".
@@ -221,16 +248,17 @@ class Kube:
         )
         return f"{body['kind']} {metadata['name']} ({why})"
 
-    def apply(self, body: dict[str, Any]) -> None:
+    def apply(self, body: dict[str, Any]) -> dict[str, Any]:
         """Server-side apply: create the object or bring the fields we manage to `body`.
 
         Fields we applied before and no longer apply are removed (a serviceAccountName or volume
         taken out of the spec goes from the RayService too); fields others manage stay. `force`
-        takes back fields someone else changed: the operator is their declared owner.
+        takes back fields someone else changed: the operator is their declared owner. Returns the
+        object as stored after the apply.
         """
         metadata = body["metadata"]
         resource = RESOURCES[body["kind"]]
-        self._call(
+        return self._call(
             "PATCH",
             resource.path(metadata["namespace"], metadata["name"]),
             body,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 
-from prometheus_client import Gauge, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 LABELS = ("namespace", "name")
 
@@ -19,8 +19,24 @@ CONDITION_READY = Gauge(
 )
 RECONCILE_SECONDS = Histogram(
     "grokdeployment_reconcile_duration_seconds",
-    "Time to reconcile one GrokDeployment (apply children, read status).",
+    "Time of one reconcile pass over a GrokDeployment (children, then status).",
     ("outcome",),
+)
+QUEUE_DEPTH = Gauge(
+    "grokdeployment_reconcile_queue_depth",
+    "GrokDeployments waiting for a reconcile pass (queued, not yet being reconciled).",
+)
+API_REQUESTS = Counter(
+    "grokserve_operator_api_requests_total",
+    "Requests the operator's client made to the Kubernetes API server (kopf's watch streams and "
+    "Events aside), by verb and HTTP status code (0: no answer).",
+    ("verb", "code"),
+)
+WRITES_SKIPPED = Counter(
+    "grokserve_operator_writes_skipped_total",
+    "Writes not sent because the object as last seen already held what they would write, by "
+    "kind (a child's kind, or status).",
+    ("kind",),
 )
 
 

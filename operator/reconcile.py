@@ -5,13 +5,14 @@ Free of kopf so that it can be read and tested on its own; `handlers.py` wires i
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from kubernetes.client.rest import ApiException
 
 from grokserve.model.placement import Plan
-from grokserve.operator.builders import Owner, build_children, build_service
+from grokserve.operator.builders import Owner, build_children
 from grokserve.operator.kube import RAYSERVICE, SERVICEMONITOR, Kube, api_message
 from grokserve.operator.kuberay import serving_cluster
 from grokserve.operator.replica import replica_plan
@@ -24,6 +25,9 @@ from grokserve.operator.status import (
     observed_replicas,
     serving_conditions,
 )
+
+# build_children's signature: (owner, spec, plan, *, with_servicemonitor) -> children
+BuildChildren = Callable[..., list[dict[str, Any]]]
 
 
 @dataclass(frozen=True)
@@ -67,8 +71,6 @@ REFUSALS = {400: "ChildRejected", 403: "Forbidden", 413: "ChildRejected", 422: "
 KUBERAY_MISSING = "KubeRayMissing"
 CHILD_CONFLICT = "ChildConflict"
 API_ERROR = "APIServerError"
-# Failures that only a reconcile can find (and clear): a RayService event leaves them standing.
-RECONCILE_FAILURES = frozenset({KUBERAY_MISSING, CHILD_CONFLICT, API_ERROR, *REFUSALS.values()})
 
 
 def owner_of(body: dict[str, Any]) -> Owner:
@@ -76,11 +78,12 @@ def owner_of(body: dict[str, Any]) -> Owner:
     return Owner(name=meta["name"], namespace=meta["namespace"], uid=meta.get("uid"))
 
 
-def reconcile(kube: Kube, body: dict[str, Any]) -> Outcome:
+def reconcile(kube: Kube, body: dict[str, Any], build: BuildChildren = build_children) -> Outcome:
     """Validate and plan, apply every child (server-side apply), then observe the RayService.
 
     A spec that is invalid or whose replica does not fit its GPUs changes no child, and nothing is
-    written while any child's name is held by an object that is not ours.
+    written while any child's name is held by an object that is not ours. `build` turns the spec
+    and plan into the children (the operator passes a memo of `build_children`).
     """
     owner = owner_of(body)
     try:
@@ -96,7 +99,7 @@ def reconcile(kube: Kube, body: dict[str, Any]) -> Outcome:
     try:
         # The endpoint follows the cluster KubeRay routes to, as the RayService's status names it.
         routed = serving_cluster(kube.get(RAYSERVICE, owner.namespace, owner.name))
-        children = build_children(
+        children = build(
             owner,
             spec,
             plan,
@@ -126,36 +129,6 @@ def reconcile(kube: Kube, body: dict[str, Any]) -> Outcome:
         )
         return _failed(body, REFUSALS[error.status], f"{what}: {api_message(error)}")
     return _observed(body, spec, plan, kube.get(RAYSERVICE, owner.namespace, owner.name))
-
-
-def observable(body: dict[str, Any]) -> bool:
-    """Whether a RayService event may rewrite this GrokDeployment's status through `observe`.
-
-    Not where the status is the reconcile's to write: it has not reconciled the current generation
-    yet (observing would claim that generation observed), or it failed on it (a child refused,
-    KubeRay missing), a failure the RayService's state cannot clear.
-    """
-    status = body.get("status") or {}
-    if status.get("observedGeneration") != body["metadata"].get("generation"):
-        return False
-    ready = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), {})
-    return ready.get("reason") not in RECONCILE_FAILURES
-
-
-def follow_serving_cluster(kube: Kube, body: dict[str, Any], rayservice: dict[str, Any]) -> None:
-    """Point the endpoint at the cluster KubeRay now routes to, as soon as KubeRay switches
-    (an upgrade's new cluster is ready), rather than at the next reconcile."""
-    kube.apply(build_service(owner_of(body), serving_cluster(rayservice)))
-
-
-def observe(body: dict[str, Any], rayservice: dict[str, Any] | None) -> Outcome:
-    """The status for a RayService state that KubeRay reported, without touching the children."""
-    try:
-        spec = parse_spec(body.get("spec"))
-        plan = replica_plan(owner_of(body).name, spec)
-    except SpecError as error:
-        return _failed(body, error.reason, error.message)
-    return _observed(body, spec, plan, rayservice)
 
 
 def _observed(

@@ -89,7 +89,7 @@ def test_operator_command_reconciles_and_exports_metrics(kube, tmp_path: Path) -
     assert "Traceback" not in "\n".join(lines)
     # Logging is on by default (INFO, no --verbose), one JSON object per record.
     records = [json.loads(line) for line in lines if line.startswith("{")]
-    assert any("Creation is processed" in r["message"] for r in records), lines[-20:]
+    assert any("RayService llm/grok-1-bf16 applied" in r["message"] for r in records), lines[-20:]
     assert not any(r.get("severity") == "debug" for r in records)
 
 

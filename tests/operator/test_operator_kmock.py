@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import copy
-import logging
 import time
 from pathlib import Path
 
-import kopf
 import pytest
 import yaml
 from prometheus_client import REGISTRY
 
 from grokserve.operator import handlers
+from grokserve.operator.controller import run_pass
 from grokserve.operator.kube import Kube
 from testkit.operator_env import (
     GROKDEPLOYMENTS,
@@ -245,16 +244,10 @@ def test_a_child_refused_by_the_api_server_is_reported_not_retried(kube) -> None
         )
 
 
-class HandledEvents(logging.Handler):
-    """Counts RayService events the operator has finished handling (its watch logs each one)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.getMessage() == f"RayService {NS}/grok-1 mirrored":
-            self.count += 1
+def passes() -> float:
+    """Reconcile passes the operator (in this process) has finished, status write included."""
+    labels = {"outcome": "ok"}
+    return REGISTRY.get_sample_value("grokdeployment_reconcile_duration_seconds_count", labels) or 0
 
 
 def test_a_rayservice_event_leaves_a_reconcile_failure_standing(kube) -> None:
@@ -264,33 +257,23 @@ def test_a_rayservice_event_leaves_a_reconcile_failure_standing(kube) -> None:
     forbidden = "poddisruptionbudgets are forbidden in this namespace"
     pdb_quota = refusing("PATCH", "poddisruptionbudgets", 403, forbidden)
     server.call(lambda kube_api: kube_api.admission.append(pdb_quota))
-    handled = HandledEvents()
-    watch_log = logging.getLogger("grokserve.operator.rayservice_watch")
-    watch_log.addHandler(handled)
-    watch_log.setLevel(logging.DEBUG)
-    try:
-        with running_operator():
-            api.create(GD, example_body())
-            failed = wait_until(
-                lambda: (
-                    (b := api.get(f"{GD}/grok-1"))
-                    and condition(b).get("reason") == "Forbidden"
-                    and b
-                ),
-                what="Ready Forbidden",
-            )
-            # The RayService was applied before the PDB was refused; KubeRay reports it serving.
-            rayservice = api.get(f"{RS}/grok-1")
-            seen = handled.count
-            api.merge_patch(
-                f"{RS}/grok-1/status",
-                {"status": rayservice_status(rayservice["metadata"]["generation"], 1)},
-            )
-            wait_until(lambda: handled.count > seen, what="the RayService event to be handled")
-            body = api.get(f"{GD}/grok-1")
-    finally:
-        watch_log.removeHandler(handled)
-        watch_log.setLevel(logging.NOTSET)
+    with running_operator():
+        api.create(GD, example_body())
+        failed = wait_until(
+            lambda: (
+                (b := api.get(f"{GD}/grok-1")) and condition(b).get("reason") == "Forbidden" and b
+            ),
+            what="Ready Forbidden",
+        )
+        # The RayService was applied before the PDB was refused; KubeRay reports it serving.
+        rayservice = api.get(f"{RS}/grok-1")
+        seen = passes()
+        api.merge_patch(
+            f"{RS}/grok-1/status",
+            {"status": rayservice_status(rayservice["metadata"]["generation"], 1)},
+        )
+        wait_until(lambda: passes() > seen, what="the pass the RayService event started")
+        body = api.get(f"{GD}/grok-1")
     assert condition(body) == condition(failed)
     assert condition(body, "Degraded")["status"] == "True"
     assert body["status"]["readyReplicas"] == 0
@@ -368,8 +351,7 @@ def test_a_condition_written_during_a_reconcile_survives_its_status_write(kube) 
             api.merge_patch(f"{GD}/grok-1/status", {"status": {"conditions": conditions}})
             return super().apply(body)
 
-    memo = kopf.Memo(kube=AutoscalerMeanwhile(handlers._api_client()))
-    handlers.resync(body=stale, memo=memo)
+    run_pass(AutoscalerMeanwhile(handlers._api_client()), stale)
     stored = api.get(f"{GD}/grok-1")
     assert condition(stored, "ScalingActive") == scaling_condition("ValidMetric")
     assert condition(stored)["reason"] == "RayServicePending"
@@ -486,7 +468,7 @@ def reconcile_now(api, replicas: int) -> None:
 def test_kuberay_installed_after_the_operator_is_picked_up(kube, monkeypatch) -> None:
     _server, api = kube
     api.install_crds(kuberay=False)
-    monkeypatch.setattr("grokserve.operator.rayservice_watch.ABSENT_POLL_S", 0.2)
+    monkeypatch.setattr("grokserve.operator.child_watch.ABSENT_POLL_S", 0.2)
     with running_operator():
         api.create(GD, example_body())
         wait_until(
@@ -503,8 +485,8 @@ def test_kuberay_crd_deleted_and_recreated_while_the_operator_runs(kube, monkeyp
     running, reports KubeRayMissing, and re-creates the RayService once the CRD is back."""
     _server, api = kube
     api.install_crds(kuberay=True)
-    monkeypatch.setattr("grokserve.operator.rayservice_watch.ABSENT_POLL_S", 0.2)
-    monkeypatch.setattr("grokserve.operator.rayservice_watch.RETRY_MIN_S", 0.2)
+    monkeypatch.setattr("grokserve.operator.child_watch.ABSENT_POLL_S", 0.2)
+    monkeypatch.setattr("grokserve.operator.child_watch.RETRY_MIN_S", 0.2)
     with running_operator() as runner:
         api.create(GD, example_body())
         ready_after_kuberay_reports(api, 1)
@@ -566,12 +548,12 @@ def test_the_prometheus_operator_installed_later_gets_its_servicemonitor_at_the_
     _server, api = kube
     api.install_crds(kuberay=True)
     created = api.create(GD, example_body())
-    memo = kopf.Memo(kube=Kube(handlers._api_client()))
-    handlers.resync(body=created, memo=memo)
+    kube_client = Kube(handlers._api_client())
+    run_pass(kube_client, created)
     monitors = f"/apis/monitoring.coreos.com/v1/namespaces/{NS}/servicemonitors"
     assert api.get(f"/api/v1/namespaces/{NS}/services/grok-1") is not None
     api.create(CRDS, SERVICEMONITOR_CRD)
-    handlers.resync(body=api.get(f"{GD}/grok-1"), memo=memo)
+    run_pass(kube_client, api.get(f"{GD}/grok-1"))
     assert api.get(f"{monitors}/grok-1")["spec"]["endpoints"][0]["port"] == "http"
 
 

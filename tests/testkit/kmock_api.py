@@ -106,6 +106,9 @@ class KubeApi(kmock.KubernetesEmulator):
         # Every event with its revision, so that a watch from resourceVersion N replays what
         # happened after N (as the API server does) instead of re-sending everything as ADDED.
         self._events: list[tuple[int, Any, dict[str, Any]]] = []
+        # How long a watch runs when the client does not say: short, so that tests see kopf
+        # reconnect; kube-apiserver's own is 30 to 60 minutes (--min-request-timeout 1800).
+        self.watch_timeout_s = 60.0
         for key, info in CORE_RESOURCES.items():
             self.resources[key] = kmock.ResourceInfo(namespaced=True, verbs=VERBS, **info)
         # Cluster-scoped, served by `__call__`; kopf waits for it in discovery before it watches.
@@ -142,7 +145,9 @@ class KubeApi(kmock.KubernetesEmulator):
                 event = {"type": "ADDED", "object": item}
                 await response.write(json.dumps(event).encode() + b"\n")
         with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.sleep(float(raw_request.query.get("timeoutSeconds") or 60))
+            await asyncio.sleep(
+                float(raw_request.query.get("timeoutSeconds") or self.watch_timeout_s)
+            )
         with contextlib.suppress(ConnectionResetError):
             await response.write_eof()
         return response
@@ -161,7 +166,8 @@ class KubeApi(kmock.KubernetesEmulator):
         resource = request.resource
         if resource is None or resource.plural is None:
             return await super()._handle(request)  # discovery, version, non-k8s paths
-        if resource not in set(self._get_resources()):
+        # The declared resources (core, CRDs) only: KMock's own list also walks every object.
+        if resource not in set(super(kmock.KubernetesEmulator, self)._get_resources()):
             return _status(404, "NotFound", f"the server could not find the resource {resource}")
         method = request.method.value.upper()
         for hook in self.admission:
@@ -201,10 +207,8 @@ class KubeApi(kmock.KubernetesEmulator):
         return {"apiVersion": "v1", "kind": "NamespaceList", "metadata": {}, "items": items}
 
     def _stored(self, resource: Any, namespace: str | None, name: str) -> Any:
-        for (r, ns, n), candidate in self.objects.items():
-            if r == resource and ns == namespace and n == name:
-                return candidate
-        return None
+        # By key: every object is stored under (resource, namespace, name) by the verbs below.
+        return self.objects._objects.get((resource, namespace, name))
 
     def _live(self, resource: Any, namespace: str | None, name: str) -> Any:
         obj = self._stored(resource, namespace, name)
@@ -583,7 +587,7 @@ class KubeApi(kmock.KubernetesEmulator):
             headers={"Content-Type": "application/json", "Transfer-Encoding": "chunked"}
         )
         await response.prepare(raw_request)
-        timeout = float(request.params.get("timeoutSeconds") or 60)
+        timeout = float(request.params.get("timeoutSeconds") or self.watch_timeout_s)
         selector = request.params.get("labelSelector")
 
         def visible(event: dict[str, Any]) -> bool:
