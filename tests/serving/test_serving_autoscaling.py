@@ -115,6 +115,7 @@ def complete(base: str) -> None:
     assert response.status_code == 200, response.text
 
 
+@pytest.mark.own_ray_driver
 def test_replicas_get_nodes_from_rays_autoscaler_and_give_them_back() -> None:
     started = time.monotonic()
     cluster_spec = rendered(1)["rayClusterConfig"]
