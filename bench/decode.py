@@ -1,54 +1,67 @@
-"""Decode step of a 4-layer full-width Grok-1 slice on an NVIDIA GPU, against its roofline (issues 4, 17).
+"""The serving engine's decode step on a 4-layer full-width Grok-1 slice: eager against CUDA graph
+(issues 4, 17).
 
-    python bench/decode.py [--batch 1 8 64] [--context 1024] [--layers 4] [--dry-run]
+    python bench/decode.py [--batch 1 8 64] [--context 1024] [--layers 4] [--max-len N] [--compile]
+                           [--dry-run]
 
 The slice is the real model with `--layers` layers (attention, four norms, router, 8 experts each) plus
-the embedding and the tied output projection, random weights, a KV cache already holding `--context`
-tokens per row. One step = one new token per row through `GrokModel.forward`, timed eagerly (the
-model's step bookkeeping reads positions back to the host, so it is not graph-capturable yet), on
-the fast kernels (the default on CUDA) and on the reference path (GROKSERVE_KERNELS=reference), in
-bf16 and with the int8 weights.
+the embedding and the tied output projection, random weights, and a paged KV cache (16-token blocks,
+each row's blocks scattered over the pool) already holding `--context` tokens per row. One step is
+what the serving executor runs per decode step: `engine_step` (one new token per row through
+`GrokModel.forward_paged`, greedy sampling on the device). Per weights (int8, then bf16) and batch it
+is timed
+- eagerly (`engine_step`),
+- as `CudaGraphDecode`'s replay (the executor's CUDA path: the inputs copied into the batch bucket's
+  static buffers, one graph replay, the next ids copied out; captured on first use, after a warm-up
+  on a side stream),
+- with `--compile`, as `torch.compile(engine_step, fullgraph=True)` (its first call's compile time
+  beside it; off by default, it is not in `bench/gpu_check.sh`'s time box),
+on the fast kernels (the default on CUDA), with the roofline, the ratio graph/eager, and the max |Δ|
+of the float32 logits and the count of next ids that differ between the eager step and the replay
+(the replay's logits are read from the graph's own output buffer).
+
+Block-table widths as the serving executor sets them: the eager step's tables list the blocks the
+rows use; the graph's have the width of `--max-len` (the server's `--max-sequence-length`), the
+unused columns pointing at the null block, and attention gathers every column. The default
+`--max-len` is the context plus the step's token, where both widths are equal.
 
 Roofline = max(bytes / copy bandwidth, FLOPs / matmul peak), both measured in this run, where bytes
 are every matrix a step must read once (attention and output projections, the experts the step's
-tokens hit in each layer, the embedding for the logits) plus the KV cache rows.
+tokens hit in each layer, the embedding for the logits) plus the KV cache's rows read once.
 
-Eager against CUDA graph: `GrokModel.forward` synchronises with the host (token checks, the step's
-positions and span), so the whole step cannot be captured yet (a no-host-sync decode step is being
-built under issue 17; CUDA's sync debug mode names the step's first host sync, without a capture
-attempt). What is captured
-today, on the same modules, with the step's positions prepared outside the graph: (1) the decoder
-layers (attention with the cache write, four norms, router, fused MoE), and where that capture fails,
-(2) the MoE blocks alone. Each is timed eagerly and as a graph replay, and the replay's output is
-compared with the eager one (max |Δ|).
-
-`--dry-run` runs the same code at `grok-tiny` size on the CPU (no graphs, no meaningful times).
+`--dry-run` runs the same code at `grok-tiny` size on the CPU, with the eager step in place of the
+CUDA graph (CUDA graphs need CUDA; the output says so); its times mean nothing.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
+import time
+from collections.abc import Callable
 
 import torch
 
+from grokserve.model.blocks import DEFAULT_BLOCK_SIZE, NULL_BLOCK, blocks_for
+from grokserve.model.engine_step import CudaGraphDecode, StepSampling, engine_step
 from grokserve.model.kernels.benchmarking import (
     Ceilings,
-    graph_of,
     measure_ceilings,
     median_ms,
     require_cuda,
 )
+from grokserve.model.paged import PagedKVCache
 from grokserve.model.presets import preset
 from grokserve.model.quantization import QuantizedWeight
-from grokserve.model.transformer import GrokModel, Step
+from grokserve.model.transformer import GrokModel
 
-STEP_TABLE_HEADER = (
-    "| weights | batch | roofline ms | fast ms (frac) | reference ms (frac) | logits max|Δ| |\n"
-    "| --- | --- | --- | --- | --- | --- |"
+TABLE_HEADER = (
+    "| weights | batch | roofline ms | eager ms (frac) | CUDA graph ms (frac) | graph/eager "
+    "| logits max|Δ| | ids differing | compiled ms (compile s, ids differing) |\n"
+    "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
 )
+NO_GRAPH = "no CUDA: the eager step stands in for the CUDA graph"
 
 
 def random_model(
@@ -74,14 +87,49 @@ def random_model(
     return model
 
 
-def filled_cache(model: GrokModel, batch: int, context: int):
-    cache = model.new_cache(batch, context + 1)
+class LogitsTap:
+    """The model as `engine_step` sees it, keeping the logits `forward_paged` last returned: after a
+    CUDA-graph capture, the graph's own logits buffer, which every replay refills."""
+
+    def __init__(self, model: GrokModel) -> None:
+        self.model, self.config = model, model.config
+        self.logits: torch.Tensor | None = None
+
+    def forward_paged(self, *args, **kwargs) -> torch.Tensor:
+        self.logits = self.model.forward_paged(*args, **kwargs)
+        return self.logits
+
+
+def filled_cache(
+    model: GrokModel, rows: int, context: int, max_len: int
+) -> tuple[PagedKVCache, torch.Tensor]:
+    """A cache whose every row holds `context` random tokens' keys and values in blocks scattered
+    over the pool, and the block tables [rows, blocks for max_len]: the blocks for context + 1 tokens
+    (room for the step's token), then the null block."""
+    used = blocks_for(context + 1, DEFAULT_BLOCK_SIZE)
+    cache = model.new_paged_cache(rows * used, DEFAULT_BLOCK_SIZE)
     for keys, values in zip(cache.keys, cache.values, strict=True):
         keys.normal_()
         values.normal_()
-    cache.key_valid[:, :context] = True
-    cache.lengths.fill_(context)
-    return cache
+    # Block 0 is the null block: the tables list 1..num_blocks in a random order.
+    tables = torch.full(
+        (rows, blocks_for(max_len, DEFAULT_BLOCK_SIZE)), NULL_BLOCK, device=cache.device
+    )
+    tables[:, :used] = torch.randperm(cache.num_blocks, device=cache.device).view(rows, used) + 1
+    return cache, tables
+
+
+def decode_inputs(model: GrokModel, tables: torch.Tensor, batch: int, context: int) -> list:
+    """engine_step's inputs after the cache: one random token per row at position `context`
+    (`tables` as wide as the caller wants them)."""
+    device = tables.device
+    return [
+        torch.randint(3, model.config.vocab_size, (batch, 1), device=device),
+        torch.full((batch, 1), context, dtype=torch.long, device=device),
+        tables[:batch],
+        torch.full((batch,), context + 1, dtype=torch.long, device=device),
+        StepSampling.greedy(batch, device),
+    ]
 
 
 def step_bytes_and_flops(model: GrokModel, batch: int, context: int, experts_hit: list[int]):
@@ -103,99 +151,91 @@ def step_bytes_and_flops(model: GrokModel, batch: int, context: int, experts_hit
     return total, flops
 
 
-def time_step(
-    model: GrokModel, batch: int, context: int, mode: str
-) -> tuple[float, list[int], torch.Tensor]:
-    """Median step time, experts hit per layer, and the step's logits (the same cache and tokens
-    for every mode: both are drawn from a seed of the batch size)."""
-    os.environ["GROKSERVE_KERNELS"] = mode
-    torch.manual_seed(batch)
-    cache = filled_cache(model, batch, context)
-    tokens = torch.randint(3, model.config.vocab_size, (batch, 1), device=cache.lengths.device)
+class GraphSteps:
+    """`CudaGraphDecode` over the tap, remembering each bucket's logits buffer; on the CPU, the eager
+    step in its place."""
 
-    def step():
-        cache.lengths.fill_(context)
-        return model(tokens, cache)
-
-    before = model.expert_token_counts()
-    logits = step()
-    hit = [int(n) for n in ((model.expert_token_counts() - before) > 0).sum(dim=1)]
-    return median_ms(step, warmup_ms=100, repeat_ms=400), hit, logits
-
-
-def captured_parts(model: GrokModel, batch: int, context: int) -> None:
-    """Eager against CUDA-graph replay of what can be captured today (see the module docstring)."""
-    os.environ["GROKSERVE_KERNELS"] = "auto"  # the fast path on CUDA (time_step left it set)
-    cache = filled_cache(model, batch, context)
-    device = cache.lengths.device
-    tokens = torch.randint(3, model.config.vocab_size, (batch, 1), device=device)
-    x = model.embed(tokens)
-    with torch.inference_mode():
-        step = Step(tokens, model.config.pad_token, cache, None)  # host syncs happen here, once
-
-        def decoder_layers():
-            h = x
-            for index, layer in enumerate(model.layers):
-                h = layer(h, step, index)
-            return h
-
-        def moe_blocks():
-            h = x
-            for layer in model.layers:
-                h = h + layer.post_moe_norm(layer.moe(layer.pre_moe_norm(h), step))
-            return h
-
-        for name, part in (("decoder layers", decoder_layers), ("MoE blocks", moe_blocks)):
-            eager_ms = median_ms(part, warmup_ms=100, repeat_ms=500)
-            if device.type != "cuda":
-                print(f"| {name} | {batch} | {eager_ms:.3f} | - (no CUDA: not captured) | - | - |")
-                continue
-            try:
-                replay = graph_of(part)
-            except Exception as error:
-                reason = f"{type(error).__name__}: {str(error).splitlines()[0][:90]}"
-                print(f"| {name} | {batch} | {eager_ms:.3f} | not capturable: {reason} | - | - |")
-                continue
-            graph_ms = median_ms(replay, warmup_ms=100, repeat_ms=500)
-            # The static output of a replay against an eager call.
-            static = _last_output(part)
-            delta = float((static.float() - part().float()).abs().max())
-            print(
-                f"| {name} | {batch} | {eager_ms:.3f} | {graph_ms:.3f} | "
-                f"{eager_ms / graph_ms:.2f}x | {delta:.3g} |",
-                flush=True,
-            )
-            if name == "decoder layers":
-                break  # the MoE blocks are inside it
-    if device.type == "cuda":
-        print(
-            f"| whole step | {batch} | - | {first_host_sync(model, cache, tokens, context)} | - | - |"
+    def __init__(self, tap: LogitsTap, cache: PagedKVCache, max_blocks: int) -> None:
+        self.tap, self.cache = tap, cache
+        self.graphs = (
+            CudaGraphDecode(tap, cache, max_blocks) if cache.device.type == "cuda" else None
         )
+        self._logits: dict[int, torch.Tensor] = {}
+
+    def step(self, inputs: list) -> torch.Tensor:
+        if self.graphs is None:
+            return engine_step(self.tap, self.cache, *inputs)
+        return self.graphs(*inputs)
+
+    def logits(self, inputs: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step -> (next ids, logits), capturing the batch's bucket first where it is new."""
+        batch = inputs[0].shape[0]
+        if self.graphs is None:
+            return self.step(inputs), self.tap.logits
+        bucket = self.graphs.bucket(batch)
+        if bucket not in self._logits:
+            self.step(inputs)  # the capture: the tap's last logits are the graph's buffer
+            self._logits[bucket] = self.tap.logits
+        ids = self.step(inputs)
+        return ids, self._logits[bucket][:batch].clone()
 
 
-def first_host_sync(model: GrokModel, cache, tokens: torch.Tensor, context: int) -> str:
-    """Whether the whole step runs without a host sync (the condition for capturing it), found
-    without a capture attempt: CUDA's sync debug mode raises at the first synchronising call."""
-    cache.lengths.fill_(context)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        model(tokens, cache)
-    except RuntimeError as error:
-        return f"not capturable yet, host sync: {str(error).splitlines()[0][:90]}"
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    return "no host sync: capturable (not timed here)"
+def timed_compile(model: GrokModel, cache: PagedKVCache, inputs: list, compiled: Callable) -> tuple:
+    """(median ms, seconds of the first call, next ids) of the compiled step."""
+    started = time.perf_counter()
+    compiled(model, cache, *inputs)
+    if cache.device.type == "cuda":
+        torch.cuda.synchronize()
+    compile_s = time.perf_counter() - started
+    ids = compiled(model, cache, *inputs)
+    return median_ms(lambda: compiled(model, cache, *inputs)), compile_s, ids
 
 
-def _last_output(part) -> torch.Tensor:
-    """The output of a replay: captured once more into a graph that keeps the output tensor."""
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = part()
-    graph.replay()
-    torch.cuda.synchronize()
-    return out.clone()
+def bench_weights(
+    model: GrokModel,
+    batches: list[int],
+    context: int,
+    max_len: int,
+    ceilings: Ceilings,
+    compile_step: bool,
+) -> None:
+    label = model.quantization or "bf16"
+    cache, tables = filled_cache(model, max(batches), context, max_len)
+    tap = LogitsTap(model)
+    graphs = GraphSteps(tap, cache, tables.shape[1])
+    compiled = torch.compile(engine_step, fullgraph=True) if compile_step else None
+    compile_failed = False
+    used = blocks_for(context + 1, DEFAULT_BLOCK_SIZE)
+    for batch in batches:
+        torch.manual_seed(batch)
+        graph_inputs = decode_inputs(model, tables, batch, context)
+        inputs = [*graph_inputs[:2], graph_inputs[2][:, :used], *graph_inputs[3:]]
+        before = model.expert_token_counts()
+        eager_ids = engine_step(tap, cache, *inputs)
+        eager_logits = tap.logits.clone()
+        hit = [int(n) for n in ((model.expert_token_counts() - before) > 0).sum(dim=1)]
+        roofline = ceilings.roofline_ms(*step_bytes_and_flops(model, batch, context, hit))
+        eager_ms = median_ms(lambda i=inputs: engine_step(model, cache, *i), 100, 400)
+        graph_ids, graph_logits = graphs.logits(graph_inputs)
+        graph_ms = median_ms(lambda i=graph_inputs: graphs.step(i), 100, 400)
+        delta = float((graph_logits - eager_logits).abs().max())
+        differing = int((graph_ids != eager_ids).sum())
+        compiled_cell = "-"
+        if compiled is not None and compile_failed:
+            compiled_cell = "failed (above)"
+        elif compiled is not None:
+            try:
+                ms, compile_s, ids = timed_compile(model, cache, inputs, compiled)
+                compiled_cell = f"{ms:.3f} ({compile_s:.0f} s, {int((ids != eager_ids).sum())})"
+            except Exception as error:  # a failed compile is a finding, not the end of the run
+                compile_failed = True
+                compiled_cell = f"failed: {type(error).__name__}: {str(error).splitlines()[0][:80]}"
+        print(
+            f"| {label} | {batch} | {roofline:.3f} | {eager_ms:.3f} ({roofline / eager_ms:.2f}) | "
+            f"{graph_ms:.3f} ({roofline / graph_ms:.2f}) | {graph_ms / eager_ms:.2f} | "
+            f"{delta:.3g} | {differing} | {compiled_cell} |",
+            flush=True,
+        )
 
 
 def main() -> int:
@@ -204,11 +244,24 @@ def main() -> int:
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument(
+        "--max-len",
+        type=int,
+        help="the graph's block-table width in tokens, as the server's --max-sequence-length "
+        "(default: context + 1)",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time torch.compile(engine_step, fullgraph=True) (compiles the step first)",
+    )
+    parser.add_argument(
         "--dry-run", action="store_true", help="grok-tiny on the CPU: plumbing only, no timings"
     )
     args = parser.parse_args()
     if min(args.batch) < 1 or args.context < 1 or args.layers < 1:
         parser.error("--batch, --context and --layers must be positive")
+    if args.max_len is not None and args.max_len <= args.context:
+        parser.error(f"--max-len must exceed --context ({args.context}), got {args.max_len}")
     if args.dry_run:
         device, name, sizes = (
             torch.device("cpu"),
@@ -216,38 +269,28 @@ def main() -> int:
             {"copy_elements": 2**16, "matmul_size": 64},
         )
         args.context = min(args.context, preset(name).sequence_len - 1)
+        args.max_len = args.max_len and min(args.max_len, preset(name).sequence_len)
     else:
         require_cuda("bench/decode.py")
         device, name, sizes = torch.device("cuda"), "grok-1", {}
+    max_len = args.max_len or args.context + 1
     torch.manual_seed(0)
     ceilings: Ceilings = measure_ceilings(device, **sizes)
     label = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (dry run)"
     print(f"# {label}: {ceilings.describe()}", flush=True)
-    print(STEP_TABLE_HEADER)
-    # int8 first: the capture attempts run last, so that a failed one cannot disturb other rows.
-    for quantization in ("int8", None):
-        model = random_model(args.layers, quantization, device, name)
-        for batch in args.batch:
-            fast_ms, hit, fast = time_step(model, batch, args.context, "auto")
-            reference_ms, _, reference = time_step(model, batch, args.context, "reference")
-            roofline = ceilings.roofline_ms(*step_bytes_and_flops(model, batch, args.context, hit))
-            delta = float((fast - reference).abs().max())
-            print(
-                f"| {quantization or 'bf16'} | {batch} | {roofline:.3f} | "
-                f"{fast_ms:.3f} ({roofline / fast_ms:.2f}) | "
-                f"{reference_ms:.3f} ({roofline / reference_ms:.2f}) | {delta:.3g} |",
-                flush=True,
-            )
-        if quantization is None:
-            print(
-                "\n| captured part (bf16, fast path) | batch | eager ms | CUDA graph ms | speed-up | max abs diff |"
-            )
-            print("| --- | --- | --- | --- | --- | --- |")
-            for batch in args.batch:
-                captured_parts(model, batch, args.context)
-        del model
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    print(
+        f"# engine_step, context {args.context}, {args.layers} layer(s), paged cache in "
+        f"{DEFAULT_BLOCK_SIZE}-token blocks, graph block tables for {max_len} tokens"
+        f"{'' if device.type == 'cuda' else '; ' + NO_GRAPH}"
+    )
+    print(TABLE_HEADER)
+    with torch.inference_mode():
+        for quantization in ("int8", None):
+            model = random_model(args.layers, quantization, device, name)
+            bench_weights(model, args.batch, args.context, max_len, ceilings, args.compile)
+            del model
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     return 0
 
 

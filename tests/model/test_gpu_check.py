@@ -41,7 +41,18 @@ def test_gpu_check_dry_run_writes_every_result(tmp_path, monkeypatch):
     assert all(r["errors"]["bf16"]["max_abs"] < 1e-2 for r in rows)
     deployed = json.loads((tmp_path / "moe_deployed.json").read_text())["rows"]
     assert [(r["shape"], r["tokens"]) for r in deployed] == [("1x128", 8)]
-    assert "decoder layers" in (tmp_path / "decode.txt").read_text()
+    # The engine's decode step, eager and in the CUDA graph's place, for both weights and batches.
+    decode = (tmp_path / "decode.txt").read_text()
+    assert "the eager step stands in for the CUDA graph" in decode
+    rows = [line.split("|")[1:-1] for line in decode.splitlines() if line.startswith("| int8 ")]
+    rows += [line.split("|")[1:-1] for line in decode.splitlines() if line.startswith("| bf16 ")]
+    assert [(r[0].strip(), r[1].strip()) for r in rows] == [
+        ("int8", "1"),
+        ("int8", "2"),
+        ("bf16", "1"),
+        ("bf16", "2"),
+    ]
+    assert all(r[6].strip() == "0" and r[7].strip() == "0" for r in rows)  # no Δ, same ids
     # The sweep's table loads into tuning.py and answers for its key.
     monkeypatch.setattr(tuning, "MEASURED_CONFIGS", {})
     table = tuning.load_tile_table(tmp_path / "moe_tiles.json")
