@@ -11,12 +11,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
 import torch
 
 from grokserve.model.blocks import NULL_BLOCK
 from grokserve.model.paged import PagedKVCache
 from grokserve.model.sampling import sample_on_device
+
+if TYPE_CHECKING:
+    from torch.cuda import _POOL_HANDLE
+
+    from grokserve.model.transformer import GrokModel
 
 # Batch sizes a captured decode step is recorded for; a batch runs in the smallest bucket that holds it.
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
@@ -55,7 +61,7 @@ class StepSampling:
 
 
 def engine_step(
-    model: torch.nn.Module,
+    model: GrokModel,
     cache: PagedKVCache,
     tokens: torch.Tensor,
     positions: torch.Tensor,
@@ -82,7 +88,7 @@ class CudaGraphDecode:
 
     def __init__(
         self,
-        model: torch.nn.Module,
+        model: GrokModel,
         cache: PagedKVCache,
         max_blocks: int,
         buckets: Sequence[int] = DEFAULT_BUCKETS,
@@ -94,7 +100,7 @@ class CudaGraphDecode:
         self.model, self.cache, self.max_blocks = model, cache, max_blocks
         self.buckets = sorted(buckets)
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, list[torch.Tensor], torch.Tensor]] = {}
-        self._pool = None
+        self._pool: _POOL_HANDLE | None = None
 
     def bucket(self, batch: int) -> int:
         for size in self.buckets:
@@ -117,7 +123,16 @@ class CudaGraphDecode:
         ]
 
         def run() -> torch.Tensor:
-            return engine_step(self.model, self.cache, *inputs[:4], StepSampling(*inputs[4:]))
+            tokens, positions, block_tables, lengths = inputs[:4]
+            return engine_step(
+                self.model,
+                self.cache,
+                tokens,
+                positions,
+                block_tables,
+                lengths,
+                StepSampling(*inputs[4:]),
+            )
 
         # Warm up on a side stream (lazy inits, autotuning), as torch.cuda.graph requires.
         stream = torch.cuda.Stream(device)

@@ -102,11 +102,15 @@ def rows(value: Weight, start: int, stop: int, unit: int) -> Weight:
 
 
 def stack(values: list[Weight]) -> Weight:
-    if isinstance(values[0], QuantizedWeight):
+    quantized = [v for v in values if isinstance(v, QuantizedWeight)]
+    dense = [v for v in values if not isinstance(v, QuantizedWeight)]
+    if quantized and dense:
+        raise ValueError("cannot stack int8 and float weights together: quantize all or none")
+    if quantized:
         return QuantizedWeight(
-            torch.stack([v.weight for v in values]), torch.stack([v.scales for v in values])
+            torch.stack([v.weight for v in quantized]), torch.stack([v.scales for v in quantized])
         )
-    return torch.stack(values)
+    return torch.stack(dense)
 
 
 def one_expert(value: Weight, expert: int) -> Weight:
@@ -250,7 +254,7 @@ class GrokShard(GrokModel):
         super().__init__(config, dtype, device="meta")
         self.plan, self.rank = plan, rank
         attention_total, moe_total = process_groups(plan, rank)
-        for index, layer in enumerate(self.layers):
+        for index, layer in enumerate(self.decoder_layers()):
             shard = plan.shard(index, rank)
             layer.attn = ShardAttention(
                 config,

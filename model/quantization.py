@@ -17,6 +17,10 @@ DEQUANTIZE_CHUNK_ELEMENTS = 1 << 24
 class QuantizedWeight(nn.Module):
     """A matrix (or stack of expert matrices) kept as int8 values and row-block bf16 scales."""
 
+    # Registered as buffers in __init__; declared here so they type as tensors, not Tensor | Module.
+    weight: torch.Tensor
+    scales: torch.Tensor
+
     def __init__(self, weight: torch.Tensor, scales: torch.Tensor) -> None:
         super().__init__()
         check_quantized_shapes(weight.shape, scales.shape)

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from grokserve.model.logits import adjust
+
+if TYPE_CHECKING:
+    from grokserve.model.transformer import GrokModel
 
 
 @dataclass(frozen=True)
@@ -147,7 +151,7 @@ def sample_on_device(
 
 @torch.inference_mode()
 def generate(
-    model: torch.nn.Module,
+    model: GrokModel,
     prompt: list[int],
     params: SamplingParams,
 ) -> list[int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import sentencepiece as spm
@@ -42,7 +43,7 @@ class Tokenizer:
         ids = self.processor.EncodeAsIds(text)
         return [self.special.bos, *ids] if add_bos else ids
 
-    def decode(self, ids: list[int]) -> str:
+    def decode(self, ids: Sequence[int]) -> str:
         return self.processor.DecodeIds([i for i in ids if i not in self.special])
 
     def piece(self, token: int) -> str:

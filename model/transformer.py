@@ -16,7 +16,7 @@ With `quantization="int8"` each matrix above is a `QuantizedWeight` (`<name>.wei
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from torch import nn
@@ -108,6 +108,8 @@ class MoE(nn.Module):
     """
 
     MATRICES = ("w_gate", "w_up", "w_down")
+    # A buffer registered in __init__; declared here so it types as a tensor, not Tensor | Module.
+    routed_tokens: torch.Tensor
 
     def __init__(
         self,
@@ -217,12 +219,12 @@ class Step:
         logit_multiplier: float,
         cap: float,
     ) -> torch.Tensor:
-        if self.cache is not None:
+        if self.cache is not None and self.rows is not None:  # rows are set exactly with a cache
             k, v = self.cache.write(layer, self.rows, self.positions, k, v, self.span)
         return kernels.attention(q, k, v, self.positions, self.key_valid, logit_multiplier, cap)
 
     def finish(self) -> None:
-        if self.cache is not None:
+        if self.cache is not None and self.rows is not None:
             self.cache.end_append(self.rows, self.positions.shape[1])
 
 
@@ -252,6 +254,10 @@ class GrokModel(nn.Module):
                     matrix.shape, ROW_BLOCKS.get(name, 1), matrix.device
                 )
             )
+
+    def decoder_layers(self) -> list[DecoderLayer]:
+        # nn.ModuleList is not generic: its items type as Module, and every one here is a DecoderLayer.
+        return [cast(DecoderLayer, layer) for layer in self.layers]
 
     @classmethod
     def from_preset(cls, name: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> GrokModel:
@@ -305,7 +311,7 @@ class GrokModel(nn.Module):
             raise ValueError(
                 f"max_len {max_len} exceeds the context length {self.config.sequence_len}"
             )
-        attn = self.layers[0].attn
+        attn = self.decoder_layers()[0].attn
         return KVCache(
             self.config.num_layers,
             batch_size,
@@ -318,7 +324,7 @@ class GrokModel(nn.Module):
 
     def expert_token_counts(self) -> torch.Tensor:
         """Tokens routed to each expert so far: LongTensor [layers, experts]."""
-        return torch.stack([layer.moe.routed_tokens for layer in self.layers]).cpu()
+        return torch.stack([layer.moe.routed_tokens for layer in self.decoder_layers()]).cpu()
 
     def check_tokens(self, tokens: torch.Tensor) -> None:
         if tokens.dim() != 2 or tokens.dtype != torch.long:
@@ -362,7 +368,7 @@ class GrokModel(nn.Module):
             self.config.num_layers,
             num_blocks,
             block_size,
-            self.layers[0].attn.kv_heads,
+            self.decoder_layers()[0].attn.kv_heads,
             self.config.key_size,
             self.dtype,
             self.embed.weight.device,

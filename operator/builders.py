@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import yaml
+from pydantic import BaseModel
 
 from grokserve.model.placement import Plan
 from grokserve.operator.kuberay import CLUSTER_LABEL, SERVE_LABEL
@@ -150,7 +151,7 @@ def worker_group_name(spec: GrokDeploymentSpec) -> str:
     return f"{spec.parallelism.device}-workers"
 
 
-def _largest(model: type, field: str) -> int:
+def _largest(model: type[BaseModel], field: str) -> int:
     """The `le` bound of a spec field: the most that a GrokDeployment can ask for."""
     return next(rule.le for rule in model.model_fields[field].metadata if hasattr(rule, "le"))
 

@@ -35,10 +35,10 @@ class Expr:
     def __mod__(self, other: Expr | int) -> Expr:
         return Binary("%", self, wrap(other))
 
-    def __le__(self, other: Expr | int) -> Expr:  # type: ignore[override]
+    def __le__(self, other: Expr | int) -> Expr:
         return Binary("<=", self, wrap(other))
 
-    def __ge__(self, other: Expr | int) -> Expr:  # type: ignore[override]
+    def __ge__(self, other: Expr | int) -> Expr:
         return Binary(">=", self, wrap(other))
 
     def __and__(self, other: Expr) -> Expr:

@@ -19,4 +19,5 @@ python3 -m pip install -q -e '.[all,dev,kernels]'
 
 ruff check .
 ruff format --check .
+bash scripts/typecheck.sh
 python3 -m pytest "$@"

@@ -57,11 +57,12 @@ def build_app(args: dict[str, Any]) -> Application:
     # Configs that cannot work fail here, before any replica starts.
     check_config(config)
     wire_args = config.to_args()
-    hub = serve.deployment(
-        MetricsHub, name="MetricsHub", num_replicas=1, ray_actor_options={"num_cpus": 0}
+    # serve.deployment(options)(cls) rather than serve.deployment(cls, options): the same call,
+    # in the one form Ray's annotations describe.
+    hub = serve.deployment(name="MetricsHub", num_replicas=1, ray_actor_options={"num_cpus": 0})(
+        MetricsHub
     ).bind()
     replica = serve.deployment(
-        GrokReplica,
         name=REPLICA_DEPLOYMENT,
         ray_actor_options={"num_cpus": config.resources.replica_cpus},
         placement_group_bundles=config.placement_group_bundles(),
@@ -70,12 +71,11 @@ def build_app(args: dict[str, Any]) -> Application:
         **config.replica_count_options(),
         # A replica whose shard worker died answers 503 until Serve replaces it: look often.
         health_check_period_s=HEALTH_CHECK_PERIOD_SECONDS,
-    ).bind(wire_args, hub)
+    )(GrokReplica).bind(wire_args, hub)
     ingress = serve.deployment(
-        OpenAIIngress,
         name="OpenAIIngress",
         num_replicas=1,
         ray_actor_options={"num_cpus": 0},
         max_ongoing_requests=10_000,
-    )
+    )(OpenAIIngress)
     return ingress.bind(replica, hub, wire_args)

@@ -12,7 +12,7 @@ GrokDeployment custom resource); both spellings are accepted on input.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.alias_generators import to_camel
@@ -24,6 +24,7 @@ from grokserve.model.placement import (
     Headroom,
     Parallelism,
     Plan,
+    Quantization,
     default_parallelism,
     make_plan,
     parse_memory,
@@ -45,6 +46,13 @@ RAY_STRATEGIES: dict[str, str] = {
     "spread": "SPREAD",
     "strict-spread": "STRICT_SPREAD",
 }
+
+
+class ReplicaCountOptions(TypedDict):
+    """`ServingConfig.replica_count_options`: Serve deployment options, by their Serve names."""
+
+    num_replicas: int
+    max_queued_requests: int
 
 
 class _Section(BaseModel):
@@ -214,7 +222,7 @@ class ServingConfig(_Section):
     def from_args(cls, args: dict[str, Any]) -> ServingConfig:
         return cls.model_validate(args)
 
-    def replica_count_options(self) -> dict[str, int]:
+    def replica_count_options(self) -> ReplicaCountOptions:
         """The options of the GrokReplica deployment that follow the replica count.
 
         Both are options Serve changes without restarting a replica, which is why the operator
@@ -258,7 +266,7 @@ class ServingConfig(_Section):
         headroom = Headroom(
             cache_tokens=cache, step_tokens=limits.max_batch_size * limits.prefill_chunk_tokens
         )
-        quantization = "int8" if self.model.quantization == "int8" else None
+        quantization: Quantization = "int8" if self.model.quantization == "int8" else None
         try:
             return make_plan(
                 model, self.degrees(model), self.cluster(), self.model.dtype, quantization, headroom

@@ -33,7 +33,8 @@ _INLINE_TOKENIZE_CHARS = 2048
 
 
 class Tokenizer(Protocol):
-    vocab_size: int
+    @property
+    def vocab_size(self) -> int: ...
 
     def encode(self, text: str) -> list[int]: ...
     def decode(self, ids: Sequence[int]) -> str: ...

@@ -50,6 +50,7 @@ class ModelStepper:
         self._lengths = [0] * max_batch_size  # tokens each row has in the cache
         self._tables: list[list[int]] = [[] for _ in range(max_batch_size)]
         self._sampling: dict[int, SamplingParams] = {}
+        self._seeds: dict[int, int] = {}  # each row's sampling seed, checked to be set
         self._tokens: list[list[int]] = [[] for _ in range(max_batch_size)]  # prompt, then output
         self._prompt_tokens = [0] * max_batch_size
         # Rows that have had no token since they started: only their leading pad ids are padding
@@ -74,11 +75,11 @@ class ModelStepper:
 
     @torch.inference_mode()
     def run(self, step: StepInput) -> list[RowOutput]:
-        for row, params in step.start.items():
-            if params.seed is None:
+        for row, requested in step.start.items():
+            if requested.seed is None:
                 # A seed drawn here would differ between the ranks of a sharded replica.
                 raise ValueError(f"row {row} starts without a seed; the scheduler sets one")
-            self._sampling[row] = params
+            self._sampling[row], self._seeds[row] = requested, requested.seed
             cached = step.cached.get(row, [])
             self._lengths[row] = len(cached)
             self._tokens[row] = list(cached)
@@ -106,24 +107,29 @@ class ModelStepper:
         used = blocks_for(max(lengths), self.cache.block_size)
         width = self.max_blocks if self._graphs else max(1, used)
         tables = [(self._tables[row] + [NULL_BLOCK] * width)[:width] for row in step.rows]
-        inputs = [
+        tokens_in, positions_in, tables_in, lengths_in = (
             torch.tensor(value, dtype=torch.long, device=device)
             for value in (fed, positions, tables, lengths)
-        ]
+        )
+        inputs = (tokens_in, positions_in, tables_in, lengths_in)
         params = [self._sampling[row] for row in step.rows]
         sampling = StepSampling.of(
-            [(p.temperature, p.top_k, p.top_p, p.seed) for p in params], device
+            [
+                (p.temperature, p.top_k, p.top_p, self._seeds[row])
+                for row, p in zip(step.rows, params, strict=True)
+            ],
+            device,
         )
         wants_prompt = step.tokens is not None and any(p.prompt_logprobs for p in params)
         on_host = wants_prompt or any(p.adjusts_logits or p.logprobs is not None for p in params)
         if not on_host:
             if self._graphs is not None and step.tokens is None:
-                chosen = self._graphs(*inputs, sampling)
+                drawn = self._graphs(*inputs, sampling)
             else:
-                chosen = engine_step(self.model, self.cache, *inputs, sampling)
+                drawn = engine_step(self.model, self.cache, *inputs, sampling)
             if not step.sample:
                 return [RowOutput() for _ in step.rows]
-            tokens = chosen.tolist()
+            tokens = drawn.tolist()
             return [self._sampled(row, token) for row, token in zip(step.rows, tokens, strict=True)]
         logits = self.model.forward_paged(self.cache, *inputs, every_position=wants_prompt)
         prompt = [
@@ -142,15 +148,15 @@ class ModelStepper:
                 )
                 scores[i] = adjusted.to(device)
         chosen = sample_on_device(
-            scores, sampling.temperature, sampling.top_k, sampling.top_p, sampling.seeds, inputs[3]
+            scores, sampling.temperature, sampling.top_k, sampling.top_p, sampling.seeds, lengths_in
         ).tolist()
         outputs = []
         for i, row in enumerate(step.rows):
-            logprob = None
-            if params[i].logprobs is not None:
+            logprob, wanted = None, params[i].logprobs
+            if wanted is not None:
                 # The model's own distribution (vLLM's raw logprobs), before any adjustment.
                 distribution = torch.log_softmax(last[i], dim=-1).cpu()
-                logprob = _token_logprob(distribution, chosen[i], params[i].logprobs)
+                logprob = _token_logprob(distribution, chosen[i], wanted)
             outputs.append(self._sampled(row, chosen[i], logprob, prompt[i]))
         return outputs
 

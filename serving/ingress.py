@@ -10,7 +10,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -400,8 +400,8 @@ class OpenAIIngress:
             log.warning("replica call failed: %r", error)
             raise unavailable("no model replica could answer; retry later") from error
         if isinstance(answer, dict) and "error" in answer:
-            error = answer["error"]
-            raise ApiError(400, error["message"], param=error["param"], code="invalid_value")
+            refusal = answer["error"]
+            raise ApiError(400, refusal["message"], param=refusal["param"], code="invalid_value")
         return answer
 
     # -- generation -----------------------------------------------------------------------------
@@ -448,7 +448,8 @@ class OpenAIIngress:
 
     async def _start(self, request: GenerateRequest) -> _Started:
         """Send the request to a replica; return its event stream once it was admitted."""
-        stream = self.replica_stream.generate.remote(request)
+        # Ray types remote() as either response kind; a stream=True handle always gives a generator.
+        stream = cast(DeploymentResponseGenerator, self.replica_stream.generate.remote(request))
         try:
             first = await asyncio.wait_for(stream.__anext__(), ADMISSION_TIMEOUT_SECONDS)
         except BackPressureError as error:
@@ -463,13 +464,13 @@ class OpenAIIngress:
             log.warning("no replica admitted the request: %r", error)
             raise unavailable("no model replica is serving now; retry later") from error
         if "error" in first:
-            error = first["error"]
+            refusal = first["error"]
             raise ApiError(
-                error["status"],
-                error["message"],
-                param=error["param"],
-                code=error["code"],
-                retry_after=error["retry_after"],
+                refusal["status"],
+                refusal["message"],
+                param=refusal["param"],
+                code=refusal["code"],
+                retry_after=refusal["retry_after"],
             )
         return _Started(stream, first)
 
@@ -508,7 +509,7 @@ class OpenAIIngress:
                 s.stream.cancel()
         if any(choice.reason == "error" for choice in choices):
             raise unavailable("the model replica failed while generating; retry later")
-        rendered = []
+        rendered: list[dict[str, Any]] = []
         wanted = body.n
         for position, s in enumerate(started):
             group = choices[position * per_prompt : (position + 1) * per_prompt]

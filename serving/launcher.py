@@ -152,7 +152,7 @@ class LocalServing:
         raise TimeoutError(f"{url} not ready after {timeout_s:g}s; see the Ray logs")
 
     def _start_ray(self) -> None:
-        quiet = {"logging_level": logging.WARNING, "log_to_driver": False}
+        quiet: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": False}
         if self.ray_address:
             ray.init(address=self.ray_address, **quiet)
             return

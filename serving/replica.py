@@ -27,7 +27,8 @@ HEALTH_TIMEOUT_SECONDS = 20.0
 class GrokReplica:
     """One model instance: G shard workers in this replica's placement group, one scheduler."""
 
-    async def __init__(self, args: dict[str, Any], metrics_hub: DeploymentHandle) -> None:
+    # Ray Serve awaits an async constructor; Python's typing knows only a synchronous __init__.
+    async def __init__(self, args: dict[str, Any], metrics_hub: DeploymentHandle) -> None:  # type: ignore[misc]
         # loading imports torch: only the replica process needs it, not the ingress or the hub.
         from grokserve.serving.loading import build_engine
 

@@ -196,6 +196,20 @@ class SequenceHandle:
         return self.finish_reason is not None
 
     @property
+    def held_slot(self) -> int:
+        """The slot of a sequence that holds one (admitted, and not released since)."""
+        if self.slot is None:
+            raise RuntimeError("the sequence holds no slot: it is waiting, preempted or finished")
+        return self.slot
+
+    @property
+    def held_blocks(self) -> BlockTable:
+        """The block table of a sequence that holds one (admitted, and not released since)."""
+        if self.blocks is None:
+            raise RuntimeError("the sequence holds no blocks: it is waiting, preempted or finished")
+        return self.blocks
+
+    @property
     def context(self) -> list[int]:
         """The tokens its KV cache holds once prefilled: the prompt, and after a preemption the
         tokens generated before it."""
@@ -493,7 +507,7 @@ class Scheduler:
                 self._observer.on_prefix_cache(len(context), table.cached_tokens)
         if not group:
             return
-        suffixes = {id(h): h.context[h.blocks.cached_tokens :] for h in group}
+        suffixes = {id(h): h.context[h.held_blocks.cached_tokens :] for h in group}
         length = max(len(suffix) for suffix in suffixes.values())
         padded = {}
         now = time.monotonic()
@@ -512,16 +526,16 @@ class Scheduler:
         first = group.done == 0
         sequences = group.sequences
         step = StepInput(
-            rows=[h.slot for h in sequences],
+            rows=[h.held_slot for h in sequences],
             tokens=[group.padded[id(h)][group.done : end] for h in sequences],
             sample=last,
-            start={h.slot: h.sampling for h in sequences} if first else {},
+            start={h.held_slot: h.sampling for h in sequences} if first else {},
             lookahead=[None if last else group.padded[id(h)][end] for h in sequences],
-            cached={h.slot: h.context[: h.blocks.cached_tokens] for h in sequences}
+            cached={h.held_slot: h.context[: h.held_blocks.cached_tokens] for h in sequences}
             if first
             else {},
-            prompt_tokens={h.slot: len(h.prompt) for h in sequences} if first else {},
-            blocks={h.slot: list(h.blocks.blocks) for h in sequences} if first else {},
+            prompt_tokens={h.held_slot: len(h.prompt) for h in sequences} if first else {},
+            blocks={h.held_slot: list(h.held_blocks.blocks) for h in sequences} if first else {},
         )
         outputs = await self._executor.submit(step)
         group.done = end
@@ -531,7 +545,7 @@ class Scheduler:
             return
         self._prefilling.remove(group)
         for handle, output in zip(group.sequences, outputs, strict=True):
-            self._blocks.cache_full_blocks(handle.blocks, handle.context)
+            self._blocks.cache_full_blocks(handle.held_blocks, handle.context)
             if handle.sampling.prompt_logprobs and not handle.output:  # not again on a recompute
                 # Position p holds the logprob of token p + 1; pads come first and the prompt's
                 # first token has nothing before it to be predicted from.
@@ -557,10 +571,10 @@ class Scheduler:
             for handle in batch:
                 handle.pending += 1
             step = StepInput(
-                rows=[h.slot for h in batch],
+                rows=[h.held_slot for h in batch],
                 tokens=None,
                 sample=True,
-                blocks={h.slot: list(h.blocks.blocks) for h in batch if h in grown},
+                blocks={h.held_slot: list(h.held_blocks.blocks) for h in batch if h in grown},
             )
             if self._observer:
                 self._observer.on_decode_batch(len(batch))
@@ -583,12 +597,12 @@ class Scheduler:
         for handle in batch:
             if handle.slot is None:
                 continue
-            before = len(handle.blocks.blocks)
+            before = len(handle.held_blocks.blocks)
             # The step writes the last sampled token: the cache then holds prompt + generated.
             tokens = len(handle.prompt) + handle.generated + handle.pending
-            while handle.slot is not None and not self._blocks.grow(handle.blocks, tokens):
+            while handle.slot is not None and not self._blocks.grow(handle.held_blocks, tokens):
                 self._preempt(self._decoding[-1])
-            if handle.slot is not None and len(handle.blocks.blocks) > before:
+            if handle.slot is not None and len(handle.held_blocks.blocks) > before:
                 grown.append(handle)
         return grown
 

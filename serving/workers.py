@@ -12,7 +12,7 @@ import os
 import socket
 import time
 from collections.abc import Awaitable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 from ray.util.placement_group import get_current_placement_group
@@ -21,13 +21,16 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from grokserve.serving.config import ServingConfig
 from grokserve.serving.scheduler import RowOutput, StepInput
 
+if TYPE_CHECKING:
+    from grokserve.serving.executor import ModelStepper
+
 
 @ray.remote
 class ShardWorker:
     def __init__(self, args: dict[str, Any], rank: int) -> None:
         self.config = ServingConfig.from_args(args)
         self.rank = rank
-        self.stepper = None
+        self.stepper: ModelStepper | None = None  # set by load()
         self.weights: dict[str, float] = {}
 
     def rendezvous_address(self) -> tuple[str, int]:
@@ -70,10 +73,15 @@ class ShardWorker:
         }
 
     def step(self, step: StepInput) -> list[RowOutput]:
-        return self.stepper.run(step)
+        return self.loaded().run(step)
 
     def expert_token_counts(self) -> list[list[int]] | None:
-        return self.stepper.expert_token_counts()
+        return self.loaded().expert_token_counts()
+
+    def loaded(self) -> ModelStepper:
+        if self.stepper is None:
+            raise RuntimeError(f"shard worker {self.rank} was asked to step before load()")
+        return self.stepper
 
 
 class ShardedExecutor:
@@ -98,7 +106,9 @@ class ShardedExecutor:
                 options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                     group, placement_group_bundle_index=rank
                 )
-            workers.append(ShardWorker.options(**options).remote(config.to_args(), rank))
+            # @ray.remote makes the class an ActorClass, which Ray's annotations do not say.
+            actor = ShardWorker.options(**options)  # type: ignore[attr-defined]
+            workers.append(actor.remote(config.to_args(), rank))
         master = await workers[0].rendezvous_address.remote()
         shards = await asyncio.gather(*(w.load.remote(master) for w in workers))
         return cls(workers, list(shards))

@@ -90,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
     from grokserve.model.checkpoint import CheckpointError
     from grokserve.model.config import ConfigError
     from grokserve.model.loading import parse_dtype
+    from grokserve.model.placement import Quantization
     from grokserve.model.sampling import SamplingParams, generate
     from grokserve.model.sources import checkpoint_files, fetch
     from grokserve.model.tokenizer import Tokenizer, TokenizerError, beside_checkpoint
@@ -120,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
             if args.tokenizer
             else (beside_checkpoint(checkpoint) if checkpoint else None)
         )
-        quantization = "int8" if args.int8 else None
+        quantization: Quantization = "int8" if args.int8 else None
         if checkpoint:
             model = load_model(
                 checkpoint, args.dtype, args.device, args.config, quantization=quantization

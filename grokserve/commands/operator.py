@@ -96,7 +96,8 @@ def run(args: argparse.Namespace) -> int:
         kopf.operator(
             standalone=args.peering is None,
             peering_name=args.peering,
-            identity=identity,
+            # kopf types this as its Identity NewType of str, which it does not export.
+            identity=identity,  # type: ignore[arg-type]
             priority=priority,
             clusterwide=not args.namespace,
             namespaces=args.namespace,

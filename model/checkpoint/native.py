@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from grokserve.model.checkpoint.base import (
     CheckpointError,
@@ -22,10 +21,13 @@ from grokserve.model.checkpoint.safetensors_io import (
 )
 from grokserve.model.config import GrokConfig
 
+if TYPE_CHECKING:
+    from grokserve.model.transformer import GrokModel
+
 FORMAT_TAG = "grokserve"
 
 
-def save_pretrained(model: torch.nn.Module, path: str | Path) -> Path:
+def save_pretrained(model: GrokModel, path: str | Path) -> Path:
     """Writes `model` (float or int8) as `config.json` + `model.safetensors`; returns the directory."""
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)

@@ -91,7 +91,7 @@ def resolved_dtype(dtype: Any) -> np.dtype:
     return dtype.dtype
 
 
-def latin1_encode(text: Any, encoding: str = "utf-8") -> bytes:
+def latin1_encode(text: Any, encoding: str = "utf-8") -> bytes | Skipped:
     # Protocol-2 pickles spell array bytes as `_codecs.encode(text, "latin1")`.
     if encoding not in ("latin1", "latin-1"):
         raise CheckpointError(f"refusing _codecs.encode with encoding {encoding!r}")
@@ -234,13 +234,15 @@ class ScanningUnpickler(Allowlisted, pickle._Unpickler):
     dispatch: ClassVar[dict[int, Callable[..., Any]]] = dict(pickle._Unpickler.dispatch)
 
     def __init__(self, file: SkippingFile, path: Path) -> None:
-        super().__init__(file)
+        # typeshed's file protocol wants read() -> bytes; the pure-Python unpickler passes a
+        # Skipped placeholder through untouched, which is the point of this class.
+        super().__init__(file)  # type: ignore[arg-type]
         self.file, self.path = file, path
 
     def load_frame(self) -> None:
         self.file.in_frame = True
         try:
-            super().load_frame()
+            super().load_frame()  # type: ignore[misc]  # typeshed omits pickle._Unpickler's methods
         finally:
             self.file.in_frame = False
 

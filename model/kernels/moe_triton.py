@@ -264,7 +264,7 @@ def fused_moe(
         raise ValueError(f"{len(expert_ids)} expert ids for a stack of {num_experts} experts")
     quantized = isinstance(w_gate, QuantizedWeight)
     if config is None:
-        weight_dtype = torch.int8 if quantized else w_gate.dtype
+        weight_dtype = torch.int8 if isinstance(w_gate, QuantizedWeight) else w_gate.dtype
         config = pick_config(num_tokens, num_experts, ffn_size, weight_dtype_name(weight_dtype))
 
     x = _contiguous_rows(x)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 
-from huggingface_hub import HfApi, constants, hf_hub_url
+from huggingface_hub import HfApi, RepoFile, constants, hf_hub_url
 from huggingface_hub.errors import (
     EntryNotFoundError,
     GatedRepoError,
@@ -38,18 +38,19 @@ class HubStore:
         repo, prefix = self.location.container, self.location.prefix
         try:
             commit = self.api.model_info(repo, revision=self.location.revision).sha
+            if commit is None:  # every version of a file is pinned to the commit
+                raise ValueError(f"the Hub names no commit for revision {self.location.revision!r}")
             entries = self.api.list_repo_tree(
                 repo, path_in_repo=prefix or None, revision=commit, recursive=True
             )
             objects = []
             for entry in entries:
-                size = getattr(entry, "size", None)
                 name = relative_name(entry.path, prefix)
-                if size is None or name is None:  # a folder
+                if not isinstance(entry, RepoFile) or name is None:
                     continue
                 lfs = entry.lfs
                 checksum = ("sha256", lfs.sha256) if lfs else ("git-sha1", entry.blob_id)
-                objects.append(ObjectInfo(name, entry.path, size, commit, checksum))
+                objects.append(ObjectInfo(name, entry.path, entry.size, commit, checksum))
         except Exception as error:
             raise self.error(error) from error
         return objects

@@ -59,7 +59,7 @@ def parse_location(url: str) -> Location:
     container, _, prefix = rest.partition("/")
     if not container:
         raise SourceError(f"{url}: no bucket; expected {scheme}://BUCKET/PREFIX")
-    return Location(url, scheme, container, clean_prefix(url, prefix))  # type: ignore[arg-type]
+    return Location(url, scheme, container, clean_prefix(url, prefix))
 
 
 def parse_hub(url: str, rest: str) -> Location:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Protocol
 
 from grokserve.model.sources.errors import SourceError
 from grokserve.model.sources.store import ObjectInfo
@@ -11,7 +12,16 @@ from grokserve.model.sources.store import ObjectInfo
 BLOCK = 1 << 22
 
 
+class Digest(Protocol):
+    """What hashlib's hashes and google_crc32c's Checksum share."""
+
+    def update(self, data: bytes, /) -> object: ...
+
+    def digest(self) -> bytes: ...
+
+
 def digest(path: Path, algorithm: str, size: int) -> str:
+    crc: Digest
     if algorithm == "crc32c":
         import google_crc32c
 

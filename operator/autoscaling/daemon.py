@@ -77,7 +77,9 @@ def register(registry: kopf.OperatorRegistry) -> None:
         cancellation_backoff=STOP_GRACE_S,
         cancellation_timeout=STOP_GRACE_S,
         registry=registry,
-    )(autoscale)
+        # kopf's handler type allows namespace None (cluster-scoped resources); a GrokDeployment is
+        # namespaced, so kopf always passes a str.
+    )(autoscale)  # type: ignore[arg-type]
 
 
 async def autoscale(
