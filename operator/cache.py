@@ -172,9 +172,14 @@ class CachedKube(Kube):
             self._served[resource] = served
             return news
 
-    def get(self, resource: Resource, namespace: str, name: str) -> dict[str, Any] | None:
+    def get(self, resource: Resource, namespace: str | None, name: str) -> dict[str, Any] | None:
         kind = KINDS.get(resource)
-        cached = self.cache.get(kind, namespace, name) if kind and kind != KIND else None
+        # Only namespaced children are cached; cluster-scoped reads (peering) go to the server.
+        cached = (
+            self.cache.get(kind, namespace, name)
+            if kind and kind != KIND and namespace is not None
+            else None
+        )
         return cached if cached is not None else super().get(resource, namespace, name)
 
     def apply(self, body: dict[str, Any]) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import contextvars
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, cast
 
 import kopf
 import urllib3
@@ -91,7 +91,7 @@ class Controller:
         peering: tuple[str, str, int] | None = None,
     ) -> None:
         self.kube = kube
-        self.namespaces: list[str | None] = list(namespaces or [None])
+        self.namespaces: list[str | None] = [*namespaces] if namespaces else [None]
         # kopf lets only the active peer run its handlers; the workers ask the same question
         # (kopf peers in a ClusterKopfPeering when all namespaces are watched, else per namespace).
         self._gates = {
@@ -118,15 +118,20 @@ class Controller:
         loop = asyncio.get_running_loop()
         for kind, resource in RESOURCES.items():
             for namespace in self.namespaces:
+
+                def on_event(event: dict[str, Any], kind: str = kind) -> None:
+                    loop.call_soon_threadsafe(self.child_event, kind, event)
+
+                def on_served(served: bool, resource: Resource = resource) -> None:
+                    loop.call_soon_threadsafe(self.served, resource, served)
+
                 watch = ChildWatch(
                     Kube(self.kube.api),  # discovery asked afresh: the watch reports it
                     kind,
                     resource,
                     namespace,
-                    lambda event, kind=kind: loop.call_soon_threadsafe(
-                        self.child_event, kind, event
-                    ),
-                    lambda served, r=resource: loop.call_soon_threadsafe(self.served, r, served),
+                    on_event,
+                    on_served,
                 )
                 self._watches.append(watch.start())
         for watch in self._watches:
@@ -238,4 +243,6 @@ class Controller:
         if body is None or self._posting is None:
             return
         reason, message = warning
-        self._posting.run(kopf.warn, body, reason=reason, message=message)
+        # kopf types the object as its Body view; the posting reads only the stored object's
+        # apiVersion, kind and metadata, which the cached dict has.
+        self._posting.run(kopf.warn, cast(kopf.Body, body), reason=reason, message=message)

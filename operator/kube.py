@@ -126,7 +126,7 @@ class Kube:
             raise
         return any(r.get("name") == resource.plural for r in (listing or {}).get("resources", []))
 
-    def get(self, resource: Resource, namespace: str, name: str) -> dict[str, Any] | None:
+    def get(self, resource: Resource, namespace: str | None, name: str) -> dict[str, Any] | None:
         try:
             return self._call("GET", resource.path(namespace, name))
         except ApiException as error:

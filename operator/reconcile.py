@@ -161,7 +161,7 @@ def api_failure(body: dict[str, Any], error: ApiException, retry_in_s: float) ->
 
 def _failed(body: dict[str, Any], reason: str, message: str) -> Outcome:
     previous = (body.get("status") or {}).get("conditions") or []
-    before = next((c for c in previous if c.get("type") == "Ready"), {})
+    before: dict[str, Any] = next((c for c in previous if c.get("type") == "Ready"), {})
     # Post the event once per distinct problem, not on every periodic pass.
     repeated = before.get("reason") == reason and before.get("message") == message
     return Outcome(
