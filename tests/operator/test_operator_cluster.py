@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -19,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from testkit.cluster import kubectl, require_cluster
-from testkit.operator_env import wait_until
+from testkit.operator_env import operator_subprocess, wait_until
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(1800)]
 
@@ -37,20 +35,7 @@ def test_tiny_cpu_deployment_on_a_real_cluster(tmp_path: Path) -> None:
     kubectl("apply", "-f", str(REPO / "manifests/crd/grokdeployments.yaml"))
     kubectl("create", "namespace", namespace)
     log = (tmp_path / "operator.log").open("w")
-    operator = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "grokserve.cli",
-            "operator",
-            "--metrics-port=0",
-            "--health-port=0",
-            f"--namespace={namespace}",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHONSAFEPATH": "1"},
-    )
+    operator = operator_subprocess(log, f"--namespace={namespace}")
     try:
         kubectl("apply", "-n", namespace, "-f", str(REPO / "manifests/examples/grok-tiny-cpu.yaml"))
         status = wait_until(

@@ -3,10 +3,8 @@ peering keeps one active; the other takes over when it goes."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +19,7 @@ from testkit.operator_env import (
     clusterrole_grants,
     kube,
     operator_requests,
+    operator_subprocess,
     wait_until,
 )
 
@@ -41,21 +40,7 @@ STATUS_WRITTEN = f"GrokDeployment {NS}/grok-1: status written"
 @contextmanager
 def operator_process(log: Path, priority: int) -> Iterator[subprocess.Popen]:
     with log.open("w") as out:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "grokserve.cli",
-                "operator",
-                "--metrics-port=0",
-                "--health-port=0",
-                f"--peering={PEERING}",
-                f"--priority={priority}",
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONSAFEPATH": "1"},
-        )
+        process = operator_subprocess(out, f"--peering={PEERING}", f"--priority={priority}")
         try:
             yield process
         finally:

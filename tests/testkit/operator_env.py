@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 import pytest
 import yaml
@@ -156,6 +159,25 @@ def running_operator(
         # A test waited in vain: show what the operator was doing.
         raise AssertionError(f"{failure}\n--- operator log ---\n{runner.output[-5000:]}") from None
     assert runner.exception is None, runner.output
+
+
+def operator_subprocess(out: IO[str], *flags: str) -> subprocess.Popen[bytes]:
+    """`grokserve operator` in a child process with `flags` (metrics and health on free ports),
+    writing its log to `out`."""
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "grokserve.cli",
+            "operator",
+            "--metrics-port=0",
+            "--health-port=0",
+            *flags,
+        ],
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONSAFEPATH": "1"},
+    )
 
 
 def clusterrole_grants(path: Path = CLUSTERROLE) -> set[tuple[str, str, str]]:
