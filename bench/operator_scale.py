@@ -33,23 +33,12 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from testkit.kmock_api import KubeApi, KubeApiThread, running_kube_api
-from testkit.operator_env import GROKDEPLOYMENTS, Client, wait_until
+from testkit.operator_env import GROKDEPLOYMENTS, SERVICEMONITOR_CRD, Client, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "manifests" / "examples" / "grok-tiny-cpu.yaml"
 NAMESPACE = "fleet"
 CHILD_PLURALS = ("rayservices", "services", "configmaps", "poddisruptionbudgets", "servicemonitors")
-SERVICEMONITOR_CRD = {
-    "apiVersion": "apiextensions.k8s.io/v1",
-    "kind": "CustomResourceDefinition",
-    "metadata": {"name": "servicemonitors.monitoring.coreos.com"},
-    "spec": {
-        "group": "monitoring.coreos.com",
-        "scope": "Namespaced",
-        "names": {"kind": "ServiceMonitor", "plural": "servicemonitors"},
-        "versions": [{"name": "v1", "served": True, "storage": True}],
-    },
-}
 TICKS = os.sysconf("SC_CLK_TCK")
 READS = ("discovery", "get", "list", "watch")
 TARGET_RECONCILED_S, TARGET_REST_CPU, TARGET_RSS_MIB = 60.0, 0.02, 300
