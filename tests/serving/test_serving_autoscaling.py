@@ -24,6 +24,7 @@ from grokserve.operator.builders import Owner, build_rayservice
 from grokserve.operator.spec import parse_spec
 from grokserve.serving.config import REPLICA_DEPLOYMENT
 from testkit.autoscaling_cluster import SIMULATED_GPU, FakeGPUCluster
+from testkit.operator_env import wait_until
 from testkit.serving import LIMITS, MODEL, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -71,13 +72,8 @@ def deploy(config: dict[str, Any]) -> None:
 
 
 def wait_for(probe: Callable[[], T], what: str, timeout: float = 240) -> T:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = probe()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+    # Ray's autoscaler starts and removes nodes in tens of seconds: poll Serve twice a second.
+    return wait_until(probe, timeout, what, interval=0.5)
 
 
 def running_replicas() -> int | None:

@@ -77,15 +77,21 @@ def refusing(
     return hook
 
 
-def wait_until(probe: Callable[[], T | None], timeout: float = 30, what: str = "condition") -> T:
-    """Poll `probe` until it returns something truthy; fail with `what` after `timeout` seconds."""
+def wait_until(
+    probe: Callable[[], T | None],
+    timeout: float = 30,
+    what: str = "condition",
+    interval: float = 0.1,
+) -> T:
+    """Poll `probe` every `interval` seconds until it returns something truthy; fail with `what`
+    after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     last: Any = None
     while time.monotonic() < deadline:
         last = probe()
         if last:
             return last
-        time.sleep(0.1)
+        time.sleep(interval)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}; last value: {last!r}")
 
 
