@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, TypedDict
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 from grokserve.model.config import GrokConfig
@@ -183,6 +183,13 @@ class ServingLimits(_Section):
         ge=1024,
         description="Largest request body the API reads; a larger one is refused with 413.",
     )
+    max_request_bytes_in_flight: int = Field(
+        64 * 1024 * 1024,
+        ge=1024,
+        description="Request-body bytes one ingress replica holds at once (being read or not yet "
+        "answered); a body that would pass it is refused with 503 + Retry-After. At least "
+        "maxRequestBytes.",
+    )
     stream_interval_seconds: float = Field(
         0.0,
         ge=0,
@@ -190,6 +197,16 @@ class ServingLimits(_Section):
         description="Minimum time between a request's streamed messages after the first token "
         "(0: every step). Larger values send fewer, larger messages through Serve.",
     )
+
+    @model_validator(mode="after")
+    def _budget_holds_one_body(self) -> ServingLimits:
+        if self.max_request_bytes_in_flight < self.max_request_bytes:
+            raise ValueError(
+                f"serving.maxRequestBytesInFlight ({self.max_request_bytes_in_flight}) is below "
+                f"serving.maxRequestBytes ({self.max_request_bytes}): no body of the largest "
+                "allowed size could be read; raise it or lower maxRequestBytes"
+            )
+        return self
 
     @property
     def kv_budget(self) -> int:

@@ -101,9 +101,32 @@ def error_response(error: ApiError) -> JSONResponse:
     )
 
 
+class BodyBudget:
+    """The request-body bytes this ingress replica holds at once, bounded by
+    `serving.maxRequestBytesInFlight`: many large uploads at a time cannot exhaust its memory."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_flight = 0
+
+    def take(self, size: int) -> bool:
+        """Hold `size` more bytes if the budget has room; False (nothing held) if not."""
+        if self.in_flight + size > self.limit:
+            return False
+        self.in_flight += size
+        return True
+
+    def give_back(self, size: int) -> None:
+        self.in_flight -= size
+
+
 class BodyLimit:
     """Reads a request body up to the app's `max_request_bytes` (413 beyond it, at once when
-    Content-Length says so) with a timeout per part (408), then hands it to the app whole."""
+    Content-Length says so) with a timeout per part (408), then hands it to the app whole.
+
+    The body's bytes are held in the app's `body_budget` from Content-Length (or, chunked, as they
+    arrive) until the response starts or the request ends however it ends; a body the budget has
+    no room for is refused with 503 before more of it is read."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -112,50 +135,85 @@ class BodyLimit:
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
             await self.app(scope, receive, send)
             return
-        limit = scope["app"].state.max_request_bytes
+        state = scope["app"].state
+        limit = state.max_request_bytes
+        budget: BodyBudget = state.body_budget
         too_large = ApiError(
             413,
             f"the request body exceeds {limit} bytes (serving.maxRequestBytes)",
             code="request_too_large",
         )
+        busy = ApiError(
+            503,
+            f"the server holds its limit of {budget.limit} request-body bytes in flight "
+            "(serving.maxRequestBytesInFlight); retry later",
+            code="request_bytes_in_flight_exceeded",
+            retry_after=1,
+        )
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
+        declared_size = int(declared) if declared is not None and declared.isdigit() else None
+        if declared_size is not None and declared_size > limit:
             await error_response(too_large)(scope, receive, send)
             return
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            try:
-                message = await asyncio.wait_for(receive(), BODY_TIMEOUT_SECONDS)
-            except TimeoutError:
-                timeout = ApiError(408, "the request body was not sent in time", code="timeout")
-                await error_response(timeout)(scope, receive, send)
-                return
-            if message["type"] == "http.disconnect":
-                return
-            size += len(message.get("body", b""))
-            if size > limit:
-                await error_response(too_large)(scope, receive, send)
-                return
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body", False):
-                break
-        body = b"".join(chunks)
-        sent = False
+        held = 0
+        try:
+            if declared_size is not None:
+                if not budget.take(declared_size):
+                    await error_response(busy)(scope, receive, send)
+                    return
+                held = declared_size
+            chunks: list[bytes] = []
+            size = 0
+            while True:
+                try:
+                    message = await asyncio.wait_for(receive(), BODY_TIMEOUT_SECONDS)
+                except TimeoutError:
+                    timeout = ApiError(408, "the request body was not sent in time", code="timeout")
+                    await error_response(timeout)(scope, receive, send)
+                    return
+                if message["type"] == "http.disconnect":
+                    return
+                part = message.get("body", b"")
+                size += len(part)
+                if size > limit:
+                    await error_response(too_large)(scope, receive, send)
+                    return
+                if size > held:
+                    if not budget.take(size - held):
+                        await error_response(busy)(scope, receive, send)
+                        return
+                    held = size
+                chunks.append(part)
+                if not message.get("more_body", False):
+                    break
+            body = b"".join(chunks)
+            sent = False
 
-        async def replay() -> Message:
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
+            async def replay() -> Message:
+                nonlocal sent
+                if not sent:
+                    sent = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                return await receive()
 
-        await self.app(scope, replay, send)
+            async def send_releasing(message: Message) -> None:
+                # The body has been parsed and answered: a stream does not hold it while it runs.
+                nonlocal held
+                if message["type"] == "http.response.start":
+                    budget.give_back(held)
+                    held = 0
+                await send(message)
+
+            await self.app(scope, replay, send_releasing)
+        finally:
+            budget.give_back(held)
 
 
 app = FastAPI(title="grokserve", description="OpenAI-compatible API for Grok models")
 app.add_middleware(BodyLimit)
-app.state.max_request_bytes = ServingConfig().serving.max_request_bytes
+_DEFAULT_LIMITS = ServingConfig().serving
+app.state.max_request_bytes = _DEFAULT_LIMITS.max_request_bytes
+app.state.body_budget = BodyBudget(_DEFAULT_LIMITS.max_request_bytes_in_flight)
 
 
 @app.exception_handler(ApiError)
@@ -326,8 +384,10 @@ class OpenAIIngress:
         self.replica_stream = replica.options(stream=True)
         self.metrics_hub = metrics_hub
         self.created = int(time.time())
-        self.request_metrics = RequestMetrics(self.config.name)
+        body_budget = BodyBudget(self.config.serving.max_request_bytes_in_flight)
+        self.request_metrics = RequestMetrics(self.config.name, lambda: body_budget.in_flight)
         app.state.max_request_bytes = self.config.serving.max_request_bytes
+        app.state.body_budget = body_budget
         app.state.request_metrics = self.request_metrics
 
     # -- plain routes ---------------------------------------------------------------------------

@@ -9,7 +9,7 @@ per replica is the autoscaling signal).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -266,9 +266,16 @@ class RequestMetrics:
     """The API's own counts (the ingress): HTTP requests by route and status class, including
     those refused before reaching a replica (429, 4xx, 5xx) and the ones the client cancelled."""
 
-    def __init__(self, deployment: str) -> None:
+    def __init__(self, deployment: str, body_bytes_in_flight: Callable[[], float]) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self._deployment = deployment
+        Gauge(
+            "grokserve_ingress_body_bytes_in_flight",
+            "Request-body bytes this ingress replica holds (being read or not yet answered), "
+            "bounded by maxRequestBytesInFlight.",
+            ("deployment",),
+            registry=self.registry,
+        ).labels(deployment=deployment).set_function(body_bytes_in_flight)
         self._requests = Counter(
             "grokserve_http_requests",
             "HTTP requests to the generation routes by status (200, 429, 4xx, 5xx, cancelled).",

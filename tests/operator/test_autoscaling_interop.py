@@ -157,7 +157,7 @@ def test_dashboard_uses_the_serving_metrics_that_exist() -> None:
         if not n.startswith(("grokdeployment_", "grokserve_autoscaler_"))
     }
     exposed = exposed_names(ReplicaMetrics("grok-1", "0").registry)
-    assert serving <= exposed | exposed_names(RequestMetrics("grok-1").registry)
+    assert serving <= exposed | exposed_names(RequestMetrics("grok-1", lambda: 0).registry)
 
 
 def render_configmaps(values: dict[str, Any]) -> list[dict[str, Any]]:

@@ -49,6 +49,10 @@ def test_round_trip_through_camel_case_args():
         ({"serving": {"maxBatchSize": 0}}, "maxBatchSize"),
         ({"serving": {"maxQueuedRequest": 3}}, "maxQueuedRequest"),
         ({"name": "Grok_1"}, "name"),
+        (
+            {"serving": {"maxRequestBytes": 8192, "maxRequestBytesInFlight": 4096}},
+            "serving.maxRequestBytesInFlight (4096) is below serving.maxRequestBytes (8192)",
+        ),
         ({"model": {"dtype": "float16"}}, "model.dtype"),
     ],
 )
