@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from grokserve.model import GrokModel
+from grokserve.serving.config import ServingLimits
 from grokserve.serving.loading import ByteTokenizer
-from testkit.serving import MODEL
+from testkit.serving import LIMITS, MODEL
 from testkit.tokenizers import GROK_SPECIAL
 
 pytestmark = pytest.mark.slow
@@ -250,6 +251,60 @@ async def test_a_20_mib_body_is_refused_fast_while_streams_keep_flowing(base_url
     assert chunked.status_code == 413
     assert long.status_code == 400 and long.json()["error"]["param"] == "prompt"
     assert largest_gap < 2, f"a stream stalled for {largest_gap:.2f}s"
+
+
+async def _half_sent_upload(
+    port: int, size: int
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A POST that declares `size` bytes and sends one of them; the connection stays open."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    head = (
+        f"POST /v1/completions HTTP/1.1\r\nhost: 127.0.0.1\r\n"
+        f"content-type: application/json\r\ncontent-length: {size}\r\n\r\n{{"
+    )
+    writer.write(head.encode())
+    await writer.drain()
+    return reader, writer
+
+
+def _bytes_in_flight(http) -> float:
+    for line in http.get("/metrics").text.splitlines():
+        if line.startswith("grokserve_ingress_body_bytes_in_flight{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError("/metrics has no grokserve_ingress_body_bytes_in_flight")
+
+
+def _wait_for_bytes_in_flight(http, expected: float, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while (held := _bytes_in_flight(http)) != expected:
+        assert time.monotonic() < deadline, f"{held} bytes in flight, not {expected}"
+        time.sleep(0.1)
+
+
+async def test_uploads_beyond_the_bytes_in_flight_get_503_fast_and_give_their_bytes_back(
+    base_url, http
+):
+    limits = ServingLimits.model_validate(LIMITS)
+    size = limits.max_request_bytes
+    fitting = limits.max_request_bytes_in_flight // size
+    port = httpx.URL(base_url).port
+    assert port is not None
+    # The budget is all but full: room for a small request, none for another large one.
+    held = [await _half_sent_upload(port, size - 1024) for _ in range(fitting)]
+    await asyncio.to_thread(_wait_for_bytes_in_flight, http, fitting * (size - 1024), 30)
+    refused = [await _half_sent_upload(port, size) for _ in range(4)]
+    started = time.monotonic()
+    for reader, writer in refused:
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 503") and b"retry-after: 1" in head.lower()
+        writer.close()
+    elapsed = time.monotonic() - started
+    small = await asyncio.to_thread(complete, http, prompt="x", max_tokens=2)
+    assert small["choices"][0]["finish_reason"] == "length"
+    for _, writer in held:
+        writer.close()
+    await asyncio.to_thread(_wait_for_bytes_in_flight, http, 0, 30)
+    assert elapsed < 2
 
 
 @pytest.mark.parametrize(
