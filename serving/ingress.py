@@ -20,6 +20,7 @@ from ray import serve
 from ray.exceptions import RayError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+from starlette.datastructures import State
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -150,16 +151,21 @@ class BodyLimit:
             code="request_bytes_in_flight_exceeded",
             retry_after=1,
         )
+
+        async def refuse(error: ApiError) -> None:
+            _count_route(state, scope["path"], error.status)
+            await error_response(error)(scope, receive, send)
+
         declared = dict(scope["headers"]).get(b"content-length")
         declared_size = int(declared) if declared is not None and declared.isdigit() else None
         if declared_size is not None and declared_size > limit:
-            await error_response(too_large)(scope, receive, send)
+            await refuse(too_large)
             return
         held = 0
         try:
             if declared_size is not None:
                 if not budget.take(declared_size):
-                    await error_response(busy)(scope, receive, send)
+                    await refuse(busy)
                     return
                 held = declared_size
             chunks: list[bytes] = []
@@ -169,18 +175,18 @@ class BodyLimit:
                     message = await asyncio.wait_for(receive(), BODY_TIMEOUT_SECONDS)
                 except TimeoutError:
                     timeout = ApiError(408, "the request body was not sent in time", code="timeout")
-                    await error_response(timeout)(scope, receive, send)
+                    await refuse(timeout)
                     return
                 if message["type"] == "http.disconnect":
                     return
                 part = message.get("body", b"")
                 size += len(part)
                 if size > limit:
-                    await error_response(too_large)(scope, receive, send)
+                    await refuse(too_large)
                     return
                 if size > held:
                     if not budget.take(size - held):
-                        await error_response(busy)(scope, receive, send)
+                        await refuse(busy)
                         return
                     held = size
                 chunks.append(part)
@@ -275,9 +281,13 @@ _GENERATION_ROUTES = ("/v1/completions", "/v1/chat/completions")
 
 
 def _count(request: Request, status: int | str) -> None:
-    metrics = getattr(request.app.state, "request_metrics", None)
-    if metrics is not None and request.url.path in _GENERATION_ROUTES:
-        metrics.on_response(request.url.path, status)
+    _count_route(request.app.state, request.url.path, status)
+
+
+def _count_route(state: State, path: str, status: int | str) -> None:
+    metrics = getattr(state, "request_metrics", None)
+    if metrics is not None and path in _GENERATION_ROUTES:
+        metrics.on_response(path, status)
 
 
 def _sse(payload: dict[str, Any] | str) -> str:

@@ -267,11 +267,18 @@ async def _half_sent_upload(
     return reader, writer
 
 
+def _metric(http, name: str, label: str = "") -> float:
+    """The sum of the samples of `name` (those with `label` in their labels) on /metrics."""
+    lines = http.get("/metrics").text.splitlines()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in lines
+        if line.startswith(name + "{") and label in line
+    )
+
+
 def _bytes_in_flight(http) -> float:
-    for line in http.get("/metrics").text.splitlines():
-        if line.startswith("grokserve_ingress_body_bytes_in_flight{"):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError("/metrics has no grokserve_ingress_body_bytes_in_flight")
+    return _metric(http, "grokserve_ingress_body_bytes_in_flight")
 
 
 def _wait_for_bytes_in_flight(http, expected: float, seconds: float) -> None:
@@ -289,6 +296,7 @@ async def test_uploads_beyond_the_bytes_in_flight_get_503_fast_and_give_their_by
     fitting = limits.max_request_bytes_in_flight // size
     port = httpx.URL(base_url).port
     assert port is not None
+    unavailable = _metric(http, "grokserve_http_requests_total", 'status="503"')
     # The budget is all but full: room for a small request, none for another large one.
     held = [await _half_sent_upload(port, size - 1024) for _ in range(fitting)]
     await asyncio.to_thread(_wait_for_bytes_in_flight, http, fitting * (size - 1024), 30)
@@ -305,6 +313,7 @@ async def test_uploads_beyond_the_bytes_in_flight_get_503_fast_and_give_their_by
         writer.close()
     await asyncio.to_thread(_wait_for_bytes_in_flight, http, 0, 30)
     assert elapsed < 2
+    assert _metric(http, "grokserve_http_requests_total", 'status="503"') == unavailable + 4
 
 
 @pytest.mark.parametrize(
