@@ -37,7 +37,7 @@ if [[ -n "$dry_run" ]]; then
   # name, seconds, command: tiny sizes on the CPU
   steps=(
     "pytest|120|$python -m pytest -q -p no:cacheprovider -m gpu tests/model/test_kernels_moe.py"
-    "moe_full|110|$python bench/moe.py --dry-run --shapes 4x128 --tokens 1 8 --json $out_dir/moe_full.json"
+    "moe_full|110|GROKSERVE_MOE_LOOP_FROM=8 $python bench/moe.py --dry-run --shapes 4x128 --tokens 1 8 --json $out_dir/moe_full.json"
     "moe_deployed|120|$python bench/moe.py --dry-run --shapes 1x128 --tokens 8 --json $out_dir/moe_deployed.json"
     "decode|120|$python bench/decode.py --dry-run --batch 1 2 --context 20 --layers 1"
     "sweep|120|$python bench/moe.py --dry-run --sweep --shapes 1x128 --tokens 1 --sweep-budget-s 1 --compile-workers 1 --sweep-json $out_dir/moe_tiles.json"

@@ -17,6 +17,11 @@ pairs / matmul peak), both ceilings measured in this run; int8 rows use the int8
 as CUDA-graph replays where the path allows it (the baselines synchronise with the host, so they run
 eagerly). Fractions are roofline / measured (1.00 = at the hardware limit). The full-width rows
 print the anchors of `perf-anchors.md` (H100) beside ours.
+
+The `dispatched` columns time what the model runs (`kernels.moe`): the fused kernel below the
+crossover of `kernels/crossover.py`, the per-expert loop from it on (set GROKSERVE_MOE_LOOP_FROM to
+move it); the cell names the path taken. Every fused and dispatched result is checked against the
+reference; one further than MAX_RELATIVE_ERROR is printed WRONG and fails the run.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from grokserve.model import layers
+from grokserve.model import kernels, layers
 from grokserve.model.kernels.benchmarking import (
     Ceilings,
     graph_of,
@@ -60,6 +65,7 @@ ANCHORS = {
 }
 # A fused result further than this from the reference (relative L2) fails the run.
 MAX_RELATIVE_ERROR = 1e-2
+DTYPES = ("bf16", "int8")
 DRY_RUN = {"model": 32, "shapes": ["4x128", "1x128"], "tokens": [1, 8]}
 
 
@@ -91,7 +97,8 @@ class Row:
     roofline_ms: float
     int8_roofline_ms: float
     timings_ms: dict[str, float | str]
-    errors: dict[str, dict[str, float]]
+    errors: dict[str, dict[str, float]]  # by checked path: fused/dispatched bf16/int8
+    dispatched: dict[str, str]  # by weight dtype: the path kernels.moe took (kernels.MOE_PATHS)
 
 
 class Layer:
@@ -182,31 +189,40 @@ def run_token_count(args, ceilings: Ceilings, layer: Layer, tokens: int) -> Row:
         return call
 
     graphs = router.is_cuda and tokens <= args.graph_max
-    # (call, CUDA-graph capturable): both baselines synchronise with the host (nonzero, bincount).
+    dispatched = {dtype: kernels.moe_path(x, *layer.weights(dtype)) for dtype in DTYPES}
+    # (call, CUDA-graph capturable): both baselines synchronise with the host (nonzero, bincount),
+    # and so does the dispatcher's loop (under a capture the dispatcher would run the fused kernel).
     paths = {
         "fused bf16": (routed(fused_moe, *layer.bf16), graphs),
         "fused int8": (routed(fused_moe, *layer.int8), graphs),
         "per-expert loop": (routed(layers.moe, *layer.bf16), False),
         "grouped_mm": (routed(grouped_mm_moe, *layer.bf16), False),
+        **{
+            f"dispatched {dtype}": (
+                routed(kernels.moe, *layer.weights(dtype)),
+                graphs and dispatched[dtype] == "fused",
+            )
+            for dtype in DTYPES
+        },
     }
+    # The int8 paths must equal the bf16 reference on the dequantised weights.
     dequantized = [w.dequantize(torch.bfloat16) for w in layer.int8]
-    errors = {
-        "bf16": compare(
-            fused_moe(x, gates, experts, *layer.bf16, ids),
-            layers.moe(x, gates, experts, *layer.bf16, ids),
-        ),
-        # The int8 kernel must equal the bf16 reference on the dequantised weights.
-        "int8": compare(
-            fused_moe(x, gates, experts, *layer.int8, ids),
-            layers.moe(x, gates, experts, *dequantized, ids),
-        ),
+    references = {
+        "bf16": layers.moe(x, gates, experts, *layer.bf16, ids),
+        "int8": layers.moe(x, gates, experts, *dequantized, ids),
     }
     del dequantized
-    print(f"# {layer.shape} {tokens} tokens: fused vs reference {errors}", flush=True)
+    errors = {
+        f"{path} {dtype}": compare(moe(x, gates, experts, *layer.weights(dtype), ids), reference)
+        for dtype, reference in references.items()
+        for path, moe in (("fused", fused_moe), ("dispatched", kernels.moe))
+    }
+    del references
+    print(f"# {layer.shape} {tokens} tokens: {dispatched} vs reference {errors}", flush=True)
     timings = {name: time_path(fn, graph) for name, (fn, graph) in paths.items()}
-    for dtype, error in errors.items():
+    for name, error in errors.items():
         if not error["relative"] < MAX_RELATIVE_ERROR:
-            timings[f"fused {dtype}"] = f"WRONG: relative error {error['relative']:.3g}"
+            timings[name] = f"WRONG: relative error {error['relative']:.3g}"
     return Row(
         str(layer.shape),
         tokens,
@@ -214,6 +230,7 @@ def run_token_count(args, ceilings: Ceilings, layer: Layer, tokens: int) -> Row:
         ceilings.roofline_ms(int8_bytes, flops),
         timings,
         errors,
+        dispatched,
     )
 
 
@@ -227,9 +244,10 @@ def fraction(roofline: float, measured: float | str) -> str:
 
 def print_table(rows: list[Row]) -> None:
     names = list(rows[0].timings_ms)
+    checked = list(rows[0].errors)
     anchors = ["anchor loop", "anchor grouped_mm", "anchor public bf16", "anchor public int8"]
     header = ["shape", "tokens", "roofline ms", *[f"{n} ms (frac)" for n in names]]
-    header += ["int8/bf16 speed-up", "max|Δ| bf16", "max|Δ| int8", *anchors]
+    header += ["int8/bf16 speed-up", *[f"max|Δ| {n}" for n in checked], *anchors]
     print("| " + " | ".join(header) + " |")
     print("|" + " --- |" * len(header))
     for row in rows:
@@ -237,15 +255,18 @@ def print_table(rows: list[Row]) -> None:
         for name in names:
             measured = row.timings_ms[name]
             roof = row.int8_roofline_ms if "int8" in name else row.roofline_ms
-            cells.append(
+            cell = (
                 f"{measured:.3f} ({fraction(roof, measured)})"
                 if isinstance(measured, float)
                 else measured
             )
+            if name.startswith("dispatched "):
+                cell += f" {row.dispatched[name.removeprefix('dispatched ')]}"
+            cells.append(cell)
         bf16, int8 = row.timings_ms["fused bf16"], row.timings_ms["fused int8"]
         both = isinstance(bf16, float) and isinstance(int8, float)
         cells.append(f"{bf16 / int8:.2f}x" if both else "-")
-        cells += [f"{row.errors[d]['max_abs']:.3g}" for d in ("bf16", "int8")]
+        cells += [f"{row.errors[n]['max_abs']:.3g}" for n in checked]
         full = row.shape == FULL_WIDTH and row.tokens in ANCHORS
         cells += list(ANCHORS[row.tokens]) if full else ["-"] * len(anchors)
         print("| " + " | ".join(cells) + " |", flush=True)
@@ -486,6 +507,8 @@ def main() -> int:
                 "--dry-run runs the kernels in Triton's interpreter: set TRITON_INTERPRET=1"
             )
         device = torch.device("cpu")
+        # The dispatcher's fast path, as on a GPU (the interpreter runs the fused kernel).
+        os.environ.setdefault("GROKSERVE_KERNELS", "fast")
         args.compile_workers, args.compile_wait_s = min(args.compile_workers, 1), 0.0
     else:
         require_cuda("bench/moe.py")

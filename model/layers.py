@@ -6,7 +6,7 @@ These are the reference paths: exact to the spec, used on the CPU and in tests. 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -120,12 +120,32 @@ def moe(
     The fused GPU kernel makes the same roundings.
     """
     expert_ids = expert_ids if expert_ids is not None else range(w_gate.shape[0])
-    out = torch.zeros(x.shape[0], w_down.shape[-1], dtype=x.dtype, device=x.device)
+    return moe_loop(
+        x,
+        gates,
+        experts,
+        lambda local: (w_gate[local], w_up[local], w_down[local]),
+        expert_ids,
+        w_down.shape[-1],
+    )
+
+
+def moe_loop(
+    x: torch.Tensor,
+    gates: torch.Tensor,
+    experts: torch.Tensor,
+    expert_weights: Callable[[int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    expert_ids: Sequence[int],
+    out_features: int,
+) -> torch.Tensor:
+    """`moe`'s loop, taking each local expert's (W_gate, W_up, W_down) from `expert_weights(local)`,
+    called only for experts that have tokens (so an int8 stack can be dequantised one expert at a time)."""
+    out = torch.zeros(x.shape[0], out_features, dtype=x.dtype, device=x.device)
     for local, expert in enumerate(expert_ids):
         token, slot = torch.nonzero(experts == expert, as_tuple=True)
         if token.numel() == 0:
             continue
-        y = expert_ffn(x[token], w_gate[local], w_up[local], w_down[local])
+        y = expert_ffn(x[token], *expert_weights(local))
         out.index_add_(0, token, y * gates[token, slot, None].to(x.dtype))
     return out
 

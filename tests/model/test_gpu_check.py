@@ -38,7 +38,12 @@ def test_gpu_check_dry_run_writes_every_result(tmp_path, monkeypatch):
         assert f"=== {step}: exit 0" in log
     rows = json.loads((tmp_path / "moe_full.json").read_text())["rows"]
     assert [(r["shape"], r["tokens"]) for r in rows] == [("4x128", 1), ("4x128", 8)]
-    assert all(r["errors"]["bf16"]["max_abs"] < 1e-2 for r in rows)
+    assert all(error["max_abs"] < 1e-2 for r in rows for error in r["errors"].values())
+    # The step moves the crossover to 8 tokens: the dispatcher runs the fused kernel, then the loop.
+    assert [r["dispatched"] for r in rows] == [
+        {"bf16": "fused", "int8": "fused"},
+        {"bf16": "loop", "int8": "loop"},
+    ]
     deployed = json.loads((tmp_path / "moe_deployed.json").read_text())["rows"]
     assert [(r["shape"], r["tokens"]) for r in deployed] == [("1x128", 8)]
     # The engine's decode step, eager and in the CUDA graph's place, for both weights and batches.

@@ -12,7 +12,7 @@ import importlib
 import pytest
 import torch
 
-from grokserve.model import layers
+from grokserve.model import layers, quantization
 from grokserve.model.kernels.routing import align_routing
 from grokserve.model.kernels.tuning import MoeTileConfig
 from grokserve.model.quantization import QuantizedWeight, quantize
@@ -116,6 +116,46 @@ def test_kernels_moe_dispatcher_runs_the_fused_path_when_forced(interpreted_moe,
     ref = kernels.moe(x, gates, chosen, *q)
     assert calls == [1]
     assert relative_error(out, ref) < 2e-3
+
+
+@pytest.mark.parametrize("int8", [False, True], ids=["bf16", "int8"])
+def test_kernels_moe_dispatcher_runs_the_loop_from_the_crossover_and_fused_below(
+    interpreted_moe, monkeypatch, int8
+):
+    from grokserve.model import kernels
+
+    x, gates, chosen, w_gate, w_up, w_down = random_moe(8, 64, 128, 4, seed=21)
+    weights = (w_gate, w_up, w_down)
+    if int8:
+        weights = (quantize(w_gate.float()), quantize(w_up.float()), quantize(w_down, 8))
+    ran = []
+    real_fused, real_loop = interpreted_moe.fused_moe, kernels.expert_loop_moe
+    monkeypatch.setattr(
+        interpreted_moe, "fused_moe", lambda *a: ran.append("fused") or real_fused(*a)
+    )
+    monkeypatch.setattr(kernels, "expert_loop_moe", lambda *a: ran.append("loop") or real_loop(*a))
+    monkeypatch.setenv("GROKSERVE_KERNELS", "fast")
+    monkeypatch.setenv("GROKSERVE_MOE_LOOP_FROM", "8")
+    at_threshold = kernels.moe(x, gates, chosen, *weights)
+    below = kernels.moe(x[:7], gates[:7], chosen[:7], *weights)
+    assert ran == ["loop", "fused"]
+    ref = layers.moe(x, gates, chosen, *[quantization.dense(w, x.dtype) for w in weights])
+    assert torch.equal(at_threshold, ref)  # the loop is the reference's arithmetic, int8 included
+    assert relative_error(below, ref[:7]) < 2e-3
+
+
+def test_kernels_moe_crossover_table_is_what_the_dispatcher_reads(monkeypatch):
+    from grokserve.model.kernels import crossover
+
+    monkeypatch.delenv("GROKSERVE_MOE_LOOP_FROM", raising=False)
+    assert not crossover.runs_loop(256, 8, 32768, "bf16")
+    assert crossover.runs_loop(1024, 8, 32768, "bf16")
+    assert not crossover.runs_loop(4096, 8, 32768, "int8")
+    assert crossover.runs_loop(16384, 8, 32768, "int8")
+    assert not crossover.runs_loop(16384, 8, 4096, "bf16")  # the slice keeps the fused kernel
+    monkeypatch.setenv("GROKSERVE_MOE_LOOP_FROM", "0")
+    with pytest.raises(ValueError, match="GROKSERVE_MOE_LOOP_FROM"):
+        crossover.runs_loop(1, 8, 4096, "bf16")
 
 
 @pytest.mark.parametrize("block_m", [4, 16])
