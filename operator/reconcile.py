@@ -98,7 +98,8 @@ def reconcile(kube: Kube, body: dict[str, Any], build: BuildChildren = build_chi
     applying: dict[str, Any] | None = None
     try:
         # The endpoint follows the cluster KubeRay routes to, as the RayService's status names it.
-        routed = serving_cluster(kube.get(RAYSERVICE, owner.namespace, owner.name))
+        rayservice = kube.get(RAYSERVICE, owner.namespace, owner.name)
+        routed = serving_cluster(rayservice)
         children = build(
             owner,
             spec,
@@ -115,7 +116,10 @@ def reconcile(kube: Kube, body: dict[str, Any], build: BuildChildren = build_chi
             return _failed(body, CHILD_CONFLICT, message)
         for child in children:
             applying = child
-            kube.apply(child)
+            stored = kube.apply(child)
+            if child["kind"] == "RayService":
+                # As stored after the apply, status included: what KubeRay has reported on it.
+                rayservice = stored
     except ApiException as error:
         # A refusal (validation, an admission webhook, missing RBAC, too large) will not change
         # by retrying: report it. Anything else (5xx, 409, 429) propagates: the handler reports it
@@ -128,7 +132,7 @@ def reconcile(kube: Kube, body: dict[str, Any], build: BuildChildren = build_chi
             else (f"{applying['kind']} {applying['metadata']['name']}")
         )
         return _failed(body, REFUSALS[error.status], f"{what}: {api_message(error)}")
-    return _observed(body, spec, plan, kube.get(RAYSERVICE, owner.namespace, owner.name))
+    return _observed(body, spec, plan, rayservice)
 
 
 def _observed(
