@@ -2,7 +2,8 @@
 
 `Engine.generate` yields plain dicts so that they cross Ray (replica → ingress) unchanged:
 first exactly one of
-    {"error": {"status", "message", "param", "retry_after"}}      (nothing was queued), or
+    {"error": {"status", "message", "param", "code", "retry_after", "any_request"}}
+                                                                  (nothing was queued), or
     {"prompt_tokens": N, "prompt_text": str | None}               (admitted; the text with echo),
 then, when admitted, {"deltas": [{"index", "text", "completion_tokens", "finish_reason",
 "logprobs", "prompt_logprobs"}, ...]} with every delta that was ready (several per message when
@@ -129,6 +130,7 @@ class Engine:
                     "param": error.param,
                     "code": error.code,
                     "retry_after": error.retry_after if isinstance(error, QueueFull) else None,
+                    "any_request": isinstance(error, QueueFull) and error.any_request,
                 }
             }
             return

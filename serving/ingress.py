@@ -2,7 +2,9 @@
 OpenAI's shape, /metrics.
 
 Admission happens in the replica's scheduler only (see `grokserve.serving.app`): this layer
-bounds what it reads (the body size), validates, and turns the replica's events into responses.
+bounds what it reads (the body size), validates, and turns the replica's events into responses. Its
+admission gate repeats the scheduler's "full" without asking it again while nothing has freed
+room (`grokserve.serving.admission`), so that refusals under a burst come at once.
 """
 
 import asyncio
@@ -24,6 +26,7 @@ from starlette.datastructures import State
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from grokserve.serving.admission import AdmissionGate, Refusal
 from grokserve.serving.config import ServingConfig
 from grokserve.serving.metrics import RequestMetrics
 from grokserve.serving.requests import GenerateRequest
@@ -215,11 +218,61 @@ class BodyLimit:
             budget.give_back(held)
 
 
+class _Pass:
+    """A request that the closed gate let through: settled once the scheduler admitted or
+    refused it. AdmissionGateCheck puts it in the request's scope under `_PASS`."""
+
+    settled = False
+
+
+_PASS = "grokserve.admission_pass"
+
+
+class AdmissionGateCheck:
+    """Answers a generation request with the scheduler's last "full" while the app's
+    `admission_gate` is closed, before its body is read, parsed or tokenized."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] != "http"
+            or scope["method"] != "POST"
+            # Under a route prefix, Serve puts the prefix in both root_path and path.
+            or scope["path"].removeprefix(scope.get("root_path", "")) not in _GENERATION_ROUTES
+        ):
+            await self.app(scope, receive, send)
+            return
+        state = scope["app"].state
+        gate: AdmissionGate = state.admission_gate
+        takes_pass, refusal = gate.check()
+        if refusal is not None:
+            _count_route(state, scope["path"], 429)
+            error = ApiError(
+                429, refusal.message, code=refusal.code, retry_after=refusal.retry_after
+            )
+            await error_response(error)(scope, receive, send)
+            return
+        if not takes_pass:
+            await self.app(scope, receive, send)
+            return
+        held = scope[_PASS] = _Pass()
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            if not held.settled:
+                gate.give_back()
+
+
 app = FastAPI(title="grokserve", description="OpenAI-compatible API for Grok models")
 app.add_middleware(BodyLimit)
+# Added last, so it runs first: a refusal does not wait for the body.
+app.add_middleware(AdmissionGateCheck)
 _DEFAULT_LIMITS = ServingConfig().serving
 app.state.max_request_bytes = _DEFAULT_LIMITS.max_request_bytes
 app.state.body_budget = BodyBudget(_DEFAULT_LIMITS.max_request_bytes_in_flight)
+app.state.admission_gate = AdmissionGate()
 
 
 @app.exception_handler(ApiError)
@@ -399,6 +452,8 @@ class OpenAIIngress:
         app.state.max_request_bytes = self.config.serving.max_request_bytes
         app.state.body_budget = body_budget
         app.state.request_metrics = self.request_metrics
+        self.admission_gate = AdmissionGate()
+        app.state.admission_gate = self.admission_gate
 
     # -- plain routes ---------------------------------------------------------------------------
 
@@ -477,7 +532,7 @@ class OpenAIIngress:
     # -- generation -----------------------------------------------------------------------------
 
     @app.post("/v1/completions")
-    async def completions(self, body: CompletionRequest) -> Response:
+    async def completions(self, body: CompletionRequest, http: Request) -> Response:
         self._check_model(body.model)
         best_of = body.best_of or body.n
         # best_of ranks choices by their logprobs: ask for them, show them only when asked.
@@ -491,10 +546,10 @@ class OpenAIIngress:
             )
             for prompt in body.prompts()
         ]
-        return await self._respond(body, requests, "text_completion", "cmpl")
+        return await self._respond(body, requests, "text_completion", "cmpl", http)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(self, body: ChatCompletionRequest) -> Response:
+    async def chat_completions(self, body: ChatCompletionRequest, http: Request) -> Response:
         self._check_model(body.model)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         request = GenerateRequest(
@@ -504,7 +559,7 @@ class OpenAIIngress:
             [*body.stop_strings(), CHAT_STOP],
             body.n,
         )
-        return await self._respond(body, [request], "chat.completion", "chatcmpl")
+        return await self._respond(body, [request], "chat.completion", "chatcmpl", http)
 
     def _check_model(self, model: str) -> None:
         if model != self.config.name:
@@ -516,8 +571,9 @@ class OpenAIIngress:
                 code="model_not_found",
             )
 
-    async def _start(self, request: GenerateRequest) -> _Started:
-        """Send the request to a replica; return its event stream once it was admitted."""
+    async def _start(self, request: GenerateRequest, held: _Pass | None) -> _Started:
+        """Send the request to a replica; return its event stream once it was admitted. `held`:
+        the gate's pass the HTTP request holds, if any."""
         # Ray types remote() as either response kind; a stream=True handle always gives a generator.
         stream = cast(DeploymentResponseGenerator, self.replica_stream.generate.remote(request))
         try:
@@ -535,6 +591,12 @@ class OpenAIIngress:
             raise unavailable("no model replica is serving now; retry later") from error
         if "error" in first:
             refusal = first["error"]
+            if refusal["any_request"]:
+                self.admission_gate.refused(
+                    Refusal(refusal["message"], refusal["code"], refusal["retry_after"])
+                )
+                if held is not None:
+                    held.settled = True
             raise ApiError(
                 refusal["status"],
                 refusal["message"],
@@ -542,23 +604,39 @@ class OpenAIIngress:
                 code=refusal["code"],
                 retry_after=refusal["retry_after"],
             )
+        self.admission_gate.admitted()
+        if held is not None:
+            held.settled = True
         return _Started(stream, first)
 
-    async def _start_all(self, requests: list[GenerateRequest]) -> list[_Started]:
+    async def _start_all(
+        self, requests: list[GenerateRequest], held: _Pass | None
+    ) -> list[_Started]:
         """All prompts admitted, or none: the first refusal cancels the others."""
-        results = await asyncio.gather(*(self._start(r) for r in requests), return_exceptions=True)
+        results = await asyncio.gather(
+            *(self._start(r, held) for r in requests), return_exceptions=True
+        )
         failures = [r for r in results if isinstance(r, BaseException)]
         if failures:
-            for result in results:
-                if isinstance(result, _Started):
-                    result.stream.cancel()
+            self._release([r for r in results if isinstance(r, _Started)])
             raise failures[0]
         return results  # type: ignore[return-value]
 
+    def _release(self, started: list[_Started]) -> None:
+        """Admitted requests that are done (however they ended): their slots are free."""
+        for s in started:
+            s.stream.cancel()
+            self.admission_gate.finished()
+
     async def _respond(
-        self, body: SamplingFields, requests: list[GenerateRequest], kind: str, prefix: str
+        self,
+        body: SamplingFields,
+        requests: list[GenerateRequest],
+        kind: str,
+        prefix: str,
+        http: Request,
     ) -> Response:
-        started = await self._start_all(requests)
+        started = await self._start_all(requests, http.scope.get(_PASS))
         header = {"id": new_id(prefix), "object": kind, "created": now(), "model": body.model}
         route = _GENERATION_ROUTES[kind == "chat.completion"]
         if body.stream:
@@ -575,8 +653,7 @@ class OpenAIIngress:
             log.warning("a replica failed while generating: %r", error)
             raise unavailable("the model replica failed while generating; retry later") from error
         finally:
-            for s in started:
-                s.stream.cancel()
+            self._release(started)
         if any(choice.reason == "error" for choice in choices):
             raise unavailable("the model replica failed while generating; retry later")
         rendered: list[dict[str, Any]] = []
@@ -681,7 +758,6 @@ class OpenAIIngress:
             finished = True
         finally:
             # Runs when the client disconnects mid-stream too: the replica frees the slots.
-            for s in started:
-                s.stream.cancel()
+            self._release(started)
             status = 503 if failed else 200 if finished else "cancelled"
             self.request_metrics.on_response(route, status)

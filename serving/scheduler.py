@@ -114,13 +114,23 @@ class AdmissionError(Exception):
 
 
 class QueueFull(AdmissionError):
-    """The admitted work is at its bound: retry after `retry_after` seconds."""
+    """The admitted work is at its bound: retry after `retry_after` seconds. `any_request`: the
+    bound refuses any request now, whatever its size (the ingress then refuses without asking
+    until a slot frees, see `grokserve.serving.admission`)."""
 
     status = 429
 
-    def __init__(self, message: str, retry_after: int, code: str = "rate_limit_exceeded") -> None:
+    def __init__(
+        self,
+        message: str,
+        retry_after: int,
+        code: str = "rate_limit_exceeded",
+        *,
+        any_request: bool = False,
+    ) -> None:
         super().__init__(message, code=code)
         self.retry_after = retry_after
+        self.any_request = any_request
 
 
 class Unavailable(QueueFull):
@@ -392,12 +402,13 @@ class Scheduler:
                 retry_after=5,
                 code="service_unavailable",
             )
-        queued_after = len(self._waiting) + n - len(self._free_slots)
-        if queued_after > self.max_queued_requests:
+        queued_before = len(self._waiting) - len(self._free_slots)
+        if queued_before + n > self.max_queued_requests:
             raise QueueFull(
                 f"the request queue is full (maxQueuedRequests={self.max_queued_requests}); "
                 "retry later",
                 retry_after=self.retry_after_seconds(),
+                any_request=queued_before + 1 > self.max_queued_requests,
             )
         waiting_tokens = sum(len(h.prompt) + h.max_tokens for h in self._waiting)
         beyond_cache = self._reserved_tokens() + waiting_tokens + n * tokens_each - self.kv_budget

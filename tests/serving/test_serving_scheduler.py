@@ -199,6 +199,20 @@ async def test_admission_errors_name_the_limit(make_scheduler):
     queued.cancel()
 
 
+async def test_a_full_queue_says_whether_it_refuses_any_request(make_scheduler):
+    scheduler, _ = make_scheduler(max_batch_size=2, max_queued_requests=2, kv_budget=256)
+    admitted = [submit(scheduler, [5, 6], max_tokens=100) for _ in range(3)]  # 2 run, 1 waits
+    with pytest.raises(QueueFull, match="maxQueuedRequests=2") as too_many:
+        submit(scheduler, [5, 6], max_tokens=100, n=2)
+    assert not too_many.value.any_request, "one sequence still fits the queue"
+    admitted.append(submit(scheduler, [5, 6], max_tokens=100))
+    with pytest.raises(QueueFull, match="maxQueuedRequests=2") as full:
+        submit(scheduler, [5, 6], max_tokens=1)
+    assert full.value.any_request, "no request of any size fits: the ingress may repeat it"
+    for generation in admitted:
+        generation.cancel()
+
+
 async def test_stream_interval_sends_fewer_larger_messages(model, make_scheduler):
     scheduler, _ = make_scheduler()
     prompt = TOKENIZER.encode(PROMPTS[5])
@@ -363,6 +377,7 @@ async def test_long_requests_queue_fewer_the_kv_tokens_bound_the_queue(make_sche
     with pytest.raises(QueueFull, match="kvCacheTokens=256") as full:
         scheduler.submit([5, 6], long)
     assert full.value.status == 429 and full.value.retry_after >= 1
+    assert not full.value.any_request, "a shorter request still fits"
     short = scheduler.submit([5, 6], SamplingParams(temperature=0, max_tokens=4))
     for generation in [*admitted, short]:
         generation.cancel()
