@@ -17,6 +17,9 @@ by count, see `QueueFull.any_request`) and repeats it while nothing can have cha
 
 So the only requests refused without asking are those that arrive while the scheduler has just
 said "full" and no slot has been freed since.
+
+In front of the ingress, Serve's HTTP proxy refuses what cannot fit by count
+(`grokserve.serving.proxy_gate`), told the replicas' capacity by the headers below.
 """
 
 from __future__ import annotations
@@ -24,6 +27,22 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+
+# The routes whose requests the scheduler admits (the ingress indexes them: completions first).
+GENERATION_ROUTES = ("/v1/completions", "/v1/chat/completions")
+# On every ingress response, JSON: {"prefix": the app's route prefix ("" for /), "capacity":
+# requests all running replicas hold at most (maxBatchSize + maxQueuedRequests each), "retryAfter",
+# "body": the 429 body the ingress would answer when they are full}.
+CAPACITY_HEADER = "x-grokserve-capacity"
+# A refusal because the queue is full (429).
+QUEUE_FULL_CODE = "rate_limit_exceeded"
+# From the proxy to the ingress: "ROUTE=COUNT,...", the 429s the proxy answered itself since its
+# last report, for the ingress's request counter.
+REFUSALS_HEADER = "x-grokserve-proxy-refusals"
+
+
+def queue_full_message(max_queued_requests: int) -> str:
+    return f"the request queue is full (maxQueuedRequests={max_queued_requests}); retry later"
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,11 @@ REPLICA_DEPLOYMENT = "GrokReplica"
 # time than its scheduler admits (the excess are answered with 429 within milliseconds), and the
 # router's own queue only holds what is being routed right now.
 CALLS_PER_REPLICA = 10_000
+# Set where Serve's HTTP proxies start (every Ray node): each proxy then answers the 429s the
+# replicas would give while they are known full (`grokserve.serving.proxy_gate`).
+PROXY_ENVIRONMENT = {
+    "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "grokserve.serving.proxy_gate:middlewares"
+}
 
 Strategy = Literal["pack", "spread", "strict-spread"]
 

@@ -10,6 +10,7 @@ room (`grokserve.serving.admission`), so that refusals under a burst come at onc
 import asyncio
 import json
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator
 from typing import Any, cast
@@ -22,12 +23,21 @@ from ray import serve
 from ray.exceptions import RayError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+from ray.serve.schema import ReplicaState
 from starlette.datastructures import State
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from grokserve.serving.admission import AdmissionGate, Refusal
-from grokserve.serving.config import ServingConfig
+from grokserve.serving.admission import (
+    CAPACITY_HEADER,
+    GENERATION_ROUTES,
+    QUEUE_FULL_CODE,
+    REFUSALS_HEADER,
+    AdmissionGate,
+    Refusal,
+    queue_full_message,
+)
+from grokserve.serving.config import REPLICA_DEPLOYMENT, ServingConfig
 from grokserve.serving.metrics import RequestMetrics
 from grokserve.serving.requests import GenerateRequest
 from grokserve.serving.schemas import (
@@ -62,6 +72,9 @@ ADMISSION_TIMEOUT_SECONDS = 10.0
 # Between two parts of a request body: a slow or half-sent upload is cut off after this.
 BODY_TIMEOUT_SECONDS = 30.0
 RETRY_AFTER_UNAVAILABLE = 5
+# How often the ingress reads the number of running model replicas (for Serve's proxy).
+REPLICA_COUNT_SECONDS = 2.0
+_CAPACITY = CAPACITY_HEADER.encode()
 
 
 class ApiError(Exception):
@@ -236,21 +249,30 @@ class AdmissionGateCheck:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (
-            scope["type"] != "http"
-            or scope["method"] != "POST"
-            # Under a route prefix, Serve puts the prefix in both root_path and path.
-            or scope["path"].removeprefix(scope.get("root_path", "")) not in _GENERATION_ROUTES
-        ):
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         state = scope["app"].state
+        _count_proxy_refusals(state, scope)
+        notice: CapacityNotice | None = getattr(state, "capacity_notice", None)
+        if notice is not None:
+            send = notice.telling(send, scope.get("root_path", ""))
+        if (
+            scope["method"] != "POST"
+            # Under a route prefix, Serve puts the prefix in both root_path and path.
+            or scope["path"].removeprefix(scope.get("root_path", "")) not in GENERATION_ROUTES
+        ):
+            await self.app(scope, receive, send)
+            return
         gate: AdmissionGate = state.admission_gate
         takes_pass, refusal = gate.check()
         if refusal is not None:
             _count_route(state, scope["path"], 429)
             error = ApiError(
-                429, refusal.message, code=refusal.code, retry_after=refusal.retry_after
+                429,
+                refusal.message,
+                code=refusal.code,
+                retry_after=refusal.retry_after,
             )
             await error_response(error)(scope, receive, send)
             return
@@ -263,6 +285,72 @@ class AdmissionGateCheck:
         finally:
             if not held.settled:
                 gate.give_back()
+
+
+class CapacityNotice:
+    """What the ingress tells Serve's proxy on every response (CAPACITY_HEADER, see
+    `grokserve.serving.proxy_gate`): how many requests the running replicas hold at most, and the
+    429 to answer beyond that. A thread follows the replica count (autoscaling changes it)."""
+
+    def __init__(self, config: ServingConfig, app_name: str) -> None:
+        limits = config.serving
+        self.per_replica = limits.max_batch_size + limits.max_queued_requests
+        self.replicas = config.replicas
+        message = queue_full_message(limits.max_queued_requests)
+        refusal = ApiError(429, message, code=QUEUE_FULL_CODE, retry_after=1)
+        self._refusal = {
+            "retryAfter": refusal.retry_after,
+            "body": bytes(error_response(refusal).body).decode(),
+        }
+        self._headers: dict[tuple[str, int], bytes] = {}
+        self._app_name = app_name
+        threading.Thread(target=self._follow_replicas, name="replica-count", daemon=True).start()
+
+    def header(self, prefix: str) -> bytes:
+        key = (prefix, self.replicas)
+        if key not in self._headers:
+            capacity = self.replicas * self.per_replica
+            told = {"prefix": prefix, "capacity": capacity, **self._refusal}
+            self._headers[key] = json.dumps(told, separators=(",", ":")).encode()
+        return self._headers[key]
+
+    def telling(self, send: Send, prefix: str) -> Send:
+        async def send_telling(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [*message.get("headers", ()), (_CAPACITY, self.header(prefix))]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        return send_telling
+
+    def _follow_replicas(self) -> None:
+        while True:
+            time.sleep(REPLICA_COUNT_SECONDS)
+            try:
+                application = serve.status().applications.get(self._app_name)
+                deployment = application and application.deployments.get(REPLICA_DEPLOYMENT)
+                running = (
+                    deployment.replica_states.get(ReplicaState.RUNNING, 0) if deployment else 0
+                )
+            except Exception:
+                log.warning("reading the replica count failed; retrying", exc_info=True)
+                continue
+            # None running (being replaced): requests go on to get their 503.
+            if running:
+                self.replicas = running
+
+
+def _count_proxy_refusals(state: State, scope: Scope) -> None:
+    """Count the 429s that Serve's proxy answered itself (see `grokserve.serving.proxy_gate`)."""
+    report = dict(scope["headers"]).get(REFUSALS_HEADER.encode())
+    metrics = getattr(state, "request_metrics", None)
+    if not report or metrics is None:
+        return
+    for item in report.decode().split(","):
+        route, _, count = item.partition("=")
+        if route in GENERATION_ROUTES and count.isdigit():
+            for _ in range(int(count)):
+                metrics.on_response(route, 429)
 
 
 app = FastAPI(title="grokserve", description="OpenAI-compatible API for Grok models")
@@ -330,16 +418,13 @@ async def _internal_error(request: Request, error: Exception) -> JSONResponse:
     return error_response(ApiError(500, "internal server error; see the server's logs"))
 
 
-_GENERATION_ROUTES = ("/v1/completions", "/v1/chat/completions")
-
-
 def _count(request: Request, status: int | str) -> None:
     _count_route(request.app.state, request.url.path, status)
 
 
 def _count_route(state: State, path: str, status: int | str) -> None:
     metrics = getattr(state, "request_metrics", None)
-    if metrics is not None and path in _GENERATION_ROUTES:
+    if metrics is not None and path in GENERATION_ROUTES:
         metrics.on_response(path, status)
 
 
@@ -454,6 +539,9 @@ class OpenAIIngress:
         app.state.request_metrics = self.request_metrics
         self.admission_gate = AdmissionGate()
         app.state.admission_gate = self.admission_gate
+        app.state.capacity_notice = CapacityNotice(
+            self.config, serve.get_replica_context().app_name
+        )
 
     # -- plain routes ---------------------------------------------------------------------------
 
@@ -638,7 +726,7 @@ class OpenAIIngress:
     ) -> Response:
         started = await self._start_all(requests, http.scope.get(_PASS))
         header = {"id": new_id(prefix), "object": kind, "created": now(), "model": body.model}
-        route = _GENERATION_ROUTES[kind == "chat.completion"]
+        route = GENERATION_ROUTES[kind == "chat.completion"]
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             chunks = self._stream(started, requests[0].n, header, include_usage, body, route)

@@ -20,7 +20,7 @@ import ray
 from ray import serve
 
 from grokserve.serving.app import REPLICA_DEPLOYMENT, build_app
-from grokserve.serving.config import ServingConfig
+from grokserve.serving.config import PROXY_ENVIRONMENT, ServingConfig
 
 SIMULATED_GPU = "simulated_gpu"
 APP_NAME = "grok"
@@ -156,6 +156,9 @@ class LocalServing:
         if self.ray_address:
             ray.init(address=self.ray_address, **quiet)
             return
+        # The cluster's processes inherit this environment: its proxy gets the admission gate.
+        # (A cluster joined at RAY_ADDRESS has its own: see PROXY_ENVIRONMENT.)
+        os.environ.update(PROXY_ENVIRONMENT)
         nodes = self.shape.worker_nodes(self.config)
         if not self.shape.nodes:
             # address="local": a new cluster even where another one runs on this machine (plain

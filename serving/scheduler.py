@@ -38,6 +38,7 @@ from typing import Literal, Protocol
 
 from grokserve.model.blocks import DEFAULT_BLOCK_SIZE, BlockPool, BlockTable, blocks_for
 from grokserve.model.sampling import SamplingParams
+from grokserve.serving.admission import QUEUE_FULL_CODE, queue_full_message
 from grokserve.serving.detokenize import Decoder, TextStream
 
 log = logging.getLogger(__name__)
@@ -124,7 +125,7 @@ class QueueFull(AdmissionError):
         self,
         message: str,
         retry_after: int,
-        code: str = "rate_limit_exceeded",
+        code: str = QUEUE_FULL_CODE,
         *,
         any_request: bool = False,
     ) -> None:
@@ -405,8 +406,7 @@ class Scheduler:
         queued_before = len(self._waiting) - len(self._free_slots)
         if queued_before + n > self.max_queued_requests:
             raise QueueFull(
-                f"the request queue is full (maxQueuedRequests={self.max_queued_requests}); "
-                "retry later",
+                queue_full_message(self.max_queued_requests),
                 retry_after=self.retry_after_seconds(),
                 any_request=queued_before + 1 > self.max_queued_requests,
             )

@@ -1,6 +1,20 @@
-"""The ingress's admission gate in-process: what it refuses without asking the scheduler."""
+"""The admission gates in-process: what the ingress and Serve's proxy refuse without asking the
+scheduler."""
 
-from grokserve.serving.admission import AdmissionGate, Refusal
+import asyncio
+import json
+
+from ray.serve._private.utils import call_function_from_import_path
+
+from grokserve.serving.admission import (
+    CAPACITY_HEADER,
+    GENERATION_ROUTES,
+    REFUSALS_HEADER,
+    AdmissionGate,
+    Refusal,
+)
+from grokserve.serving.config import PROXY_ENVIRONMENT
+from grokserve.serving.proxy_gate import ProxyAdmissionGate
 
 FULL = Refusal("the request queue is full (maxQueuedRequests=8); retry later", "rate_limit", 2)
 
@@ -71,3 +85,66 @@ def test_a_closed_gate_asks_again_after_the_retry_after_it_answered():
     assert not forwarded(gate)
     clock.now += FULL.retry_after
     assert forwarded(gate)
+
+
+def test_serves_proxy_finds_the_gate_where_the_environment_says():
+    path = PROXY_ENVIRONMENT["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"]
+    (middleware,) = call_function_from_import_path(path)
+    assert middleware.cls is ProxyAdmissionGate
+
+
+class FakeIngress:
+    """An ASGI app in the ingress's place: tells its capacity (2) on every response, holds
+    generation requests until `release` is set, and records the headers it was sent."""
+
+    def __init__(self):
+        self.release = asyncio.Event()
+        self.seen_headers = []
+
+    async def __call__(self, scope, receive, send):
+        self.seen_headers.append(dict(scope["headers"]))
+        told = {"prefix": "", "capacity": 2, "retryAfter": 1, "body": '{"error":"full"}'}
+        headers = [(CAPACITY_HEADER.encode(), json.dumps(told).encode())]
+        if scope["path"] in GENERATION_ROUTES:
+            await self.release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+
+async def call(app, path, method="POST", headers=(), uploading=False):
+    scope = {"type": "http", "method": method, "path": path, "headers": list(headers)}
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"{", "more_body": uploading}
+
+    async def send(message):
+        sent.append(message)
+
+    await app(scope, receive, send)
+    return sent[0]["status"], dict(sent[0]["headers"]), sent[-1]["body"]
+
+
+async def test_the_proxy_refuses_beyond_the_capacity_the_ingress_told_it():
+    ingress = FakeIngress()
+    proxy = ProxyAdmissionGate(ingress)
+    status, headers, _ = await call(proxy, "/readyz", "GET")
+    assert status == 200 and CAPACITY_HEADER.encode() not in headers, "the header stays inside"
+    held = [asyncio.create_task(call(proxy, "/v1/completions")) for _ in range(2)]
+    await asyncio.sleep(0.05)
+    status, headers, body = await call(proxy, "/v1/chat/completions")
+    assert (status, headers[b"retry-after"], body) == (429, b"1", b'{"error":"full"}')
+    assert len(ingress.seen_headers) == 3, "the refused request never reached the ingress"
+    # A body still being uploaded is not near admission: the ingress's limits judge it.
+    upload = asyncio.create_task(call(proxy, "/v1/completions", uploading=True))
+    await asyncio.sleep(0.05)
+    assert len(ingress.seen_headers) == 4
+    # The next request forwarded to the app reports the refusal.
+    assert ingress.seen_headers[-1][REFUSALS_HEADER.encode()] == b"/v1/chat/completions=1"
+    ingress.release.set()
+    assert [(await task)[0] for task in [*held, upload]] == [200, 200, 200]
+    status, _, _ = await call(proxy, "/v1/completions")
+    assert status == 200, "answered requests free their places"
+    # A client cannot report refusals.
+    await call(proxy, "/metrics", "GET", [(REFUSALS_HEADER.encode(), b"/v1/completions=99")])
+    assert REFUSALS_HEADER.encode() not in ingress.seen_headers[-1]

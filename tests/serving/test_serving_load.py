@@ -8,6 +8,7 @@ from urllib.parse import urlparse
 import httpx
 import pytest
 
+from grokserve.serving.replica import METRICS_PUSH_SECONDS
 from testkit.prometheus import PrometheusServer, ScrapeTarget
 from testkit.serving import LIMITS, MODEL
 
@@ -60,6 +61,10 @@ async def test_overload_gets_429_with_retry_after_and_admitted_requests_complete
     async with httpx.AsyncClient(
         base_url=base_url, timeout=120, limits=httpx.Limits(max_connections=burst + 5)
     ) as http:
+        # Earlier tests' requests are done and pushed (a push comes every METRICS_PUSH_SECONDS:
+        # short requests can run between two), so that the counts below are the burst's own.
+        assert await _wait_idle(http)
+        await asyncio.sleep(1.5 * METRICS_PUSH_SECONDS)
         before = (await http.get("/metrics")).text
         watcher = asyncio.create_task(_watch_waiting(http, seen, stop))
         timed = await asyncio.gather(*(_timed(http, i) for i in range(burst)))
@@ -74,16 +79,18 @@ async def test_overload_gets_429_with_retry_after_and_admitted_requests_complete
     # The scheduler is the only queue: it admits exactly what its limits hold, at once.
     assert len(admitted) >= LIMITS["maxBatchSize"] + LIMITS["maxQueuedRequests"]
     assert len(rejected) >= burst // 2, "most of a 10× burst should be turned away"
-    # A refusal never waits for capacity: most arrive before the first admitted request is done.
+    # A refusal waits neither for capacity nor for the replica: Serve's proxy answers what cannot
+    # fit (grokserve.serving.proxy_gate). Relative to the same run's first completion, as the
+    # machine's load scales both (through the ingress, the median took 0.6 of it, here 0.2).
     refusal_seconds = sorted(seconds for r, seconds in timed if r.status_code == 429)
     first_done = min(seconds for r, seconds in timed if r.status_code == 200)
-    assert refusal_seconds[len(refusal_seconds) // 2] < first_done, (refusal_seconds, first_done)
+    median = refusal_seconds[len(refusal_seconds) // 2]
+    assert median < min(first_done / 2, 1.0), (refusal_seconds, first_done)
     assert all(int(r.headers["Retry-After"]) >= 1 for r in rejected)
     errors = [r.json()["error"] for r in rejected]
     assert all(e["code"] == "rate_limit_exceeded" for e in errors)
     assert all("maxQueuedRequests=8" in e["message"] for e in errors)
     assert all(r.json()["usage"]["completion_tokens"] == MAX_TOKENS for r in admitted)
-    assert max(seen) > 0, "requests_waiting never rose above 0 while the queue was full"
     assert max(seen) <= LIMITS["maxQueuedRequests"]
     assert idle, "requests were still waiting or running after every response arrived"
 
@@ -98,6 +105,11 @@ async def test_overload_gets_429_with_retry_after_and_admitted_requests_complete
     assert counted(after, http_429) - counted(before, http_429) == len(rejected)
     finished = ("grokserve_request_success_total", 'finish_reason="length"')
     assert counted(after, finished) - counted(before, finished) == len(admitted)
+    # The queued half waited in the scheduler for the running half (about first_done each). The
+    # requests_waiting gauge is pushed once a second, too rarely to see a wait this short for sure:
+    # test_prometheus_scrapes_requests_waiting checks it under sustained load.
+    queued = ("grokserve_request_queue_time_seconds_sum",)
+    assert counted(after, queued) - counted(before, queued) > first_done, "nothing waited"
 
 
 async def _keep_queue_busy(base_url, stop):
