@@ -27,7 +27,7 @@ from grokserve.operator.spec import (
     GrokDeploymentSpec,
     ParallelismSpec,
 )
-from grokserve.serving.config import REPLICA_DEPLOYMENT
+from grokserve.serving.config import PROXY_ENVIRONMENT, REPLICA_DEPLOYMENT
 
 SERVE_IMPORT_PATH = "grokserve.serving.app:build_app"
 SERVE_PORT = 8000
@@ -185,6 +185,8 @@ def _container(
         "name": name,
         "image": image,
         "resources": {"requests": dict(amounts), "limits": dict(amounts)},
+        # Serve starts an HTTP proxy on every node: each refuses what the replicas cannot hold.
+        "env": [{"name": key, "value": value} for key, value in PROXY_ENVIRONMENT.items()],
     }
 
 

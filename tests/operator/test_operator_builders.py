@@ -61,6 +61,18 @@ def test_two_node_bf16_replicas_get_two_gpu_nodes_each() -> None:
     ]
 
 
+def test_every_ray_node_starts_its_serve_proxy_with_the_admission_gate() -> None:
+    spec = example("grok-1-int8-single-node.yaml")
+    cluster = build_rayservice(OWNER, spec)["spec"]["rayClusterConfig"]
+    groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    for group in groups:
+        (container,) = group["template"]["spec"]["containers"]
+        assert {
+            "name": "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH",
+            "value": "grokserve.serving.proxy_gate:middlewares",
+        } in container["env"]
+
+
 def test_serve_config_deploys_grokserve_with_the_model_and_replicas() -> None:
     spec = example("grok-1-int8-single-node.yaml")
     body = build_rayservice(OWNER, spec)
