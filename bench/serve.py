@@ -8,10 +8,11 @@ Runs of the same `--clients` greedy requests (up to max_tokens each; tokens are 
   2. in-process, concurrent: the same scheduler + model in this process, all requests at once;
   3. in-process, sequential: one request at a time (no batching).
   4. HTTP burst: 10× what the replica admits (maxBatchSize running + maxQueuedRequests waiting)
-     sent at once, non-streaming.
+     sent at once, non-streaming; and the same burst against a bare uvicorn server that answers
+     429 at once (the floor: what the client and TCP cost on this machine).
 Prints generated tokens/s of each and the ratios HTTP / in-process (target ≥ 0.9) and
 batched / sequential (target ≥ 4 at 16 clients); for the burst, the admitted requests' tokens/s
-and the median and p99 time to a 429 (target: well under a second).
+and the median and p99 time to a 429 (target: well under a second), next to the floor's.
 """
 
 from __future__ import annotations
@@ -20,10 +21,13 @@ import argparse
 import asyncio
 import json
 import socket
+import threading
 import time
 
 import httpx
 import torch
+import uvicorn
+from starlette.types import Receive, Scope, Send
 
 from grokserve.serving.config import ServingConfig
 from grokserve.serving.engine import Engine
@@ -86,6 +90,28 @@ async def burst_run(
         raise RuntimeError(f"the burst got statuses other than 200 and 429: {unexpected}")
     refusals = sorted(seconds for status, _, seconds in results if status == 429)
     return sum(tokens for _, tokens, _ in results), wall, refusals
+
+
+async def _refuse_at_once(scope: Scope, receive: Receive, send: Send) -> None:
+    if scope["type"] == "http":
+        headers = [(b"retry-after", b"1"), (b"content-length", b"2")]
+        await send({"type": "http.response.start", "status": 429, "headers": headers})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+
+def floor_run(count: int) -> list[float]:
+    """The burst against a bare uvicorn server answering 429 at once: each 429's seconds."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(_refuse_at_once, port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    try:
+        return asyncio.run(burst_run(f"http://127.0.0.1:{port}", "floor", count, 1))[2]
+    finally:
+        server.should_exit = True
+        thread.join()
 
 
 def in_process_engine(config: ServingConfig) -> Engine:
@@ -169,6 +195,7 @@ def main() -> None:
             local.delete(f"bench{index}")
     finally:
         local.close()
+    floor = floor_run(10 * admits)
 
     def rate(run: tuple[int, float]) -> float:
         return run[0] / run[1]
@@ -186,11 +213,15 @@ def main() -> None:
     tokens, wall, refusals = burst
     print(f"10× burst ({10 * admits} requests at once, non-streaming)")
     print(f"  {'admitted tokens/s':38s}: {tokens / wall:8.1f}")
+
+    def median_p99(seconds: list[float]) -> str:
+        p99 = seconds[min(len(seconds) - 1, int(0.99 * len(seconds)))]
+        return f"{seconds[len(seconds) // 2]:8.3f} / {p99:.3f} s"
+
     if refusals:
-        p99 = refusals[min(len(refusals) - 1, int(0.99 * len(refusals)))]
-        median = refusals[len(refusals) // 2]
         print(f"  {'429s':38s}: {len(refusals):8d}")
-        print(f"  {'time to 429, median / p99':38s}: {median:8.3f} / {p99:.3f} s")
+        print(f"  {'time to 429, median / p99':38s}: {median_p99(refusals)}")
+    print(f"  {'floor (bare server), median / p99':38s}: {median_p99(floor)}")
 
 
 if __name__ == "__main__":

@@ -243,7 +243,9 @@ _PASS = "grokserve.admission_pass"
 
 class AdmissionGateCheck:
     """Answers a generation request with the scheduler's last "full" while the app's
-    `admission_gate` is closed, before its body is read, parsed or tokenized."""
+    `admission_gate` is closed, before its body is read, parsed or tokenized. It also talks with
+    the gate in Serve's proxy: tells it the capacity on every response, and counts the refusals it
+    reports."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
