@@ -51,6 +51,10 @@ class Fetched:
     seconds: float
 
 
+# Told (bytes of the caller's share on disk: found in the cache or fetched so far, the share's
+# bytes) once the share is known and after every chunk, so that a waiting caller can show progress.
+Progress = Callable[[int, int], None]
+
 # Given a file and a way to read its bytes [start, stop) (fetched through the cache), the ranges a
 # caller needs of it. Without a slicer every file is fetched whole.
 Slicer = Callable[[ObjectInfo, Callable[[int, int], bytes]], Ranges]
@@ -125,7 +129,13 @@ class NodeCache:
 
     # -- the public entry ---------------------------------------------------------------------------
 
-    def fetch(self, store: Store, slicer: Slicer | None = None, progress: bool = False) -> Fetched:
+    def fetch(
+        self,
+        store: Store,
+        slicer: Slicer | None = None,
+        progress: bool = False,
+        on_progress: Progress | None = None,
+    ) -> Fetched:
         """Makes the checkpoint (or the caller's slice of it) local; see the module docstring."""
         started, fetched_before = time.perf_counter(), self.fetched_bytes
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -135,7 +145,7 @@ class NodeCache:
             partials: dict[str, PartialFile] = {}
             try:
                 wanted = self.wanted_ranges(objects, done, partials, store, reachable, slicer)
-                self.fetch_missing(wanted, partials, store, reachable, progress)
+                self.fetch_missing(wanted, partials, store, reachable, progress, on_progress)
                 self.publish(partials, done)
                 path = self.view(objects, wanted, done)
             finally:
@@ -219,6 +229,7 @@ class NodeCache:
         store: Store,
         reachable: bool,
         progress: bool,
+        on_progress: Progress | None = None,
     ) -> None:
         """Every missing range of every file, in chunks, `parallel` requests at a time."""
         chunks = [
@@ -238,11 +249,19 @@ class NodeCache:
         bar = tqdm(
             total=need, unit="B", unit_scale=True, desc=self.location.url, disable=not progress
         )
+        share = sum(total(ranges) for ranges in wanted.values())
+        done = share - need
+        if on_progress is not None:
+            on_progress(done, share)
         with bar, ThreadPoolExecutor(self.parallel) as pool:
             jobs = [pool.submit(self.fetch_chunk, *chunk, store) for chunk in chunks]
             try:
                 for job in as_completed(jobs):
-                    bar.update(job.result())
+                    fetched = job.result()
+                    bar.update(fetched)
+                    done += fetched
+                    if on_progress is not None:
+                        on_progress(done, share)
             except BaseException:
                 pool.shutdown(cancel_futures=True)  # what is written stays journalled
                 raise

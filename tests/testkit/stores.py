@@ -9,6 +9,7 @@ import json
 import os
 import re
 import threading
+import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -99,14 +100,20 @@ class HubStandIn:
     `GET /api/models/REPO[/revision/REV]`, `GET /api/models/REPO/tree/REV[/PATH]?recursive=...`
     and `GET /REPO/resolve/REV/PATH` (with Range). Files of 1 KiB or more are listed as LFS with
     their sha256, smaller ones by their git blob id, as the Hub does. `token` set: requests must
-    carry it."""
+    carry it. `read_delay_s`: each ranged read waits this long first (a slow store)."""
 
     COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
     def __init__(
-        self, repo: str, files: dict[str, bytes], revisions=("main",), token: str | None = None
+        self,
+        repo: str,
+        files: dict[str, bytes],
+        revisions=("main",),
+        token: str | None = None,
+        read_delay_s: float = 0.0,
     ) -> None:
         self.repo, self.files, self.revisions, self.token = repo, files, set(revisions), token
+        self.read_delay_s = read_delay_s
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self.handler())
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -167,6 +174,7 @@ class HubStandIn:
                 data = hub.files[name]
                 if match := re.fullmatch(r"bytes=(\d+)-(\d+)", self.headers.get("Range", "")):
                     start, stop = int(match[1]), int(match[2]) + 1
+                    time.sleep(hub.read_delay_s)
                     return self.reply(206, data[start:stop])
                 return self.reply(200, data)
 
