@@ -122,6 +122,82 @@ def test_prometheus_down_is_a_failure_not_an_error() -> None:
     assert isinstance(failure, MetricFailure) and failure.reason == "PrometheusUnreachable"
 
 
+# -- one reconcile pass: when Prometheus is asked, and what its answer (or none) makes ---------
+
+
+def test_a_pass_asks_only_while_replicas_may_load_and_does_without_an_answer(kube: Any) -> None:
+    from grokserve.operator import handlers
+    from grokserve.operator.controller import run_pass
+    from grokserve.operator.kube import Kube
+
+    _server, api = kube
+    api.install_crds(kuberay=True)
+    body = copy.deepcopy(yaml.safe_load(EXAMPLE.read_text()))
+    body["spec"]["autoscaling"] = {"enabled": False}
+    api.create(f"{GROKDEPLOYMENTS}/namespaces/{NS}/grokdeployments", body)
+    client = Kube(handlers._api_client())
+    asked: list[tuple[str, str, str]] = []
+    answer: list[LoadingProgress | None] = [LoadingProgress(GIB, 4 * GIB, 2 * MIB)]
+
+    def probe(url: str, namespace: str, name: str) -> LoadingProgress | None:
+        asked.append((url, namespace, name))
+        return answer[0]
+
+    def pass_over() -> Any:
+        return run_pass(client, api.get(GD), loading=probe)
+
+    pass_over()  # creates the RayService
+    generation = api.get(RS)["metadata"]["generation"]
+    api.merge_patch(
+        f"{RS}/status", {"status": {"observedGeneration": generation, "activeServiceStatus": {}}}
+    )
+    # No prometheusUrl: nothing to ask, nothing to look at again.
+    outcome = pass_over()
+    assert not outcome.watches_loading and asked == []
+    assert ready_condition(api.get(GD))["reason"] == "ServeApplicationPending"
+
+    url = "http://prometheus.monitoring:9090"
+    api.merge_patch(GD, {"spec": {"autoscaling": {"prometheusUrl": url}}})
+    outcome = pass_over()
+    assert outcome.watches_loading and asked == [(url, NS, NAME)]
+    stored = api.get(GD)
+    assert ready_condition(stored)["reason"] == "Loading"
+    assert stored["status"]["loading"] == {
+        "bytesDone": GIB,
+        "bytesNeeded": 4 * GIB,
+        "bytesPerSecond": 2 * MIB,
+    }
+
+    # Prometheus cannot say (down, no series): the status is as without it, and looks again.
+    answer[0] = None
+    outcome = pass_over()
+    stored = api.get(GD)
+    assert outcome.watches_loading and len(asked) == 2
+    assert ready_condition(stored)["reason"] == "ServeApplicationPending"
+    assert "loading" not in stored["status"]
+
+    # Serving: nothing is asked.
+    api.merge_patch(
+        f"{RS}/status",
+        {
+            "status": {
+                "observedGeneration": generation,
+                "activeServiceStatus": {
+                    "applicationStatuses": {
+                        NAME: {
+                            "status": "RUNNING",
+                            "serveDeploymentStatuses": {"GrokReplica": {"status": "HEALTHY"}},
+                        }
+                    },
+                    "rayClusterStatus": {"readyWorkerReplicas": 1},
+                },
+            }
+        },
+    )
+    outcome = pass_over()
+    assert outcome.ready and not outcome.watches_loading and len(asked) == 2
+
+
 # -- the operator, a real Prometheus, the replica's metrics ----------------------------------
 
 
