@@ -19,12 +19,12 @@ from grokserve.operator.replica import replica_plan
 from grokserve.operator.spec import GrokDeploymentSpec, SpecError, check_name, parse_spec
 from grokserve.operator.status import (
     KUBERAY_INSTALL_HINT,
-    LOADING_REASONS,
     Condition,
     LoadingProgress,
     build_status,
     failure_conditions,
     loading_conditions,
+    may_be_loading,
     observed_replicas,
     serving_conditions,
 )
@@ -162,11 +162,9 @@ def _observed(
     owner = owner_of(body)
     conditions, ready_replicas = serving_conditions(owner, spec, rayservice)
     url = spec.autoscaling.prometheus_url
-    ready = next(c for c in conditions if c.type == "Ready")
-    watches = url is not None and not ready.status and ready.reason in LOADING_REASONS
+    watches = url is not None and may_be_loading(conditions)
     progress = None
-    if watches and loading is not None:
-        assert url is not None
+    if watches and url is not None and loading is not None:
         progress = loading(url, owner.namespace, owner.name)
         if progress is not None and progress.bytes_needed > 0:
             conditions = loading_conditions(conditions, progress)

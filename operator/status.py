@@ -101,12 +101,18 @@ def binary_bytes(count: float) -> str:
     return f"{value:.1f} {unit}" if value >= 10 else f"{value:.2f} {unit}"
 
 
-def loading_conditions(conditions: list[Condition], progress: LoadingProgress) -> list[Condition]:
-    """`conditions` with Ready and Progressing saying how far the weights are, when the Ready
-    reason is one under which replicas load; a wait for nodes stays in the message."""
+def may_be_loading(conditions: list[Condition]) -> bool:
+    """Whether replicas may be loading their weights, by the Ready condition."""
     ready = next(c for c in conditions if c.type == "Ready")
-    if ready.status or ready.reason not in LOADING_REASONS:
+    return not ready.status and ready.reason in LOADING_REASONS
+
+
+def loading_conditions(conditions: list[Condition], progress: LoadingProgress) -> list[Condition]:
+    """`conditions` with Ready and Progressing saying how far the weights are, when replicas may
+    be loading; a wait for nodes stays in the message."""
+    if not may_be_loading(conditions):
         return conditions
+    ready = next(c for c in conditions if c.type == "Ready")
     message = progress.message
     if ready.reason == "WaitingForNodes":
         message += f"; {ready.message}"

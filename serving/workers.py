@@ -56,15 +56,16 @@ class ShardWorker:
 
         torch.set_num_threads(max(1, int(self.config.resources.cpus_per_shard)))
         started = time.perf_counter()
-        found: list[int] = []  # bytes of the share the cache held before this load
+        found: int | None = None  # bytes of the share the cache held before this load
 
         def progress(done: int, needed: int) -> None:
-            found[:] = found or [done]
+            nonlocal found
+            found = done if found is None else found
             self.weights = {
                 **self.weights,
                 "done_bytes": done,
                 "needed_bytes": needed,
-                "fetched_bytes": done - found[0],
+                "fetched_bytes": done - found,
             }
 
         def fetched(weights: Any) -> None:
