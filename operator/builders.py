@@ -12,7 +12,7 @@ import yaml
 from pydantic import BaseModel
 
 from grokserve.model.placement import Plan
-from grokserve.operator.kuberay import CLUSTER_LABEL, SERVE_LABEL
+from grokserve.operator.kuberay import CLUSTER_LABEL, NODE_TYPE_LABEL, SERVE_LABEL
 from grokserve.operator.replica import (
     MODEL_MOUNT_ROOT,
     WEIGHTS_CACHE_MOUNT,
@@ -328,7 +328,7 @@ def build_metrics_service(owner: Owner) -> dict[str, Any]:
         "metadata": _metadata(owner, f"{owner.name}-metrics", "metrics"),
         "spec": {
             "clusterIP": "None",
-            "selector": {DEPLOYMENT_LABEL: owner.name, COMPONENT_LABEL: "ray-head"},
+            "selector": {DEPLOYMENT_LABEL: owner.name, NODE_TYPE_LABEL: "head"},
             "ports": [{"name": "api", "port": SERVE_PORT, "targetPort": SERVE_PORT}],
         },
     }
@@ -388,9 +388,7 @@ def build_pdb(owner: Owner, spec: GrokDeploymentSpec) -> dict[str, Any]:
         "metadata": _metadata(owner, owner.name, "disruption-budget"),
         "spec": {
             "maxUnavailable": unavailable,
-            "selector": {
-                "matchLabels": {DEPLOYMENT_LABEL: owner.name, "ray.io/node-type": "worker"}
-            },
+            "selector": {"matchLabels": {DEPLOYMENT_LABEL: owner.name, NODE_TYPE_LABEL: "worker"}},
         },
     }
 

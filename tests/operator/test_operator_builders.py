@@ -158,13 +158,14 @@ def test_servicemonitor_scrapes_the_api_metrics_of_every_head_serving_or_loading
     assert endpoints["api"] == {"port": "api", "path": "/metrics", "interval": "15s"}
     assert "http" not in endpoints and "metrics" in endpoints
     (heads,) = [s for s in scraped if s["metadata"]["name"] == "grok-1-metrics"]
+    # KubeRay labels each pod with its node type; the head's template carries the deployment.
+    assert heads["spec"]["selector"] == {
+        "grokserve.io/deployment": "grok-1",
+        "ray.io/node-type": "head",
+    }
     rayservice = next(c for c in children if c["kind"] == "RayService")
-    cluster = rayservice["spec"]["rayClusterConfig"]
-    head_labels = cluster["headGroupSpec"]["template"]["metadata"]["labels"]
-    worker_labels = cluster["workerGroupSpecs"][0]["template"]["metadata"]["labels"]
-    assert matches({"matchLabels": heads["spec"]["selector"]}, head_labels)
-    assert not matches({"matchLabels": heads["spec"]["selector"]}, worker_labels)
-    assert "ray.io/cluster" not in heads["spec"]["selector"]  # any cluster: the loading one too
+    head = rayservice["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["metadata"]
+    assert head["labels"]["grokserve.io/deployment"] == "grok-1"
 
 
 @pytest.mark.parametrize("strategy", [None, "NewCluster", "None"])
