@@ -45,7 +45,9 @@ SYNC_TIMEOUT_S = 30.0
 # While replicas may be loading weights, how often Prometheus is asked how far they are (about
 # the ServiceMonitor's scrape interval: asking more often learns nothing new).
 LOADING_POLL_S = 15.0
-LOADING_QUERY_TIMEOUT_S = 5.0
+# Passes that events bring (KubeRay reporting) reuse an answer younger than this.
+LOADING_REUSE_S = 5.0
+LOADING_QUERY_TIMEOUT_S = 3.0
 NO_SERIES = str(FailureReason.NO_SERIES)  # no replica reports loading: nothing to log
 
 
@@ -129,8 +131,9 @@ class Controller:
         # The context of a kopf event handler: kopf.warn posts Events through a queue it sets
         # there, and the workers post theirs from it.
         self._posting: contextvars.Context | None = None
-        # Why Prometheus last could not say how far a deployment's weights are (logged once).
-        self._loading_failures: dict[Key, str] = {}
+        # Prometheus' last answer on each deployment's weights loading, and when it came (one
+        # deployment's passes never overlap: the queue serialises them).
+        self._loading_answers: dict[Key, tuple[float, LoadingProgress | MetricFailure]] = {}
 
     async def start(self) -> None:
         """Watch the children (one thread per kind and namespace), wait for their first listings,
@@ -189,7 +192,7 @@ class Controller:
             self.cache.remove(kind, namespace, name)
             self.queue.forget((namespace, name))
             self.children.forget(namespace, name)
-            self._loading_failures.pop((namespace, name), None)
+            self._loading_answers.pop((namespace, name), None)
             metrics.forget(namespace, name)
             return
         # Children carry ownerReferences: the garbage collector deletes them with their owner.
@@ -263,20 +266,26 @@ class Controller:
         return run_pass(self.kube, body, self.children, self._loading_progress)
 
     def _loading_progress(self, url: str, namespace: str, name: str) -> LoadingProgress | None:
-        """What Prometheus says of the weights loading; None (and a log line when the answer
-        changes) when it cannot say: the status then just lacks progress."""
-        try:
-            progress = read_loading_progress(url, namespace, name, LOADING_QUERY_TIMEOUT_S)
-        except ValueError as error:  # a URL the client refuses
-            progress = MetricFailure("InvalidURL", str(error))
+        """What Prometheus says of the weights loading, asked at most every LOADING_REUSE_S per
+        deployment; None (and a log line when the cause changes) when it cannot say: the status
+        then just lacks progress."""
         key = (namespace, name)
-        if isinstance(progress, LoadingProgress):
-            self._loading_failures.pop(key, None)
-            return progress
-        if progress.reason != NO_SERIES and self._loading_failures.get(key) != progress.reason:
-            LOG.warning("loading progress of %s/%s unknown: %s", namespace, name, progress.message)
-        self._loading_failures[key] = progress.reason
-        return None
+        asked, before = self._loading_answers.get(key, (-LOADING_REUSE_S, None))
+        if time.monotonic() - asked < LOADING_REUSE_S and before is not None:
+            answer = before
+        else:
+            try:
+                answer = read_loading_progress(url, namespace, name, LOADING_QUERY_TIMEOUT_S)
+            except ValueError as error:  # a URL the client refuses
+                answer = MetricFailure("InvalidURL", str(error))
+            self._loading_answers[key] = (time.monotonic(), answer)
+            if isinstance(answer, MetricFailure) and answer.reason != NO_SERIES:
+                logged = isinstance(before, MetricFailure) and before.reason == answer.reason
+                if not logged:
+                    LOG.warning(
+                        "loading progress of %s/%s unknown: %s", namespace, name, answer.message
+                    )
+        return answer if isinstance(answer, LoadingProgress) else None
 
     def _warn(self, key: Key, warning: tuple[str, str]) -> None:
         body = self.cache.get(KIND, *key)

@@ -198,6 +198,54 @@ def test_a_pass_asks_only_while_replicas_may_load_and_does_without_an_answer(kub
     assert outcome.ready and not outcome.watches_loading and len(asked) == 2
 
 
+def test_passes_close_together_share_one_answer_and_a_failure_is_logged_once(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """KubeRay's status events bring passes seconds apart: they must not each query Prometheus."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from types import SimpleNamespace
+
+    queries: list[str] = []
+    failing = threading.Event()
+
+    class Prometheus(BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            queries.append(self.path)
+            answer = {"status": "success", "data": {"resultType": "scalar", "result": [0, "7"]}}
+            body = json.dumps(answer).encode()
+            self.send_response(503 if failing.is_set() else 200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(b"down" if failing.is_set() else body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Prometheus)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    operator = controller.Controller(SimpleNamespace(cache=None), workers=1, resync_s=60)
+    try:
+        assert operator._loading_progress(url, NS, NAME) == LoadingProgress(7, 7, 7)
+        assert len(queries) == 3  # done, needed, rate
+        operator._loading_progress(url, NS, NAME)
+        assert len(queries) == 3  # an answer this young is reused
+        monkeypatch.setattr(controller, "LOADING_REUSE_S", 0.0)
+        failing.set()
+        with caplog.at_level("WARNING", logger="grokserve.operator"):
+            assert operator._loading_progress(url, NS, NAME) is None
+            assert operator._loading_progress(url, NS, NAME) is None
+        assert len(queries) == 9
+        (line,) = [m for r in caplog.records if "loading progress" in (m := r.getMessage())]
+        assert line.startswith(f"loading progress of {NS}/{NAME} unknown: ")
+    finally:
+        server.shutdown()
+        server.server_close()
+        operator._executor.shutdown()
+
+
 # -- the operator, a real Prometheus, the replica's metrics ----------------------------------
 
 
@@ -231,7 +279,9 @@ def test_status_shows_loading_progress_then_clears_when_ready(
 ) -> None:
     _server, api = kube
     metrics, prometheus = replica
-    monkeypatch.setattr(controller, "LOADING_POLL_S", 1.0)  # the operator runs in this process
+    # The operator runs in this process: look again every second, each time asking Prometheus.
+    monkeypatch.setattr(controller, "LOADING_POLL_S", 1.0)
+    monkeypatch.setattr(controller, "LOADING_REUSE_S", 0.5)
     api.install_crds(kuberay=True)
     body = copy.deepcopy(yaml.safe_load(EXAMPLE.read_text()))
     # The autoscaler off: its prometheusUrl still serves the loading progress.
