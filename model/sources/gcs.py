@@ -13,7 +13,7 @@ from google.cloud import storage
 
 from grokserve.model.sources.errors import SourceError, StoreUnreachable
 from grokserve.model.sources.location import Location
-from grokserve.model.sources.store import ObjectInfo, relative_name
+from grokserve.model.sources.store import Checksum, ObjectInfo, listed_checksum, relative_name
 
 # The client's default retries a refused connection for two minutes; here a store that does not
 # answer fails at once (and a complete cache serves), while throttling and 5xx are retried.
@@ -73,6 +73,9 @@ class GCSStore:
             return blob.download_as_bytes(start=start, end=stop - 1, checksum=None, retry=RETRY)
         except Exception as error:
             raise self.error(error, info.name) from error
+
+    def checksum(self, info: ObjectInfo) -> Checksum | None:
+        return listed_checksum(info)
 
     def error(self, error: Exception, name: str | None = None) -> SourceError:
         where = self.location.url + (f" ({name})" if name else "")
