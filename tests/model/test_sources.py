@@ -19,6 +19,7 @@ import boto3
 import httpx
 import pytest
 
+from grokserve.cli import main
 from grokserve.model.checkpoint import open_checkpoint
 from grokserve.model.sources import (
     SourceError,
@@ -31,7 +32,16 @@ from grokserve.model.sources.cache import NodeCache, PartialFile
 from grokserve.model.sources.ranges import merge, total
 from grokserve.model.sources.s3 import S3Store
 from grokserve.serving.loading import DEMO_CHECKPOINT
-from testkit.stores import HubStandIn, fake_gcs, files_of, moto_s3, upload_gcs, upload_s3
+from testkit.stores import (
+    GCSAuthStandIn,
+    HubStandIn,
+    fake_gcs,
+    files_of,
+    moto_s3,
+    rsa_key,
+    upload_gcs,
+    upload_s3,
+)
 
 
 def test_locations_parse_and_unknown_schemes_are_refused_by_name() -> None:
@@ -395,3 +405,35 @@ def test_multipart_uploads_are_verified_by_their_etag(
         str(error.value),
     )
     assert complete_files(tmp_path / "bad") == []
+
+
+def test_gs_with_real_credentials_and_wrong_ones(
+    tmp_path: Path, monkeypatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with fake_gcs() as emulator:
+        upload_gcs(DEMO_CHECKPOINT, "weights", "demo")
+        with GCSAuthStandIn(emulator.url) as google:
+            key = google.service_account(tmp_path / "key.json")
+            monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(key))
+            fetched = fetch("gs://weights/demo", tmp_path / "cache")  # with the issued token
+            assert files_of(fetched.path) == files_of(DEMO_CHECKPOINT)
+
+            wrong = google.service_account(tmp_path / "wrong.json", rsa_key()[0])
+            monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(wrong))
+            inspect = ["inspect", "gs://weights/demo", "--cache-dir", str(tmp_path / "other")]
+            assert main(inspect) == 1
+            assert capsys.readouterr().err.splitlines() == [
+                "grokserve inspect: gs://weights/demo: Google refused the credentials "
+                "(invalid_grant: Invalid JWT Signature.); check GOOGLE_APPLICATION_CREDENTIALS or "
+                "the pods' Workload Identity"
+            ]
+
+            monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(key))
+            google.revoked = True  # a token the API no longer accepts
+            assert main(inspect) == 1
+            assert capsys.readouterr().err.splitlines() == [
+                "grokserve inspect: gs://weights/demo: access denied: wrong credentials, or they "
+                "lack storage.objects.get/list"
+            ]
+            google.stop()  # neither the token endpoint nor the API answers: the cache serves
+            assert fetch("gs://weights/demo", tmp_path / "cache").path == fetched.path
