@@ -25,9 +25,8 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, Executor, Future, ThreadPoolExecutor, wait
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,10 +146,11 @@ class NodeCache:
         self.abort.clear()
         self.directory.mkdir(parents=True, exist_ok=True)
         objects, reachable = self.listing(store)
+        done = self.complete_versions()  # a snapshot: each file is looked at again under its lock
         # The ranges each file is wanted for: a file another rank holds is sliced once it is free.
-        wanted = self.wanted_ranges(objects, store, reachable, slicer)
+        wanted = self.wanted_ranges(objects, done, store, reachable, slicer)
         estimates = {
-            info.name: total(subtract(wanted[info.name], self.held(info)))
+            info.name: total(subtract(wanted[info.name], self.held(info, done)))
             for info in objects
             if info.name in wanted
         }
@@ -175,7 +175,10 @@ class NodeCache:
                     bar.total += fetched - estimates.get(info.name, 0)
                     bar.refresh()
 
-            self.each_locked([o for o in objects if not self.completed(o)], take)
+            self.each_locked(
+                [o for o in objects if o.name not in wanted or done.get(o.name) != o.version],
+                take,
+            )
         return Fetched(
             self.view(objects, wanted),
             self.fetched_bytes - fetched_before,
@@ -224,63 +227,74 @@ class NodeCache:
             and (self.directory / "complete" / info.name).is_file()
         )
 
-    def held(self, info: ObjectInfo) -> Ranges:
+    def held(self, info: ObjectInfo, done: dict[str, str]) -> Ranges:
         """What the cache holds of `info` now (read without its lock: a hint, never a promise)."""
-        if self.completed(info):
+        if done.get(info.name) == info.version:
             return [(0, info.size)]
         return journalled(journal_of(self.partial_path(info)), info)
 
     def partial_path(self, info: ObjectInfo) -> Path:
         return self.directory / "partial" / info.name
 
-    @contextmanager
-    def index_lock(self) -> Iterator[None]:
-        with FileLock(self.directory / ".lock"):
-            yield
+    def index_lock(self) -> FileLock:
+        return FileLock(self.directory / ".lock")
 
     def file_lock(self, info: ObjectInfo) -> FileLock:
         path = self.directory / "locks" / f"{info.name}.lock"
         path.parent.mkdir(parents=True, exist_ok=True)
         return FileLock(path)
 
+    def locked(
+        self, info: ObjectInfo, job: Callable[[ObjectInfo], None], blocking: bool
+    ) -> ObjectInfo | None:
+        """job(info) under the file's lock; or, when another process holds it and `blocking` is
+        False, `info` back, not done."""
+        lock = self.file_lock(info)
+        try:
+            lock.acquire(blocking=blocking)
+        except Timeout:
+            return info
+        try:
+            job(info)
+        finally:
+            lock.release()
+        return None
+
     def each_locked(self, objects: list[ObjectInfo], job: Callable[[ObjectInfo], None]) -> None:
         """job(info) under each file's lock, `parallel` files at a time: first the files no other
         process holds, then the others as their holders let go."""
-
-        def attempt(info: ObjectInfo, blocking: bool) -> ObjectInfo | None:
-            lock = self.file_lock(info)
-            if not acquired(lock, blocking):
-                return info
-            try:
-                job(info)
-            finally:
-                lock.release()
-            return None
-
         with ThreadPoolExecutor(self.parallel) as files:
-            busy = self.run_all(files, [(attempt, info, False) for info in objects])
-            self.run_all(files, [(attempt, info, True) for info in busy if info is not None])
+            busy = self.run_all(files, [(self.locked, info, job, False) for info in objects])
+            self.run_all(files, [(self.locked, info, job, True) for info in busy if info])
 
     def wanted_ranges(
-        self, objects: list[ObjectInfo], store: Store, reachable: bool, slicer: Slicer | None
+        self,
+        objects: list[ObjectInfo],
+        done: dict[str, str],
+        store: Store,
+        reachable: bool,
+        slicer: Slicer | None,
     ) -> dict[str, Ranges]:
         """The ranges wanted of each file that needs no reading, or whose lock is free now (the
         slicer reads headers through the cache); the rest are sliced when their turn comes."""
-        wanted: dict[str, Ranges] = {}
+        wanted = {
+            info.name: [(0, info.size)] if info.size else []
+            for info in objects
+            if slicer is None or done.get(info.name) == info.version
+        }
 
-        def slice_if_free(info: ObjectInfo) -> None:
-            if slicer is None or self.completed(info):
-                wanted[info.name] = [(0, info.size)] if info.size else []
-                return
-            lock = self.file_lock(info)
-            if acquired(lock, blocking=False):
-                try:
-                    wanted[info.name] = self.ranges_of(info, store, reachable, slicer)
-                finally:
-                    lock.release()
+        def slice_one(info: ObjectInfo) -> None:
+            wanted[info.name] = self.ranges_of(info, store, reachable, slicer)
 
         with ThreadPoolExecutor(self.parallel) as files:
-            self.run_all(files, [(slice_if_free, info) for info in objects])
+            self.run_all(
+                files,
+                [
+                    (self.locked, info, slice_one, False)
+                    for info in objects
+                    if info.name not in wanted
+                ],
+            )
         return wanted
 
     def ranges_of(
@@ -448,14 +462,6 @@ class NodeCache:
                 "partial copy is kept and resumes once space is freed"
             )
         return SourceError(f"{self.location.url}: cannot write the cache {self.directory}: {error}")
-
-
-def acquired(lock: FileLock, blocking: bool) -> bool:
-    try:
-        lock.acquire(blocking=blocking)
-    except Timeout:  # held by another process (or thread)
-        return False
-    return True
 
 
 def same_file(link: Path, target: Path) -> bool:
