@@ -290,14 +290,18 @@ url, cache, rank, marks = sys.argv[1], Path(sys.argv[2]), sys.argv[3], Path(sys.
 other = "1" if rank == "0" else "0"
 read, overlapped, lock = {}, [], threading.Lock()
 
+def wait_for(mark, seconds):
+    deadline = time.monotonic() + seconds
+    while not mark.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
 class Recording(S3Store):
     def read(self, info, start, stop):
         # Ordering evidence: a rank's first requests wait (20 s at most) until the other rank has
         # a request in flight too; under one lock for the whole fetch they never would.
         (marks / rank).touch()
-        deadline = time.monotonic() + 20
-        while not overlapped and not (marks / other).exists() and time.monotonic() < deadline:
-            time.sleep(0.01)
+        if not overlapped:
+            wait_for(marks / other, 20)
         with lock:
             overlapped.append((marks / other).exists())
         data = super().read(info, start, stop)
@@ -309,6 +313,8 @@ def share(info, _read):
     return [(0, info.size)] if info.name in ("shared.bin", f"only{rank}.bin") else []
 
 location = parse_location(url)
+(marks / f"ready{rank}").touch()  # both ranks start fetching together, however slow to start
+wait_for(marks / f"ready{other}", 120)
 fetched = NodeCache(cache, location, chunk_bytes=1 << 16).fetch(Recording(location), share)
 print(json.dumps({"read": read, "overlapped": overlapped[0], "path": str(fetched.path),
                   "fetched": fetched.fetched_bytes}))
