@@ -36,7 +36,7 @@ from tqdm import tqdm
 from grokserve.model.sources.errors import SourceError, StoreUnreachable
 from grokserve.model.sources.location import Location
 from grokserve.model.sources.ranges import Ranges, merge, split, subtract, total
-from grokserve.model.sources.store import ObjectInfo, Store
+from grokserve.model.sources.store import Checksum, ObjectInfo, Store
 from grokserve.model.sources.verify import verify
 
 DEFAULT_CACHE_DIR = Path("~/.cache/grokserve")
@@ -343,9 +343,11 @@ class NodeCache:
                 bar.update(self.fetch_chunk(partial, start, stop, store))
 
             self.run_all(requests, [(fetch_one, start, stop) for start, stop in chunks])
-            if partial.complete:
+            # Offline, a whole file waits in partial/ (the view serves it like a slice): S3 asks
+            # the store for a multipart upload's part sizes to check it.
+            if partial.complete and reachable:
                 partial.close()
-                self.publish(partial, store)
+                self.publish(partial, store.checksum(info))
             return total(chunks)
         finally:
             partial.close()
@@ -380,11 +382,11 @@ class NodeCache:
             self.fetched_bytes += len(data)
         return len(data)
 
-    def publish(self, partial: PartialFile, store: Store) -> None:
+    def publish(self, partial: PartialFile, checksum: Checksum | None) -> None:
         """Verifies a fully fetched file and renames it into complete/; its file lock is held."""
         info = partial.info
         try:
-            verify(partial.data, info, store.checksum(info), self.location.url)
+            verify(partial.data, info, checksum, self.location.url)
         except SourceError:
             partial.data.unlink(missing_ok=True)
             partial.journal.unlink(missing_ok=True)

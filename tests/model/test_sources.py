@@ -231,6 +231,18 @@ def test_a_fetch_killed_with_sigkill_resumes_without_refetching(s3_demo, tmp_pat
     assert files_of(resumed.path) == files_of(DEMO_CHECKPOINT)
 
 
+def test_whole_files_not_yet_published_serve_offline(s3_demo, tmp_path: Path, monkeypatch) -> None:
+    # Killed after each file's last byte and before its verification: all of it is in partial/.
+    monkeypatch.setattr(NodeCache, "publish", lambda self, partial, checksum: None)
+    fetch("s3://weights/demo", tmp_path)
+    monkeypatch.undo()
+    s3_demo.stop()  # S3 is asked for a multipart upload's part sizes: offline, nothing is published
+    offline = fetch("s3://weights/demo", tmp_path)
+    assert offline.fetched_bytes == 0
+    assert files_of(offline.path) == files_of(DEMO_CHECKPOINT)
+    assert complete_files(tmp_path) == []
+
+
 def test_a_disk_filling_up_midway_fails_naming_the_cache(
     s3_demo, tmp_path: Path, monkeypatch
 ) -> None:
