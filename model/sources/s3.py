@@ -11,6 +11,8 @@ from grokserve.model.sources.errors import SourceError, StoreUnreachable
 from grokserve.model.sources.location import Location
 from grokserve.model.sources.store import Checksum, ObjectInfo, relative_name
 
+# What a store that does not read objects by part number answers HeadObject's PartNumber with.
+NO_PART_NUMBERS = {"InvalidArgument", "InvalidRequest", "NotImplemented", "400", "501"}
 DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "401"}
 UNREACHABLE = (
     botocore.exceptions.EndpointConnectionError,
@@ -18,6 +20,13 @@ UNREACHABLE = (
     botocore.exceptions.ReadTimeoutError,
     botocore.exceptions.ConnectionClosedError,
 )
+
+
+def encrypted(head: dict) -> bool:
+    """Whether HeadObject's answer says SSE-KMS or SSE-C, under which the ETag digests nothing."""
+    return head.get("ServerSideEncryption", "").startswith("aws:kms") or bool(
+        head.get("SSECustomerAlgorithm")
+    )
 
 
 class S3Store:
@@ -71,32 +80,34 @@ class S3Store:
         if info.checksum is None:
             return None
         kind, etag = info.checksum
-        first = self.head(info, 1)
-        if first.get("ServerSideEncryption", "").startswith("aws:kms") or first.get(
-            "SSECustomerAlgorithm"
-        ):
-            return None
         if kind == "md5":
-            return Checksum("md5", etag)
-        parts = int(etag.rsplit("-", 1)[1])
-        if first.get("PartsCount") != parts:
+            return None if encrypted(self.head(info)) else Checksum("md5", etag)
+        count = int(etag.rsplit("-", 1)[1])
+        first = self.head(info, 1)
+        if first.get("PartsCount") != count or encrypted(first):
             return None
         part_size = first["ContentLength"]
-        last = info.size - part_size * (parts - 1)
+        last = info.size - part_size * (count - 1)
         if 0 < last <= part_size:
-            sizes = (part_size,) * (parts - 1) + (last,)
-        else:
-            sizes = tuple(self.head(info, n)["ContentLength"] for n in range(1, parts + 1))
-        return Checksum("multipart-etag", etag, sizes)
+            return Checksum("multipart-etag", etag, (part_size,) * (count - 1) + (last,))
+        answers = [self.head(info, n) for n in range(1, count + 1)]
+        if not all(answers):
+            return None
+        return Checksum("multipart-etag", etag, tuple(a["ContentLength"] for a in answers))
 
-    def head(self, info: ObjectInfo, part: int) -> dict:
+    def head(self, info: ObjectInfo, part: int | None = None) -> dict:
+        """HeadObject, of one part when `part` is given ({} if the store refuses part numbers)."""
         # Not pinned with If-Match: stores differ in which ETag (the part's or the object's) they
         # match it against. The bytes are pinned; a layout of a newer version fails verification.
+        where = {"Bucket": self.location.container, "Key": info.key}
         try:
-            return self.client.head_object(
-                Bucket=self.location.container, Key=info.key, PartNumber=part
-            )
+            return self.client.head_object(**where, **({"PartNumber": part} if part else {}))
         except Exception as error:
+            refused = isinstance(error, botocore.exceptions.ClientError) and (
+                error.response.get("Error", {}).get("Code") in NO_PART_NUMBERS
+            )
+            if part and refused:
+                return {}
             raise self.error(error, info.name) from error
 
     def error(self, error: Exception, name: str | None = None) -> SourceError:
