@@ -38,7 +38,7 @@ TARGET_PER_REPLICA, BURST, MAX_REPLICAS = 8, 30, 4  # ceil(30 / 8) = 4
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=8, help="queue steps to time (default 8)")
     parser.add_argument(
         "--evaluation-interval",

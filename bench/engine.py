@@ -149,7 +149,7 @@ async def prefill_tokens_with_shared_prefix(
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="grok-mini")
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--batch", type=int, nargs="+", default=[16, 64])

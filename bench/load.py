@@ -56,10 +56,10 @@ def timed_load(source: str, cache: Path | None = None) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--emb", type=int, default=512)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--experts", type=int, default=8)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--emb", type=int, default=512, help="model width")
+    parser.add_argument("--layers", type=int, default=8, help="transformer layers")
+    parser.add_argument("--experts", type=int, default=8, help="experts per MoE layer")
     args = parser.parse_args()
     torch.set_num_threads(1)
     root = Path(tempfile.mkdtemp(prefix="bench-load-"))

@@ -469,7 +469,7 @@ def device_name(device: torch.device) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, nargs="+")
     parser.add_argument("--model", type=int, help="D (6144)")
     parser.add_argument(

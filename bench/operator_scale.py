@@ -45,7 +45,7 @@ TARGET_RECONCILED_S, TARGET_REST_CPU, TARGET_RSS_MIB = 60.0, 0.02, 300
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--counts", type=int, nargs="+", default=[100, 1000])
     parser.add_argument(
         "--rest-seconds", type=float, default=60, help="how long to measure at rest (default 60)"

@@ -12,7 +12,7 @@ import yaml
 from pydantic import BaseModel
 
 from grokserve.model.placement import Plan
-from grokserve.operator.kuberay import CLUSTER_LABEL, SERVE_LABEL
+from grokserve.operator.kuberay import CLUSTER_LABEL, NODE_TYPE_LABEL, SERVE_LABEL
 from grokserve.operator.replica import (
     MODEL_MOUNT_ROOT,
     WEIGHTS_CACHE_MOUNT,
@@ -33,6 +33,7 @@ SERVE_IMPORT_PATH = "grokserve.serving.app:build_app"
 SERVE_PORT = 8000
 METRICS_PORT = 8080
 DEPLOYMENT_LABEL = f"{API_GROUP}/deployment"
+COMPONENT_LABEL = "app.kubernetes.io/component"
 WEIGHTS_CACHE_VOLUME = "weights-cache"
 SERVING_CONFIG_KEY = "serving.yaml"
 
@@ -50,7 +51,7 @@ def labels(owner: Owner, component: str) -> dict[str, str]:
     return {
         "app.kubernetes.io/name": "grokserve",
         "app.kubernetes.io/instance": owner.name,
-        "app.kubernetes.io/component": component,
+        COMPONENT_LABEL: component,
         "app.kubernetes.io/managed-by": "grokserve-operator",
         DEPLOYMENT_LABEL: owner.name,
     }
@@ -318,6 +319,23 @@ def build_service(owner: Owner, serving_cluster: str | None) -> dict[str, Any]:
     }
 
 
+def build_metrics_service(owner: Owner) -> dict[str, Any]:
+    """What Prometheus scrapes for the API's /metrics: the head pod of each of the deployment's
+    Ray clusters, serving or not yet. The endpoint Service selects no pod until KubeRay names a
+    serving cluster, so replicas loading their weights (a first start, an upgrade's new cluster)
+    would go unseen; the head's Serve proxy answers /metrics meanwhile. Headless: no traffic."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(owner, f"{owner.name}-metrics", "metrics"),
+        "spec": {
+            "clusterIP": "None",
+            "selector": {DEPLOYMENT_LABEL: owner.name, NODE_TYPE_LABEL: "head"},
+            "ports": [{"name": "api", "port": SERVE_PORT, "targetPort": SERVE_PORT}],
+        },
+    }
+
+
 def endpoint(owner: Owner) -> str:
     return f"http://{owner.name}.{owner.namespace}.svc:{SERVE_PORT}/v1"
 
@@ -342,10 +360,19 @@ def build_servicemonitor(owner: Owner) -> dict[str, Any]:
         "kind": "ServiceMonitor",
         "metadata": _metadata(owner, owner.name, "metrics"),
         "spec": {
-            "selector": {"matchLabels": labels(owner, "endpoint")},
-            # The API port's /metrics holds the queue gauges the autoscaler reads; `metrics` is Ray's.
+            # Two Services, each with one of the ports: the heads' API port (grokserve's /metrics,
+            # the queue gauges the autoscaler reads and the weights loading), and the serving
+            # pods' `metrics` port (Ray's).
+            "selector": {
+                "matchLabels": {
+                    k: v for k, v in labels(owner, "metrics").items() if k != COMPONENT_LABEL
+                },
+                "matchExpressions": [
+                    {"key": COMPONENT_LABEL, "operator": "In", "values": ["endpoint", "metrics"]}
+                ],
+            },
             "endpoints": [
-                {"port": "http", "path": "/metrics", "interval": "15s"},
+                {"port": "api", "path": "/metrics", "interval": "15s"},
                 {"port": "metrics", "interval": "15s"},
             ],
         },
@@ -363,9 +390,7 @@ def build_pdb(owner: Owner, spec: GrokDeploymentSpec) -> dict[str, Any]:
         "metadata": _metadata(owner, owner.name, "disruption-budget"),
         "spec": {
             "maxUnavailable": unavailable,
-            "selector": {
-                "matchLabels": {DEPLOYMENT_LABEL: owner.name, "ray.io/node-type": "worker"}
-            },
+            "selector": {"matchLabels": {DEPLOYMENT_LABEL: owner.name, NODE_TYPE_LABEL: "worker"}},
         },
     }
 
@@ -386,5 +411,5 @@ def build_children(
         build_pdb(owner, spec),
     ]
     if with_servicemonitor:
-        children.append(build_servicemonitor(owner))
+        children += [build_metrics_service(owner), build_servicemonitor(owner)]
     return children

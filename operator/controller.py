@@ -21,21 +21,42 @@ import urllib3
 from kubernetes.client.rest import ApiException
 
 from grokserve.operator import metrics
+from grokserve.operator.autoscaling.policy import MetricFailure
+from grokserve.operator.autoscaling.prometheus import FailureReason, read_loading_progress
 from grokserve.operator.builders import DEPLOYMENT_LABEL, build_children
 from grokserve.operator.cache import CachedKube, ChildrenMemo, ObjectCache, key_of
 from grokserve.operator.child_watch import ChildWatch
 from grokserve.operator.kube import GROKDEPLOYMENT, RESOURCES, Kube, Resource
 from grokserve.operator.peering import PeeringGate
-from grokserve.operator.reconcile import BuildChildren, Outcome, api_failure, reconcile
+from grokserve.operator.reconcile import (
+    BuildChildren,
+    LoadingProbe,
+    Outcome,
+    api_failure,
+    reconcile,
+)
 from grokserve.operator.spec import KIND
+from grokserve.operator.status import LoadingProgress
 from grokserve.operator.workqueue import Key, ReconcileQueue, resync
 
 LOG = logging.getLogger("grokserve.operator")
 # How long the start waits for the watches' first listings before working without them.
 SYNC_TIMEOUT_S = 30.0
+# While replicas may be loading weights, how often Prometheus is asked how far they are (about
+# the ServiceMonitor's scrape interval: asking more often learns nothing new).
+LOADING_POLL_S = 15.0
+# Passes that events bring (KubeRay reporting) reuse an answer younger than this.
+LOADING_REUSE_S = 5.0
+LOADING_QUERY_TIMEOUT_S = 3.0
+NO_SERIES = str(FailureReason.NO_SERIES)  # no replica reports loading: nothing to log
 
 
-def run_pass(kube: Kube, body: dict[str, Any], build: BuildChildren = build_children) -> Outcome:
+def run_pass(
+    kube: Kube,
+    body: dict[str, Any],
+    build: BuildChildren = build_children,
+    loading: LoadingProbe | None = None,
+) -> Outcome:
     """One reconcile pass over `body`, the GrokDeployment as last seen: children, then status.
 
     The status is written from the object as stored at write time, not from `body`: the
@@ -44,7 +65,7 @@ def run_pass(kube: Kube, body: dict[str, Any], build: BuildChildren = build_chil
     meta = body["metadata"]
     started = time.perf_counter()
     try:
-        outcome = reconcile(kube, body, build)
+        outcome = reconcile(kube, body, build, loading)
         kube.update_status(
             GROKDEPLOYMENT,
             meta["namespace"],
@@ -110,6 +131,9 @@ class Controller:
         # The context of a kopf event handler: kopf.warn posts Events through a queue it sets
         # there, and the workers post theirs from it.
         self._posting: contextvars.Context | None = None
+        # Prometheus' last answer on each deployment's weights loading, and when it came (one
+        # deployment's passes never overlap: the queue serialises them).
+        self._loading_answers: dict[Key, tuple[float, LoadingProgress | MetricFailure]] = {}
 
     async def start(self) -> None:
         """Watch the children (one thread per kind and namespace), wait for their first listings,
@@ -168,6 +192,7 @@ class Controller:
             self.cache.remove(kind, namespace, name)
             self.queue.forget((namespace, name))
             self.children.forget(namespace, name)
+            self._loading_answers.pop((namespace, name), None)
             metrics.forget(namespace, name)
             return
         # Children carry ownerReferences: the garbage collector deletes them with their owner.
@@ -214,6 +239,8 @@ class Controller:
             self.queue.done(key)
             if outcome is not None and outcome.warning is not None:
                 self._warn(key, outcome.warning)
+            if outcome is not None and outcome.watches_loading:
+                self.queue.add_after(key, LOADING_POLL_S)
 
     def _record_failure(self, key: Key, error: Exception, retry_in: float | None) -> None:
         body = self.cache.get(KIND, *key)
@@ -236,7 +263,29 @@ class Controller:
         gate = self._gates.get(None if None in self._gates else key[0])
         if gate is not None and not gate.active():
             return None  # a standby peer: the active one reconciles
-        return run_pass(self.kube, body, self.children)
+        return run_pass(self.kube, body, self.children, self._loading_progress)
+
+    def _loading_progress(self, url: str, namespace: str, name: str) -> LoadingProgress | None:
+        """What Prometheus says of the weights loading, asked at most every LOADING_REUSE_S per
+        deployment; None (and a log line when the cause changes) when it cannot say: the status
+        then just lacks progress."""
+        key = (namespace, name)
+        asked, before = self._loading_answers.get(key, (-LOADING_REUSE_S, None))
+        if time.monotonic() - asked < LOADING_REUSE_S and before is not None:
+            answer = before
+        else:
+            try:
+                answer = read_loading_progress(url, namespace, name, LOADING_QUERY_TIMEOUT_S)
+            except ValueError as error:  # a URL the client refuses
+                answer = MetricFailure("InvalidURL", str(error))
+            self._loading_answers[key] = (time.monotonic(), answer)
+            if isinstance(answer, MetricFailure) and answer.reason != NO_SERIES:
+                logged = isinstance(before, MetricFailure) and before.reason == answer.reason
+                if not logged:
+                    LOG.warning(
+                        "loading progress of %s/%s unknown: %s", namespace, name, answer.message
+                    )
+        return answer if isinstance(answer, LoadingProgress) else None
 
     def _warn(self, key: Key, warning: tuple[str, str]) -> None:
         body = self.cache.get(KIND, *key)

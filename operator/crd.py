@@ -151,6 +151,27 @@ def status_schema() -> dict[str, Any]:
             "selector": field("string", "Label selector of the deployment's pods (/scale)."),
             "endpoint": field("string", "OpenAI-compatible base URL inside the cluster."),
             "placement": field("string", "How replicas are laid out over nodes and GPUs."),
+            "loading": {
+                "type": "object",
+                "description": "While replicas load their weights, how far they are, summed over "
+                "the replicas still loading (from Prometheus: needs autoscaling.prometheusUrl); "
+                "absent otherwise.",
+                "properties": {
+                    "bytesDone": field(
+                        "integer",
+                        "Bytes of the weights on the replicas' nodes: found in the node cache "
+                        "or fetched so far.",
+                    ),
+                    "bytesNeeded": field(
+                        "integer", "Bytes of the checkpoint the loading replicas' shards need."
+                    ),
+                    "bytesPerSecond": field(
+                        "integer",
+                        "Bytes per second fetched from the store over the last minute (absent "
+                        "until Prometheus has two samples).",
+                    ),
+                },
+            },
             "conditions": {
                 "type": "array",
                 "description": "Ready, Progressing, Degraded (and ScalingActive from the autoscaler).",

@@ -13,6 +13,8 @@ from typing import Any
 # (the serve Service KubeRay manages selects both).
 CLUSTER_LABEL = "ray.io/cluster"
 SERVE_LABEL = "ray.io/serve"
+# ... and its node type: head or worker.
+NODE_TYPE_LABEL = "ray.io/node-type"
 
 # `spec.upgradeStrategy` first appears in KubeRay 1.3's RayService CRD; an older CRD prunes it.
 MIN_KUBERAY_VERSION = "1.3"

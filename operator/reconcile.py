@@ -20,14 +20,19 @@ from grokserve.operator.spec import GrokDeploymentSpec, SpecError, check_name, p
 from grokserve.operator.status import (
     KUBERAY_INSTALL_HINT,
     Condition,
+    LoadingProgress,
     build_status,
     failure_conditions,
+    loading_conditions,
+    may_be_loading,
     observed_replicas,
     serving_conditions,
 )
 
 # build_children's signature: (owner, spec, plan, *, with_servicemonitor) -> children
 BuildChildren = Callable[..., list[dict[str, Any]]]
+# (Prometheus URL, namespace, name) -> the weights still loading, None when unknown.
+LoadingProbe = Callable[[str, str, str], LoadingProgress | None]
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,10 @@ class Outcome:
     warning: tuple[str, str] | None = None
     # Replicas whose worker nodes exist (status.replicas), ready or not.
     observed_replicas: int = 0
+    # How far the loading replicas' weights are (status.loading), when Prometheus says.
+    loading: LoadingProgress | None = None
+    # Replicas may be loading and Prometheus can tell: worth another look soon.
+    watches_loading: bool = False
 
     @property
     def ready(self) -> bool:
@@ -63,6 +72,7 @@ class Outcome:
             observed_replicas=self.observed_replicas,
             generation=self.generation,
             previous=stored,
+            loading=self.loading,
         )
 
 
@@ -78,12 +88,19 @@ def owner_of(body: dict[str, Any]) -> Owner:
     return Owner(name=meta["name"], namespace=meta["namespace"], uid=meta.get("uid"))
 
 
-def reconcile(kube: Kube, body: dict[str, Any], build: BuildChildren = build_children) -> Outcome:
+def reconcile(
+    kube: Kube,
+    body: dict[str, Any],
+    build: BuildChildren = build_children,
+    loading: LoadingProbe | None = None,
+) -> Outcome:
     """Validate and plan, apply every child (server-side apply), then observe the RayService.
 
     A spec that is invalid or whose replica does not fit its GPUs changes no child, and nothing is
     written while any child's name is held by an object that is not ours. `build` turns the spec
-    and plan into the children (the operator passes a memo of `build_children`).
+    and plan into the children (the operator passes a memo of `build_children`). `loading` asks
+    Prometheus how far the weights are, when replicas may be loading and
+    spec.autoscaling.prometheusUrl is set.
     """
     owner = owner_of(body)
     try:
@@ -132,7 +149,7 @@ def reconcile(kube: Kube, body: dict[str, Any], build: BuildChildren = build_chi
             else (f"{applying['kind']} {applying['metadata']['name']}")
         )
         return _failed(body, REFUSALS[error.status], f"{what}: {api_message(error)}")
-    return _observed(body, spec, plan, rayservice)
+    return _observed(body, spec, plan, rayservice, loading)
 
 
 def _observed(
@@ -140,9 +157,19 @@ def _observed(
     spec: GrokDeploymentSpec,
     plan: Plan,
     rayservice: dict[str, Any] | None,
+    loading: LoadingProbe | None,
 ) -> Outcome:
     owner = owner_of(body)
     conditions, ready_replicas = serving_conditions(owner, spec, rayservice)
+    url = spec.autoscaling.prometheus_url
+    watches = url is not None and may_be_loading(conditions)
+    progress = None
+    if watches and url is not None and loading is not None:
+        progress = loading(url, owner.namespace, owner.name)
+        if progress is not None and progress.bytes_needed > 0:
+            conditions = loading_conditions(conditions, progress)
+        else:
+            progress = None
     return Outcome(
         owner,
         spec,
@@ -151,6 +178,8 @@ def _observed(
         ready_replicas,
         body["metadata"].get("generation"),
         observed_replicas=observed_replicas(spec, rayservice),
+        loading=progress,
+        watches_loading=watches,
     )
 
 

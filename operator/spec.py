@@ -343,7 +343,9 @@ class AutoscalingSpec(CamelModel):
         None,
         pattern=r"^https?://[^/].*",
         max_length=URL_MAX_LENGTH,
-        description="Prometheus HTTP API base URL (required when enabled).",
+        description="Prometheus HTTP API base URL that scrapes this deployment's serving pods: "
+        "the autoscaler's queue lengths (required when enabled) and, enabled or not, the weight "
+        "loading progress in status.loading.",
     )
     query: str | None = Field(
         None,

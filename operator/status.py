@@ -31,6 +31,13 @@ KUBERAY_INSTALL_HINT = (
 # The status fields that describe a valid spec (absent from a failed deployment's status).
 SPEC_FIELDS = ("replicas", "replicaSummary", "desiredReplicas", "gpus", "endpoint", "placement")
 
+# Ready reasons under which replicas may be loading their weights: the Serve application is not
+# deployed or not yet healthy. Loading replaces them while progress is known.
+LOADING = "Loading"
+LOADING_REASONS = frozenset(
+    {"ServeApplicationPending", "ServeApplicationDeploying", "WaitingForNodes", LOADING}
+)
+
 
 @dataclass(frozen=True)
 class Condition:
@@ -48,6 +55,71 @@ class Condition:
             "observedGeneration": generation,
             "lastTransitionTime": now,
         }
+
+
+@dataclass(frozen=True)
+class LoadingProgress:
+    """The weights of the replicas that are still loading, summed over them and their shards:
+    bytes on their nodes (found in the node cache or fetched), bytes they need, and the rate at
+    which bytes arrive from the store (None until Prometheus has two samples to derive it)."""
+
+    bytes_done: float
+    bytes_needed: float
+    bytes_per_second: float | None
+
+    def as_status(self) -> dict[str, int | None]:
+        rate = self.bytes_per_second
+        return {
+            "bytesDone": int(self.bytes_done),
+            "bytesNeeded": int(self.bytes_needed),
+            "bytesPerSecond": None if rate is None else round(rate),
+        }
+
+    @property
+    def message(self) -> str:
+        """e.g. "loading weights: 12.3 GiB of 300 GiB (4%) at 850 MiB/s"."""
+        done, needed = self.bytes_done, self.bytes_needed
+        # Floored: 100% only once every byte is there.
+        percent = int(100 * done // needed) if needed else 100
+        text = f"loading weights: {binary_bytes(done)} of {binary_bytes(needed)} ({percent}%)"
+        if self.bytes_per_second is not None:
+            text += f" at {binary_bytes(self.bytes_per_second)}/s"
+        return text
+
+
+def binary_bytes(count: float) -> str:
+    """Bytes in the largest binary unit that keeps the number at least 1, three digits or more:
+    850 MiB, 12.3 GiB, 1.25 TiB."""
+    units = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
+    value, unit = float(count), units[0]
+    for unit in units:
+        if value < 1024 or unit == units[-1]:
+            break
+        value /= 1024
+    if unit == "B" or value >= 100:
+        return f"{value:.0f} {unit}"
+    return f"{value:.1f} {unit}" if value >= 10 else f"{value:.2f} {unit}"
+
+
+def may_be_loading(conditions: list[Condition]) -> bool:
+    """Whether replicas may be loading their weights, by the Ready condition."""
+    ready = next(c for c in conditions if c.type == "Ready")
+    return not ready.status and ready.reason in LOADING_REASONS
+
+
+def loading_conditions(conditions: list[Condition], progress: LoadingProgress) -> list[Condition]:
+    """`conditions` with Ready and Progressing saying how far the weights are, when replicas may
+    be loading; a wait for nodes stays in the message."""
+    if not may_be_loading(conditions):
+        return conditions
+    ready = next(c for c in conditions if c.type == "Ready")
+    message = progress.message
+    if ready.reason == "WaitingForNodes":
+        message += f"; {ready.message}"
+    return [
+        Condition(c.type, c.status, LOADING, message) if c.type in ("Ready", "Progressing") else c
+        for c in conditions
+    ]
 
 
 def now_rfc3339() -> str:
@@ -236,11 +308,13 @@ def build_status(
     generation: int | None,
     previous: dict[str, Any] | None,
     now: str | None = None,
+    loading: LoadingProgress | None = None,
 ) -> dict[str, Any]:
     """The status to write over `previous`; `spec` and `plan` are None when the deployment failed.
 
     A failure sets what a spec describes to null, which the status write deletes: an endpoint or a
-    replica summary left from an earlier success would claim that something serves.
+    replica summary left from an earlier success would claim that something serves. So does
+    `loading` None: progress shows only while replicas load.
     """
     previous = previous or {}
     stamp = now or now_rfc3339()
@@ -249,6 +323,7 @@ def build_status(
         "selector": selector(owner),
         "readyReplicas": ready_replicas,
         "conditions": merge_conditions(previous.get("conditions"), conditions, generation, stamp),
+        "loading": None if loading is None else loading.as_status(),
     }
     if spec is None or plan is None:
         return {**status, **dict.fromkeys(SPEC_FIELDS)}

@@ -29,6 +29,7 @@ class ReconcileQueue:
         self._again: dict[Key, bool] = {}  # queued during its pass: urgent or not
         self._failures: dict[Key, int] = {}
         self._retries: dict[Key, asyncio.TimerHandle] = {}
+        self._later: dict[Key, asyncio.TimerHandle] = {}
         self._waiting = asyncio.Event()
 
     @property
@@ -59,10 +60,23 @@ class ReconcileQueue:
         self._normal.pop(key, None)
         self._again.pop(key, None)
         self._failures.pop(key, None)
-        retry = self._retries.pop(key, None)
-        if retry is not None:
-            retry.cancel()
+        for timers in (self._retries, self._later):
+            timer = timers.pop(key, None)
+            if timer is not None:
+                timer.cancel()
         self._changed()
+
+    def add_after(self, key: Key, delay_s: float) -> None:
+        """Queue `key` in `delay_s` seconds (to look again at something that changes without an
+        event, e.g. weights loading); an earlier look already planned stands."""
+        if key in self._later:
+            return
+        loop = asyncio.get_running_loop()
+        self._later[key] = loop.call_later(delay_s, self._look_again, key)
+
+    def _look_again(self, key: Key) -> None:
+        self._later.pop(key, None)
+        self.add(key)
 
     async def take(self) -> Key:
         while not self.depth:

@@ -15,7 +15,14 @@ from grokserve.model.checkpoint.base import CheckpointReader
 from grokserve.model.config import SpecialTokens
 from grokserve.model.parallel import GrokShard, shard_device, start_process_group
 from grokserve.model.placement import Plan
-from grokserve.model.sources import Fetched, fetch, metadata_only, rank_experts, rank_slicer
+from grokserve.model.sources import (
+    Fetched,
+    Progress,
+    fetch,
+    metadata_only,
+    rank_experts,
+    rank_slicer,
+)
 from grokserve.model.tokenizer import Tokenizer, beside_checkpoint
 from grokserve.serving.config import ReplicaModel, ServingConfig
 from grokserve.serving.engine import Engine
@@ -82,11 +89,14 @@ def load_tokenizer(spec: ReplicaModel) -> Tokenizer | ByteTokenizer:
     return ByteTokenizer(config.vocab_size, config.special_tokens)
 
 
-def fetch_shard_weights(spec: ReplicaModel, plan: Plan, rank: int) -> Fetched:
+def fetch_shard_weights(
+    spec: ReplicaModel, plan: Plan, rank: int, on_progress: Progress | None = None
+) -> Fetched:
     """The files and byte ranges of `spec.source` that `rank` holds in `plan`, in the node cache
     (a local source as it is)."""
     assert spec.source is not None
-    return fetch(spec.source, spec.cache_dir, slicer=rank_slicer(rank_experts(plan, rank)))
+    slicer = rank_slicer(rank_experts(plan, rank))
+    return fetch(spec.source, spec.cache_dir, slicer=slicer, on_progress=on_progress)
 
 
 def placement_plan(config: ServingConfig) -> Plan:
@@ -114,12 +124,13 @@ def load_shard(
     rank: int,
     master: tuple[str, int],
     on_fetched: Callable[[Fetched], None] | None = None,
+    on_progress: Progress | None = None,
 ) -> GrokShard:
     """This rank's shard of the replica's plan (the whole model when G = 1), its process group
     joined first when G > 1. Every rank of the replica calls this at the same time.
 
-    From a checkpoint, each rank fetches and reads only its own slices (`on_fetched` hears what
-    the fetch cost); with quantization int8 the checkpoint must hold 8-bit weights (as xAI's
+    From a checkpoint, each rank fetches and reads only its own slices (`on_progress` hears the
+    bytes as they arrive, `on_fetched` what the fetch cost); with quantization int8 the checkpoint must hold 8-bit weights (as xAI's
     release does)."""
     plan = placement_plan(config)
     kind = config.resources.device
@@ -128,7 +139,7 @@ def load_shard(
         device = start_process_group(plan, rank, *master, kind=kind)
     spec = config.model
     if spec.source is not None:
-        weights = fetch_shard_weights(spec, plan, rank)
+        weights = fetch_shard_weights(spec, plan, rank, on_progress)
         if on_fetched is not None:
             on_fetched(weights)
         return GrokShard.from_source(open_checkpoint(weights.path), plan, rank, device)

@@ -156,17 +156,32 @@ class ReplicaMetrics:
         )
         self._weights_fetched = Counter(
             "grokserve_weights_bytes_fetched",
-            "Checkpoint bytes each shard fetched from its store (0 when served from the node cache "
-            "or a local path).",
+            "Checkpoint bytes each shard fetched from its store so far (0 when served from the "
+            "node cache or a local path).",
+            (*labels, "rank"),
+            registry=reg,
+        )
+        self._weights_done = Gauge(
+            "grokserve_weights_bytes_done",
+            "Bytes of each shard's share of the checkpoint in the node cache: found there when "
+            "the load began, or fetched since; equals grokserve_weights_bytes_needed once fetched.",
+            (*labels, "rank"),
+            registry=reg,
+        )
+        self._weights_needed = Gauge(
+            "grokserve_weights_bytes_needed",
+            "Bytes of the checkpoint each shard's load needs (its rank's share), known once the "
+            "shard has read the safetensors headers.",
             (*labels, "rank"),
             registry=reg,
         )
         self._weights_seconds = Gauge(
             "grokserve_weights_load_seconds",
-            "Seconds each shard took to fetch and load its weights.",
+            "Seconds each shard took to fetch and load its weights (set once the load is done).",
             (*labels, "rank"),
             registry=reg,
         )
+        self._fetched_seen: dict[str, int] = {}  # rank -> bytes counted so far
         self._values = values
         self._expert_seen: list[list[int]] | None = None
 
@@ -219,12 +234,22 @@ class ReplicaMetrics:
         self._expert_seen = [list(row) for row in counts]
 
     def record_weights_load(self, shards: Sequence[Mapping[str, Any]]) -> None:
-        """What each shard worker reported when it loaded (its `describe()["weights"]`)."""
+        """What each shard worker has of its weights (`describe()["weights"]`): polled while it
+        loads, and once more when it is done (then with its load_seconds)."""
         for shard in shards:
             rank, weights = str(shard["rank"]), shard["weights"]
             labelled = {**self._values, "rank": rank}
-            self._weights_fetched.labels(**labelled).inc(weights.get("fetched_bytes", 0))
-            self._weights_seconds.labels(**labelled).set(weights["load_seconds"])
+            fetched = int(weights.get("fetched_bytes", 0))
+            # A counter only grows: add what arrived since the last report.
+            self._weights_fetched.labels(**labelled).inc(
+                max(0, fetched - self._fetched_seen.get(rank, 0))
+            )
+            self._fetched_seen[rank] = max(fetched, self._fetched_seen.get(rank, 0))
+            if "needed_bytes" in weights:
+                self._weights_done.labels(**labelled).set(weights["done_bytes"])
+                self._weights_needed.labels(**labelled).set(weights["needed_bytes"])
+            if "load_seconds" in weights:
+                self._weights_seconds.labels(**labelled).set(weights["load_seconds"])
 
     def snapshot(self) -> list[Metric]:
         return list(self.registry.collect())

@@ -21,6 +21,7 @@ from grokserve.serving.workers import ShardedExecutor
 log = logging.getLogger(__name__)
 
 METRICS_PUSH_SECONDS = 1.0
+PUSH_TIMEOUT_SECONDS = 5.0
 HEALTH_TIMEOUT_SECONDS = 20.0
 
 
@@ -34,13 +35,13 @@ class GrokReplica:
 
         self.config = ServingConfig.from_args(args)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
-        self.executor = await ShardedExecutor.create(self.config)
         self.metrics = ReplicaMetrics(self.config.name, self.replica_id)
+        self._metrics_hub = metrics_hub
+        self.executor = await ShardedExecutor.create(self.config, self._loading)
         self.metrics.record_weights_load(self.executor.shards)
         self.engine = build_engine(self.config, self.executor, observer=self.metrics)
         self.scheduler = self.engine.scheduler
         self.scheduler.start()
-        self._metrics_hub = metrics_hub
         self._push_task = asyncio.get_running_loop().create_task(self._push_metrics())
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[dict[str, Any]]:
@@ -93,16 +94,32 @@ class GrokReplica:
             raise RuntimeError("a model step failed (a shard worker died?)")
         await self.executor.check(timeout_s=HEALTH_TIMEOUT_SECONDS)
 
+    async def _loading(self, shards: list[dict[str, Any]]) -> None:
+        """The shard workers' weights so far, on /metrics while this replica is not ready yet
+        (the operator's Loading status reads them from Prometheus)."""
+        self.metrics.record_weights_load(shards)
+        await self._push()
+
     async def _push_metrics(self) -> None:
         while True:
             try:
                 counts = await self.executor.expert_token_counts()
                 if counts is not None:
                     self.metrics.record_expert_counts(counts)
-                await self._metrics_hub.push.remote(self.replica_id, self.metrics.snapshot())
             except Exception:
-                log.warning("pushing metrics failed; retrying", exc_info=True)
+                log.warning("reading the expert counts failed; retrying", exc_info=True)
+            await self._push()
             await asyncio.sleep(METRICS_PUSH_SECONDS)
+
+    async def _push(self) -> None:
+        # Bounded: while the replica loads, a hub that does not answer must not hold up the load.
+        try:
+            await asyncio.wait_for(
+                self._metrics_hub.push.remote(self.replica_id, self.metrics.snapshot()),
+                timeout=PUSH_TIMEOUT_SECONDS,
+            )
+        except Exception:
+            log.warning("pushing metrics failed; retrying", exc_info=True)
 
     async def __del__(self) -> None:
         self._push_task.cancel()

@@ -11,7 +11,7 @@ import asyncio
 import os
 import socket
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import ray
@@ -25,12 +25,20 @@ if TYPE_CHECKING:
     from grokserve.serving.executor import ModelStepper
 
 
-@ray.remote
+# While load() holds the worker's default thread, weights_progress() answers from a thread of
+# its own; steps keep the one default thread, so they still run one at a time in call order.
+PROGRESS_GROUP = "progress"
+PROGRESS_POLL_SECONDS = 1.0
+
+
+# Ray's typed overloads of ray.remote leave out its documented concurrency_groups option.
+@ray.remote(concurrency_groups={PROGRESS_GROUP: 1})  # type: ignore[call-overload]
 class ShardWorker:
     def __init__(self, args: dict[str, Any], rank: int) -> None:
         self.config = ServingConfig.from_args(args)
         self.rank = rank
         self.stepper: ModelStepper | None = None  # set by load()
+        # Replaced whole, never changed in place: the progress thread reads it during load().
         self.weights: dict[str, float] = {}
 
     def rendezvous_address(self) -> tuple[str, int]:
@@ -48,16 +56,29 @@ class ShardWorker:
 
         torch.set_num_threads(max(1, int(self.config.resources.cpus_per_shard)))
         started = time.perf_counter()
+        found: int | None = None  # bytes of the share the cache held before this load
+
+        def progress(done: int, needed: int) -> None:
+            nonlocal found
+            found = done if found is None else found
+            self.weights = {
+                **self.weights,
+                "done_bytes": done,
+                "needed_bytes": needed,
+                "fetched_bytes": done - found,
+            }
 
         def fetched(weights: Any) -> None:
-            self.weights |= {
-                "fetched_bytes": weights.fetched_bytes,
+            self.weights = {
+                **self.weights,
+                "done_bytes": weights.needed_bytes,
+                "fetched_bytes": weights.fetched_bytes,  # headers read before the share included
                 "needed_bytes": weights.needed_bytes,
                 "total_bytes": weights.total_bytes,
             }
 
-        model = load_shard(self.config, self.rank, master, on_fetched=fetched)
-        self.weights["load_seconds"] = time.perf_counter() - started
+        model = load_shard(self.config, self.rank, master, on_fetched=fetched, on_progress=progress)
+        self.weights = {**self.weights, "load_seconds": time.perf_counter() - started}
         self.stepper = ModelStepper.for_config(model, self.config)
         return self.describe()
 
@@ -71,6 +92,11 @@ class ShardWorker:
             "resources": context.get_assigned_resources(),
             "weights": self.weights,
         }
+
+    @ray.method(concurrency_group=PROGRESS_GROUP)
+    def weights_progress(self) -> dict[str, Any]:
+        """What describe() says of the weights, answered also while load() runs."""
+        return {"rank": self.rank, "weights": self.weights}
 
     def step(self, step: StepInput) -> list[RowOutput]:
         return self.loaded().run(step)
@@ -92,7 +118,13 @@ class ShardedExecutor:
         self.shards = shards
 
     @classmethod
-    async def create(cls, config: ServingConfig) -> ShardedExecutor:
+    async def create(
+        cls,
+        config: ServingConfig,
+        on_progress: Callable[[list[dict[str, Any]]], Awaitable[None]] | None = None,
+    ) -> ShardedExecutor:
+        """G shard workers with their weights loaded; while they load, `on_progress` hears every
+        PROGRESS_POLL_SECONDS what each has of its weights so far (their `weights_progress()`)."""
         group = get_current_placement_group()
         resources = config.resources
         workers = []
@@ -110,8 +142,17 @@ class ShardedExecutor:
             actor = ShardWorker.options(**options)  # type: ignore[attr-defined]
             workers.append(actor.remote(config.to_args(), rank))
         master = await workers[0].rendezvous_address.remote()
-        shards = await asyncio.gather(*(w.load.remote(master) for w in workers))
-        return cls(workers, list(shards))
+        loads = asyncio.gather(*(w.load.remote(master) for w in workers))
+        while on_progress is not None:
+            finished, _ = await asyncio.wait({loads}, timeout=PROGRESS_POLL_SECONDS)
+            if finished:
+                break
+            try:
+                progress = await asyncio.gather(*(w.weights_progress.remote() for w in workers))
+            except ray.exceptions.RayActorError:
+                break  # a worker died: its load fails too, with the cause, awaited below
+            await on_progress(list(progress))
+        return cls(workers, list(await loads))
 
     def submit(self, step: StepInput) -> Awaitable[list[RowOutput]]:
         # .remote() queues the step on every worker now, in call order.

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from grokserve.model.sources.cache import DEFAULT_CACHE_DIR, Fetched, NodeCache, Slicer
+from grokserve.model.sources.cache import DEFAULT_CACHE_DIR, Fetched, NodeCache, Progress, Slicer
 from grokserve.model.sources.errors import SourceError, StoreUnreachable
 from grokserve.model.sources.location import Location, parse_location
 from grokserve.model.sources.slices import (
@@ -29,6 +29,7 @@ __all__ = [
     "DEFAULT_CACHE_DIR",
     "Fetched",
     "Location",
+    "Progress",
     "SourceError",
     "StoreUnreachable",
     "checkpoint_files",
@@ -45,10 +46,14 @@ def fetch(
     cache_dir: str | Path | None = None,
     slicer: Slicer | None = None,
     progress: bool = False,
+    on_progress: Progress | None = None,
 ) -> Fetched:
-    """A local path holding `url` (or the part of it `slicer` wants); local locations as they are."""
+    """A local path holding `url` (or the part of it `slicer` wants); local locations as they are.
+
+    `progress` draws a tqdm bar of the bytes fetched; `on_progress` hears (bytes of the share on
+    disk, bytes of the share) as they arrive (never for a local location: nothing is fetched)."""
     location = parse_location(str(url))
     if location.path is not None:
         return Fetched(location.path, 0, 0, 0, 0.0)
     cache = NodeCache(Path(cache_dir or DEFAULT_CACHE_DIR), location)
-    return cache.fetch(open_store(location), slicer, progress)
+    return cache.fetch(open_store(location), slicer, progress, on_progress)

@@ -1,5 +1,6 @@
 """gs:// through google-cloud-storage: Application Default Credentials (GOOGLE_APPLICATION_CREDENTIALS,
-Workload Identity, gcloud) and STORAGE_EMULATOR_HOST, which the client honours itself."""
+Workload Identity, gcloud), and the variables the client honours itself: API_ENDPOINT_OVERRIDE (another
+endpoint, with credentials) and STORAGE_EMULATOR_HOST (an emulator, without)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from google.cloud import storage
 
 from grokserve.model.sources.errors import SourceError, StoreUnreachable
 from grokserve.model.sources.location import Location
-from grokserve.model.sources.store import ObjectInfo, relative_name
+from grokserve.model.sources.store import Checksum, ObjectInfo, listed_checksum, relative_name
 
 # The client's default retries a refused connection for two minutes; here a store that does not
 # answer fails at once (and a complete cache serves), while throttling and 5xx are retried.
@@ -74,10 +75,22 @@ class GCSStore:
         except Exception as error:
             raise self.error(error, info.name) from error
 
+    def checksum(self, info: ObjectInfo) -> Checksum | None:
+        return listed_checksum(info)
+
     def error(self, error: Exception, name: str | None = None) -> SourceError:
         where = self.location.url + (f" ({name})" if name else "")
         if isinstance(error, requests.exceptions.ConnectionError | requests.exceptions.Timeout):
             return StoreUnreachable(f"{where}: the GCS endpoint does not answer ({error})")
+        if isinstance(error, google.auth.exceptions.RefreshError):
+            # The token endpoint refused the credentials: a wrong or deleted key, a revoked grant.
+            cause = error.args[0] if error.args else error
+            return SourceError(
+                f"{where}: Google refused the credentials ({cause}); check "
+                "GOOGLE_APPLICATION_CREDENTIALS or the pods' Workload Identity"
+            )
+        if isinstance(error, google.auth.exceptions.TransportError):
+            return StoreUnreachable(f"{where}: the Google token endpoint does not answer ({error})")
         if isinstance(error, api_errors.NotFound):
             what = "the object (or its listed generation)" if name else "the bucket"
             return SourceError(f"{where}: {what} does not exist")

@@ -18,7 +18,7 @@ from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_st
 
 from grokserve.model.sources.errors import SourceError, StoreUnreachable
 from grokserve.model.sources.location import Location
-from grokserve.model.sources.store import ObjectInfo, relative_name
+from grokserve.model.sources.store import Checksum, ObjectInfo, listed_checksum, relative_name
 
 
 def offline() -> bool:
@@ -66,6 +66,9 @@ class HubStore:
             return response.content
         except Exception as error:
             raise self.error(error, info.name) from error
+
+    def checksum(self, info: ObjectInfo) -> Checksum | None:
+        return listed_checksum(info)
 
     def error(self, error: Exception, name: str | None = None) -> SourceError:
         where = self.location.url + (f" ({name})" if name else "")

@@ -13,7 +13,7 @@ class ObjectInfo:
     """One stored file. `name` is relative to the location's prefix (posix), `key` its full name in
     the store; `version` pins ranged
     reads to this content (S3 ETag, GCS generation, Hub commit); `checksum` is (algorithm, hex) of
-    the whole object where the store gives one (md5, crc32c, sha256 or git-sha1)."""
+    the whole object as listed, where the store gives one (see Checksum)."""
 
     name: str
     key: str
@@ -42,6 +42,22 @@ class ObjectInfo:
         )
 
 
+@dataclass(frozen=True)
+class Checksum:
+    """What a whole object digests to: `algorithm` (md5, crc32c, sha256, git-sha1) over its bytes,
+    or `multipart-etag`: S3's ETag of a multipart upload, the md5 of its parts' md5s followed by
+    `-PARTS`, for parts of `part_sizes` bytes."""
+
+    algorithm: str
+    hex: str
+    part_sizes: tuple[int, ...] = ()
+
+
+def listed_checksum(info: ObjectInfo) -> Checksum | None:
+    """The checksum the listing gave (for stores whose listing says all there is to check)."""
+    return Checksum(*info.checksum) if info.checksum else None
+
+
 class Store(Protocol):
     location: Location
 
@@ -51,6 +67,10 @@ class Store(Protocol):
 
     def read(self, info: ObjectInfo, start: int, stop: int) -> bytes:
         """Bytes [start, stop) of `info`, refused by the store if the object changed since listing."""
+
+    def checksum(self, info: ObjectInfo) -> Checksum | None:
+        """What a fetched copy of `info` must digest to (None: its size alone is checked); asked
+        once all its bytes are here."""
 
 
 def relative_name(key: str, prefix: str) -> str | None:

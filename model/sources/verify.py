@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 from grokserve.model.sources.errors import SourceError
-from grokserve.model.sources.store import ObjectInfo
+from grokserve.model.sources.store import Checksum, ObjectInfo
 
 BLOCK = 1 << 22
 
@@ -20,37 +20,57 @@ class Digest(Protocol):
     def digest(self) -> bytes: ...
 
 
-def digest(path: Path, algorithm: str, size: int) -> str:
-    crc: Digest
+def new_digest(algorithm: str) -> Digest:
     if algorithm == "crc32c":
         import google_crc32c
 
-        crc = google_crc32c.Checksum()
-        update = crc.update
-    else:
-        crc = hashlib.new("sha1" if algorithm == "git-sha1" else algorithm)
-        update = crc.update
-        if algorithm == "git-sha1":  # git's blob id: sha1 of "blob SIZE\0" + content
-            update(b"blob %d\0" % size)
+        return google_crc32c.Checksum()
+    return hashlib.new("sha1" if algorithm == "git-sha1" else algorithm)
+
+
+def feed(digest: Digest, file: BinaryIO, length: int | None = None) -> None:
+    """`length` bytes of `file` (all that is left when None) into `digest`."""
+    left = length
+    while left is None or left > 0:
+        block = file.read(BLOCK if left is None else min(BLOCK, left))
+        if not block:
+            return
+        digest.update(block)
+        if left is not None:
+            left -= len(block)
+
+
+def digest(path: Path, checksum: Checksum, size: int) -> str:
+    """`path`'s digest in the form the store gives `checksum` (hex; a multipart ETag with -PARTS)."""
     with open(path, "rb") as file:
-        while block := file.read(BLOCK):
-            update(block)
-    return crc.digest().hex()
+        if checksum.algorithm == "multipart-etag":
+            parts = []
+            for part_size in checksum.part_sizes:
+                part = hashlib.md5()
+                feed(part, file, part_size)
+                parts.append(part.digest())
+            return f"{hashlib.md5(b''.join(parts)).hexdigest()}-{len(parts)}"
+        whole = new_digest(checksum.algorithm)
+        if checksum.algorithm == "git-sha1":  # git's blob id: sha1 of "blob SIZE\0" + content
+            whole.update(b"blob %d\0" % size)
+        feed(whole, file)
+        return whole.digest().hex()
 
 
-def verify(path: Path, info: ObjectInfo, source: str) -> None:
-    """Raises SourceError naming the source and file unless `path` matches `info`."""
+def verify(path: Path, info: ObjectInfo, checksum: Checksum | None, source: str) -> None:
+    """Raises SourceError naming the source and file unless `path` has `info`'s size and
+    `checksum`."""
     size = path.stat().st_size
     if size != info.size:
         raise SourceError(
             f"{source} ({info.name}): fetched {size} bytes but the store lists {info.size}"
         )
-    if info.checksum is None:
+    if checksum is None:
         return
-    algorithm, expected = info.checksum
-    actual = digest(path, algorithm, size)
-    if actual != expected.lower():
+    actual = digest(path, checksum, size)
+    if actual != checksum.hex.lower():
         raise SourceError(
-            f"{source} ({info.name}): {algorithm} checksum mismatch (store {expected}, fetched "
-            f"{actual}); the corrupt copy was discarded, run again to fetch it anew"
+            f"{source} ({info.name}): {checksum.algorithm} checksum mismatch (store "
+            f"{checksum.hex}, fetched {actual}); the corrupt copy was discarded, run again to fetch "
+            "it anew"
         )

@@ -16,6 +16,7 @@ from typing import Any
 import aiohttp
 
 from grokserve.operator.autoscaling.policy import MetricFailure, QueueSample
+from grokserve.operator.status import LoadingProgress
 
 # Every Serve proxy answers /metrics with all replicas' series, so Prometheus scrapes each replica
 # once per node: `max by (replica)` counts it once.
@@ -26,6 +27,21 @@ RUNNING_QUERY = (
     'sum(max by (replica) (grokserve_requests_running{namespace="$namespace",deployment="$name"}))'
 )
 PLACEHOLDERS = ("namespace", "name")
+
+# Weight loading (the replicas' grokserve_weights_* series), summed over the replicas that are
+# still loading: those without grokserve_weights_load_seconds, which a replica sets once loaded.
+_SERIES = '{namespace="$namespace",deployment="$name"}'
+_STILL_LOADING = f"unless on (replica) grokserve_weights_load_seconds{_SERIES}"
+LOADING_DONE_QUERY = (
+    f"sum(max by (replica, rank) (grokserve_weights_bytes_done{_SERIES}) {_STILL_LOADING})"
+)
+LOADING_NEEDED_QUERY = (
+    f"sum(max by (replica, rank) (grokserve_weights_bytes_needed{_SERIES}) {_STILL_LOADING})"
+)
+LOADING_RATE_QUERY = (
+    "sum(max by (replica, rank) (rate(grokserve_weights_bytes_fetched_total"
+    f"{_SERIES}[1m])) {_STILL_LOADING})"
+)
 
 
 class FailureReason(StrEnum):
@@ -99,6 +115,21 @@ class PrometheusClient:
         return QueueSample(
             waiting=waiting, running=None if isinstance(running, MetricFailure) else running
         )
+
+    async def loading_progress(self, namespace: str, name: str) -> LoadingProgress | MetricFailure:
+        """The weights of the deployment's replicas that are still loading (NoSeries when none
+        reports any); the rate is None until Prometheus has two samples of a shard's counter."""
+        done, needed, rate = await asyncio.gather(
+            *(
+                self.scalar(render_query(query, namespace, name))
+                for query in (LOADING_DONE_QUERY, LOADING_NEEDED_QUERY, LOADING_RATE_QUERY)
+            )
+        )
+        for value in (done, needed):
+            if isinstance(value, MetricFailure):
+                return value
+        assert isinstance(done, float) and isinstance(needed, float)
+        return LoadingProgress(done, needed, None if isinstance(rate, MetricFailure) else rate)
 
     async def _query(self, query: str) -> dict[str, Any]:
         url = f"{self.base_url}/api/v1/query"
@@ -178,3 +209,18 @@ def _parse_number(query: str, text: Any) -> float:
             f"query {query!r} returned {text}, not a queue length",
         )
     return value
+
+
+def read_loading_progress(
+    base_url: str, namespace: str, name: str, timeout_s: float = 5.0
+) -> LoadingProgress | MetricFailure:
+    """`PrometheusClient.loading_progress` for a caller in a thread (a reconcile pass)."""
+
+    async def query() -> LoadingProgress | MetricFailure:
+        # As the autoscaler's: no DNS cache, whose resolving task would outlive this loop.
+        connector = aiohttp.TCPConnector(use_dns_cache=False)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            client = PrometheusClient(base_url, session, timeout_s=timeout_s)
+            return await client.loading_progress(namespace, name)
+
+    return asyncio.run(query())

@@ -4,7 +4,10 @@ Hub stand-in; the node cache's verify-then-publish, resume, offline and error pa
 from __future__ import annotations
 
 import errno
+import json
 import os
+import random
+import re
 import shutil
 import subprocess
 import sys
@@ -12,9 +15,11 @@ import time
 from collections import namedtuple
 from pathlib import Path
 
+import boto3
 import httpx
 import pytest
 
+from grokserve.cli import main
 from grokserve.model.checkpoint import open_checkpoint
 from grokserve.model.sources import (
     SourceError,
@@ -27,7 +32,16 @@ from grokserve.model.sources.cache import NodeCache, PartialFile
 from grokserve.model.sources.ranges import merge, total
 from grokserve.model.sources.s3 import S3Store
 from grokserve.serving.loading import DEMO_CHECKPOINT
-from testkit.stores import HubStandIn, fake_gcs, files_of, moto_s3, upload_gcs, upload_s3
+from testkit.stores import (
+    GCSAuthStandIn,
+    HubStandIn,
+    fake_gcs,
+    files_of,
+    moto_s3,
+    rsa_key,
+    upload_gcs,
+    upload_s3,
+)
 
 
 def test_locations_parse_and_unknown_schemes_are_refused_by_name() -> None:
@@ -217,6 +231,18 @@ def test_a_fetch_killed_with_sigkill_resumes_without_refetching(s3_demo, tmp_pat
     assert files_of(resumed.path) == files_of(DEMO_CHECKPOINT)
 
 
+def test_whole_files_not_yet_published_serve_offline(s3_demo, tmp_path: Path, monkeypatch) -> None:
+    # Killed after each file's last byte and before its verification: all of it is in partial/.
+    monkeypatch.setattr(NodeCache, "publish", lambda self, partial, checksum: None)
+    fetch("s3://weights/demo", tmp_path)
+    monkeypatch.undo()
+    s3_demo.stop()  # S3 is asked for a multipart upload's part sizes: offline, nothing is published
+    offline = fetch("s3://weights/demo", tmp_path)
+    assert offline.fetched_bytes == 0
+    assert files_of(offline.path) == files_of(DEMO_CHECKPOINT)
+    assert complete_files(tmp_path) == []
+
+
 def test_a_disk_filling_up_midway_fails_naming_the_cache(
     s3_demo, tmp_path: Path, monkeypatch
 ) -> None:
@@ -263,3 +289,181 @@ def test_hf_revisions_subdirs_tokens_and_offline(tmp_path: Path, monkeypatch) ->
         assert fetch("hf://org/demo@v1/weights", tmp_path).path == fetched.path
         with pytest.raises(SourceError, match="HF_HUB_OFFLINE is set; the cache"):
             fetch("hf://org/demo@main/weights", tmp_path)
+
+
+PARALLEL_FETCH = """
+import json, sys, threading, time
+from pathlib import Path
+from grokserve.model.sources.cache import NodeCache
+from grokserve.model.sources.location import parse_location
+from grokserve.model.sources.s3 import S3Store
+
+url, cache, rank, marks = sys.argv[1], Path(sys.argv[2]), sys.argv[3], Path(sys.argv[4])
+other = "1" if rank == "0" else "0"
+read, overlapped, lock = {}, [], threading.Lock()
+
+def wait_for(mark, seconds):
+    deadline = time.monotonic() + seconds
+    while not mark.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+class Recording(S3Store):
+    def read(self, info, start, stop):
+        # Ordering evidence: a rank's first requests wait (20 s at most) until the other rank has
+        # a request in flight too; under one lock for the whole fetch they never would.
+        (marks / rank).touch()
+        if not overlapped:
+            wait_for(marks / other, 20)
+        with lock:
+            overlapped.append((marks / other).exists())
+        data = super().read(info, start, stop)
+        with lock:
+            read[info.name] = read.get(info.name, 0) + len(data)
+        return data
+
+def share(info, _read):
+    return [(0, info.size)] if info.name in ("shared.bin", f"only{rank}.bin") else []
+
+location = parse_location(url)
+(marks / f"ready{rank}").touch()  # both ranks start fetching together, however slow to start
+wait_for(marks / f"ready{other}", 120)
+fetched = NodeCache(cache, location, chunk_bytes=1 << 16).fetch(Recording(location), share)
+print(json.dumps({"read": read, "overlapped": overlapped[0], "path": str(fetched.path),
+                  "fetched": fetched.fetched_bytes}))
+"""
+
+
+def test_ranks_of_a_node_fetch_different_files_at_once_and_shared_files_once(
+    s3_demo, tmp_path: Path
+) -> None:
+    rng = random.Random(0)
+    files = {"shared.bin": 1 << 20, "only0.bin": 1 << 18, "only1.bin": 1 << 18}
+    store = tmp_path / "store"
+    store.mkdir()
+    for name, size in files.items():
+        (store / name).write_bytes(rng.randbytes(size))
+    upload_s3(store, "weights", "ranks")
+    cache, marks = tmp_path / "cache", tmp_path / "marks"
+    marks.mkdir()
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, "-c", PARALLEL_FETCH, "s3://weights/ranks", cache, str(rank), marks],
+            env={**os.environ, "PYTHONSAFEPATH": "1"},
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    reports = [json.loads(rank.communicate(timeout=120)[0]) for rank in ranks]
+    assert [rank.returncode for rank in ranks] == [0, 0]
+    # Both ranks had a request in flight at once: each fetched its own file beside the other.
+    assert [report["overlapped"] for report in reports] == [True, True]
+    for rank, report in enumerate(reports):
+        assert report["read"].get(f"only{rank}.bin") == files[f"only{rank}.bin"]
+        assert f"only{1 - rank}.bin" not in report["read"]
+        assert report["fetched"] == sum(report["read"].values())
+        view = Path(report["path"])
+        for name in ("shared.bin", f"only{rank}.bin"):
+            assert (view / name).read_bytes() == (store / name).read_bytes()
+    # The shared file was fetched once on the node: the other rank waited and took it verified.
+    assert sum(report["read"].get("shared.bin", 0) for report in reports) == files["shared.bin"]
+    assert "shared.bin" in complete_files(cache)
+
+
+def multipart_upload(path: Path, key: str, part_sizes: list[int]) -> str:
+    """Uploads `path` to s3://weights/KEY in parts of `part_sizes` bytes; returns the ETag."""
+    client = boto3.client("s3")
+    data = path.read_bytes()
+    upload = client.create_multipart_upload(Bucket="weights", Key=key)["UploadId"]
+    parts, offset = [], 0
+    for number, size in enumerate(part_sizes, 1):
+        etag = client.upload_part(
+            Bucket="weights",
+            Key=key,
+            UploadId=upload,
+            PartNumber=number,
+            Body=data[offset : offset + size],
+        )["ETag"]
+        parts.append({"PartNumber": number, "ETag": etag})
+        offset += size
+    assert offset == len(data)
+    client.complete_multipart_upload(
+        Bucket="weights", Key=key, UploadId=upload, MultipartUpload={"Parts": parts}
+    )
+    return client.head_object(Bucket="weights", Key=key)["ETag"].strip('"')
+
+
+@pytest.mark.parametrize(
+    "part_sizes",
+    [[5 << 20, 5 << 20, 1 << 20], [6 << 20, 5 << 20, 3000]],
+    ids=["equal-parts", "unequal-parts"],
+)
+def test_multipart_uploads_are_verified_by_their_etag(
+    s3_demo, tmp_path: Path, monkeypatch, part_sizes: list[int]
+) -> None:
+    big = tmp_path / "big.bin"
+    big.write_bytes(random.Random(1).randbytes(sum(part_sizes)))
+    etag = multipart_upload(big, "multipart/big.bin", part_sizes)
+    assert etag.endswith("-3")
+    fetched = fetch("s3://weights/multipart", tmp_path / "good")
+    assert fetched.path.joinpath("big.bin").read_bytes() == big.read_bytes()
+
+    honest = S3Store.read
+
+    def corrupt(self, info, start, stop):  # one bit of the last part: the size stays right
+        data = honest(self, info, start, stop)
+        return data[:-1] + bytes([data[-1] ^ 1]) if stop == info.size else data
+
+    monkeypatch.setattr(S3Store, "read", corrupt)
+    with pytest.raises(SourceError) as error:
+        fetch("s3://weights/multipart", tmp_path / "bad")
+    assert re.fullmatch(
+        rf"s3://weights/multipart \(big\.bin\): multipart-etag checksum mismatch \(store {etag}, "
+        r"fetched [0-9a-f]{32}-3\); the corrupt copy was discarded, run again to fetch it anew",
+        str(error.value),
+    )
+    assert complete_files(tmp_path / "bad") == []
+
+
+def test_gs_with_real_credentials_and_wrong_ones(
+    tmp_path: Path, monkeypatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with fake_gcs() as emulator:
+        upload_gcs(DEMO_CHECKPOINT, "weights", "demo")
+        with GCSAuthStandIn(emulator.url) as google:
+            key = google.service_account(tmp_path / "key.json")
+            monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(key))
+            fetched = fetch("gs://weights/demo", tmp_path / "cache")  # with the issued token
+            assert files_of(fetched.path) == files_of(DEMO_CHECKPOINT)
+
+            wrong = google.service_account(tmp_path / "wrong.json", rsa_key()[0])
+            monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(wrong))
+            inspect = ["inspect", "gs://weights/demo", "--cache-dir", str(tmp_path / "other")]
+            assert main(inspect) == 1
+            assert capsys.readouterr().err.splitlines() == [
+                "grokserve inspect: gs://weights/demo: Google refused the credentials "
+                "(invalid_grant: Invalid JWT Signature.); check GOOGLE_APPLICATION_CREDENTIALS or "
+                "the pods' Workload Identity"
+            ]
+
+            monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(key))
+            google.revoked = True  # a token the API no longer accepts
+            assert main(inspect) == 1
+            assert capsys.readouterr().err.splitlines() == [
+                "grokserve inspect: gs://weights/demo: access denied: wrong credentials, or they "
+                "lack storage.objects.get/list"
+            ]
+            google.stop()  # neither the token endpoint nor the API answers: the cache serves
+            assert fetch("gs://weights/demo", tmp_path / "cache").path == fetched.path
+
+
+def test_sse_kms_objects_are_checked_by_size_alone(s3_demo, tmp_path: Path, monkeypatch) -> None:
+    # On AWS an SSE-KMS object's ETag is no MD5 of its bytes (moto's is): checking it would refuse
+    # every such file, so a copy of the right size is taken, whatever its bytes.
+    boto3.client("s3").put_object(
+        Bucket="weights", Key="kms/config.json", Body=b"{}" * 50, ServerSideEncryption="aws:kms"
+    )
+    honest = S3Store.read
+    monkeypatch.setattr(S3Store, "read", lambda *args: honest(*args).replace(b"{", b"["))
+    fetched = fetch("s3://weights/kms/config.json", tmp_path)
+    assert fetched.path.read_bytes() == b"[}" * 50

@@ -126,6 +126,7 @@ def test_every_child_is_owned_and_labelled() -> None:
         "RayService",
         "Service",
         "PodDisruptionBudget",
+        "Service",
         "ServiceMonitor",
     ]
     for child in children:
@@ -134,18 +135,49 @@ def test_every_child_is_owned_and_labelled() -> None:
         assert child["metadata"]["labels"]["grokserve.io/deployment"] == "grok-1"
         assert child["metadata"]["namespace"] == "llm"
     kinds = [c["kind"] for c in planned_children(spec, with_servicemonitor=False)]
-    assert "ServiceMonitor" not in kinds
+    assert "ServiceMonitor" not in kinds and kinds.count("Service") == 1
 
 
-def test_servicemonitor_scrapes_the_queue_metrics_on_the_api_port() -> None:
+def matches(selector: dict, labels: dict) -> bool:
+    """A Kubernetes label selector (matchLabels, matchExpressions with In) applied to labels."""
+    return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items()) and all(
+        labels.get(e["key"]) in e["values"] for e in selector.get("matchExpressions", [])
+    )
+
+
+def test_servicemonitor_scrapes_the_api_metrics_of_every_head_serving_or_loading() -> None:
     spec = parse_spec({"model": GROK1})
-    children = {c["kind"]: c for c in planned_children(spec, with_servicemonitor=True)}
-    ports = {p["name"]: p["port"] for p in children["Service"]["spec"]["ports"]}
-    endpoints = children["ServiceMonitor"]["spec"]["endpoints"]
-    # serving/ingress.py serves the replicas' grokserve_* gauges at /metrics beside /v1.
-    assert {"port": "http", "path": "/metrics", "interval": "15s"} in endpoints
-    assert ports["http"] == 8000
-    assert all(endpoint["port"] in ports for endpoint in endpoints)
+    children = planned_children(spec, with_servicemonitor=True)
+    monitor = next(c for c in children if c["kind"] == "ServiceMonitor")
+    scraped = [
+        c
+        for c in children
+        if c["kind"] == "Service" and matches(monitor["spec"]["selector"], c["metadata"]["labels"])
+    ]
+    # Each endpoint names the port of one of the two Services.
+    ports = {
+        p["name"]: (s["metadata"]["name"], p["port"]) for s in scraped for p in s["spec"]["ports"]
+    }
+    endpoints = {e["port"]: e for e in monitor["spec"]["endpoints"]}
+    assert ports == {
+        "http": ("grok-1", 8000),
+        "metrics": ("grok-1", 8080),
+        "api": ("grok-1-metrics", 8000),
+    }
+    # serving/ingress.py serves the replicas' grokserve_* series at /metrics beside /v1, from
+    # the head's Serve proxy also while replicas load: the heads are scraped there, not the
+    # endpoint Service (no pod until KubeRay names a serving cluster).
+    assert endpoints["api"] == {"port": "api", "path": "/metrics", "interval": "15s"}
+    assert "http" not in endpoints and "metrics" in endpoints
+    (heads,) = [s for s in scraped if s["metadata"]["name"] == "grok-1-metrics"]
+    # KubeRay labels each pod with its node type; the head's template carries the deployment.
+    assert heads["spec"]["selector"] == {
+        "grokserve.io/deployment": "grok-1",
+        "ray.io/node-type": "head",
+    }
+    rayservice = next(c for c in children if c["kind"] == "RayService")
+    head = rayservice["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["metadata"]
+    assert head["labels"]["grokserve.io/deployment"] == "grok-1"
 
 
 @pytest.mark.parametrize("strategy", [None, "NewCluster", "None"])

@@ -554,7 +554,8 @@ def test_the_prometheus_operator_installed_later_gets_its_servicemonitor_at_the_
     assert api.get(f"/api/v1/namespaces/{NS}/services/grok-1") is not None
     api.create(CRDS, SERVICEMONITOR_CRD)
     run_pass(kube_client, api.get(f"{GD}/grok-1"))
-    assert api.get(f"{monitors}/grok-1")["spec"]["endpoints"][0]["port"] == "http"
+    assert api.get(f"{monitors}/grok-1")["spec"]["endpoints"][0]["port"] == "api"
+    assert api.get(f"/api/v1/namespaces/{NS}/services/grok-1-metrics") is not None
 
 
 @pytest.mark.parametrize(

@@ -35,6 +35,7 @@ def test_render_prints_every_child(path: Path) -> None:
         "RayService",
         "Service",
         "PodDisruptionBudget",
+        "Service",
         "ServiceMonitor",
     ]
     serve_config = yaml.safe_load(documents[1]["spec"]["serveConfigV2"])

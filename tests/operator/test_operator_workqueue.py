@@ -59,6 +59,22 @@ def test_a_failed_pass_is_retried_after_a_backoff_that_doubles() -> None:
     assert asyncio.run(scenario()) == [5.0, 10.0, 20.0]
 
 
+def test_a_look_again_later_comes_once_at_the_first_time_planned_and_not_after_a_delete() -> None:
+    async def scenario() -> None:
+        queue = ReconcileQueue()
+        queue.add_after(("ns", "a"), 0.05)
+        queue.add_after(("ns", "a"), 10)  # planned already: the earlier look stands
+        assert queue.depth == 0
+        assert await asyncio.wait_for(queue.take(), timeout=1) == ("ns", "a")
+        queue.done(("ns", "a"))
+        queue.add_after(("ns", "b"), 0.05)
+        queue.forget(("ns", "b"))  # deleted meanwhile: no look
+        await asyncio.sleep(0.1)
+        assert queue.depth == 0
+
+    asyncio.run(scenario())
+
+
 def test_a_child_holds_what_is_applied_when_it_has_every_field_with_its_value() -> None:
     desired = annotated(
         {

@@ -1,6 +1,7 @@
 """Object stores on 127.0.0.1 for the checkpoint-source tests: moto's S3 server, fake-gcs-server,
-and a stand-in for the Hugging Face Hub (HubStandIn) that speaks the few routes huggingface_hub
-calls to list a revision and read files by range. Each sets the variables a user would set."""
+a stand-in for the Hugging Face Hub (HubStandIn) that speaks the few routes huggingface_hub calls to
+list a revision and read files by range, and a stand-in for Google's token endpoint and credential
+check (GCSAuthStandIn) in front of fake-gcs-server. Each sets the variables a user would set."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import json
 import os
 import re
 import threading
+import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -99,14 +102,20 @@ class HubStandIn:
     `GET /api/models/REPO[/revision/REV]`, `GET /api/models/REPO/tree/REV[/PATH]?recursive=...`
     and `GET /REPO/resolve/REV/PATH` (with Range). Files of 1 KiB or more are listed as LFS with
     their sha256, smaller ones by their git blob id, as the Hub does. `token` set: requests must
-    carry it."""
+    carry it. `read_delay_s`: each ranged read waits this long first (a slow store)."""
 
     COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
     def __init__(
-        self, repo: str, files: dict[str, bytes], revisions=("main",), token: str | None = None
+        self,
+        repo: str,
+        files: dict[str, bytes],
+        revisions=("main",),
+        token: str | None = None,
+        read_delay_s: float = 0.0,
     ) -> None:
         self.repo, self.files, self.revisions, self.token = repo, files, set(revisions), token
+        self.read_delay_s = read_delay_s
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self.handler())
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -167,6 +176,7 @@ class HubStandIn:
                 data = hub.files[name]
                 if match := re.fullmatch(r"bytes=(\d+)-(\d+)", self.headers.get("Range", "")):
                     start, stop = int(match[1]), int(match[2]) + 1
+                    time.sleep(hub.read_delay_s)
                     return self.reply(206, data[start:stop])
                 return self.reply(200, data)
 
@@ -180,6 +190,155 @@ class HubStandIn:
 
     def stop(self) -> None:
         """Takes the stand-in away while HF_ENDPOINT still points at it."""
+        if self.thread.is_alive():
+            self.server.shutdown()
+            self.server.server_close()
+
+    def __exit__(self, *args: object) -> None:
+        self.patch.stop()
+        self.stop()
+
+
+JSON = {"Content-Type": "application/json"}
+
+
+def rsa_key() -> tuple[str, str]:
+    """A new RSA key pair as PEM (private, public)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    private = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    public = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return private.decode(), public.decode()
+
+
+class GCSAuthStandIn:
+    """A stand-in for Google's OAuth token endpoint and the GCS API's credential check, for tests
+    only, in front of fake-gcs-server (which checks no credentials): `POST /token` takes
+    google-auth's JWT grant and issues a token if the JWT is signed with the service account's
+    key, else answers 400 invalid_grant as Google does; every other request needs that token
+    (`revoked` set: no token is accepted) and is then passed to `upstream`, else it gets GCS's
+    401 JSON. `service_account(path, private_key)` writes a key file whose token_uri points here.
+    Entered, it points API_ENDPOINT_OVERRIDE (read by google-cloud-storage) here and unsets
+    STORAGE_EMULATOR_HOST, under which the client would send no credentials."""
+
+    EMAIL = "loader@grokserve-test.iam.gserviceaccount.com"
+    TOKEN = "ya29.stand-in-token"
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream = upstream.rstrip("/")
+        self.private_key, self.public_key = rsa_key()
+        self.revoked = False
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self.handler())
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def service_account(self, path: Path, private_key: str | None = None) -> Path:
+        account = {
+            "type": "service_account",
+            "project_id": "grokserve-test",
+            "private_key_id": "stand-in",
+            "private_key": private_key or self.private_key,
+            "client_email": self.EMAIL,
+            "client_id": "1",
+            "token_uri": f"{self.url}/token",
+        }
+        path.write_text(json.dumps(account))
+        return path
+
+    def granted(self, form: dict[str, list[str]]) -> bool:
+        import google.auth.jwt
+
+        try:
+            claims = google.auth.jwt.decode(form["assertion"][0], certs=self.public_key)
+        except (KeyError, ValueError):
+            return False
+        return claims.get("iss") == self.EMAIL
+
+    def handler(self) -> type[BaseHTTPRequestHandler]:
+        stand_in = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def reply(self, status: int, body: bytes, headers: dict[str, str]) -> None:
+                self.send_response(status)
+                for key, value in headers.items():
+                    self.send_header(key, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def body(self) -> bytes:
+                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+            def token(self) -> None:
+                from urllib.parse import parse_qs
+
+                form = parse_qs(self.body().decode())
+                if stand_in.granted(form):
+                    answer = {"access_token": stand_in.TOKEN, "expires_in": 3600}
+                    return self.reply(200, json.dumps(answer).encode(), JSON)
+                refused = {"error": "invalid_grant", "error_description": "Invalid JWT Signature."}
+                self.reply(400, json.dumps(refused).encode(), JSON)
+
+            def forward(self) -> None:
+                body = self.body()
+                if stand_in.revoked or self.headers.get("Authorization") != (
+                    f"Bearer {stand_in.TOKEN}"
+                ):
+                    reason = {"message": "Invalid Credentials", "reason": "authError"}
+                    error = {"code": 401, "message": "Invalid Credentials", "errors": [reason]}
+                    return self.reply(401, json.dumps({"error": error}).encode(), JSON)
+                headers = {
+                    k: v
+                    for k, v in self.headers.items()
+                    if k.lower() not in ("host", "authorization")
+                }
+                request = urllib.request.Request(
+                    stand_in.upstream + self.path,
+                    data=body or None,
+                    headers=headers,
+                    method=self.command,
+                )
+                try:
+                    with urllib.request.urlopen(request) as answer:
+                        status, payload, got = answer.status, answer.read(), answer.headers
+                except urllib.error.HTTPError as error:
+                    status, payload, got = error.code, error.read(), error.headers
+                passed = {
+                    k: v
+                    for k, v in got.items()
+                    if k.lower() not in ("content-length", "transfer-encoding", "connection")
+                }
+                self.reply(status, payload, passed)
+
+            def do_POST(self) -> None:
+                if self.path == "/token":
+                    return self.token()
+                self.forward()
+
+            do_GET = do_PUT = do_PATCH = do_DELETE = forward
+
+        return Handler
+
+    def __enter__(self) -> GCSAuthStandIn:
+        self.thread.start()
+        self.patch = mock.patch.dict(os.environ, {"API_ENDPOINT_OVERRIDE": self.url})
+        self.patch.start()
+        os.environ.pop("STORAGE_EMULATOR_HOST", None)
+        return self
+
+    def stop(self) -> None:
+        """Takes the stand-in away while API_ENDPOINT_OVERRIDE still points at it."""
         if self.thread.is_alive():
             self.server.shutdown()
             self.server.server_close()
