@@ -20,8 +20,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import socket
-import threading
 import time
 
 import httpx
@@ -99,19 +99,30 @@ async def _refuse_at_once(scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.body", "body": b"{}"})
 
 
+def _serve_refusals(port: int) -> None:
+    uvicorn.run(_refuse_at_once, host="127.0.0.1", port=port, log_level="error")
+
+
 def floor_run(count: int) -> list[float]:
-    """The burst against a bare uvicorn server answering 429 at once: each 429's seconds."""
+    """The burst against a bare uvicorn server answering 429 at once (in its own process, as
+    Serve's proxy is): each 429's seconds."""
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(_refuse_at_once, port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
+    server = multiprocessing.get_context("spawn").Process(target=_serve_refusals, args=(port,))
+    server.start()
     try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
         return asyncio.run(burst_run(f"http://127.0.0.1:{port}", "floor", count, 1))[2]
     finally:
-        server.should_exit = True
-        thread.join()
+        server.terminate()
+        server.join()
 
 
 def in_process_engine(config: ServingConfig) -> Engine:
