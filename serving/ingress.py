@@ -292,9 +292,9 @@ class AdmissionGateCheck:
 class CapacityNotice:
     """What the ingress tells Serve's proxy on every response (CAPACITY_HEADER, see
     `grokserve.serving.proxy_gate`): how many requests the running replicas hold at most, and the
-    429 to answer beyond that. A thread follows the replica count (autoscaling changes it)."""
+    429 to answer beyond that. `follow_replicas` keeps the replica count (autoscaling changes it)."""
 
-    def __init__(self, config: ServingConfig, app_name: str) -> None:
+    def __init__(self, config: ServingConfig) -> None:
         limits = config.serving
         self.per_replica = limits.max_batch_size + limits.max_queued_requests
         self.replicas = config.replicas
@@ -305,8 +305,6 @@ class CapacityNotice:
             "body": bytes(error_response(refusal).body).decode(),
         }
         self._headers: dict[tuple[str, int], bytes] = {}
-        self._app_name = app_name
-        threading.Thread(target=self._follow_replicas, name="replica-count", daemon=True).start()
 
     def header(self, prefix: str) -> bytes:
         key = (prefix, self.replicas)
@@ -325,11 +323,17 @@ class CapacityNotice:
 
         return send_telling
 
-    def _follow_replicas(self) -> None:
+    def follow_replicas(self, app_name: str) -> None:
+        """Read the RUNNING replicas of Serve application `app_name` every REPLICA_COUNT_SECONDS,
+        in a thread (inside the Serve cluster only: elsewhere serve.status() starts Ray)."""
+        thread = threading.Thread(target=self._follow, args=(app_name,), daemon=True)
+        thread.start()
+
+    def _follow(self, app_name: str) -> None:
         while True:
             time.sleep(REPLICA_COUNT_SECONDS)
             try:
-                application = serve.status().applications.get(self._app_name)
+                application = serve.status().applications.get(app_name)
                 deployment = application and application.deployments.get(REPLICA_DEPLOYMENT)
                 running = (
                     deployment.replica_states.get(ReplicaState.RUNNING, 0) if deployment else 0
@@ -541,9 +545,9 @@ class OpenAIIngress:
         app.state.request_metrics = self.request_metrics
         self.admission_gate = AdmissionGate()
         app.state.admission_gate = self.admission_gate
-        app.state.capacity_notice = CapacityNotice(
-            self.config, serve.get_replica_context().app_name
-        )
+        capacity_notice = CapacityNotice(self.config)
+        capacity_notice.follow_replicas(serve.get_replica_context().app_name)
+        app.state.capacity_notice = capacity_notice
 
     # -- plain routes ---------------------------------------------------------------------------
 

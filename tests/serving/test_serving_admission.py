@@ -148,3 +148,23 @@ async def test_the_proxy_refuses_beyond_the_capacity_the_ingress_told_it():
     # A client cannot report refusals.
     await call(proxy, "/metrics", "GET", [(REFUSALS_HEADER.encode(), b"/v1/completions=99")])
     assert REFUSALS_HEADER.encode() not in ingress.seen_headers[-1]
+
+
+async def test_the_ingress_tells_the_proxy_its_capacity_and_the_429_it_would_answer():
+    from grokserve.serving.config import ServingConfig
+    from grokserve.serving.ingress import CapacityNotice
+
+    config = ServingConfig(replicas=2, serving={"maxBatchSize": 4, "maxQueuedRequests": 3})
+    notice = CapacityNotice(config)
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    await notice.telling(send, "/bench0")({"type": "http.response.start", "status": 200})
+    told = json.loads(dict(sent[0]["headers"])[CAPACITY_HEADER.encode()])
+    assert (told["prefix"], told["capacity"], told["retryAfter"]) == ("/bench0", 14, 1)
+    error = json.loads(told["body"])["error"]
+    assert error["code"] == "rate_limit_exceeded" and "maxQueuedRequests=3" in error["message"]
+    notice.replicas = 3  # as follow_replicas sets it when Serve runs another replica
+    assert json.loads(notice.header("/bench0"))["capacity"] == 21
