@@ -11,7 +11,13 @@ from prometheus_client import REGISTRY
 
 from grokserve.operator import handlers
 from testkit.kmock_api import KubeApi
-from testkit.operator_env import GROKDEPLOYMENTS, kube, running_operator, wait_until
+from testkit.operator_env import (
+    GROKDEPLOYMENTS,
+    kube,
+    rayservice_status,
+    running_operator,
+    wait_until,
+)
 
 __all__ = ["kube"]  # the fixture, re-exported for pytest
 
@@ -86,18 +92,7 @@ def test_a_rayservice_status_change_reaches_the_status_within_a_second(
         api.create(GD, example())
         wait_until(lambda: reconciled(api), what="children and a status")
         rayservice = api.get(CHILDREN[0])
-        serving = {
-            "observedGeneration": rayservice["metadata"]["generation"],
-            "activeServiceStatus": {
-                "applicationStatuses": {
-                    NAME: {
-                        "status": "RUNNING",
-                        "serveDeploymentStatuses": {"GrokReplica": {"status": "HEALTHY"}},
-                    }
-                },
-                "rayClusterStatus": {"readyWorkerReplicas": 1},
-            },
-        }
+        serving = rayservice_status(rayservice["metadata"]["generation"], 1, name=NAME)
         reported = time.monotonic()
         api.merge_patch(f"{CHILDREN[0]}/status", {"status": serving})
         body = wait_until(

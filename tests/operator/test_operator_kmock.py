@@ -18,6 +18,7 @@ from testkit.operator_env import (
     KUBERAY_CRD,
     SERVICEMONITOR_CRD,
     kube,
+    rayservice_status,
     refusing,
     running_operator,
     wait_until,
@@ -42,21 +43,6 @@ def condition(body: dict | None, kind: str = "Ready") -> dict:
         if item["type"] == kind:
             return item
     return {}
-
-
-def rayservice_status(generation: int, ready_workers: int, app: str = "RUNNING") -> dict:
-    return {
-        "observedGeneration": generation,
-        "activeServiceStatus": {
-            "applicationStatuses": {
-                "grok-1": {
-                    "status": app,
-                    "serveDeploymentStatuses": {"GrokReplica": {"status": "HEALTHY"}},
-                }
-            },
-            "rayClusterStatus": {"readyWorkerReplicas": ready_workers},
-        },
-    }
 
 
 def test_lifecycle_create_ready_update_restart_delete(kube) -> None:

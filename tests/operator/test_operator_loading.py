@@ -25,7 +25,13 @@ from grokserve.operator.status import (
     serving_conditions,
 )
 from grokserve.serving.metrics import ReplicaMetrics
-from testkit.operator_env import GROKDEPLOYMENTS, kube, running_operator, wait_until
+from testkit.operator_env import (
+    GROKDEPLOYMENTS,
+    kube,
+    rayservice_status,
+    running_operator,
+    wait_until,
+)
 from testkit.prometheus import PrometheusServer, ScrapeTarget, free_port
 
 __all__ = ["kube"]  # the fixture, re-exported for pytest
@@ -177,23 +183,7 @@ def test_a_pass_asks_only_while_replicas_may_load_and_does_without_an_answer(kub
     assert "loading" not in stored["status"]
 
     # Serving: nothing is asked.
-    api.merge_patch(
-        f"{RS}/status",
-        {
-            "status": {
-                "observedGeneration": generation,
-                "activeServiceStatus": {
-                    "applicationStatuses": {
-                        NAME: {
-                            "status": "RUNNING",
-                            "serveDeploymentStatuses": {"GrokReplica": {"status": "HEALTHY"}},
-                        }
-                    },
-                    "rayClusterStatus": {"readyWorkerReplicas": 1},
-                },
-            }
-        },
-    )
+    api.merge_patch(f"{RS}/status", {"status": rayservice_status(generation, 1)})
     outcome = pass_over()
     assert outcome.ready and not outcome.watches_loading and len(asked) == 2
 
@@ -353,23 +343,7 @@ def test_status_shows_loading_progress_then_clears_when_ready(
 
         # Loaded, and KubeRay reports the application healthy: Ready, and no progress left.
         report(done=4 * GIB, fetched=3 * GIB, load_seconds=42.0)
-        api.merge_patch(
-            f"{RS}/status",
-            {
-                "status": {
-                    "observedGeneration": generation,
-                    "activeServiceStatus": {
-                        "applicationStatuses": {
-                            NAME: {
-                                "status": "RUNNING",
-                                "serveDeploymentStatuses": {"GrokReplica": {"status": "HEALTHY"}},
-                            }
-                        },
-                        "rayClusterStatus": {"readyWorkerReplicas": 1},
-                    },
-                }
-            },
-        )
+        api.merge_patch(f"{RS}/status", {"status": rayservice_status(generation, 1)})
         done = wait_until(
             lambda: ready_condition(api.get(GD)).get("status") == "True" and api.get(GD),
             what="Ready=True",

@@ -234,3 +234,22 @@ def operator_requests(api: KubeApi) -> set[tuple[str, str, str]]:
         if verb in ("create", "patch", "update") and _sets_blocking_owner_reference(request.data):
             used.add((API_GROUP, f"{PLURAL}/finalizers", "update"))
     return used
+
+
+def rayservice_status(
+    generation: int, ready_workers: int, app: str = "RUNNING", name: str = "grok-1"
+) -> dict:
+    """A RayService status as KubeRay writes it once application `name` has reached `app` on a
+    cluster with `ready_workers` ready workers."""
+    return {
+        "observedGeneration": generation,
+        "activeServiceStatus": {
+            "applicationStatuses": {
+                name: {
+                    "status": app,
+                    "serveDeploymentStatuses": {"GrokReplica": {"status": "HEALTHY"}},
+                }
+            },
+            "rayClusterStatus": {"readyWorkerReplicas": ready_workers},
+        },
+    }

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 from unittest import mock
 
 import boto3
@@ -97,7 +97,39 @@ def upload_gcs(directory: Path, bucket: str, prefix: str) -> None:
         target.blob(f"{prefix}/{name}" if prefix else name).upload_from_string(data)
 
 
-class HubStandIn:
+class LoopbackStandIn:
+    """A stand-in HTTP server on 127.0.0.1 that a client library finds through environment
+    variables: entered, it starts and sets `environment()`; `stop()` takes it away while the
+    variables still point at it (an unreachable store)."""
+
+    def __init__(self) -> None:
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self.handler())
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def handler(self) -> type[BaseHTTPRequestHandler]:
+        raise NotImplementedError
+
+    def environment(self) -> dict[str, str]:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self.thread.start()
+        self.patch = mock.patch.dict(os.environ, self.environment())
+        self.patch.start()
+        return self
+
+    def stop(self) -> None:
+        if self.thread.is_alive():
+            self.server.shutdown()
+            self.server.server_close()
+
+    def __exit__(self, *args: object) -> None:
+        self.patch.stop()
+        self.stop()
+
+
+class HubStandIn(LoopbackStandIn):
     """A stand-in for the Hub's HTTP API, for tests only: one model repo at one commit, with
     `GET /api/models/REPO[/revision/REV]`, `GET /api/models/REPO/tree/REV[/PATH]?recursive=...`
     and `GET /REPO/resolve/REV/PATH` (with Range). Files of 1 KiB or more are listed as LFS with
@@ -116,9 +148,7 @@ class HubStandIn:
     ) -> None:
         self.repo, self.files, self.revisions, self.token = repo, files, set(revisions), token
         self.read_delay_s = read_delay_s
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self.handler())
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        super().__init__()
 
     def entry(self, path: str) -> dict:
         data = self.files[path]
@@ -182,21 +212,8 @@ class HubStandIn:
 
         return Handler
 
-    def __enter__(self) -> HubStandIn:
-        self.thread.start()
-        self.patch = mock.patch.dict(os.environ, {"HF_ENDPOINT": self.url})
-        self.patch.start()
-        return self
-
-    def stop(self) -> None:
-        """Takes the stand-in away while HF_ENDPOINT still points at it."""
-        if self.thread.is_alive():
-            self.server.shutdown()
-            self.server.server_close()
-
-    def __exit__(self, *args: object) -> None:
-        self.patch.stop()
-        self.stop()
+    def environment(self) -> dict[str, str]:
+        return {"HF_ENDPOINT": self.url}
 
 
 JSON = {"Content-Type": "application/json"}
@@ -219,7 +236,7 @@ def rsa_key() -> tuple[str, str]:
     return private.decode(), public.decode()
 
 
-class GCSAuthStandIn:
+class GCSAuthStandIn(LoopbackStandIn):
     """A stand-in for Google's OAuth token endpoint and the GCS API's credential check, for tests
     only, in front of fake-gcs-server (which checks no credentials): `POST /token` takes
     google-auth's JWT grant and issues a token if the JWT is signed with the service account's
@@ -236,9 +253,7 @@ class GCSAuthStandIn:
         self.upstream = upstream.rstrip("/")
         self.private_key, self.public_key = rsa_key()
         self.revoked = False
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self.handler())
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        super().__init__()
 
     def service_account(self, path: Path, private_key: str | None = None) -> Path:
         account = {
@@ -330,19 +345,10 @@ class GCSAuthStandIn:
 
         return Handler
 
-    def __enter__(self) -> GCSAuthStandIn:
-        self.thread.start()
-        self.patch = mock.patch.dict(os.environ, {"API_ENDPOINT_OVERRIDE": self.url})
-        self.patch.start()
-        os.environ.pop("STORAGE_EMULATOR_HOST", None)
+    def environment(self) -> dict[str, str]:
+        return {"API_ENDPOINT_OVERRIDE": self.url}
+
+    def __enter__(self) -> Self:
+        super().__enter__()
+        os.environ.pop("STORAGE_EMULATOR_HOST", None)  # restored by the patch on exit
         return self
-
-    def stop(self) -> None:
-        """Takes the stand-in away while API_ENDPOINT_OVERRIDE still points at it."""
-        if self.thread.is_alive():
-            self.server.shutdown()
-            self.server.server_close()
-
-    def __exit__(self, *args: object) -> None:
-        self.patch.stop()
-        self.stop()
