@@ -12,6 +12,7 @@ GrokDeployment custom resource); both spellings are accepted on input.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Literal, TypedDict
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -42,6 +43,14 @@ CALLS_PER_REPLICA = 10_000
 PROXY_ENVIRONMENT = {
     "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "grokserve.serving.proxy_gate:middlewares"
 }
+
+
+def proxy_gate_installed() -> bool:
+    """Whether this process's node started its Serve proxy with PROXY_ENVIRONMENT (Ray's processes
+    inherit the node's environment). Without the gate in front, the ingress neither tells clients
+    the capacity nor believes a refusal report, which only that gate may send."""
+    return all(os.environ.get(key) == value for key, value in PROXY_ENVIRONMENT.items())
+
 
 Strategy = Literal["pack", "spread", "strict-spread"]
 

@@ -37,7 +37,7 @@ from grokserve.serving.admission import (
     Refusal,
     queue_full_message,
 )
-from grokserve.serving.config import REPLICA_DEPLOYMENT, ServingConfig
+from grokserve.serving.config import REPLICA_DEPLOYMENT, ServingConfig, proxy_gate_installed
 from grokserve.serving.metrics import RequestMetrics
 from grokserve.serving.requests import GenerateRequest
 from grokserve.serving.schemas import (
@@ -255,9 +255,10 @@ class AdmissionGateCheck:
             await self.app(scope, receive, send)
             return
         state = scope["app"].state
-        _count_proxy_refusals(state, scope)
+        # Only with the proxy's gate in front (see proxy_gate_installed).
         notice: CapacityNotice | None = getattr(state, "capacity_notice", None)
         if notice is not None:
+            _count_proxy_refusals(state, scope)
             send = notice.telling(send, scope.get("root_path", ""))
         if (
             scope["method"] != "POST"
@@ -545,9 +546,10 @@ class OpenAIIngress:
         app.state.request_metrics = self.request_metrics
         self.admission_gate = AdmissionGate()
         app.state.admission_gate = self.admission_gate
-        capacity_notice = CapacityNotice(self.config)
-        capacity_notice.follow_replicas(serve.get_replica_context().app_name)
-        app.state.capacity_notice = capacity_notice
+        if proxy_gate_installed():
+            capacity_notice = CapacityNotice(self.config)
+            capacity_notice.follow_replicas(serve.get_replica_context().app_name)
+            app.state.capacity_notice = capacity_notice
 
     # -- plain routes ---------------------------------------------------------------------------
 

@@ -168,3 +168,59 @@ async def test_the_ingress_tells_the_proxy_its_capacity_and_the_429_it_would_ans
     assert error["code"] == "rate_limit_exceeded" and "maxQueuedRequests=3" in error["message"]
     notice.replicas = 3  # as follow_replicas sets it when Serve runs another replica
     assert json.loads(notice.header("/bench0"))["capacity"] == 21
+
+
+async def test_without_the_proxys_gate_the_ingress_tells_no_capacity_and_believes_no_report(
+    monkeypatch,
+):
+    """A cluster whose proxies lack the gate (joined at RAY_ADDRESS): clients must not see the
+    capacity header, nor inflate the 429 count by sending the gate's refusal report."""
+    from types import SimpleNamespace
+
+    from starlette.datastructures import State
+
+    from grokserve.serving.config import ServingConfig, proxy_gate_installed
+    from grokserve.serving.ingress import AdmissionGateCheck, CapacityNotice
+
+    for key in PROXY_ENVIRONMENT:
+        monkeypatch.delenv(key, raising=False)
+    assert not proxy_gate_installed()
+    monkeypatch.setenv(*next(iter(PROXY_ENVIRONMENT.items())))
+    assert proxy_gate_installed()
+
+    counted = []
+
+    class Metrics:
+        def on_response(self, route, status):
+            counted.append((route, status))
+
+    async def ingress(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    async def scrape(state) -> dict:
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        async def receive():
+            return {"type": "http.request", "body": b""}
+
+        report = [(REFUSALS_HEADER.encode(), b"/v1/completions=5")]
+        scope = {
+            "type": "http",
+            "method": "GET",
+            "path": "/metrics",
+            "headers": report,
+            "app": SimpleNamespace(state=state),
+        }
+        await AdmissionGateCheck(ingress)(scope, receive, send)
+        return dict(sent[0]["headers"])
+
+    state = State()
+    state.request_metrics = Metrics()
+    assert CAPACITY_HEADER.encode() not in await scrape(state) and counted == []
+    state.capacity_notice = CapacityNotice(ServingConfig())  # as with the gate in front
+    assert CAPACITY_HEADER.encode() in await scrape(state)
+    assert counted == [("/v1/completions", 429)] * 5
