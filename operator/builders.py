@@ -121,9 +121,10 @@ def serve_config(owner: Owner, spec: GrokDeploymentSpec) -> dict[str, Any]:
     Serve hashes an application's args into its code version, and a new code version restarts
     every replica (reloading the weights): the count goes as the GrokReplica deployment's
     options instead, which Serve changes in place, and Ray's autoscaler finds nodes for the
-    replicas it adds (see _worker_group). Serve runs no deployment with 0 replicas (its API and
-    config refuse num_replicas 0): at spec.replicas 0 the target capacity 0 scales every
-    deployment of the application to none, so that no replica holds a node and Ray's
+    replicas it adds (see _worker_group). At spec.replicas 0 only GrokReplica runs none
+    (ServingConfig.replica_count_options): the API ingress and MetricsHub keep running on the
+    head (they ask for no CPU), answer 503 `scaled_to_zero` and export the refused requests as
+    waiting, which is what wakes the deployment; no replica holds a worker node, and Ray's
     autoscaler removes the idle ones.
     """
     config = replica_config(owner.name, spec).resolved(spec.model.config)
@@ -135,13 +136,9 @@ def serve_config(owner: Owner, spec: GrokDeploymentSpec) -> dict[str, Any]:
         # The same args at every replica count: a change of the count never restarts a replica.
         "args": {**args, "replicas": 1},
     }
-    serve: dict[str, Any] = {"applications": [application]}
-    if spec.replicas:
-        options = config.replica_count_options()
-        application["deployments"] = [{"name": REPLICA_DEPLOYMENT, **options}]
-    else:
-        serve["target_capacity"] = 0
-    return serve
+    options = config.replica_count_options()
+    application["deployments"] = [{"name": REPLICA_DEPLOYMENT, **options}]
+    return {"applications": [application]}
 
 
 def worker_nodes(spec: GrokDeploymentSpec) -> int:

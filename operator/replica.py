@@ -54,9 +54,7 @@ def replica_config(name: str, spec: GrokDeploymentSpec) -> ServingConfig:
     on_gpu = par.device == "gpu"
     return ServingConfig(
         name=name,
-        # Serve refuses a deployment of 0 replicas; at spec.replicas 0 the Serve config's target
-        # capacity 0 runs none (builders.serve_config).
-        replicas=max(spec.replicas, 1),
+        replicas=spec.replicas,
         model=ReplicaModel(
             preset=spec.model.preset,
             source=local_location(spec.model.source),

@@ -220,7 +220,11 @@ def serving_conditions(
         reason, detail = refused
         return failure_conditions(reason, f"KubeRay: {detail}"), ready_replicas
     if spec.replicas == 0:
-        message = "scaled to zero: nothing serves"
+        message = (
+            "scaled to zero: no model replica runs; the endpoint still answers (503 "
+            "scaled_to_zero with Retry-After) and counts those requests as waiting, which wakes "
+            "the deployment where the autoscaler is enabled"
+        )
         lingering = ready_worker_nodes(rayservice)
         if lingering:
             message += (

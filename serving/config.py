@@ -65,7 +65,8 @@ RAY_STRATEGIES: dict[str, str] = {
 class ReplicaCountOptions(TypedDict):
     """`ServingConfig.replica_count_options`: Serve deployment options, by their Serve names."""
 
-    num_replicas: int
+    num_replicas: Literal["auto"]
+    autoscaling_config: dict[str, int]
     max_queued_requests: int
 
 
@@ -239,7 +240,12 @@ class ServingConfig(_Section):
         pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
         description="Deployment name: the model id in the API and the `deployment` metric label.",
     )
-    replicas: int = Field(1, ge=1, description="Model replicas (Serve replicas of GrokReplica).")
+    replicas: int = Field(
+        1,
+        ge=0,
+        description="Model replicas (Serve replicas of GrokReplica); at 0 the API still answers "
+        "(503 scaled_to_zero) and counts the refused requests as waiting.",
+    )
     model: ReplicaModel = ReplicaModel()
     parallelism: ReplicaParallelism = ReplicaParallelism()
     resources: ReplicaResources = ReplicaResources()
@@ -260,10 +266,26 @@ class ServingConfig(_Section):
         sends them as the application's deployment options rather than in its args (Serve hashes
         the args into the application's code version, and a new code version restarts every
         replica).
+
+        The count is Serve autoscaling bounds that pin it (min = initial = max = replicas; a
+        change of bounds sets the count at once), not `num_replicas`, for zero: Serve refuses
+        `num_replicas: 0`, and bounds 0..1 starting at 0 run no model replica while the API
+        ingress and MetricsHub keep running, so the endpoint answers at zero. Serve's own
+        autoscaler adds none there (only requests sent to a deployment at zero would make it):
+        the ingress answers them 503 `scaled_to_zero` instead and counts them as waiting, and the
+        grokserve operator's autoscaler wakes the deployment by writing a count. Bounds at every
+        count, not only at zero: Serve's code version of the application hashes which
+        deployments have autoscaling bounds, and a new code version restarts every replica.
         """
         return {
-            "num_replicas": self.replicas,
-            "max_queued_requests": self.replicas * CALLS_PER_REPLICA,
+            "num_replicas": "auto",
+            "autoscaling_config": {
+                "min_replicas": self.replicas,
+                "initial_replicas": self.replicas,
+                # Serve's least maximum is 1.
+                "max_replicas": max(self.replicas, 1),
+            },
+            "max_queued_requests": max(self.replicas, 1) * CALLS_PER_REPLICA,
         }
 
     def degrees(self, model: GrokConfig) -> Parallelism:

@@ -23,7 +23,7 @@ from ray import serve
 from ray.exceptions import RayError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
-from ray.serve.schema import ReplicaState
+from ray.serve.schema import DeploymentStatus, ReplicaState
 from starlette.datastructures import State
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -38,7 +38,7 @@ from grokserve.serving.admission import (
     queue_full_message,
 )
 from grokserve.serving.config import REPLICA_DEPLOYMENT, ServingConfig, proxy_gate_installed
-from grokserve.serving.metrics import RequestMetrics
+from grokserve.serving.metrics import RequestMetrics, ZeroDemand
 from grokserve.serving.requests import GenerateRequest
 from grokserve.serving.schemas import (
     CHAT_STOP,
@@ -72,8 +72,12 @@ ADMISSION_TIMEOUT_SECONDS = 10.0
 # Between two parts of a request body: a slow or half-sent upload is cut off after this.
 BODY_TIMEOUT_SECONDS = 30.0
 RETRY_AFTER_UNAVAILABLE = 5
-# How often the ingress reads the number of running model replicas (for Serve's proxy).
+# How often the ingress reads the model deployment's replicas (for Serve's proxy, and zero).
 REPLICA_COUNT_SECONDS = 2.0
+# At zero replicas: how long a refused request counts as waiting demand (ZeroDemand). It
+# outlasts a Prometheus scrape (15 s) and an operator autoscaler period together.
+ZERO_DEMAND_WINDOW_SECONDS = 60.0
+SCALED_TO_ZERO_CODE = "scaled_to_zero"
 _CAPACITY = CAPACITY_HEADER.encode()
 
 
@@ -96,6 +100,16 @@ class ApiError(Exception):
 
 def unavailable(message: str) -> ApiError:
     return ApiError(503, message, code="service_unavailable", retry_after=RETRY_AFTER_UNAVAILABLE)
+
+
+def scaled_to_zero() -> ApiError:
+    return ApiError(
+        503,
+        "no model replica is running (scaled to zero); this request asks the autoscaler for "
+        f"one, retry in {RETRY_AFTER_UNAVAILABLE} s",
+        code=SCALED_TO_ZERO_CODE,
+        retry_after=RETRY_AFTER_UNAVAILABLE,
+    )
 
 
 _ERROR_TYPES = {
@@ -267,6 +281,13 @@ class AdmissionGateCheck:
         ):
             await self.app(scope, receive, send)
             return
+        watch: ReplicaWatch | None = getattr(state, "replica_watch", None)
+        if watch is not None and watch.scaled_to_zero:
+            # Before the body is read: no replica would take it.
+            watch.demand.refused()
+            _count_route(state, scope["path"], 503)
+            await error_response(scaled_to_zero())(scope, receive, send)
+            return
         gate: AdmissionGate = state.admission_gate
         takes_pass, refusal = gate.check()
         if refusal is not None:
@@ -298,7 +319,9 @@ class CapacityNotice:
     def __init__(self, config: ServingConfig) -> None:
         limits = config.serving
         self.per_replica = limits.max_batch_size + limits.max_queued_requests
-        self.replicas = config.replicas
+        # Never 0: at zero replicas the proxy must let requests reach the ingress, which answers
+        # them (503 scaled_to_zero) and counts them as the demand that wakes the deployment.
+        self.replicas = max(config.replicas, 1)
         message = queue_full_message(limits.max_queued_requests)
         refusal = ApiError(429, message, code=QUEUE_FULL_CODE, retry_after=1)
         self._refusal = {
@@ -324,27 +347,46 @@ class CapacityNotice:
 
         return send_telling
 
-    def follow_replicas(self, app_name: str) -> None:
-        """Read the RUNNING replicas of Serve application `app_name` every REPLICA_COUNT_SECONDS,
-        in a thread (inside the Serve cluster only: elsewhere serve.status() starts Ray)."""
-        thread = threading.Thread(target=self._follow, args=(app_name,), daemon=True)
-        thread.start()
 
-    def _follow(self, app_name: str) -> None:
+class ReplicaWatch:
+    """The model deployment of Serve application `app_name` as Serve's controller reports it,
+    read every REPLICA_COUNT_SECONDS in a thread (inside the Serve cluster only: elsewhere
+    serve.status() starts Ray): the running replicas for the capacity notice, and whether it is
+    scaled to zero (healthy with no replica in any state: none runs, none starts)."""
+
+    def __init__(
+        self, config: ServingConfig, app_name: str, capacity_notice: CapacityNotice | None
+    ) -> None:
+        self.scaled_to_zero = config.replicas == 0
+        self.demand = ZeroDemand(
+            config.name,
+            f"ingress:{serve.get_replica_context().replica_tag}",
+            retry_after_seconds=RETRY_AFTER_UNAVAILABLE,
+            window_seconds=ZERO_DEMAND_WINDOW_SECONDS,
+        )
+        self._app_name = app_name
+        self._capacity_notice = capacity_notice
+        threading.Thread(target=self._follow, daemon=True).start()
+
+    def _follow(self) -> None:
         while True:
             time.sleep(REPLICA_COUNT_SECONDS)
             try:
-                application = serve.status().applications.get(app_name)
+                application = serve.status().applications.get(self._app_name)
                 deployment = application and application.deployments.get(REPLICA_DEPLOYMENT)
-                running = (
-                    deployment.replica_states.get(ReplicaState.RUNNING, 0) if deployment else 0
-                )
             except Exception:
                 log.warning("reading the replica count failed; retrying", exc_info=True)
                 continue
+            if not deployment:
+                continue
+            states = deployment.replica_states
+            self.scaled_to_zero = deployment.status == DeploymentStatus.HEALTHY and not any(
+                states.values()
+            )
+            running = states.get(ReplicaState.RUNNING, 0)
             # None running (being replaced): requests go on to get their 503.
-            if running:
-                self.replicas = running
+            if running and self._capacity_notice is not None:
+                self._capacity_notice.replicas = running
 
 
 def _count_proxy_refusals(state: State, scope: Scope) -> None:
@@ -546,10 +588,20 @@ class OpenAIIngress:
         app.state.request_metrics = self.request_metrics
         self.admission_gate = AdmissionGate()
         app.state.admission_gate = self.admission_gate
-        if proxy_gate_installed():
-            capacity_notice = CapacityNotice(self.config)
-            capacity_notice.follow_replicas(serve.get_replica_context().app_name)
+        capacity_notice = CapacityNotice(self.config) if proxy_gate_installed() else None
+        if capacity_notice is not None:
             app.state.capacity_notice = capacity_notice
+        self.replica_watch = ReplicaWatch(
+            self.config, serve.get_replica_context().app_name, capacity_notice
+        )
+        app.state.replica_watch = self.replica_watch
+
+    def _check_not_at_zero(self) -> None:
+        """At zero replicas a call to the model deployment would wait for one: refuse it at once
+        and count it as the demand that wakes the deployment."""
+        if self.replica_watch.scaled_to_zero:
+            self.replica_watch.demand.refused()
+            raise scaled_to_zero()
 
     # -- plain routes ---------------------------------------------------------------------------
 
@@ -559,6 +611,9 @@ class OpenAIIngress:
 
     @app.get("/readyz")
     async def readyz(self) -> dict[str, Any]:
+        if self.replica_watch.scaled_to_zero:
+            # Not demand: probes are no clients.
+            raise scaled_to_zero()
         try:
             replica = await asyncio.wait_for(
                 self.replica.ready.remote(), timeout=READY_TIMEOUT_SECONDS
@@ -582,11 +637,11 @@ class OpenAIIngress:
 
     @app.get("/v1/placement")
     async def placement(self) -> dict[str, Any]:
-        return await self.replica.placement.remote()
+        return await self._call("placement")
 
     @app.get("/metrics")
     async def metrics(self) -> Response:
-        text = await self.metrics_hub.render.remote()
+        text = await self.metrics_hub.render.remote(self.replica_watch.demand.snapshot())
         return Response(
             content=text + self.request_metrics.render(), media_type=CONTENT_TYPE_LATEST
         )
@@ -598,23 +653,25 @@ class OpenAIIngress:
         if body.model is not None:
             self._check_model(body.model)
         text = body.prompt if body.messages is None else render_chat(body.messages)
-        answer = await self._call(self.replica.tokenize.remote(text, body.add_special_tokens))
+        answer = await self._call("tokenize", text, body.add_special_tokens)
         return {**answer, "max_model_len": self.config.serving.max_sequence_length}
 
     @app.post("/detokenize")
     async def detokenize(self, body: DetokenizeRequest) -> dict[str, Any]:
         if body.model is not None:
             self._check_model(body.model)
-        return await self._call(self.replica.detokenize.remote(body.tokens))
+        return await self._call("detokenize", body.tokens)
 
     @app.get("/tokenizer_info")
     async def tokenizer_info(self) -> dict[str, Any]:
-        info = await self._call(self.replica.tokenizer_info.remote())
+        info = await self._call("tokenizer_info")
         limit = self.config.serving.max_sequence_length
         return {**info, "model_max_length": limit, "chat_template": CHAT_TEMPLATE}
 
-    async def _call(self, response: Any) -> Any:
-        """A replica call's result, or 503 when no replica can answer; its refusals as 400s."""
+    async def _call(self, method: str, *args: Any) -> Any:
+        """A replica method's result, or 503 when no replica can answer; its refusals as 400s."""
+        self._check_not_at_zero()
+        response = getattr(self.replica, method).remote(*args)
         try:
             answer = await asyncio.wait_for(response, ADMISSION_TIMEOUT_SECONDS)
         except (RayError, TimeoutError) as error:

@@ -136,15 +136,17 @@ class LocalServing:
 
     @staticmethod
     def _wait_ready(name: str, url: str, replicas: int, timeout_s: float) -> None:
-        """Until every model replica runs and the API answers: /readyz alone passes with one."""
+        """Until every model replica runs and the API answers: /readyz alone passes with one
+        (at zero replicas: until the API answers that it is scaled to zero)."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             app = serve.status().applications.get(name)
             if app is not None and app.status == "DEPLOY_FAILED":
                 raise RuntimeError(f"the {name!r} application failed to deploy: {app.message}")
-            if app is not None and _running_replicas(app) == replicas:
+            if app is not None and app.status == "RUNNING" and _running_replicas(app) == replicas:
                 try:
-                    if httpx.get(url, timeout=5).status_code == 200:
+                    # At zero replicas the API answers, not ready (503 scaled_to_zero).
+                    if httpx.get(url, timeout=5).status_code == (200 if replicas else 503):
                         return
                 except httpx.HTTPError:
                     pass

@@ -8,7 +8,9 @@ per replica is the autoscaling signal).
 
 from __future__ import annotations
 
+import math
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -16,6 +18,11 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
+# One family from the replicas and the ingress (merged by MergedMetrics: one HELP per family).
+WAITING_HELP = (
+    "Sequences queued for a slot; the ingress's: requests refused while no replica runs "
+    "(scaled to zero), as the clients waiting for one."
+)
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 _LENGTH_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
@@ -34,9 +41,7 @@ class ReplicaMetrics:
 
         reg = self.registry
         self.waiting = labelled(
-            Gauge(
-                "grokserve_requests_waiting", "Sequences queued for a slot.", labels, registry=reg
-            )
+            Gauge("grokserve_requests_waiting", WAITING_HELP, labels, registry=reg)
         )
         self.running = labelled(
             Gauge("grokserve_requests_running", "Sequences holding a slot.", labels, registry=reg)
@@ -269,22 +274,85 @@ class MergedMetrics(Collector):
         self._snapshots[replica] = (time.monotonic(), families)
 
     def collect(self) -> Iterable[Metric]:
+        return self._merged(())
+
+    def _merged(self, extra: Sequence[Metric]) -> list[Metric]:
         deadline = time.monotonic() - self._expire_seconds
         merged: dict[str, Metric] = {}
+        live: list[Metric] = []
         for replica, (updated, families) in list(self._snapshots.items()):
             if updated < deadline:
                 del self._snapshots[replica]
                 continue
-            for family in families:
-                target = merged.get(family.name)
-                if target is None:
-                    target = Metric(family.name, family.documentation, family.type, family.unit)
-                    merged[family.name] = target
-                target.samples.extend(family.samples)
+            live.extend(families)
+        for family in [*live, *extra]:
+            target = merged.get(family.name)
+            if target is None:
+                target = Metric(family.name, family.documentation, family.type, family.unit)
+                merged[family.name] = target
+            target.samples.extend(family.samples)
         return list(merged.values())
 
-    def render(self) -> bytes:
-        return generate_latest(self._registry)
+    def render(self, extra: Sequence[Metric] = ()) -> bytes:
+        """The exposition of every live snapshot, with `extra` (the caller's own families, e.g.
+        the ingress's waiting demand) merged in: one HELP/TYPE per family name."""
+        if not extra:
+            return generate_latest(self._registry)
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_Families(self._merged(extra)))
+        return generate_latest(registry)
+
+
+class _Families(Collector):
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterable[Metric]:
+        return self._families
+
+
+class ZeroDemand:
+    """Requests the ingress refused because no model replica runs (scaled to zero), exported as
+    `grokserve_requests_waiting` of the ingress replica: the autoscaler's queue signal, so a
+    request at zero wakes the deployment (the operator's policy scales 0 -> 1 when it is > 0).
+
+    Clients retry after `retry_after_seconds`, so one waiting client is refused about
+    `window_seconds / retry_after_seconds` times per window: the refusals of the last window times
+    retry_after / window estimate the clients waiting (Little's law), at least 1 while any
+    refusal is that recent. The window outlasts a Prometheus scrape and an autoscaler period.
+    """
+
+    def __init__(
+        self,
+        deployment: str,
+        replica: str,
+        retry_after_seconds: float,
+        window_seconds: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._retry_after_seconds = retry_after_seconds
+        self._window_seconds = window_seconds
+        self._clock = clock
+        self._refused: deque[float] = deque()
+        self.registry = CollectorRegistry(auto_describe=True)
+        Gauge(
+            "grokserve_requests_waiting",
+            WAITING_HELP,
+            ("deployment", "replica"),
+            registry=self.registry,
+        ).labels(deployment=deployment, replica=replica).set_function(self.waiting)
+
+    def refused(self) -> None:
+        self._refused.append(self._clock())
+
+    def waiting(self) -> int:
+        oldest = self._clock() - self._window_seconds
+        while self._refused and self._refused[0] < oldest:
+            self._refused.popleft()
+        return math.ceil(len(self._refused) * self._retry_after_seconds / self._window_seconds)
+
+    def snapshot(self) -> list[Metric]:
+        return list(self.registry.collect())
 
 
 class RequestMetrics:

@@ -138,5 +138,6 @@ class MetricsHub:
     def push(self, replica: str, families: list[Metric]) -> None:
         self.merged.update(replica, families)
 
-    def render(self) -> bytes:
-        return self.merged.render()
+    def render(self, extra: list[Metric] | None = None) -> bytes:
+        """Every replica's latest snapshot, with the caller's `extra` families merged in."""
+        return self.merged.render(extra or ())

@@ -8,13 +8,21 @@ from collections.abc import AsyncIterator, Iterator
 import aiohttp
 import pytest
 from aiohttp import web
+from prometheus_client.metrics_core import Metric
 
-from grokserve.operator.autoscaling.policy import MetricFailure, QueueSample
+from grokserve.operator.autoscaling.policy import (
+    MetricFailure,
+    PolicyConfig,
+    QueueSample,
+    Reason,
+    ScalingPolicy,
+)
 from grokserve.operator.autoscaling.prometheus import (
     PrometheusClient,
     QueryTemplateError,
     render_query,
 )
+from grokserve.serving.metrics import ZeroDemand
 from testkit.prometheus import PrometheusServer, ScrapeTarget, TestExporter, free_port
 
 
@@ -96,6 +104,54 @@ async def test_a_replica_scraped_through_every_proxy_counts_once(
             prometheus.wait_for_targets_up()
             sample = await PrometheusClient(prometheus.url, session).queue_sample("llm", "grok-1")
     assert sample == QueueSample(waiting=5.0, running=4.0)
+
+
+class _Exported:
+    def __init__(self, demand: ZeroDemand) -> None:
+        self._demand = demand
+
+    def collect(self) -> list[Metric]:
+        return self._demand.snapshot()
+
+
+async def test_a_request_refused_at_zero_is_the_waiting_that_wakes_the_deployment(
+    session: aiohttp.ClientSession,
+) -> None:
+    # At zero replicas only the API ingress exports grokserve_requests_waiting (ZeroDemand, what
+    # it serves at /metrics): the built-in query reads it, and the policy scales 0 -> 1.
+    demand = ZeroDemand("grok-1", "ingress:a", retry_after_seconds=5, window_seconds=60)
+    policy = ScalingPolicy(
+        PolicyConfig(
+            min_replicas=0,
+            max_replicas=4,
+            target_queue_per_replica=8,
+            tolerance=0.1,
+            scale_up_stabilization_s=0,
+            scale_down_stabilization_s=0,
+            idle_window_s=60,
+        )
+    )
+    with TestExporter() as exporter:
+        exporter.registry.register(_Exported(demand))
+        target = ScrapeTarget(exporter.address, {"namespace": "llm"})
+        with PrometheusServer([target]) as prometheus:
+            prometheus.wait_for_targets_up()
+            client = PrometheusClient(prometheus.url, session)
+            idle = await client.queue_sample("llm", "grok-1")
+            # No replica reports a running count at zero.
+            assert idle == QueueSample(waiting=0.0, running=None)
+            assert policy.decide(0, 0, 0, idle).replicas == 0
+
+            demand.refused()
+            prometheus.wait_for(
+                'grokserve_requests_waiting{deployment="grok-1"}',
+                lambda result: result and float(result[0]["value"][1]) > 0,
+                timeout_s=20,
+            )
+            woken = await client.queue_sample("llm", "grok-1")
+    assert woken == QueueSample(waiting=1.0, running=None)
+    decision = policy.decide(10, 0, 0, woken)
+    assert (decision.replicas, decision.reason) == (1, Reason.SCALE_FROM_ZERO)
 
 
 async def test_unreachable_prometheus_is_reported_as_such(session: aiohttp.ClientSession) -> None:

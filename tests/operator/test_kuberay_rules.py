@@ -46,13 +46,19 @@ def serve_application(rayservice_spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def serve_replicas(rayservice_spec: dict[str, Any]) -> int:
-    """The GrokReplica count Serve deploys: its deployment option (else the args' count), and
-    none at target capacity 0 (Serve scales every deployment by the capacity)."""
+    """The GrokReplica count Serve deploys: its deployment option (else the args' count); with
+    autoscaling bounds (at zero), the count it starts with, which Serve's schema must accept."""
+    from ray.serve.schema import ServeDeploySchema
+
     config = yaml.safe_load(rayservice_spec["serveConfigV2"])
-    if config.get("target_capacity") == 0:
-        return 0
+    ServeDeploySchema.model_validate(config)
     (app,) = config["applications"]
     options = {d["name"]: d for d in app.get("deployments", [])}.get("GrokReplica", {})
+    if options.get("num_replicas") == "auto":
+        bounds = options["autoscaling_config"]
+        # The count Serve sets (initial, within the bounds); none at zero.
+        assert bounds["min_replicas"] <= bounds["initial_replicas"] <= bounds["max_replicas"]
+        return bounds["initial_replicas"]
     return options.get("num_replicas", app["args"]["replicas"])
 
 
@@ -165,6 +171,14 @@ def test_scale_to_zero_asks_serve_for_no_replica() -> None:
     goal = rendered(spec)
     # No replica means no placement group, so Ray's autoscaler finds every worker idle.
     assert serve_replicas(goal) == 0
+    # Only the model deployment: the API ingress and MetricsHub keep their one replica each
+    # (a target capacity would scale them to none too, and the endpoint would not answer).
+    config = yaml.safe_load(goal["serveConfigV2"])
+    assert "target_capacity" not in config
+    (app,) = config["applications"]
+    assert [d["name"] for d in app["deployments"]] == ["GrokReplica"]
+    bounds = app["deployments"][0]["autoscaling_config"]
+    assert (bounds["min_replicas"], bounds["max_replicas"]) == (0, 1)
     assert goal["rayClusterConfig"]["enableInTreeAutoscaling"] is True
     assert goal["rayClusterConfig"]["autoscalerOptions"] == {"idleTimeoutSeconds": 60}
 

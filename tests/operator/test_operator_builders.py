@@ -73,6 +73,27 @@ def test_every_ray_node_starts_its_serve_proxy_with_the_admission_gate() -> None
         } in container["env"]
 
 
+def test_at_zero_replicas_only_the_model_deployment_stops() -> None:
+    from ray.serve.schema import ServeDeploySchema
+
+    spec = example("grok-1-int8-single-node.yaml").model_copy(update={"replicas": 0})
+    config = yaml.safe_load(build_rayservice(OWNER, spec)["spec"]["serveConfigV2"])
+    # Serve takes it (it refuses num_replicas 0), and no target capacity stops every deployment:
+    # the API ingress and MetricsHub keep the one replica their code gives them.
+    ServeDeploySchema.model_validate(config)
+    assert "target_capacity" not in config
+    (app,) = config["applications"]
+    assert app["args"]["replicas"] == 1
+    assert app["deployments"] == [
+        {
+            "name": "GrokReplica",
+            "num_replicas": "auto",
+            "autoscaling_config": {"min_replicas": 0, "initial_replicas": 0, "max_replicas": 1},
+            "max_queued_requests": 10_000,
+        }
+    ]
+
+
 def test_serve_config_deploys_grokserve_with_the_model_and_replicas() -> None:
     spec = example("grok-1-int8-single-node.yaml")
     body = build_rayservice(OWNER, spec)
@@ -82,7 +103,12 @@ def test_serve_config_deploys_grokserve_with_the_model_and_replicas() -> None:
     # The count is a deployment option (Serve scales without restarting replicas), not an arg.
     assert args["replicas"] == 1
     assert app["deployments"] == [
-        {"name": "GrokReplica", "num_replicas": 1, "max_queued_requests": 10_000}
+        {
+            "name": "GrokReplica",
+            "num_replicas": "auto",
+            "autoscaling_config": {"min_replicas": 1, "initial_replicas": 1, "max_replicas": 1},
+            "max_queued_requests": 10_000,
+        }
     ]
     assert args["model"] == {
         "preset": "grok-1",

@@ -270,5 +270,7 @@ def test_scaled_to_zero_is_not_ready_and_not_degraded() -> None:
     # The 4 nodes are still up: Ray's autoscaler removes them after the idle timeout.
     assert (
         c["Ready"].message
-        == "scaled to zero: nothing serves; 4 worker node(s) go once idle for 60s"
+        == "scaled to zero: no model replica runs; the endpoint still answers (503 "
+        "scaled_to_zero with Retry-After) and counts those requests as waiting, which wakes the "
+        "deployment where the autoscaler is enabled; 4 worker node(s) go once idle for 60s"
     )

@@ -166,7 +166,7 @@ async def test_the_ingress_tells_the_proxy_its_capacity_and_the_429_it_would_ans
     assert (told["prefix"], told["capacity"], told["retryAfter"]) == ("/bench0", 14, 1)
     error = json.loads(told["body"])["error"]
     assert error["code"] == "rate_limit_exceeded" and "maxQueuedRequests=3" in error["message"]
-    notice.replicas = 3  # as follow_replicas sets it when Serve runs another replica
+    notice.replicas = 3  # as ReplicaWatch sets it when Serve runs another replica
     assert json.loads(notice.header("/bench0"))["capacity"] == 21
 
 
