@@ -4,7 +4,8 @@ The operator renders a GrokDeployment at 1, 2, 0 and 1 replicas; each serveConfi
 the way KubeRay submits it (Serve's config schema, `deploy_apps`) on a cluster whose autoscaling
 config Ray derives from the rendered RayCluster (testkit/autoscaling_cluster.py): a replica added
 by a scale-up gets a new (fake GPU) node and serves, without restarting the one that served, and
-the nodes go once idle after a scale-down, to none at zero.
+the nodes go once idle after a scale-down, to none at zero, where the API still answers (503
+`scaled_to_zero`) from the same ingress replica, never restarted by a change of the count.
 """
 
 from __future__ import annotations
@@ -89,9 +90,9 @@ def gpu_nodes() -> set[str]:
     return {n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get(SIMULATED_GPU)}
 
 
-def replica_nodes() -> dict[str, str]:
-    """Replica id -> the node its actor runs on, for the GrokReplica actors alive now."""
-    prefix = f"SERVE_REPLICA::{OWNER.name}#{REPLICA_DEPLOYMENT}#"
+def replica_nodes(deployment: str = REPLICA_DEPLOYMENT) -> dict[str, str]:
+    """Replica id -> the node its actor runs on, for the `deployment` actors alive now."""
+    prefix = f"SERVE_REPLICA::{OWNER.name}#{deployment}#"
     return {
         info["Name"].removeprefix(prefix): info["Address"]["NodeID"]
         for info in ray._private.state.actors().values()
@@ -103,6 +104,16 @@ def generated_tokens(base: str) -> dict[str, float]:
     text = httpx.get(f"{base}/metrics", timeout=10).text
     pattern = r'^grokserve_generation_tokens_total\{[^}]*replica="([^"]+)"[^}]*\} (\S+)$'
     return {m[1]: float(m[2]) for m in re.finditer(pattern, text, re.MULTILINE)}
+
+
+def answers_scaled_to_zero(base: str) -> bool:
+    body = {"model": OWNER.name, "prompt": "Return the", "max_tokens": 2}
+    response = httpx.post(f"{base}/v1/completions", json=body, timeout=60)
+    if response.status_code != 503:
+        return False
+    assert response.json()["error"]["code"] == "scaled_to_zero", response.text
+    assert int(response.headers["Retry-After"]) >= 1
+    return True
 
 
 def complete(base: str) -> None:
@@ -135,6 +146,7 @@ def test_replicas_get_nodes_from_rays_autoscaler_and_give_them_back() -> None:
             ((first_replica, node),) = replica_nodes().items()
             assert node == first_node
             complete(base)
+            ingress = replica_nodes("OpenAIIngress")
 
             # Scale up: Serve adds a replica in place; its placement group asks for a second
             # GPU node, which Ray's autoscaler launches.
@@ -161,12 +173,16 @@ def test_replicas_get_nodes_from_rays_autoscaler_and_give_them_back() -> None:
             deploy(serve_config_for_fake_gpus(0))
             wait_for(lambda: running_replicas() == 0, "0 replicas")
             wait_for(lambda: not gpu_nodes(), "every GPU node to go")
+            # The endpoint still answers, from the ingress that served at 1 and 2 replicas.
+            wait_for(lambda: answers_scaled_to_zero(base), "the 503 scaled_to_zero", timeout=30)
+            assert replica_nodes("OpenAIIngress").keys() == ingress.keys()
 
             # And back: one replica, one node, serving again.
             deploy(serve_config_for_fake_gpus(1))
             wait_for(lambda: running_replicas() == 1, "1 replica again")
             assert len(gpu_nodes()) == 1
             complete(base)
+            assert replica_nodes("OpenAIIngress").keys() == ingress.keys()
         finally:
             serve.shutdown()
             ray.shutdown()
