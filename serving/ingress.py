@@ -398,8 +398,7 @@ def _count_proxy_refusals(state: State, scope: Scope) -> None:
     for item in report.decode().split(","):
         route, _, count = item.partition("=")
         if route in GENERATION_ROUTES and count.isdigit():
-            for _ in range(int(count)):
-                metrics.on_response(route, 429)
+            metrics.on_response(route, 429, int(count))
 
 
 app = FastAPI(title="grokserve", description="OpenAI-compatible API for Grok models")

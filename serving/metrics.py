@@ -376,10 +376,12 @@ class RequestMetrics:
             registry=self.registry,
         )
 
-    def on_response(self, route: str, status: int | str) -> None:
+    def on_response(self, route: str, status: int | str, count: int = 1) -> None:
+        """`count` answers of `status` on `route` (several: those Serve's proxy reports at once)."""
         if isinstance(status, int) and status not in (200, 413, 429, 503):
             status = f"{status // 100}xx"
-        self._requests.labels(deployment=self._deployment, route=route, status=str(status)).inc()
+        labels = self._requests.labels(deployment=self._deployment, route=route, status=str(status))
+        labels.inc(count)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
