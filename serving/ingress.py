@@ -282,11 +282,10 @@ class AdmissionGateCheck:
             await self.app(scope, receive, send)
             return
         watch: ReplicaWatch | None = getattr(state, "replica_watch", None)
-        if watch is not None and watch.scaled_to_zero:
-            # Before the body is read: no replica would take it.
-            watch.demand.refused()
+        # Before the body is read: no replica would take it.
+        if watch is not None and (at_zero := watch.refuse_at_zero()) is not None:
             _count_route(state, scope["path"], 503)
-            await error_response(scaled_to_zero())(scope, receive, send)
+            await error_response(at_zero)(scope, receive, send)
             return
         gate: AdmissionGate = state.admission_gate
         takes_pass, refusal = gate.check()
@@ -367,6 +366,14 @@ class ReplicaWatch:
         self._app_name = app_name
         self._capacity_notice = capacity_notice
         threading.Thread(target=self._follow, daemon=True).start()
+
+    def refuse_at_zero(self) -> ApiError | None:
+        """At zero replicas a call to the model deployment would wait for one: the 503 to answer
+        at once, the request counted as the demand that wakes the deployment; else None."""
+        if not self.scaled_to_zero:
+            return None
+        self.demand.refused()
+        return scaled_to_zero()
 
     def _follow(self) -> None:
         while True:
@@ -595,13 +602,6 @@ class OpenAIIngress:
         )
         app.state.replica_watch = self.replica_watch
 
-    def _check_not_at_zero(self) -> None:
-        """At zero replicas a call to the model deployment would wait for one: refuse it at once
-        and count it as the demand that wakes the deployment."""
-        if self.replica_watch.scaled_to_zero:
-            self.replica_watch.demand.refused()
-            raise scaled_to_zero()
-
     # -- plain routes ---------------------------------------------------------------------------
 
     @app.get("/healthz")
@@ -669,7 +669,8 @@ class OpenAIIngress:
 
     async def _call(self, method: str, *args: Any) -> Any:
         """A replica method's result, or 503 when no replica can answer; its refusals as 400s."""
-        self._check_not_at_zero()
+        if (at_zero := self.replica_watch.refuse_at_zero()) is not None:
+            raise at_zero
         response = getattr(self.replica, method).remote(*args)
         try:
             answer = await asyncio.wait_for(response, ADMISSION_TIMEOUT_SECONDS)
