@@ -126,7 +126,10 @@ async def test_prometheus_scrapes_requests_waiting(base_url):
         stop = asyncio.Event()
         load = asyncio.create_task(_keep_queue_busy(base_url, stop))
         try:
-            query = f'max_over_time(grokserve_requests_waiting{{deployment="{MODEL}"}}[1m])'
+            # The replicas' queues; the ingress's series (replica "ingress:...") counts the
+            # requests refused at zero replicas (ZeroDemand), 0 here.
+            replicas = f'deployment="{MODEL}",replica!~"ingress:.*"'
+            query = f"max_over_time(grokserve_requests_waiting{{{replicas}}}[1m])"
             deadline = time.monotonic() + 45
             result = []
             while time.monotonic() < deadline:
